@@ -1,0 +1,231 @@
+"""A small chat on phx_gevent: ``python app_example.py`` serves it on http://127.0.0.1:4000.
+
+``HOST`` and ``PORT`` override the address (``PORT=0`` picks a free port and
+prints it), ``REDIS_URL`` connects workers and machines through Redis, and
+``SECRET_KEY`` signs long-poll session tokens. Under gunicorn::
+
+    gunicorn -k phx_gevent.worker.GeventWebSocketWorker -w 1 app_example:app
+
+Other checks rely on the behaviour described in the README ("The example app").
+"""
+
+from gevent import monkey
+
+monkey.patch_all()  # first, before anything imports socket or threading
+
+import ipaddress  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from flask import Flask, Response, abort, request, send_file  # noqa: E402
+
+from phx_gevent import (  # noqa: E402
+    BroadcastTimeout,
+    Channel,
+    Endpoint,
+    Socket,
+    SocketState,
+    channel,
+    error,
+    ok,
+    stop,
+)
+
+HERE = Path(__file__).resolve().parent
+PHOENIX_JS = HERE / "node_modules" / "phoenix" / "priv" / "static"
+
+INDEX_HTML = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>phx_gevent chat</title>
+<style>
+  body { font: 15px/1.4 system-ui, sans-serif; max-width: 42rem; margin: 2rem auto; padding: 0 1rem; }
+  #log { border: 1px solid #ccc; height: 20rem; overflow-y: auto; padding: .5rem; margin: .5rem 0; }
+  #log p { margin: .15rem 0; } .sys { color: #777; } .err { color: #b00; }
+  form { display: flex; gap: .5rem; } input[type=text] { flex: 1; }
+</style>
+</head>
+<body>
+<h1>phx_gevent chat</h1>
+<form id="join">
+  <input id="user" type="text" placeholder="your name" required maxlength="64">
+  <input id="room" type="text" value="lobby" required>
+  <label><input id="longpoll" type="checkbox"> long-poll</label>
+  <button>Join</button>
+</form>
+<div id="log"></div>
+<form id="send">
+  <input id="body" type="text" placeholder="message" maxlength="2000" disabled><button>Send</button>
+</form>
+<script type="module">
+import { Socket, LongPoll } from "/assets/phoenix.mjs";
+
+const log = document.getElementById("log");
+function say(text, cls) {
+  const p = document.createElement("p");
+  p.textContent = text;
+  if (cls) p.className = cls;
+  log.appendChild(p);
+  log.scrollTop = log.scrollHeight;
+}
+
+let socket = null, channel = null;
+document.getElementById("join").addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (socket) socket.disconnect();
+  const user = document.getElementById("user").value;
+  const room = "room:" + document.getElementById("room").value;
+  const opts = { params: { user } };
+  if (document.getElementById("longpoll").checked) opts.transport = LongPoll;
+  socket = new Socket("/socket", opts);
+  socket.onError(() => say("connection error", "err"));
+  socket.connect();
+  channel = socket.channel(room, {});
+  channel.on("welcome", (m) => say(`welcome ${m.user} (served by ${m.node})`, "sys"));
+  channel.on("new_msg", (m) => say(`${m.user}: ${m.body}`));
+  channel.on("announce", (m) => say(`announcement for ${m.to}: ${JSON.stringify(m)}`, "sys"));
+  channel.join()
+    .receive("ok", () => { say(`joined ${room}`, "sys"); document.getElementById("body").disabled = false; })
+    .receive("error", (r) => say(`join refused: ${r.reason}`, "err"));
+});
+document.getElementById("send").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const input = document.getElementById("body");
+  if (!channel || !input.value) return;
+  channel.push("new_msg", { body: input.value })
+    .receive("error", (r) => say(`not sent: ${r.reason}`, "err"));
+  input.value = "";
+});
+</script>
+</body>
+</html>
+"""
+
+
+class RoomChannel(Channel):
+    """``room:*``: chat messages, echo pings, and a few events to exercise the protocol."""
+
+    intercept = ["announce"]
+
+    def join(self, topic: str, payload: Any, socket: SocketState):
+        if topic == "room:secret":
+            return error({"reason": "unauthorized"})
+        socket.channel_pid.send("after_join")  # handled in handle_info, after the join reply
+        return ok({"user": socket.assigns["user"]})
+
+    def handle_info(self, message: Any, socket: SocketState):
+        if message == "after_join":
+            self.push(socket, "welcome", {"user": socket.assigns["user"], "node": socket.endpoint.node_name})
+        return None
+
+    def handle_in(self, event: str, payload: Any, socket: SocketState):
+        if event == "new_msg":
+            body = payload.get("body") if isinstance(payload, dict) else None
+            if not isinstance(body, str) or not 1 <= len(body) <= 2000:
+                return error({"reason": "invalid body"})
+            self.broadcast(socket, "new_msg", {"user": socket.assigns["user"], "body": body})
+            return ok({})
+        if event == "ping":
+            return ok(payload)  # bytes in, bytes out: a binary reply
+        if event == "crash":
+            raise RuntimeError("crash requested by the client")
+        if event == "stop":
+            return stop("normal", ok({}))
+        return error({"reason": "unknown event"})
+
+    def handle_out(self, event: str, payload: Any, socket: SocketState):
+        # Only "announce" is intercepted: each client gets its own copy.
+        self.push(socket, event, {**payload, "to": socket.assigns["user"]})
+        return None
+
+
+class UserSocket(Socket):
+    channels = [channel("room:*", RoomChannel)]
+
+    def connect(self, params: dict, socket: SocketState, connect_info: dict):
+        user = params.get("user")
+        if not isinstance(user, str) or not 1 <= len(user) <= 64:
+            return None  # refused: HTTP 403
+        return socket.assign(user=user)
+
+    def id(self, socket: SocketState) -> str:
+        return "user_socket:" + socket.assigns["user"]
+
+
+def create_app() -> tuple[Flask, Endpoint]:
+    app = Flask(__name__)
+    app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY")
+    endpoint = Endpoint(app, pubsub=os.environ.get("REDIS_URL") or None)
+    endpoint.socket("/socket", UserSocket, auth_token=True, longpoll=False)  # LONGPOLL-TODO
+
+    def loopback_only() -> None:
+        # Behind a reverse proxy every request comes from the proxy's address:
+        # see the README before exposing these two endpoints.
+        try:
+            if ipaddress.ip_address(request.remote_addr or "").is_loopback:
+                return
+            mapped = ipaddress.ip_address(request.remote_addr or "")
+            if getattr(mapped, "ipv4_mapped", None) and mapped.ipv4_mapped.is_loopback:
+                return
+        except ValueError:
+            pass
+        abort(403)
+
+    @app.get("/")
+    def index() -> Response:
+        return Response(INDEX_HTML, mimetype="text/html")
+
+    @app.get("/assets/phoenix.mjs")
+    def phoenix_js() -> Response:
+        path = PHOENIX_JS / "phoenix.mjs"
+        if not path.exists():
+            return Response("phoenix.js is not installed: run `make example` (or npm ci)", status=500)
+        return send_file(path, mimetype="text/javascript")
+
+    @app.post("/broadcast")
+    def broadcast() -> Response:
+        loopback_only()
+        data = request.get_json(silent=True)
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("topic"), str)
+            or not isinstance(data.get("event"), str)
+            or not isinstance(data.get("payload"), dict)
+        ):
+            return Response("expected JSON {topic: str, event: str, payload: object}", status=400)
+        try:
+            endpoint.broadcast(data["topic"], data["event"], data["payload"])
+        except BroadcastTimeout:
+            return Response("overloaded", status=503)
+        except (TypeError, ValueError, OverflowError):
+            return Response("payload cannot be encoded", status=400)
+        return Response(status=204)
+
+    @app.post("/disconnect")
+    def disconnect() -> Response:
+        loopback_only()
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict) or not isinstance(data.get("user"), str):
+            return Response("expected JSON {user: str}", status=400)
+        endpoint.broadcast("user_socket:" + data["user"], "disconnect", {})
+        return Response(status=204)
+
+    return app, endpoint
+
+
+app, endpoint = create_app()
+
+
+if __name__ == "__main__":
+    from phx_gevent import make_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = make_server(app, os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "4000")))
+    print(f"phx_gevent example listening on http://{server.server_host}:{server.server_port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,73 @@
+"""phx_gevent: Phoenix Channels for Flask on gevent.
+
+The official phoenix.js client works unchanged against a Flask app: sockets
+that multiplex topic-routed channels, replies, pushes, broadcasts across
+workers and machines. This module only re-exports the public API; importing
+it never monkey-patches anything.
+"""
+
+from .channel import (
+    CLOSED,
+    DISCONNECTED,
+    DRAINING,
+    DUPLICATE_JOIN,
+    INACTIVE,
+    LEFT,
+    NORMAL,
+    SHUTDOWN,
+    Channel,
+    Reply,
+    SocketRef,
+    Stop,
+    broadcast,
+    broadcast_from,
+    error,
+    is_graceful,
+    ok,
+    push,
+    reply,
+    socket_ref,
+    stop,
+)
+from .channel_server import Broadcast
+from .endpoint import Endpoint
+from .errors import BroadcastTimeout, CallbackReturnError, ChannelError, PhxError
+from .server import make_server, serve
+from .socket import Socket, SocketState, channel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Broadcast",
+    "BroadcastTimeout",
+    "CLOSED",
+    "CallbackReturnError",
+    "Channel",
+    "ChannelError",
+    "DISCONNECTED",
+    "DRAINING",
+    "DUPLICATE_JOIN",
+    "Endpoint",
+    "INACTIVE",
+    "LEFT",
+    "NORMAL",
+    "PhxError",
+    "Reply",
+    "SHUTDOWN",
+    "Socket",
+    "SocketRef",
+    "SocketState",
+    "Stop",
+    "broadcast",
+    "broadcast_from",
+    "channel",
+    "error",
+    "is_graceful",
+    "make_server",
+    "ok",
+    "push",
+    "reply",
+    "serve",
+    "socket_ref",
+    "stop",
+]

@@ -1,0 +1,417 @@
+"""The runtime of a joined channel: its mailbox, its greenlet, and the partition pools.
+
+Each joined channel is a :class:`ChannelProcess` with a mailbox. Its
+callbacks run in a greenlet of its own, spawned into the partition pool of
+its connection, one message at a time and in order. The greenlet exits when
+the mailbox is empty and is spawned again by the next message: an idle
+channel costs no greenlet (~4 KB saved per channel), and a slow callback of
+one channel never delays another channel.
+
+The join protocol (PROTOCOL.md 5.2) is implemented here. The connection's
+reader waits for the join (``join_timeout``); on success the channel
+greenlet registers the channel, subscribes to the topic and queues the join
+reply without any greenlet switch in between, and only then runs its
+mailbox. So neither an ``after_join`` push nor a concurrent broadcast can
+overtake the reply, and no broadcast published after it is missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import gevent
+from gevent import GreenletExit
+from gevent.event import AsyncResult
+from gevent.pool import Pool
+
+from .channel import DUPLICATE_JOIN, LEFT, Channel, Reply, Stop, is_graceful
+from .errors import CallbackReturnError
+from .pubsub.local import ALL_EVENTS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .connection import Connection
+    from .socket import Route
+
+__all__ = ["Broadcast", "ChannelProcess", "Partitions", "default_partitions"]
+
+log = logging.getLogger(__name__)
+
+# Mailbox item tags.
+_IN = 0
+_OUT = 1
+_INFO = 2
+_LEAVE = 3
+_DOWN = 4
+
+# States.
+JOINING = 0
+JOINED = 1
+STOPPED = 2
+
+#: How long a replaced channel may take to die before it is abandoned (Phoenix: 5 s).
+KILL_TIMEOUT = 5.0
+
+
+class Broadcast(NamedTuple):
+    """A broadcast on a topic a channel subscribed to with ``endpoint.subscribe``; seen in ``handle_info``."""
+
+    topic: str
+    event: str
+    payload: Any
+
+
+def default_partitions() -> int:
+    """The usable core count (the CPU affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Partitions:
+    """One unbounded ``gevent.pool.Pool`` per partition; a connection's channels share one.
+
+    Pools give accounting (how many channel greenlets run where) and a place
+    to bound concurrency later; by default they are unbounded, as Phoenix's
+    channel supervisors are.
+    """
+
+    def __init__(self, count: int | None = None, size: int | None = None) -> None:
+        count = default_partitions() if count is None else int(count)
+        if count < 1:
+            raise ValueError("partitions must be at least 1")
+        self.pools = [Pool(size) for _ in range(count)]
+        #: Joined channels per partition.
+        self.joined = [0] * count
+
+    def pick(self, key: object) -> int:
+        """The partition index for ``key`` (a connection), by hash."""
+        return (hash(key) >> 4) % len(self.pools)
+
+    def stats(self) -> list[dict[str, int]]:
+        """Per partition: running channel greenlets and joined channels."""
+        return [{"running": len(p), "joined": j} for p, j in zip(self.pools, self.joined, strict=True)]
+
+
+class _InfoSubscription:
+    """Subscribes a channel to another topic: broadcasts arrive in ``handle_info``."""
+
+    __slots__ = ("owner", "intercept", "writer", "topic")
+
+    def __init__(self, proc: ChannelProcess, topic: str) -> None:
+        self.owner = proc
+        self.topic = topic
+        self.intercept = ALL_EVENTS
+        self.writer = None
+
+    def deliver(self, topic: str, event: str, payload: Any) -> None:
+        self.owner.send(Broadcast(topic, event, payload))
+
+
+def _expected(callback: str) -> str:
+    if callback == "handle_in":
+        return "None, ok(...)/error(...)/Reply(status, response), or stop(...)"
+    return "None or stop(...)"
+
+
+class ChannelProcess:
+    """A joined channel (Phoenix's channel process): ``socket.channel_pid``.
+
+    :meth:`send` delivers a message to the channel's ``handle_info``, like
+    Elixir's ``send/2``.
+    """
+
+    __slots__ = (
+        "conn",
+        "instance",
+        "socket",
+        "topic",
+        "join_ref",
+        "intercept",
+        "writer",
+        "owner",
+        "mailbox",
+        "greenlet",
+        "state",
+        "partition",
+        "leaving",
+        "extra",
+        "__weakref__",
+    )
+
+    def __init__(self, conn: Connection, route: Route, topic: str, join_ref: Any) -> None:
+        self.conn = conn
+        self.topic = topic
+        self.join_ref = join_ref
+        self.instance: Channel = route.channel()
+        self.socket = conn.socket.copy_for_channel(topic, route.channel, join_ref, route.assigns)
+        self.socket.channel_pid = self
+        self.intercept = route.channel._intercept_set
+        # Fastlane target: broadcasts go straight to the connection's writer.
+        self.writer = conn.writer
+        self.owner = self
+        self.mailbox: deque[tuple[Any, ...]] = deque()
+        self.greenlet: Any = None
+        self.state = JOINING
+        self.partition = conn.partition
+        self.leaving = False
+        self.extra: list[_InfoSubscription] | None = None
+
+    def __repr__(self) -> str:
+        return f"<ChannelProcess {self.topic!r} join_ref={self.join_ref!r} state={self.state}>"
+
+    @property
+    def alive(self) -> bool:
+        """True until the channel has stopped."""
+        return self.state != STOPPED
+
+    # -- the mailbox ------------------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        """Deliver ``message`` to ``handle_info`` (after the messages already queued)."""
+        if self.state != STOPPED:
+            self.mailbox.append((_INFO, message))
+            self._activate()
+
+    def deliver(self, topic: str, event: str, payload: Any) -> None:
+        """An intercepted broadcast: queued for ``handle_out``."""
+        if self.state == JOINED:
+            self.mailbox.append((_OUT, event, payload))
+            self._activate()
+
+    def handle_in(self, msg: Any) -> None:
+        """A client message for ``handle_in``."""
+        if self.state != STOPPED:
+            self.mailbox.append((_IN, msg))
+            self._activate()
+
+    def leave(self, msg: Any) -> None:
+        """The client's ``phx_leave``: reply ok, then ``phx_close``, in mailbox order."""
+        if self.state != STOPPED:
+            self.leaving = True
+            self.mailbox.append((_LEAVE, msg.ref))
+            self._activate()
+
+    def transport_down(self, reason: Any) -> None:
+        """The connection is gone: finish what is queued, then terminate with ``reason``."""
+        if self.state == JOINED:
+            self.mailbox.append((_DOWN, reason))
+            self._activate()
+        elif self.state == JOINING:
+            self.kill(reason)
+
+    def _activate(self) -> None:
+        if self.greenlet is None and self.state == JOINED:
+            self.greenlet = self.conn.mount.partitions.pools[self.partition].spawn(self._run)
+
+    def _run(self) -> None:
+        mailbox = self.mailbox
+        try:
+            while mailbox and self.state == JOINED:
+                self._handle(mailbox.popleft())
+        finally:
+            self.greenlet = None
+            if mailbox and self.state == JOINED:
+                self._activate()
+
+    # -- joining ----------------------------------------------------------------------------
+
+    def join(self, payload: Any, ref: Any, timeout: float | None) -> bool:
+        """Run ``join`` in the channel greenlet and wait for it; True when joined.
+
+        Past ``timeout`` seconds the join is answered with ``{"reason": "join
+        timeout"}`` and the greenlet is killed.
+        """
+        result: AsyncResult = AsyncResult()
+        pool = self.conn.mount.partitions.pools[self.partition]
+        self.greenlet = pool.spawn(self._join, payload, ref, result)
+        try:
+            return bool(result.get(timeout=timeout))
+        except gevent.Timeout:
+            if result.ready():
+                return bool(result.get())
+            log.error("phx_gevent: join of %r did not answer within %ss; killing it", self.topic, timeout)
+            self.state = STOPPED
+            greenlet, self.greenlet = self.greenlet, None
+            if greenlet is not None:
+                greenlet.kill(block=False)
+            self.conn.send_reply(self.join_ref, ref, self.topic, "error", {"reason": "join timeout"})
+            return False
+
+    def _join(self, payload: Any, ref: Any, result: AsyncResult) -> None:
+        conn = self.conn
+        try:
+            outcome = self.instance.join(self.topic, payload, self.socket)
+            if self.state != JOINING:
+                return  # the reader gave up on us (join timeout)
+            if not isinstance(outcome, Reply) or outcome.status not in ("ok", "error"):
+                raise CallbackReturnError(
+                    f"{type(self.instance).__name__}.join must return ok(...) or error(...), got {outcome!r}"
+                )
+            if outcome.status == "error":
+                self.state = STOPPED
+                conn.send_reply(self.join_ref, ref, self.topic, "error", outcome.response)
+                result.set(False)
+                return
+            # Encode first: a join reply that cannot be encoded is a crashed join.
+            data = conn.serializer.encode_reply(self.join_ref, ref, self.topic, "ok", outcome.response)
+            # From here to the write: no greenlet switch, so nothing of this
+            # channel can reach the socket before its join reply.
+            conn.channel_joined(self)
+            conn.mount.pubsub.subscribe(self.topic, self)
+            self.state = JOINED
+            self.socket.joined = True
+            conn.transport.send(data)
+            conn.mount.partitions.joined[self.partition] += 1
+            result.set(True)
+        except GreenletExit:
+            raise
+        except Exception:
+            log.exception("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
+            if self.state == JOINING:
+                self.state = STOPPED
+                conn.channel_exited(self)
+                conn.send_reply(self.join_ref, ref, self.topic, "error", {"reason": "join crashed"})
+            result.set(False)
+            return
+        finally:
+            self.greenlet = None
+        # The join is answered: run what the join queued (after_join) in this greenlet.
+        if self.mailbox:
+            self.greenlet = gevent.getcurrent()
+            self._run()
+
+    # -- callbacks --------------------------------------------------------------------------
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        tag = item[0]
+        instance = self.instance
+        socket = self.socket
+        try:
+            if tag == _IN:
+                msg = item[1]
+                socket.ref = msg.ref
+                try:
+                    result = instance.handle_in(msg.event, msg.payload, socket)
+                finally:
+                    socket.ref = None
+                if result is None:
+                    return
+                if isinstance(result, Reply):
+                    self.conn.send_reply(self.join_ref, msg.ref, self.topic, result.status, result.response)
+                    return
+                if isinstance(result, Stop):
+                    if result.reply is not None:
+                        rep = result.reply
+                        self.conn.send_reply(self.join_ref, msg.ref, self.topic, rep.status, rep.response)
+                    self._stop(result.reason)
+                    return
+                self._bad_return("handle_in", result)
+            elif tag == _OUT:
+                self._noreply("handle_out", instance.handle_out(item[1], item[2], socket))
+            elif tag == _INFO:
+                self._noreply("handle_info", instance.handle_info(item[1], socket))
+            elif tag == _LEAVE:
+                self.conn.send_reply(self.join_ref, item[1], self.topic, "ok", {})
+                self._exit(LEFT, "phx_close")
+            elif tag == _DOWN:
+                self._exit(item[1], None)
+        except GreenletExit:
+            raise
+        except Exception as exc:
+            log.exception("phx_gevent: %s crashed on %r", type(instance).__name__, self.topic)
+            self._exit(exc, "phx_error")
+
+    def _noreply(self, callback: str, result: Any) -> None:
+        if result is None:
+            return
+        if isinstance(result, Stop):
+            self._stop(result.reason)
+            return
+        self._bad_return(callback, result)
+
+    def _bad_return(self, callback: str, result: Any) -> None:
+        raise CallbackReturnError(
+            f"{type(self.instance).__name__}.{callback} must return {_expected(callback)}, got {result!r}"
+        )
+
+    def _stop(self, reason: Any) -> None:
+        if is_graceful(reason):
+            self._exit(reason, "phx_close")
+        else:
+            log.error("phx_gevent: %s on %r stopped with reason %r", type(self.instance).__name__, self.topic, reason)
+            self._exit(reason, "phx_error")
+
+    # -- ending -----------------------------------------------------------------------------
+
+    def _detach(self) -> bool:
+        """Stop receiving anything; False when already stopped."""
+        if self.state == STOPPED:
+            return False
+        was_joined = self.state == JOINED
+        self.state = STOPPED
+        self.mailbox.clear()
+        pubsub = self.conn.mount.pubsub
+        pubsub.unsubscribe(self.topic, self)
+        if self.extra:
+            for sub in self.extra:
+                pubsub.unsubscribe(sub.topic, sub)
+            self.extra = None
+        self.conn.channel_exited(self)
+        if was_joined:
+            self.conn.mount.partitions.joined[self.partition] -= 1
+        return True
+
+    def _exit(self, reason: Any, frame: str | None) -> None:
+        if not self._detach():
+            return
+        if frame is not None:
+            self.conn.send_control(self.join_ref, self.topic, frame)
+        self._terminate(reason)
+
+    def _terminate(self, reason: Any) -> None:
+        try:
+            self.instance.terminate(reason, self.socket)
+        except Exception:
+            log.exception("phx_gevent: %s.terminate raised", type(self.instance).__name__)
+
+    def kill(self, reason: Any = DUPLICATE_JOIN) -> None:
+        """End the channel from outside (duplicate join, drain): no frame to the client.
+
+        A callback still running is interrupted (``GreenletExit``), waiting up
+        to 5 s, as Phoenix kills a replaced channel. ``terminate`` then runs
+        in a fresh greenlet of the channel's partition.
+        """
+        was_joined = self.state == JOINED
+        if not self._detach():
+            return
+        greenlet, self.greenlet = self.greenlet, None
+        if greenlet is not None and greenlet is not gevent.getcurrent():
+            greenlet.kill(block=True, timeout=KILL_TIMEOUT)
+        if was_joined:
+            self.conn.mount.partitions.pools[self.partition].spawn(self._terminate, reason)
+
+    # -- extra subscriptions ----------------------------------------------------------------
+
+    def subscribe(self, topic: str) -> None:
+        """Receive broadcasts on ``topic`` as :class:`Broadcast` messages in ``handle_info``."""
+        if self.state == STOPPED:
+            return
+        if self.extra is None:
+            self.extra = []
+        elif any(sub.topic == topic for sub in self.extra):
+            return
+        sub = _InfoSubscription(self, topic)
+        self.extra.append(sub)
+        self.conn.mount.pubsub.subscribe(topic, sub)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Undo :meth:`subscribe` for ``topic``."""
+        if not self.extra:
+            return
+        for sub in [s for s in self.extra if s.topic == topic]:
+            self.conn.mount.pubsub.unsubscribe(topic, sub)
+            self.extra.remove(sub)

@@ -1,0 +1,245 @@
+"""The per-connection multiplexer: PROTOCOL.md 5.1, with no I/O of its own.
+
+A :class:`Connection` receives decoded :class:`~phx_gevent.serializers.Message`
+objects in order and applies Phoenix's socket rules: heartbeat, synchronous
+join, unmatched topic, duplicate join, leave, stale join_ref. It writes
+through a *transport* object, so it runs the same over WebSocket, long-poll,
+or a fake transport in tests. A transport provides:
+
+``send(data)``
+    Queue one encoded message (``str`` text, ``bytes`` binary).
+``close(code, reason)``
+    End the connection (a WebSocket close code; long-poll ignores it).
+``writer``
+    The fastlane target of the connection's channels (``.encoder`` and
+    ``.write(frame)``, see :mod:`phx_gevent.pubsub.local`).
+``name``
+    ``"websocket"`` or ``"longpoll"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from . import memory
+from .channel import CLOSED, DISCONNECTED, DRAINING, DUPLICATE_JOIN
+from .channel_server import ChannelProcess
+from .pubsub.local import ALL_EVENTS
+from .serializers import Message, Serializer
+from .socket import SocketState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .endpoint import SocketMount
+
+__all__ = ["Connection"]
+
+log = logging.getLogger(__name__)
+
+# Close codes (PROTOCOL.md 3.8).
+CLOSE_GOING_AWAY = 1001
+CLOSE_SERVICE_RESTART = 1012
+
+
+class _IdSubscription:
+    """Subscribes a connection to its socket id topic, for ``"disconnect"``."""
+
+    __slots__ = ("owner", "intercept", "writer")
+
+    def __init__(self, conn: Connection) -> None:
+        self.owner = conn
+        self.intercept = ALL_EVENTS
+        self.writer = None
+
+    def deliver(self, topic: str, event: str, payload: Any) -> None:
+        # Other broadcasts to the id topic are ignored, as in Phoenix.
+        if event == "disconnect":
+            self.owner.disconnect()
+
+
+class Connection:
+    """One client connection: its channels, its serializer, and the socket rules.
+
+    Also the connection's ``transport_pid``: ``send("garbage_collect")``
+    forces a (rate-limited) garbage collection.
+    """
+
+    __slots__ = (
+        "mount",
+        "handler",
+        "socket",
+        "serializer",
+        "transport",
+        "writer",
+        "channels",
+        "partition",
+        "closed",
+        "close_reason",
+        "_id_sub",
+        "log_level",
+        "__weakref__",
+    )
+
+    def __init__(self, mount: SocketMount, socket: SocketState, serializer: Serializer, transport: Any) -> None:
+        self.mount = mount
+        self.handler = mount.handler
+        self.socket = socket
+        self.serializer = serializer
+        self.transport = transport
+        self.writer = transport.writer
+        self.channels: dict[str, ChannelProcess] = {}
+        self.partition = mount.partitions.pick(self)
+        self.closed = False
+        #: The terminate reason channels get when the connection ends.
+        self.close_reason: Any = CLOSED
+        self._id_sub: _IdSubscription | None = None
+        self.log_level = mount.log_level
+        socket.private = self
+        socket.transport_pid = self
+
+    def __repr__(self) -> str:
+        return f"<Connection id={self.socket.id!r} transport={self.transport.name} channels={len(self.channels)}>"
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Register with the mount and subscribe to the socket id topic (for ``"disconnect"``)."""
+        self.mount.connections.add(self)
+        if self.socket.id is not None:
+            self._id_sub = _IdSubscription(self)
+            self.mount.pubsub.subscribe(self.socket.id, self._id_sub)
+
+    def terminate(self, reason: Any = None) -> None:
+        """The transport is gone: every channel finishes its mailbox and terminates. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if reason is None:
+            reason = self.close_reason
+        self.mount.connections.discard(self)
+        if self._id_sub is not None:
+            self.mount.pubsub.unsubscribe(self.socket.id, self._id_sub)
+            self._id_sub = None
+        channels = list(self.channels.values())
+        self.channels.clear()
+        for proc in channels:
+            proc.transport_down(reason)
+
+    def disconnect(self) -> None:
+        """Close the connection because of ``broadcast(id, "disconnect", {})``: 1001, no channel frames."""
+        if self.closed:
+            return
+        self.close_reason = DISCONNECTED
+        if self.log_level is not None:
+            log.log(self.log_level, "disconnecting socket %r", self.socket.id)
+        self.transport.close(CLOSE_GOING_AWAY, "disconnected")
+
+    def drain(self) -> None:
+        """Close for a server restart (1012): the client reconnects elsewhere."""
+        if self.closed:
+            return
+        self.close_reason = DRAINING
+        self.transport.close(CLOSE_SERVICE_RESTART, "service restart")
+
+    # -- transport_pid API ------------------------------------------------------------------
+
+    def send(self, message: Any) -> None:
+        """Elixir's ``send(transport_pid, message)``: understands ``"garbage_collect"``."""
+        if message == "garbage_collect":
+            memory.collect()
+        else:
+            log.warning("phx_gevent: connection received an unexpected message: %r", message)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def send_reply(self, join_ref: Any, ref: Any, topic: str, status: str, response: Any) -> None:
+        """Encode and queue a ``phx_reply``; raises when the response cannot be encoded."""
+        self.transport.send(self.serializer.encode_reply(join_ref, ref, topic, status, response))
+
+    def send_push(self, join_ref: Any, topic: str, event: str, payload: Any) -> None:
+        """Encode and queue a push; raises when the payload cannot be encoded."""
+        self.transport.send(self.serializer.encode_push(join_ref, topic, event, payload))
+
+    def send_control(self, join_ref: Any, topic: str, event: str) -> None:
+        """Queue ``phx_close`` or ``phx_error`` for a channel."""
+        self.transport.send(self.serializer.encode_control(join_ref, topic, event))
+
+    # -- the channel table ------------------------------------------------------------------
+
+    def channel_joined(self, proc: ChannelProcess) -> None:
+        """Record a channel whose join succeeded (called from its greenlet)."""
+        self.channels[proc.topic] = proc
+
+    def channel_exited(self, proc: ChannelProcess) -> None:
+        """Forget a channel that stopped (only if it is still the current one for its topic)."""
+        if self.channels.get(proc.topic) is proc:
+            del self.channels[proc.topic]
+
+    # -- dispatch (PROTOCOL.md 5.1) ---------------------------------------------------------
+
+    def handle(self, msg: Message) -> None:
+        """Apply one client message. Joins block until answered (or ``join_timeout``)."""
+        topic = msg.topic
+        event = msg.event
+        if topic == "phoenix" and event == "heartbeat":
+            self.send_reply(None, msg.ref, "phoenix", "ok", {})
+            return
+        proc = self.channels.get(topic)
+        if event == "phx_join":
+            if proc is None:
+                self._join(msg)
+            else:
+                self._duplicate_join(proc, msg)
+            return
+        if proc is None:
+            if event == "phx_leave":
+                self.send_reply(msg.join_ref, msg.ref, topic, "ok", {})
+            else:
+                self.send_reply(None, msg.ref, topic, "error", {"reason": "unmatched topic"})
+            return
+        join_ref = msg.join_ref
+        if join_ref is not None and join_ref != proc.join_ref:
+            return  # stale: the client raced a server close; never answered
+        if event == "phx_leave":
+            proc.leave(msg)
+        else:
+            proc.handle_in(msg)
+
+    def _join(self, msg: Message) -> ChannelProcess | None:
+        topic = msg.topic
+        route = self.handler.route(topic)
+        if route is None:
+            log.warning("phx_gevent: ignoring join of unmatched topic %r", topic)
+            self.send_reply(None, msg.ref, topic, "error", {"reason": "unmatched topic"})
+            return None
+        if len(self.channels) >= self.handler.max_channels:
+            log.error(
+                "phx_gevent: refusing join of %r: %d channels already joined on this connection",
+                topic,
+                len(self.channels),
+            )
+            self.send_reply(msg.join_ref, msg.ref, topic, "error", {"reason": "too many channels joined"})
+            return None
+        join_ref = msg.join_ref if msg.join_ref is not None else msg.ref
+        proc = ChannelProcess(self, route, topic, join_ref)
+        joined = proc.join(msg.payload, msg.ref, self.mount.join_timeout)
+        if self.log_level is not None:
+            log.log(
+                self.log_level,
+                "%s %s to %s",
+                "JOINED" if joined else "REFUSED JOIN",
+                topic,
+                route.channel.__name__,
+            )
+        return proc if joined else None
+
+    def _duplicate_join(self, old: ChannelProcess, msg: Message) -> None:
+        if not old.leaving:
+            log.debug(
+                "phx_gevent: duplicate channel join for topic %r; closing existing channel for new join",
+                msg.topic,
+            )
+        old.kill(DUPLICATE_JOIN)
+        self._join(msg)
+        # After the new join's reply, so the client drops it by its stale join_ref.
+        self.send_control(old.join_ref, old.topic, "phx_close")

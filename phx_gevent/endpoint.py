@@ -1,0 +1,417 @@
+"""The Endpoint: a Flask extension that mounts sockets and broadcasts from anywhere.
+
+::
+
+    endpoint = Endpoint(app)                       # or Endpoint(); endpoint.init_app(app)
+    endpoint.socket("/socket", UserSocket, longpoll=True)
+    endpoint.broadcast("room:lobby", "new_msg", {"body": "hi"})
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flask import Blueprint, Flask, Response, request
+from werkzeug.exceptions import MethodNotAllowed
+
+from .channel_server import ChannelProcess, Partitions
+from .flow import flow
+from .pubsub import Adapter, PubSub
+from .serializers import Serializer
+from .socket import Socket, SocketState
+from .transports import http as phx_http
+from .transports.websocket import WebSocketOptions, handshake
+
+__all__ = ["Endpoint", "SocketMount"]
+
+log = logging.getLogger(__name__)
+
+# Every method: a WebSocket route answers 400 to anything but an upgrade GET
+# (PROTOCOL.md 3.2), rather than Flask's 405.
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"]
+
+#: Endpoints alive in this process (the gunicorn worker drains them at shutdown).
+endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _log_level(value: Any) -> int | None:
+    if value is False or value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _LEVELS:
+        return _LEVELS[value.lower()]
+    raise ValueError(f"log must be a level name ('debug', 'info', ...), a logging level, or False; got {value!r}")
+
+
+def _flask_path(path: str) -> tuple[str, list[str]]:
+    # Phoenix mounts may contain :name segments; Flask spells them <name>.
+    names = []
+    segments = []
+    for seg in path.split("/"):
+        if seg.startswith(":") and len(seg) > 1:
+            names.append(seg[1:])
+            segments.append(f"<{seg[1:]}>")
+        else:
+            segments.append(seg)
+    return "/".join(segments), names
+
+
+class SocketMount:
+    """One ``endpoint.socket(path, Handler, ...)``: the handler, its options, its connections."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        path: str,
+        handler: Socket,
+        *,
+        websocket: WebSocketOptions | None,
+        longpoll: Mapping[str, Any] | None,
+        auth_token: bool,
+        check_origin: Any,
+        connect_info: list[Any],
+        log_level: int | None,
+        partitions: int | None,
+        join_timeout: float | None,
+        drainer: Mapping[str, Any] | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.path = path
+        self.handler = handler
+        self.websocket = websocket
+        self.longpoll_options = longpoll
+        self.longpoll: Any = None
+        self.auth_token = auth_token
+        self.check_origin = check_origin
+        self.connect_info = connect_info
+        self.log_level = log_level
+        self.partitions = Partitions(partitions)
+        self.join_timeout = join_timeout
+        self.drainer = drainer
+        #: Live connections of this mount (WebSocket and long-poll).
+        self.connections: set[Any] = set()
+
+    @property
+    def pubsub(self) -> PubSub:
+        return self.endpoint.pubsub
+
+    def new_socket(self, transport: str, serializer: Serializer) -> SocketState:
+        """A fresh socket struct for a connection being established."""
+        self.endpoint.pubsub.start()
+        return SocketState(
+            endpoint=self.endpoint,
+            handler=self.handler,
+            transport=transport,
+            serializer=serializer,
+            pubsub_server=self.endpoint.pubsub,
+        )
+
+    def log(self, what: str, transport: str, params: Mapping[str, Any]) -> None:
+        """Log a socket action at the mount's ``log`` level (never the params' values)."""
+        if self.log_level is not None and log.isEnabledFor(self.log_level):
+            log.log(
+                self.log_level,
+                "%s %s %s via %s (params: %s)",
+                what.upper(),
+                type(self.handler).__name__,
+                self.path,
+                transport,
+                ", ".join(sorted(str(k) for k in params)),
+            )
+
+
+class Endpoint:
+    """A Flask extension serving Phoenix sockets, and the broadcast API.
+
+    Keyword arguments:
+
+    ``pubsub``
+        ``None`` (one process), a Redis URL (``"redis://host:6379/0"``), an
+        :class:`~phx_gevent.pubsub.Adapter`, or a ready
+        :class:`~phx_gevent.pubsub.PubSub`.
+    ``pubsub_prefix``
+        Channel prefix on a shared Redis, so several apps can share one.
+    ``check_origin``
+        Default for every socket: ``True`` (the Origin's host must be the
+        request's host or ``SERVER_NAME``), ``False``, a list of origins
+        (``"//example.com"``, ``"https://*.example.com"``), or a callable
+        ``f(origin, environ) -> bool``.
+    ``max_queued_bytes``, ``broadcast_timeout``, ``max_connection_queue_bytes``, ``slow_client_timeout``, ``sndbuf``
+        The process-wide overload policy (:mod:`phx_gevent.flow`).
+    ``name``
+        The blueprint's name (``"phx_gevent"``).
+    """
+
+    def __init__(
+        self,
+        app: Flask | None = None,
+        *,
+        pubsub: PubSub | Adapter | str | None = None,
+        pubsub_prefix: str = "phx",
+        check_origin: bool | Iterable[str] | Any = True,
+        max_queued_bytes: int | None = None,
+        broadcast_timeout: float | None = None,
+        max_connection_queue_bytes: int | None = None,
+        slow_client_timeout: float | None = None,
+        sndbuf: int | None | bool = False,
+        name: str = "phx_gevent",
+    ) -> None:
+        self.name = name
+        self.pubsub = self._make_pubsub(pubsub, pubsub_prefix)
+        self.check_origin = self._compile_origin(check_origin)
+        flow.configure(
+            max_queued_bytes=max_queued_bytes,
+            broadcast_timeout=broadcast_timeout,
+            max_connection_queue_bytes=max_connection_queue_bytes,
+            slow_client_timeout=slow_client_timeout,
+            sndbuf=sndbuf,
+        )
+        self.blueprint = Blueprint(name, __name__)
+        self.mounts: list[SocketMount] = []
+        self.apps: list[Flask] = []
+        self._paths: list[str] = []
+        endpoints.add(self)
+        if app is not None:
+            self.init_app(app)
+
+    @staticmethod
+    def _make_pubsub(pubsub: Any, prefix: str) -> PubSub:
+        if pubsub is None:
+            return PubSub()
+        if isinstance(pubsub, PubSub):
+            return pubsub
+        if isinstance(pubsub, str):
+            from .pubsub.redis import RedisAdapter
+
+            return PubSub(RedisAdapter(pubsub, prefix=prefix))
+        if isinstance(pubsub, Adapter):
+            return PubSub(pubsub)
+        raise TypeError(f"pubsub must be None, a Redis URL, an Adapter or a PubSub; got {pubsub!r}")
+
+    @staticmethod
+    def _compile_origin(setting: Any) -> Any:
+        if setting is True or setting is False or callable(setting):
+            return setting
+        if isinstance(setting, str):
+            setting = [setting]
+        return phx_http.compile_origins(setting)
+
+    # -- Flask integration --------------------------------------------------------------
+
+    def init_app(self, app: Flask) -> None:
+        """Register the blueprint on ``app`` (sockets mounted later are added to it too)."""
+        app.register_blueprint(self.blueprint)
+        app.extensions[self.name] = self
+        app.register_error_handler(MethodNotAllowed, self._method_not_allowed)
+        self.apps.append(app)
+
+    def _method_not_allowed(self, exc: MethodNotAllowed) -> Any:
+        # A non-GET upgrade request to a socket path is routed to the
+        # WebSocket rule and fails as 405 inside Werkzeug; Phoenix answers 400.
+        if request.path in self._paths:
+            return Response(status=400)
+        return exc
+
+    def server_name(self) -> str | None:
+        """The ``SERVER_NAME`` of the first app, used by the default origin check."""
+        for app in self.apps:
+            name = app.config.get("SERVER_NAME")
+            if name:
+                return str(name)
+        return None
+
+    @property
+    def node_name(self) -> str:
+        """This process's node name (host, pid and a random part)."""
+        return self.pubsub.node_name
+
+    # -- mounting -----------------------------------------------------------------------
+
+    def socket(
+        self,
+        path: str,
+        handler: type[Socket] | Socket,
+        *,
+        websocket: bool | Mapping[str, Any] = True,
+        longpoll: bool | Mapping[str, Any] = False,
+        auth_token: bool = False,
+        check_origin: Any = None,
+        connect_info: Iterable[Any] = (),
+        log: str | int | bool = "info",
+        partitions: int | None = None,
+        join_timeout: float | None = 10.0,
+        drainer: bool | Mapping[str, Any] = True,
+    ) -> SocketMount:
+        """Mount a socket handler at ``path`` (``<path>/websocket``, ``<path>/longpoll``).
+
+        ``websocket``: ``True``, ``False`` or options (see
+        :class:`~phx_gevent.transports.websocket.WebSocketOptions`).
+        ``longpoll``: ``False`` (default), ``True`` or options.
+        ``auth_token``: expose phoenix.js's ``authToken`` as
+        ``connect_info["auth_token"]``. ``check_origin``: overrides the
+        endpoint's. ``connect_info``: keys to collect (``"peer_data"``,
+        ``"x_headers"``, ``"uri"``, ``"user_agent"``,
+        ``"trace_context_headers"``, ``"sec_websocket_headers"``, or a dict of
+        static pairs). ``log``: level of socket action logs, or ``False``.
+        ``partitions``: channel pools (default: usable cores).
+        ``join_timeout``: seconds a ``join`` may take. ``drainer``: ``False``
+        or ``{"batch_size", "batch_interval", "shutdown"}`` for shutdown drains.
+
+        Raises ``ValueError``/``TypeError`` for bad options.
+        """
+        if isinstance(handler, type):
+            if not issubclass(handler, Socket):
+                raise TypeError(f"handler must be a Socket subclass, got {handler!r}")
+            handler = handler()
+        elif not isinstance(handler, Socket):
+            raise TypeError(f"handler must be a Socket subclass or instance, got {handler!r}")
+        if not path.startswith("/"):
+            raise ValueError(f"socket path must start with '/', got {path!r}")
+        path = path.rstrip("/") or "/"
+        ws_opts = None
+        if websocket:
+            ws_opts = WebSocketOptions(**(websocket if isinstance(websocket, Mapping) else {}))
+        lp_opts = None
+        if longpoll:
+            lp_opts = dict(longpoll) if isinstance(longpoll, Mapping) else {}
+        keys = list(connect_info)
+        for key in keys:
+            if not isinstance(key, Mapping) and key not in phx_http.CONNECT_INFO_KEYS:
+                raise ValueError(f"unknown connect_info key {key!r}; known: {sorted(phx_http.CONNECT_INFO_KEYS)}")
+        if drainer is True:
+            drainer = {}
+        drain_opts = (
+            None if drainer is False else {"batch_size": 10_000, "batch_interval": 2.0, "shutdown": 30.0, **drainer}
+        )
+        mount = SocketMount(
+            self,
+            path,
+            handler,
+            websocket=ws_opts,
+            longpoll=lp_opts,
+            auth_token=bool(auth_token),
+            check_origin=self.check_origin if check_origin is None else self._compile_origin(check_origin),
+            connect_info=keys,
+            log_level=_log_level(log),
+            partitions=partitions,
+            join_timeout=join_timeout,
+            drainer=drain_opts,
+        )
+        index = len(self.mounts)
+        self.mounts.append(mount)
+        base, names = _flask_path("" if path == "/" else path)
+        if ws_opts is not None:
+            view = _view(mount, names, handshake)
+            rule = base + ws_opts.path
+            for websocket_rule in (True, False):
+                self._add_rule(rule, f"socket{index}_ws_{int(websocket_rule)}", view, websocket_rule)
+        if lp_opts is not None:
+            from .transports.longpoll import LongPoll
+
+            mount.longpoll = LongPoll(mount, lp_opts)
+            view = _view(mount, names, mount.longpoll.handle)
+            self._add_rule(base + mount.longpoll.path, f"socket{index}_lp", view, False)
+        return mount
+
+    def _add_rule(self, rule: str, name: str, view: Any, websocket: bool) -> None:
+        # Werkzeug lets WebSocket rules take only GET/HEAD/OPTIONS; the plain
+        # twin of the rule takes every other method and answers 400.
+        methods = ["GET", "HEAD", "OPTIONS"] if websocket else _ALL_METHODS
+        options = {"methods": methods, "websocket": websocket, "provide_automatic_options": False}
+        self._paths.append(rule)
+        if not self.apps:
+            self.blueprint.add_url_rule(rule, name, view, **options)
+            return
+        # The blueprint is already registered: Flask forbids adding to it, so
+        # the rule goes on each app under the blueprint's endpoint name.
+        for app in self.apps:
+            app.add_url_rule(rule, f"{self.blueprint.name}.{name}", view, **options)
+
+    # -- broadcasting -------------------------------------------------------------------
+
+    def broadcast(self, topic: str, event: str, payload: dict[str, Any] | bytes) -> None:
+        """Send ``event`` to every subscriber of ``topic`` on every node.
+
+        ``broadcast(<socket id>, "disconnect", {})`` closes every connection
+        with that id (close 1001; the client reconnects and runs ``connect``
+        again). Usable from any greenlet or Flask view. Raises ``TypeError``
+        for a payload that is not a dict or bytes or cannot be encoded, and
+        :class:`~phx_gevent.errors.BroadcastTimeout` when delivery stayed
+        overloaded for ``broadcast_timeout`` seconds.
+        """
+        self.pubsub.broadcast(topic, event, payload)
+
+    def broadcast_from(self, from_: Any, topic: str, event: str, payload: dict[str, Any] | bytes) -> None:
+        """Like :meth:`broadcast`, skipping the channel ``from_`` (a channel's socket or ``channel_pid``)."""
+        self.pubsub.broadcast(topic, event, payload, _owner(from_))
+
+    def local_broadcast(self, topic: str, event: str, payload: dict[str, Any] | bytes) -> None:
+        """Like :meth:`broadcast`, but only to subscribers in this process."""
+        self.pubsub.local_broadcast(topic, event, payload)
+
+    def local_broadcast_from(self, from_: Any, topic: str, event: str, payload: dict[str, Any] | bytes) -> None:
+        """Like :meth:`broadcast_from`, but only in this process."""
+        self.pubsub.local_broadcast(topic, event, payload, _owner(from_))
+
+    def subscribe(self, topic: str, subscriber: Any) -> None:
+        """Subscribe to ``topic`` in this process.
+
+        ``subscriber`` is a channel's socket (broadcasts then arrive in its
+        ``handle_info`` as :class:`~phx_gevent.channel_server.Broadcast`), or
+        a callable ``f(topic, event=..., payload=..., from_=...)`` run in the
+        broadcaster's greenlet (keep it short).
+        """
+        owner = _owner(subscriber)
+        if isinstance(owner, ChannelProcess):
+            owner.subscribe(topic)
+        elif callable(subscriber):
+            self.pubsub.connect(subscriber, topic)
+        else:
+            raise TypeError(f"subscribe expects a channel socket or a callable, got {subscriber!r}")
+
+    def unsubscribe(self, topic: str, subscriber: Any) -> None:
+        """Undo :meth:`subscribe`."""
+        owner = _owner(subscriber)
+        if isinstance(owner, ChannelProcess):
+            owner.unsubscribe(topic)
+        elif callable(subscriber):
+            self.pubsub.disconnect(subscriber, topic)
+
+    # -- operations ---------------------------------------------------------------------
+
+    def connection_count(self) -> int:
+        """Open connections in this process, all mounts together."""
+        return sum(len(m.connections) for m in self.mounts)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring: connections, channels per partition, queued bytes."""
+        return {
+            "node": self.node_name,
+            "connections": self.connection_count(),
+            "queued_bytes": flow.queued,
+            "broadcast_timeouts": flow.timeouts,
+            "mounts": {m.path: m.partitions.stats() for m in self.mounts},
+            "pubsub": self.pubsub.adapter.stats() if self.pubsub.adapter is not None else {},
+        }
+
+
+def _owner(value: Any) -> Any:
+    if isinstance(value, SocketState):
+        return value.channel_pid
+    return value
+
+
+def _view(mount: SocketMount, names: list[str], target: Any) -> Any:
+    def view(**path_params: Any) -> Any:
+        # :name path segments become connect params; names starting with _ are dropped.
+        params = {k: v for k, v in path_params.items() if k in names and not k.startswith("_")}
+        return target(mount, params)
+
+    view.__name__ = f"phx_gevent_{target.__name__}"
+    return view

@@ -1,0 +1,26 @@
+"""Exceptions raised by phx_gevent's public API."""
+
+from __future__ import annotations
+
+__all__ = ["PhxError", "BroadcastTimeout", "ChannelError", "CallbackReturnError"]
+
+
+class PhxError(Exception):
+    """Base class of every phx_gevent exception."""
+
+
+class BroadcastTimeout(PhxError):
+    """Raised by ``broadcast`` when queued output stayed above the high-water mark too long.
+
+    The process-wide ``max_queued_bytes`` limit makes broadcasters wait instead
+    of letting memory grow; past ``broadcast_timeout`` seconds of waiting the
+    broadcast is abandoned (nothing of it was delivered) and this is raised.
+    """
+
+
+class ChannelError(PhxError):
+    """A channel operation was used where Phoenix forbids it (e.g. ``push`` inside ``join``)."""
+
+
+class CallbackReturnError(PhxError, TypeError):
+    """A user callback returned a value of the wrong shape; the message says what was expected."""

@@ -1,0 +1,145 @@
+"""The process-wide overload policy: a high-water mark on queued output.
+
+Every writer adds what it queues to :attr:`FlowControl.queued` and subtracts
+what it sends or drops. Broadcasters call :meth:`FlowControl.wait` first, so
+a producer faster than delivery slows down instead of growing memory.
+
+Settings (``Endpoint(...)`` keyword arguments, process-wide):
+
+``max_queued_bytes``
+    While more bytes than this wait in writers' queues, broadcasts block until
+    the total falls to half of it.
+``broadcast_timeout``
+    The longest a broadcast waits before raising
+    :class:`~phx_gevent.errors.BroadcastTimeout` (nothing of it was delivered).
+``max_connection_queue_bytes``
+    A connection above this that has sent nothing for ``slow_client_timeout``
+    seconds is dropped with 1008 (or reset when even the close frame cannot
+    get out); one above four times this is dropped at once. A connection that
+    reads is never dropped because another one is slow.
+``sndbuf``
+    ``SO_SNDBUF`` of each connection, so the kernel cannot hide megabytes of
+    backlog from the high-water mark (``None``: the OS default).
+"""
+
+from __future__ import annotations
+
+import time
+
+from gevent.event import Event
+
+from .errors import BroadcastTimeout
+
+__all__ = ["FlowControl", "flow"]
+
+_monotonic = time.monotonic
+
+
+class FlowControl:
+    """Process-wide accounting of bytes waiting in writers' queues.
+
+    Every writer adds what it queues to :attr:`queued` and subtracts what it
+    sends or drops. Broadcasters call :meth:`wait` first.
+    """
+
+    __slots__ = (
+        "queued",
+        "high_water",
+        "low_water",
+        "timeout",
+        "connection_limit",
+        "slow_timeout",
+        "sndbuf",
+        "direct_send",
+        "_event",
+        "_waiting",
+        "timeouts",
+    )
+
+    def __init__(self) -> None:
+        #: Bytes currently queued in user space, all connections together.
+        self.queued = 0
+        #: Broadcasts wait while ``queued`` is above this (``max_queued_bytes``).
+        self.high_water = 32 * 1024 * 1024
+        #: Waiting broadcasters resume once ``queued`` is at or below this.
+        self.low_water = self.high_water // 2
+        #: Longest a broadcast waits before :class:`BroadcastTimeout` (``broadcast_timeout``).
+        self.timeout = 5.0
+        #: Per-connection soft cap (``max_connection_queue_bytes``).
+        self.connection_limit = 1024 * 1024
+        #: Seconds a connection over its cap may go without draining (``slow_client_timeout``).
+        self.slow_timeout = 5.0
+        #: ``SO_SNDBUF`` for new connections, or ``None`` to leave the OS default.
+        self.sndbuf: int | None = 128 * 1024
+        #: Try one non-blocking send from the fan-out when a connection has nothing queued.
+        self.direct_send = True
+        self._event: Event | None = None
+        self._waiting = 0
+        #: How many broadcasts gave up with BroadcastTimeout.
+        self.timeouts = 0
+
+    def configure(
+        self,
+        *,
+        max_queued_bytes: int | None = None,
+        broadcast_timeout: float | None = None,
+        max_connection_queue_bytes: int | None = None,
+        slow_client_timeout: float | None = None,
+        sndbuf: int | None | bool = False,
+        direct_send: bool | None = None,
+    ) -> None:
+        """Change the overload settings for the whole process (``None`` keeps a value)."""
+        if max_queued_bytes is not None:
+            if max_queued_bytes <= 0:
+                raise ValueError("max_queued_bytes must be positive")
+            self.high_water = int(max_queued_bytes)
+            self.low_water = self.high_water // 2
+        if broadcast_timeout is not None:
+            self.timeout = float(broadcast_timeout)
+        if max_connection_queue_bytes is not None:
+            if max_connection_queue_bytes <= 0:
+                raise ValueError("max_connection_queue_bytes must be positive")
+            self.connection_limit = int(max_connection_queue_bytes)
+        if slow_client_timeout is not None:
+            self.slow_timeout = float(slow_client_timeout)
+        if sndbuf is not False:
+            self.sndbuf = None if sndbuf is None else int(sndbuf)
+        if direct_send is not None:
+            self.direct_send = bool(direct_send)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Return at once below the high-water mark, else wait for the queues to drain.
+
+        Raises :class:`BroadcastTimeout` after ``timeout`` (default: the
+        configured ``broadcast_timeout``) seconds above the mark.
+        """
+        if self.queued <= self.high_water:
+            return
+        if timeout is None:
+            timeout = self.timeout
+        deadline = _monotonic() + timeout
+        while self.queued > self.low_water:
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                self.timeouts += 1
+                raise BroadcastTimeout(
+                    f"{self.queued} bytes queued for delivery (high-water mark {self.high_water}); "
+                    f"waited {timeout:.1f}s"
+                )
+            if self._event is None:
+                self._event = Event()
+            self._event.clear()
+            self._waiting += 1
+            try:
+                self._event.wait(remaining)
+            finally:
+                self._waiting -= 1
+
+    def _wake(self) -> None:
+        # Called by writers when the total fell to the low-water mark.
+        if self._event is not None:
+            self._event.set()
+
+
+#: The process-wide flow control shared by every writer and broadcaster.
+flow = FlowControl()

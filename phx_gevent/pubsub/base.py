@@ -1,0 +1,69 @@
+"""The PubSub adapter interface: how broadcasts travel between processes and machines.
+
+The in-process layer (:class:`~phx_gevent.pubsub.PubSub`) always delivers to
+local subscribers itself, at once. An adapter only *forwards*: it carries
+envelopes to the other nodes and hands the envelopes it receives from them
+back to the local layer. phoenix_pubsub draws the same line.
+
+An envelope is a plain dict of JSON-compatible values plus, under ``"p"``,
+the payload (a dict or ``bytes``). Adapters serialize it in a format that
+executes nothing when decoded (never pickle). Keys:
+
+``k``  kind: ``"b"`` broadcast, ``"d"`` direct message to one node
+``n``  sender node name (adapters drop their own echoes with it)
+``t``  topic (broadcast) or handler name (direct)
+``e``  event
+``p``  payload
+``x``  identifier of the ``broadcast_from`` sender, or ``None``
+``to`` destination node (direct messages only)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Adapter", "make_node_name"]
+
+
+def make_node_name(prefix: str | None = None) -> str:
+    """A node name unique across machines and restarts: ``host:pid:random``."""
+    host = socket.gethostname() or "localhost"
+    name = f"{host}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{prefix}@{name}" if prefix else name
+
+
+class Adapter:
+    """Base class of cross-node adapters. Subclasses implement the three methods.
+
+    ``node_name`` identifies this process among all nodes sharing the bus.
+    """
+
+    node_name: str
+
+    def start(self, receive: Callable[[dict[str, Any]], None]) -> None:
+        """Begin receiving: call ``receive(envelope)`` for every envelope from another node.
+
+        ``receive`` never blocks for long and never raises. Called once, from
+        the process that will serve requests (after a gunicorn fork).
+        """
+        raise NotImplementedError
+
+    def publish(self, envelope: dict[str, Any]) -> None:
+        """Send ``envelope`` to every other node, preserving the caller's order.
+
+        Must not block a request for long and must not raise because the bus
+        is down: what cannot be forwarded is counted and logged.
+        """
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop receiving and release connections."""
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring (published, received, dropped, ...)."""
+        return {}

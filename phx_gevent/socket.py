@@ -1,0 +1,232 @@
+"""The user's Socket handler base class, channel routes, and the socket struct.
+
+A :class:`Socket` subclass authenticates connections (``connect``), names
+them (``id``) and routes topics to Channel classes (``channels``)::
+
+    class UserSocket(Socket):
+        channels = [channel("room:*", RoomChannel)]
+
+        def connect(self, params, socket, connect_info):
+            if not params.get("user"):
+                return None                      # refused: HTTP 403
+            return socket.assign(user=params["user"])
+
+        def id(self, socket):
+            return f"user_socket:{socket.assigns['user']}"
+
+Every callback receives a :class:`SocketState`, the Python twin of Phoenix's
+``%Phoenix.Socket{}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .channel import Channel
+
+__all__ = ["Socket", "SocketState", "Route", "channel"]
+
+
+class SocketState:
+    """The socket struct handed to every callback (Phoenix's ``%Socket{}``).
+
+    Fields, with Phoenix's names:
+
+    ``id``
+        The connection's id from :meth:`Socket.id` (``None`` when anonymous).
+    ``assigns``
+        A dict of your own data; set it with :meth:`assign`.
+    ``channel``
+        The Channel class serving this topic (``None`` on the connection's socket).
+    ``channel_pid``
+        The channel process: ``socket.channel_pid.send(msg)`` delivers ``msg``
+        to ``handle_info``.
+    ``endpoint``
+        The :class:`~phx_gevent.Endpoint`.
+    ``handler``
+        The :class:`Socket` handler instance of the mount.
+    ``joined``
+        ``True`` once the join reply was queued; ``push`` and ``broadcast`` need it.
+    ``join_ref``
+        The client's join_ref for this channel instance.
+    ``ref``
+        The ref of the client message being handled (``None`` outside ``handle_in``).
+    ``pubsub_server``
+        The endpoint's :class:`~phx_gevent.pubsub.PubSub`.
+    ``topic``
+        The channel's topic (``None`` on the connection's socket).
+    ``transport``
+        ``"websocket"`` or ``"longpoll"``.
+    ``transport_pid``
+        The connection process: ``socket.transport_pid.send("garbage_collect")``.
+    ``serializer``
+        The connection's serializer (V1 or V2).
+    """
+
+    __slots__ = (
+        "id",
+        "assigns",
+        "channel",
+        "channel_pid",
+        "endpoint",
+        "handler",
+        "joined",
+        "join_ref",
+        "ref",
+        "pubsub_server",
+        "topic",
+        "transport",
+        "transport_pid",
+        "serializer",
+        "private",
+    )
+
+    def __init__(
+        self,
+        *,
+        endpoint: Any = None,
+        handler: Any = None,
+        transport: str = "websocket",
+        transport_pid: Any = None,
+        serializer: Any = None,
+        pubsub_server: Any = None,
+        assigns: dict[str, Any] | None = None,
+        id: str | None = None,
+    ) -> None:
+        self.id = id
+        self.assigns: dict[str, Any] = {} if assigns is None else assigns
+        self.channel: type[Channel] | None = None
+        self.channel_pid: Any = None
+        self.endpoint = endpoint
+        self.handler = handler
+        self.joined = False
+        self.join_ref: Any = None
+        self.ref: Any = None
+        self.pubsub_server = pubsub_server
+        self.topic: str | None = None
+        self.transport = transport
+        self.transport_pid = transport_pid
+        self.serializer = serializer
+        #: Library-private data (the connection this socket belongs to).
+        self.private: Any = None
+
+    def assign(self, key: str | Mapping[str, Any] | None = None, value: Any = None, **values: Any) -> SocketState:
+        """Set assigns and return the socket, so ``return socket.assign(user=...)`` reads well.
+
+        Accepts ``assign("k", v)``, ``assign({"k": v})`` or ``assign(k=v)``.
+        """
+        if isinstance(key, str):
+            self.assigns[key] = value
+        elif key is not None:
+            self.assigns.update(key)
+        if values:
+            self.assigns.update(values)
+        return self
+
+    def copy_for_channel(
+        self, topic: str, channel_cls: type[Channel], join_ref: Any, assigns: Mapping[str, Any]
+    ) -> SocketState:
+        """The per-channel copy made at join: its own assigns, topic and join_ref."""
+        new = SocketState.__new__(SocketState)
+        new.id = self.id
+        new.assigns = {**self.assigns, **assigns} if assigns else dict(self.assigns)
+        new.channel = channel_cls
+        new.channel_pid = None
+        new.endpoint = self.endpoint
+        new.handler = self.handler
+        new.joined = False
+        new.join_ref = join_ref
+        new.ref = None
+        new.pubsub_server = self.pubsub_server
+        new.topic = topic
+        new.transport = self.transport
+        new.transport_pid = self.transport_pid
+        new.serializer = self.serializer
+        new.private = self.private
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"<SocketState id={self.id!r} topic={self.topic!r} joined={self.joined} "
+            f"transport={self.transport!r} assigns={self.assigns!r}>"
+        )
+
+
+class Route:
+    """One ``channel(pattern, ChannelClass, assigns=...)`` declaration."""
+
+    __slots__ = ("pattern", "channel", "assigns", "_prefix")
+
+    def __init__(self, pattern: str, channel_cls: type[Channel], assigns: Mapping[str, Any] | None = None) -> None:
+        if not isinstance(pattern, str) or not pattern:
+            raise ValueError("a channel pattern must be a non-empty string")
+        star = pattern.find("*")
+        if star != -1 and star != len(pattern) - 1:
+            raise ValueError(f"channel pattern {pattern!r}: '*' is only allowed as the last character")
+        from .channel import Channel
+
+        if not (isinstance(channel_cls, type) and issubclass(channel_cls, Channel)):
+            raise TypeError(f"channel {pattern!r}: expected a Channel subclass, got {channel_cls!r}")
+        self.pattern = pattern
+        self.channel = channel_cls
+        self.assigns = dict(assigns or {})
+        self._prefix = pattern[:-1] if star != -1 else None
+
+    def matches(self, topic: str) -> bool:
+        """True when ``topic`` is routed here (exact match, or prefix before a trailing ``*``)."""
+        if self._prefix is None:
+            return topic == self.pattern
+        return topic.startswith(self._prefix)
+
+    def __repr__(self) -> str:
+        return f"channel({self.pattern!r}, {self.channel.__name__})"
+
+
+def channel(pattern: str, channel_cls: type[Channel], *, assigns: Mapping[str, Any] | None = None) -> Route:
+    """Declare a channel route: ``"room:*"`` matches every topic starting with ``room:``.
+
+    ``*`` is allowed only as the last character. ``assigns`` are merged into
+    the channel's socket at join. Routes are tried in order; the first match
+    wins. Raises ``ValueError``/``TypeError`` for a bad pattern or class.
+    """
+    return Route(pattern, channel_cls, assigns)
+
+
+class Socket:
+    """Base class of a socket handler: authenticate, identify, route.
+
+    Class attributes:
+
+    ``channels``
+        The list of :func:`channel` routes, first match wins.
+    ``max_channels``
+        Most channels one connection may join (Phoenix's
+        ``max_channels_per_transport``, default 100); more are refused with
+        ``{"reason": "too many channels joined"}``.
+    """
+
+    channels: Sequence[Route] = ()
+    max_channels: int = 100
+
+    def connect(self, params: dict[str, Any], socket: SocketState, connect_info: dict[str, Any]) -> SocketState | None:
+        """Accept or refuse a connection; runs before the WebSocket upgrade (or long-poll session).
+
+        ``params`` are the query parameters (nested ``a[b]=c`` syntax
+        decoded, ``vsn`` included). Return the ``socket`` (usually after
+        :meth:`SocketState.assign`) to accept; return ``None`` or ``False`` to
+        refuse with HTTP 403. The default accepts everyone.
+        """
+        return socket
+
+    def id(self, socket: SocketState) -> str | None:
+        """Name the connection, so ``broadcast(id, "disconnect", {})`` can close it; ``None`` for anonymous."""
+        return None
+
+    def route(self, topic: str) -> Route | None:
+        """The first route matching ``topic``, or ``None``."""
+        for route in self.channels:
+            if route.matches(topic):
+                return route
+        return None

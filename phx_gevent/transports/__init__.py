@@ -1,0 +1,1 @@
+"""Transports: WebSocket and long-poll, the writers, and the HTTP pieces they share."""

@@ -1,0 +1,266 @@
+"""What both transports do with the HTTP request: params, origin check, connect_info, auth token.
+
+Everything here reads a WSGI environ and nothing else, so it is shared by
+the WebSocket handshake and long-poll session creation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, urlsplit
+
+__all__ = [
+    "URI",
+    "parse_params",
+    "check_origin",
+    "compile_origins",
+    "connect_info",
+    "split_protocols",
+    "AUTH_TOKEN_PREFIX",
+    "decode_auth_token",
+    "CONNECT_INFO_KEYS",
+]
+
+#: The subprotocol entry phoenix.js uses to carry ``authToken`` (PROTOCOL.md 3.4).
+AUTH_TOKEN_PREFIX = "base64url.bearer.phx."
+
+#: The connect_info keys a mount may ask for (besides static ``{"key": value}`` pairs).
+CONNECT_INFO_KEYS = frozenset(
+    {"peer_data", "x_headers", "uri", "user_agent", "trace_context_headers", "sec_websocket_headers"}
+)
+
+# Limits on query parameters: more fields or deeper nesting is refused (403).
+MAX_PARAMS = 1000
+MAX_DEPTH = 16
+
+
+class URI(NamedTuple):
+    """``connect_info["uri"]``: the request URI, as Phoenix's ``%URI{}``."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+    query: str
+
+
+class ParamsError(ValueError):
+    """The query string is too big or too deep."""
+
+
+def _parse_key(key: str) -> list[str]:
+    # Plug's nested syntax, which phoenix.js produces: a[b][c]=v, a[]=v
+    if "[" not in key or not key.endswith("]"):
+        return [key]
+    head, _, rest = key.partition("[")
+    parts = [head]
+    for piece in rest[:-1].split("]["):
+        parts.append(piece)
+    if len(parts) > MAX_DEPTH:
+        raise ParamsError("query parameter nested too deep")
+    return parts
+
+
+def parse_params(query: str) -> dict[str, Any]:
+    """Decode a query string into nested dicts (``a[b]=c`` → ``{"a": {"b": "c"}}``).
+
+    ``a[]=1&a[]=2`` gives a list. A key seen as both a value and a nested map
+    keeps the first shape. Raises :class:`ParamsError` past 1000 fields or 16
+    levels.
+    """
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_PARAMS)
+    except ValueError as exc:
+        raise ParamsError(str(exc)) from None
+    params: dict[str, Any] = {}
+    for key, value in pairs:
+        _assign(params, _parse_key(key), value)
+    return params
+
+
+def _assign(target: dict[str, Any], parts: list[str], value: str) -> None:
+    for i, part in enumerate(parts[:-1]):
+        if parts[i + 1] == "" and i + 2 == len(parts):
+            # a[]=v appends to a list
+            items = target.setdefault(part, [])
+            if isinstance(items, list):
+                items.append(value)
+            return
+        child = target.setdefault(part, {})
+        if not isinstance(child, dict):
+            return  # a[b]=1 after a=1: keep the first shape
+        target = child
+    last = parts[-1]
+    if last and not isinstance(target.get(last), (dict, list)):
+        target[last] = value
+
+
+def _host_of(value: str) -> str | None:
+    try:
+        host = urlsplit(value if "//" in value else "//" + value).hostname
+    except ValueError:
+        return None
+    return host.lower() if host else None
+
+
+class _OriginRule(NamedTuple):
+    scheme: str | None
+    host: str
+    port: int | None
+    wildcard: bool
+
+
+def compile_origins(origins: Iterable[str]) -> list[_OriginRule]:
+    """Parse a list of allowed origins: ``//example.com``, ``https://*.example.com:8443``.
+
+    A component missing from an entry matches anything; ``*.`` matches the
+    domain itself and every subdomain (PROTOCOL.md 3.3). Raises ``ValueError``
+    for an entry without a host.
+    """
+    rules = []
+    for entry in origins:
+        parts = urlsplit(entry if "//" in entry else "//" + entry)
+        host = (parts.hostname or "").lower()
+        if not host:
+            raise ValueError(f"check_origin entry {entry!r} has no host")
+        wildcard = host.startswith("*.")
+        if wildcard:
+            host = host[2:]
+        port = parts.port
+        if port is None and parts.scheme in ("http", "https"):
+            port = 80 if parts.scheme == "http" else 443
+        rules.append(_OriginRule(parts.scheme or None, host, port, wildcard))
+    return rules
+
+
+def _origin_port(parts: Any) -> int | None:
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if port is None:
+        return {"http": 80, "https": 443, "ws": 80, "wss": 443}.get(parts.scheme)
+    return port
+
+
+def check_origin(environ: Mapping[str, Any], setting: Any, server_name: str | None = None) -> bool:
+    """Apply ``check_origin`` to a request (PROTOCOL.md 3.3, DESIGN.md security defaults).
+
+    * no ``Origin`` header: allowed (native clients);
+    * ``True``: the Origin's host must equal the request's ``Host`` (or the
+      app's ``SERVER_NAME``), ports ignored; ``Origin: null`` is refused;
+    * ``False``: everything passes;
+    * a list of origins (compiled by :func:`compile_origins`);
+    * a callable ``f(origin: str, environ) -> bool``.
+    """
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None or setting is False:
+        return True
+    if callable(setting):
+        return bool(setting(origin, environ))
+    try:
+        parts = urlsplit(origin)
+    except ValueError:
+        return False
+    host = (parts.hostname or "").lower()
+    if not host:
+        return False
+    if setting is True:
+        allowed = {_host_of(environ.get("HTTP_HOST", "")), _host_of(server_name or "")}
+        allowed.discard(None)
+        return host in allowed
+    port = _origin_port(parts)
+    for rule in setting:
+        if rule.scheme is not None and rule.scheme != parts.scheme:
+            continue
+        if rule.port is not None and rule.port != port:
+            continue
+        if host == rule.host or (rule.wildcard and host.endswith("." + rule.host)):
+            return True
+    return False
+
+
+def split_protocols(header: str | None) -> list[str]:
+    """The entries of a ``Sec-WebSocket-Protocol`` header."""
+    if not header:
+        return []
+    return [p.strip() for p in header.split(",") if p.strip()]
+
+
+def decode_auth_token(entry: str) -> str | None:
+    """Decode the token phoenix.js puts after ``base64url.bearer.phx.``; None when malformed.
+
+    phoenix.js uses *standard* base64 without padding despite the prefix's
+    name; both alphabets and optional padding are accepted.
+    """
+    data = entry[len(AUTH_TOKEN_PREFIX) :].strip().rstrip("=")
+    data += "=" * (-len(data) % 4)
+    try:
+        raw = base64.b64decode(data.replace("-", "+").replace("_", "/"), validate=True)
+        return raw.decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+
+
+def connect_info(
+    environ: Mapping[str, Any],
+    keys: Iterable[Any],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build ``connect_info`` with only the keys asked for (PROTOCOL.md 3.5).
+
+    Shapes: ``peer_data`` → ``{"address": str, "port": int, "ssl_cert": None}``;
+    ``x_headers``, ``trace_context_headers`` and ``sec_websocket_headers`` →
+    lists of ``(lowercase name, value)``; ``uri`` → :class:`URI`;
+    ``user_agent`` → ``str`` or ``None``. A mapping among ``keys`` is copied
+    as static pairs. Cookies and other headers are never exposed.
+    """
+    info: dict[str, Any] = {}
+    for key in keys:
+        if isinstance(key, Mapping):
+            info.update(key)
+        elif key == "peer_data":
+            try:
+                port = int(environ.get("REMOTE_PORT") or 0)
+            except ValueError:
+                port = 0
+            info["peer_data"] = {"address": environ.get("REMOTE_ADDR", ""), "port": port, "ssl_cert": None}
+        elif key == "user_agent":
+            info["user_agent"] = environ.get("HTTP_USER_AGENT")
+        elif key == "uri":
+            scheme = environ.get("wsgi.url_scheme", "http")
+            host = environ.get("HTTP_HOST") or environ.get("SERVER_NAME", "")
+            hostname = _host_of(host) or ""
+            try:
+                port = urlsplit("//" + host).port or int(environ.get("SERVER_PORT") or 0)
+            except ValueError:
+                port = 0
+            info["uri"] = URI(scheme, hostname, port, environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+        elif key in ("x_headers", "trace_context_headers", "sec_websocket_headers"):
+            info[key] = _headers(environ, key)
+        else:
+            raise ValueError(f"unknown connect_info key {key!r}")
+    if extra:
+        info.update(extra)
+    return info
+
+
+def _headers(environ: Mapping[str, Any], kind: str) -> list[tuple[str, str]]:
+    found = []
+    for name, value in environ.items():
+        if not name.startswith("HTTP_"):
+            continue
+        header = name[5:].lower().replace("_", "-")
+        if kind == "x_headers" and header.startswith("x-"):
+            found.append((header, value))
+        elif kind == "trace_context_headers" and header in ("traceparent", "tracestate"):
+            found.append((header, value))
+        elif kind == "sec_websocket_headers" and header.startswith("sec-websocket-"):
+            found.append((header, value))
+    return found
+
+
+OriginSetting = bool | list[_OriginRule] | Callable[[str, Mapping[str, Any]], bool]

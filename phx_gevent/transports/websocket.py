@@ -1,0 +1,437 @@
+"""The WebSocket transport: the handshake view and the per-connection reader.
+
+The handshake runs as an ordinary Flask view (origin check, auth token,
+subprotocol, serializer, ``connect``), so a refusal is a real HTTP 403
+before any upgrade. Accepting returns a 101 response and leaves a callable
+in the WSGI environ; our WSGI handler (:mod:`phx_gevent.server`) writes the
+101 and calls it once Flask has finished the request, so no request context
+stays alive for the connection's lifetime.
+
+The reader runs in the connection's handler greenlet and reads frames in
+order; everything written goes through the connection's
+:class:`~phx_gevent.transports.writer.Writer`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import struct
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import gevent
+from flask import Response, request
+
+from .. import memory
+from ..connection import Connection
+from ..errors import CallbackReturnError
+from ..serializers import DecodeError, Serializer, negotiate
+from ..socket import SocketState
+from . import frames
+from . import http as phx_http
+from .frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    ProtocolError,
+    frame,
+    text_frame,
+    unmask,
+)
+from .writer import CLOSED as WRITER_CLOSED
+from .writer import OPEN as WRITER_OPEN
+from .writer import configure_socket, make_writer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..endpoint import SocketMount
+
+__all__ = ["WebSocketOptions", "WebSocketTransport", "handshake", "encoder_for"]
+
+log = logging.getLogger(__name__)
+
+_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_unpack_short = struct.Struct("!H").unpack_from
+_unpack_long = struct.Struct("!Q").unpack_from
+
+#: The environ key our WSGI handler sets; the view leaves the upgrade callable under it.
+ENVIRON_HANDLER = "phx_gevent.handler"
+ENVIRON_UPGRADE = "phx_gevent.upgrade"
+
+
+class WebSocketOptions:
+    """Options of ``endpoint.socket(..., websocket={...})``.
+
+    ``timeout``
+        Idle timeout in seconds: the connection closes (1001) when nothing was
+        received for this long. Default 60 (phoenix.js heartbeats every 30 s).
+    ``max_frame_size``
+        Largest message in bytes, checked on each frame header before the
+        payload is read and on reassembled fragments (close 1009). Default 8 MiB.
+    ``fullsweep_after``
+        A full (rate-limited) ``gc.collect()`` every N messages a connection
+        handles; 0 = after each. Default ``None`` (off). Costly.
+    ``subprotocols``
+        Extra subprotocols to accept besides ``"phoenix"``.
+    ``close_timeout``
+        Seconds to wait for the client's close frame after ours. Default 5.
+    ``path``
+        URL suffix of the endpoint; default ``"/websocket"``.
+    """
+
+    __slots__ = ("timeout", "max_frame_size", "fullsweep_after", "subprotocols", "close_timeout", "path")
+
+    def __init__(
+        self,
+        timeout: float = 60.0,
+        max_frame_size: int = 8 * 1024 * 1024,
+        fullsweep_after: int | None = None,
+        subprotocols: list[str] | tuple[str, ...] = (),
+        close_timeout: float = 5.0,
+        path: str = "/websocket",
+    ) -> None:
+        if timeout is not None and timeout <= 0:
+            raise ValueError("websocket timeout must be positive (seconds)")
+        if max_frame_size <= 0:
+            raise ValueError("max_frame_size must be positive")
+        if fullsweep_after is not None and fullsweep_after < 0:
+            raise ValueError("fullsweep_after must be >= 0")
+        self.timeout = timeout
+        self.max_frame_size = int(max_frame_size)
+        self.fullsweep_after = fullsweep_after
+        self.subprotocols = ["phoenix", *[p for p in subprotocols if p != "phoenix"]]
+        self.close_timeout = close_timeout
+        self.path = path
+
+
+class WebSocketEncoder:
+    """Fastlane encoder: a broadcast becomes one ready WebSocket frame, shared by all connections."""
+
+    __slots__ = ("serializer",)
+
+    def __init__(self, serializer: Serializer) -> None:
+        self.serializer = serializer
+
+    def broadcast(self, topic: str, event: str, payload: Any) -> bytes:
+        data = self.serializer.encode_broadcast(topic, event, payload)
+        if type(data) is str:
+            return text_frame(data)
+        return frame(OP_BINARY, data)
+
+    def __repr__(self) -> str:
+        return f"<WebSocketEncoder {type(self.serializer).__name__}>"
+
+
+_encoders: dict[Serializer, WebSocketEncoder] = {}
+
+
+def encoder_for(serializer: Serializer) -> WebSocketEncoder:
+    """The shared WebSocket encoder of ``serializer`` (one per serializer per process)."""
+    enc = _encoders.get(serializer)
+    if enc is None:
+        enc = _encoders[serializer] = WebSocketEncoder(serializer)
+    return enc
+
+
+# -- the handshake -------------------------------------------------------------------------
+
+
+def _empty(status: int, body: str = "") -> Response:
+    return Response(body, status=status, mimetype="text/plain")
+
+
+def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
+    """The Flask view of ``<mount>/websocket``: validate, connect, answer 101 or an error."""
+    environ = request.environ
+    if request.method != "GET":
+        return _empty(400)
+    if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
+        return _empty(400, "expected a WebSocket upgrade")
+    wsgi_handler = environ.get(ENVIRON_HANDLER)
+    if wsgi_handler is None:
+        log.error(
+            "phx_gevent: WebSocket request served without phx_gevent's WSGI handler; "
+            "run with phx_gevent.serve(app) or gunicorn -k phx_gevent.worker.GeventWebSocketWorker"
+        )
+        return _empty(500, "WebSocket support needs phx_gevent's server or gunicorn worker")
+    opts = mount.websocket
+    assert opts is not None
+    try:
+        params = phx_http.parse_params(environ.get("QUERY_STRING", ""))
+    except phx_http.ParamsError:
+        return _empty(400, "bad query string")
+    params.update(path_params)
+    if not phx_http.check_origin(environ, mount.check_origin, mount.endpoint.server_name()):
+        log.warning("phx_gevent: refused WebSocket from origin %r", environ.get("HTTP_ORIGIN"))
+        return _empty(403)
+    protocols = phx_http.split_protocols(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
+    token = None
+    if mount.auth_token:
+        entries = [p for p in protocols if p.startswith(phx_http.AUTH_TOKEN_PREFIX)]
+        if len(entries) == 1:
+            token = phx_http.decode_auth_token(entries[0])
+            if token is None:
+                return _empty(403)
+            protocols.remove(entries[0])
+    chosen = None
+    if protocols:
+        chosen = next((p for p in opts.subprotocols if p in protocols), None)
+        if chosen is None:
+            return _empty(403)
+    # Malformed upgrades are refused before any user code runs.
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
+        resp = _empty(426, "unsupported WebSocket version")
+        resp.headers["Sec-WebSocket-Version"] = "13"
+        return resp
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except (binascii.Error, ValueError):
+        return _empty(400, "invalid Sec-WebSocket-Key")
+    serializer = negotiate(params.get("vsn"))
+    if serializer is None:
+        log.warning("phx_gevent: refused WebSocket with unsupported vsn %r", params.get("vsn"))
+        return _empty(403)
+    extra = {"auth_token": token} if mount.auth_token else None
+    info = phx_http.connect_info(environ, mount.connect_info, extra)
+    socket = mount.new_socket("websocket", serializer)
+    result = mount.handler.connect(params, socket, info)
+    if result is None or result is False:
+        mount.log("refused", "websocket", params)
+        return _empty(403)
+    if not isinstance(result, SocketState):
+        raise CallbackReturnError(
+            f"{type(mount.handler).__name__}.connect must return the socket (accept) or None (refuse), got {result!r}"
+        )
+    socket = result
+    sid = mount.handler.id(socket)
+    if sid is not None and not isinstance(sid, str):
+        log.error("phx_gevent: %s.id must return a str or None, got %r", type(mount.handler).__name__, sid)
+        return _empty(403)
+    socket.id = sid
+    mount.log("connected", "websocket", params)
+    accept = base64.b64encode(hashlib.sha1((key + _GUID).encode("latin-1")).digest()).decode("ascii")
+    headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
+    if chosen is not None:
+        headers.append(("Sec-WebSocket-Protocol", chosen))
+    environ[ENVIRON_UPGRADE] = partial(_run, mount, socket, serializer)
+    return Response(status=101, headers=headers)
+
+
+def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, wsgi_handler: Any) -> None:
+    """Called by the WSGI handler after the 101 went out: serve the connection until it ends."""
+    sock = wsgi_handler.socket
+    configure_socket(sock)
+    leftover = b""
+    rfile = getattr(wsgi_handler, "rfile", None)
+    if rfile is not None:
+        # Bytes the client sent right behind its request are in rfile's buffer.
+        sock.settimeout(0)
+        try:
+            leftover = rfile.peek(65536)
+            if leftover:
+                rfile.read(len(leftover))
+        except OSError:
+            leftover = b""
+    transport = WebSocketTransport(sock, mount.websocket, serializer, leftover)
+    conn = Connection(mount, socket, serializer, transport)
+    transport.conn = conn
+    conn.start()
+    try:
+        transport.run()
+    finally:
+        conn.terminate()
+        transport.finish()
+
+
+# -- the connection ------------------------------------------------------------------------
+
+
+class _EOF(Exception):
+    pass
+
+
+class WebSocketTransport:
+    """One WebSocket connection: reads frames in order, writes through its writer."""
+
+    name = "websocket"
+
+    __slots__ = ("sock", "opts", "serializer", "writer", "conn", "buf", "_timer", "handled", "peer_closed")
+
+    def __init__(self, sock: Any, opts: WebSocketOptions, serializer: Serializer, leftover: bytes = b"") -> None:
+        self.sock = sock
+        self.opts = opts
+        self.serializer = serializer
+        self.writer = make_writer(sock, encoder_for(serializer))
+        self.conn: Connection | None = None
+        self.buf = bytearray(leftover)
+        self._timer: Any = None
+        self.handled = 0
+        self.peer_closed = False
+
+    # -- transport interface for Connection ---------------------------------------------
+
+    def send(self, data: str | bytes) -> None:
+        """Queue one encoded message as a text (``str``) or binary (``bytes``) frame."""
+        if type(data) is str:
+            self.writer.write(text_frame(data))
+        else:
+            self.writer.write(frame(OP_BINARY, data))
+
+    def close(self, code: int | None = None, reason: str = "") -> None:
+        """Send a close frame after what is queued; reset the TCP connection if the peer does not answer."""
+        if self.writer.state != WRITER_OPEN:
+            return
+        self.writer.close(code, reason)
+        if self._timer is None:
+            self._timer = gevent.get_hub().loop.timer(self.opts.close_timeout)
+            self._timer.start(self.writer.abort)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _fill(self, n: int) -> None:
+        buf = self.buf
+        recv = self.sock.recv
+        while len(buf) < n:
+            # Large messages arrive in bounded reads, never one huge allocation.
+            chunk = recv(min(max(65536, n - len(buf)), 262144))
+            if not chunk:
+                raise _EOF
+            buf += chunk
+
+    def run(self) -> None:
+        """Read and dispatch until the connection ends; never raises for client input."""
+        code, reason = None, ""
+        self.sock.settimeout(self.opts.timeout)
+        try:
+            self._loop()
+        except _EOF:
+            pass
+        except ProtocolError as exc:
+            log.info("phx_gevent: closing WebSocket: %s", exc.reason)
+            code, reason = exc.code, exc.reason
+        except TimeoutError:
+            if self.writer.state == WRITER_OPEN:
+                code, reason = frames.CLOSE_GOING_AWAY, "idle timeout"
+        except OSError:
+            pass  # reset by peer, or shut down by our own writer
+        except Exception:
+            log.exception("phx_gevent: WebSocket connection failed")
+            code, reason = frames.CLOSE_INTERNAL_ERROR, "internal error"
+        if code is not None and self.writer.state == WRITER_OPEN:
+            self.close(code, reason)
+
+    def _loop(self) -> None:
+        buf = self.buf
+        max_size = self.opts.max_frame_size
+        fragments: list[bytes] = []
+        frag_op = 0
+        frag_size = 0
+        while True:
+            if len(buf) < 2:
+                self._fill(2)
+            b0 = buf[0]
+            b1 = buf[1]
+            op = b0 & 0x0F
+            length = b1 & 0x7F
+            if b0 & 0x70:
+                raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "reserved bits set")
+            if not b1 & 0x80:
+                raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+            if length < 126:
+                start = 2
+            elif length == 126:
+                self._fill(4)
+                (length,) = _unpack_short(buf, 2)
+                start = 4
+            else:
+                self._fill(10)
+                (length,) = _unpack_long(buf, 2)
+                start = 10
+            fin = b0 & 0x80
+            if op >= 8:
+                if not fin or length > 125:
+                    raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "bad control frame")
+            elif length > max_size or frag_size + length > max_size:
+                # Refused on the header: the payload is never read.
+                raise ProtocolError(frames.CLOSE_TOO_BIG, "message too big")
+            end = start + 4 + length
+            if len(buf) < end:
+                self._fill(end)
+            payload = unmask(buf[start + 4 : end], bytes(buf[start : start + 4]))
+            del buf[:end]
+
+            if op == OP_TEXT or op == OP_BINARY:
+                if frag_op:
+                    raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
+                if not fin:
+                    frag_op, fragments, frag_size = op, [payload], length
+                    continue
+                self._message(op, payload)
+            elif op == OP_CONT:
+                if not frag_op:
+                    raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "continuation without a message")
+                fragments.append(payload)
+                frag_size += length
+                if fin:
+                    data = b"".join(fragments)
+                    op, frag_op, fragments, frag_size = frag_op, 0, [], 0
+                    self._message(op, data)
+            elif op == OP_PING:
+                self.writer.write(frame(OP_PONG, payload))
+            elif op == OP_PONG:
+                pass
+            elif op == OP_CLOSE:
+                code, reason = frames.parse_close(payload)
+                self.peer_closed = True
+                if self.writer.state == WRITER_OPEN:
+                    self.close(code, "")
+                return
+            else:
+                raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
+
+    def _message(self, op: int, payload: bytes) -> None:
+        if self.writer.state != WRITER_OPEN:
+            return  # closing: the client's late messages are not processed
+        if op == OP_TEXT:
+            try:
+                data: str | bytes = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError(frames.CLOSE_INVALID_DATA, "invalid UTF-8 in a text frame") from None
+        else:
+            data = payload
+        try:
+            msg = self.serializer.decode(data)
+        except DecodeError as exc:
+            # Phoenix crashes the connection on undecodable frames: 1011.
+            raise ProtocolError(frames.CLOSE_INTERNAL_ERROR, f"bad frame: {exc}") from None
+        assert self.conn is not None
+        self.conn.handle(msg)
+        sweep = self.opts.fullsweep_after
+        if sweep is not None:
+            self.handled += 1
+            if self.handled > sweep:
+                self.handled = 0
+                memory.collect()
+
+    def finish(self) -> None:
+        """After the reader ends: let our close frame out (bounded), then release everything."""
+        writer = self.writer
+        if writer.state == WRITER_OPEN:
+            # The peer vanished without a close frame: nobody is left to read one.
+            writer.abort()
+        elif writer.state != WRITER_CLOSED:
+            writer.wait_closed(self.opts.close_timeout)
+            if writer.state != WRITER_CLOSED:
+                writer.abort()
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.close()
+            self._timer = None
+        writer.discard()

@@ -1,0 +1,431 @@
+"""Per-connection writers and the process-wide overload policy.
+
+A :class:`Writer` owns the sending side of one socket. It never runs a
+greenlet of its own: frames are appended to a small list, and everything
+queued for a connection goes out in one ``send()``. Writers are flushed by
+one hub callback (:class:`Flusher`) that walks the connections with pending
+output in chunks, re-arming a zero-second timer between chunks so the server
+keeps reading requests while a large fan-out drains. When the kernel buffer
+is full the writer parks on an I/O watcher and resumes when the socket is
+writable. STACK_NOTES.md ("A fan-out design tried by hand") has the
+measurements behind this shape; compared with a greenlet per writer it saves
+the greenlet's memory and one switch per wake-up.
+
+The overload policy these writers feed is in :mod:`phx_gevent.flow`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket as _pysocket
+import struct
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from ..flow import flow
+from . import frames
+
+__all__ = ["Writer", "GreenletWriter", "Flusher", "configure_socket", "make_writer"]
+
+log = logging.getLogger(__name__)
+
+_monotonic = time.monotonic
+_join = b"".join
+
+OPEN = 0
+CLOSING = 1
+CLOSED = 2
+
+# Watcher flag for "writable" in gevent's loop.io().
+_WRITE = 2
+# How many writers one hub callback flushes before letting the hub poll again.
+CHUNK = 128
+
+
+class Flusher:
+    """Flushes writers with pending output from hub callbacks, a chunk at a time."""
+
+    __slots__ = ("loop", "dirty", "armed", "_timer")
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self.dirty: list[Writer] = []
+        self.armed = False
+        self._timer = loop.timer(0.0)
+
+    def schedule(self, writer: Writer) -> None:
+        self.dirty.append(writer)
+        if not self.armed:
+            self.armed = True
+            self.loop.run_callback(self._run)
+
+    def _run(self) -> None:
+        dirty = self.dirty
+        if len(dirty) <= CHUNK:
+            batch = dirty
+            self.dirty = []
+        else:
+            batch = dirty[:CHUNK]
+            del dirty[:CHUNK]
+        for writer in batch:
+            writer.scheduled = False
+            try:
+                writer.flush()
+            except Exception:  # pragma: no cover - a bug here must not kill the hub
+                log.exception("phx_gevent: writer flush failed")
+                writer.abort()
+        if self.dirty:
+            # Poll I/O before the next chunk: new requests are read between chunks.
+            self._timer.start(self._run)
+        else:
+            self.armed = False
+
+
+_flusher: Flusher | None = None
+
+
+def get_flusher() -> Flusher:
+    """The flusher of the current hub (a forked worker gets its own)."""
+    global _flusher
+    loop = gevent.get_hub().loop
+    if _flusher is None or _flusher.loop is not loop:
+        _flusher = Flusher(loop)
+    return _flusher
+
+
+def configure_socket(sock: Any) -> None:
+    """Set TCP_NODELAY (pitfall 7 of STACK_NOTES.md) and the capped send buffer."""
+    try:
+        sock.setsockopt(_pysocket.IPPROTO_TCP, _pysocket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not TCP (unix socket): nothing to do
+    if flow.sndbuf:
+        try:
+            sock.setsockopt(_pysocket.SOL_SOCKET, _pysocket.SO_SNDBUF, flow.sndbuf)
+        except OSError:
+            pass
+
+
+class Writer:
+    """The sending side of one connection: a queue, one ``send()`` per flush.
+
+    ``on_abort`` is called (once) when the writer gives up on the socket:
+    a send error, or the overload policy dropped the connection.
+    """
+
+    __slots__ = (
+        "sock",
+        "raw",
+        "queue",
+        "qbytes",
+        "scheduled",
+        "watcher",
+        "state",
+        "encoder",
+        "last_drain",
+        "on_abort",
+        "flusher",
+        "sent_bytes",
+        "close_code",
+        "_closed_event",
+        "__weakref__",
+    )
+
+    def __init__(self, sock: Any, encoder: Any, on_abort: Callable[[], None] | None = None) -> None:
+        self.sock = sock
+        # gevent's socket wraps a non-blocking OS socket; writing to that one
+        # directly never switches greenlets, so it is safe from hub callbacks.
+        self.raw = getattr(sock, "_sock", sock)
+        self.queue: list[Any] = []
+        self.qbytes = 0
+        self.scheduled = False
+        self.watcher: Any = None
+        self.state = OPEN
+        #: Fastlane key: broadcasts are encoded once per distinct encoder.
+        self.encoder = encoder
+        self.last_drain = _monotonic()
+        self.on_abort = on_abort
+        self.flusher = get_flusher()
+        self.sent_bytes = 0
+        self.close_code: int | None = None
+        self._closed_event: Any = None
+
+    # -- queueing -------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Queue one ready frame; it goes out with whatever else is queued, in order.
+
+        Never blocks and never switches greenlets. Frames written after
+        :meth:`close` or an abort are dropped.
+        """
+        if self.state:
+            return
+        if not self.queue and not self.scheduled and flow.direct_send:
+            # Nothing queued: one non-blocking send, only the rest is queued.
+            try:
+                sent = self.raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.abort()
+                return
+            self.sent_bytes += sent
+            if sent == len(data):
+                return
+            if sent:
+                data = memoryview(data)[sent:]
+            self.last_drain = _monotonic()
+            self._append(data)
+            self._wait_writable()
+            return
+        if not self.queue:
+            self.last_drain = _monotonic()
+        self._append(data)
+        if not self.scheduled:
+            self.scheduled = True
+            self.flusher.schedule(self)
+
+    def _append(self, data: Any) -> None:
+        n = len(data)
+        self.queue.append(data)
+        self.qbytes += n
+        flow.queued += n
+        if self.qbytes > flow.connection_limit:
+            self._check_slow()
+
+    def _check_slow(self) -> None:
+        if self.qbytes > 4 * flow.connection_limit:
+            log.warning("phx_gevent: dropping a connection with %d bytes queued (hard cap)", self.qbytes)
+            self.abort(frames.CLOSE_POLICY, "slow client")
+        elif _monotonic() - self.last_drain > flow.slow_timeout:
+            log.warning(
+                "phx_gevent: dropping a connection that drained nothing for %.1fs with %d bytes queued",
+                flow.slow_timeout,
+                self.qbytes,
+            )
+            self.abort(frames.CLOSE_POLICY, "slow client")
+
+    # -- flushing -------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Send what is queued in one ``send()``; park on the I/O watcher for the rest."""
+        queue = self.queue
+        if self.state == CLOSED or not queue:
+            return
+        data = queue[0] if len(queue) == 1 else _join(queue)
+        try:
+            sent = self.raw.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort()
+            return
+        if sent:
+            self.sent_bytes += sent
+            self.qbytes -= sent
+            flow.queued -= sent
+            if flow._waiting and flow.queued <= flow.low_water:
+                flow._wake()
+            self.last_drain = _monotonic()
+        if sent == len(data):
+            queue.clear()
+            if self.watcher is not None and self.watcher.active:
+                self.watcher.stop()
+            if self.state == CLOSING:
+                self._finish_close()
+            return
+        rest = memoryview(data)[sent:] if sent else data
+        queue.clear()
+        queue.append(rest)
+        self._wait_writable()
+
+    def _wait_writable(self) -> None:
+        # ``scheduled`` covers both "in the flusher's list" and "parked on the watcher".
+        self.scheduled = True
+        watcher = self.watcher
+        if watcher is None:
+            watcher = self.watcher = self.flusher.loop.io(self.raw.fileno(), _WRITE)
+        if not watcher.active:
+            watcher.start(self._on_writable)
+
+    def _on_writable(self) -> None:
+        self.scheduled = False
+        try:
+            self.flush()
+        except Exception:  # pragma: no cover - defensive: never let the hub die
+            log.exception("phx_gevent: writer flush failed")
+            self.abort()
+
+    # -- closing --------------------------------------------------------------------------
+
+    def close(self, code: int | None = None, reason: str = "") -> None:
+        """Queue a close frame behind what is queued; shut the sending side once it is out."""
+        if self.state:
+            return
+        self.close_code = code
+        data = frames.close_frame(code, reason)
+        self.state = CLOSING
+        n = len(data)
+        self.queue.append(data)
+        self.qbytes += n
+        flow.queued += n
+        if not self.scheduled:
+            self.scheduled = True
+            self.flusher.schedule(self)
+
+    def _finish_close(self) -> None:
+        self.state = CLOSED
+        self._stop_watcher()
+        try:
+            self.raw.shutdown(_pysocket.SHUT_WR)
+        except OSError:
+            pass
+        self._notify_closed()
+
+    def _notify_closed(self) -> None:
+        if self._closed_event is not None:
+            self._closed_event.set()
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait until the close frame is out (or the writer gave up); False on timeout."""
+        if self.state == CLOSED:
+            return True
+        if self._closed_event is None:
+            self._closed_event = Event()
+        return self._closed_event.wait(timeout)
+
+    def abort(self, code: int | None = None, reason: str = "") -> None:
+        """Give up on the connection: drop the queue, try one close frame, else reset TCP."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self._release()
+        self._stop_watcher()
+        sent_close = False
+        if code is not None:
+            data = frames.close_frame(code, reason)
+            try:
+                sent_close = self.raw.send(data) == len(data)
+            except OSError:
+                sent_close = False
+            if sent_close:
+                self.close_code = code
+        try:
+            if not sent_close:
+                # Discard what the kernel still holds instead of waiting on a peer that does not read.
+                self.raw.setsockopt(_pysocket.SOL_SOCKET, _pysocket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.raw.shutdown(_pysocket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._notify_closed()
+        callback, self.on_abort = self.on_abort, None
+        if callback is not None:
+            callback()
+
+    def discard(self) -> None:
+        """Forget everything queued (the connection is over); idempotent."""
+        self.state = CLOSED
+        self._release()
+        self._stop_watcher()
+        self.on_abort = None
+        self._notify_closed()
+
+    def _release(self) -> None:
+        if self.qbytes:
+            flow.queued -= self.qbytes
+            self.qbytes = 0
+            if flow._waiting and flow.queued <= flow.low_water:
+                flow._wake()
+        self.queue.clear()
+
+    def _stop_watcher(self) -> None:
+        watcher = self.watcher
+        if watcher is not None:
+            self.watcher = None
+            watcher.stop()
+            watcher.close()
+
+
+class GreenletWriter(Writer):
+    """Writer for sockets whose bytes cannot be written raw (TLS): a greenlet does ``sendall``."""
+
+    __slots__ = ("_greenlet",)
+
+    def __init__(self, sock: Any, encoder: Any, on_abort: Callable[[], None] | None = None) -> None:
+        super().__init__(sock, encoder, on_abort)
+        self._greenlet: Any = None
+
+    def write(self, data: bytes) -> None:
+        if self.state:
+            return
+        if not self.queue:
+            self.last_drain = _monotonic()
+        self._append(data)
+        self._kick()
+
+    def close(self, code: int | None = None, reason: str = "") -> None:
+        if self.state:
+            return
+        self.close_code = code
+        self.state = CLOSING
+        data = frames.close_frame(code, reason)
+        self.queue.append(data)
+        self.qbytes += len(data)
+        flow.queued += len(data)
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._greenlet is None:
+            self._greenlet = gevent.spawn(self._drain)
+
+    def _drain(self) -> None:
+        try:
+            while self.queue and self.state != CLOSED:
+                data = _join(self.queue)
+                self.queue.clear()
+                try:
+                    self.sock.sendall(data)
+                except OSError:
+                    self.abort()
+                    return
+                n = len(data)
+                self.sent_bytes += n
+                self.qbytes -= n
+                flow.queued -= n
+                if flow._waiting and flow.queued <= flow.low_water:
+                    flow._wake()
+                self.last_drain = _monotonic()
+            if self.state == CLOSING and not self.queue:
+                self.state = CLOSED
+                try:
+                    self.sock.shutdown(_pysocket.SHUT_WR)
+                except OSError:
+                    pass
+                self._notify_closed()
+        finally:
+            self._greenlet = None
+
+    def abort(self, code: int | None = None, reason: str = "") -> None:
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self._release()
+        try:
+            self.sock.shutdown(_pysocket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._notify_closed()
+        callback, self.on_abort = self.on_abort, None
+        if callback is not None:
+            callback()
+
+
+def make_writer(sock: Any, encoder: Any, on_abort: Callable[[], None] | None = None) -> Writer:
+    """The right writer for ``sock``: raw non-blocking for TCP and unix sockets, greenlet for TLS."""
+    if hasattr(sock, "_sslobj") or not hasattr(sock, "_sock"):
+        return GreenletWriter(sock, encoder, on_abort)
+    return Writer(sock, encoder, on_abort)
