@@ -198,6 +198,8 @@ class ChannelProcess:
     def transport_down(self, reason: Any) -> None:
         """The connection is gone: finish what is queued, then terminate with ``reason``."""
         if self.state == JOINED:
+            # Nothing more can reach the client: stop receiving broadcasts now.
+            self._unsubscribe()
             self.mailbox.append((_DOWN, reason))
             self._activate()
         elif self.state == JOINING:
@@ -354,16 +356,19 @@ class ChannelProcess:
         was_joined = self.state == JOINED
         self.state = STOPPED
         self.mailbox.clear()
+        self._unsubscribe()
+        self.conn.channel_exited(self)
+        if was_joined:
+            self.conn.mount.partitions.joined[self.partition] -= 1
+        return True
+
+    def _unsubscribe(self) -> None:
         pubsub = self.conn.mount.pubsub
         pubsub.unsubscribe(self.topic, self)
         if self.extra:
             for sub in self.extra:
                 pubsub.unsubscribe(sub.topic, sub)
             self.extra = None
-        self.conn.channel_exited(self)
-        if was_joined:
-            self.conn.mount.partitions.joined[self.partition] -= 1
-        return True
 
     def _exit(self, reason: Any, frame: str | None) -> None:
         if not self._detach():
@@ -398,7 +403,7 @@ class ChannelProcess:
 
     def subscribe(self, topic: str) -> None:
         """Receive broadcasts on ``topic`` as :class:`Broadcast` messages in ``handle_info``."""
-        if self.state == STOPPED:
+        if self.state == STOPPED or self.conn.closed:
             return
         if self.extra is None:
             self.extra = []

@@ -61,6 +61,7 @@ class JSClient:
         self.events: list[dict[str, Any]] = []
         self._changed = Event()
         self._ids = itertools.count(1)
+        self.topics: dict[str, str] = {}
         self._reader = gevent.spawn(self._read)
         self._stderr: list[bytes] = []
         self._err_reader = gevent.spawn(self._read_stderr)
@@ -154,19 +155,31 @@ class JSClient:
 
     def channel(self, sid: str, topic: str, params: dict[str, Any] | None = None) -> str:
         cid = self.next_id("c")
+        self.topics[cid] = topic
         self.send(cmd="channel", id=cid, socket=sid, topic=topic, params=params or {})
         return cid
+
+    def _replied(self, cid: str, req: str, timeout: float) -> dict[str, Any]:
+        # phoenix.js runs channel callbacks before the socket's onMessage hook, so
+        # the "frame" event of a reply follows its "reply" event: wait for both,
+        # so that mark() taken afterwards is past everything this reply caused.
+        reply = self.wait(ev="reply", req=req, timeout=timeout)
+        if reply["status"] != "timeout":
+            topic = self.topics[cid]
+            self.wait(ev="frame", since=self.index_of(reply), timeout=timeout,
+                      pred=lambda e: e["msg"]["event"] == "phx_reply" and e["msg"]["topic"] == topic)
+        return reply
 
     def join(self, cid: str, timeout: float = 10, client_timeout: int | None = None) -> dict[str, Any]:
         req = self.next_id("r")
         self.send(cmd="join", channel=cid, req=req, timeout=client_timeout)
-        return self.wait(ev="reply", req=req, timeout=timeout)
+        return self._replied(cid, req, timeout)
 
     def push(
         self, cid: str, event: str, payload: Any = None, timeout: float = 10, client_timeout: int | None = None
     ) -> dict[str, Any]:
         req = self.push_nowait(cid, event, payload, client_timeout)
-        return self.wait(ev="reply", req=req, timeout=timeout)
+        return self._replied(cid, req, timeout)
 
     def push_nowait(self, cid: str, event: str, payload: Any = None, client_timeout: int | None = None) -> str:
         req = self.next_id("r")
@@ -177,7 +190,7 @@ class JSClient:
     def leave(self, cid: str, timeout: float = 10) -> dict[str, Any]:
         req = self.next_id("r")
         self.send(cmd="leave", channel=cid, req=req)
-        return self.wait(ev="reply", req=req, timeout=timeout)
+        return self._replied(cid, req, timeout)
 
     def join_room(self, url: str, user: str, topic: str, **opts: Any) -> tuple[str, str]:
         """Open a socket as ``user`` and join ``topic``; returns (socket id, channel id)."""
