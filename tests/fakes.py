@@ -94,7 +94,8 @@ def _field(frame: list[Any], name: str) -> Any:
 def make_connection(handler: Any, endpoint: Endpoint | None = None, serializer: Serializer = V2, **socket_opts: Any):
     """A started Connection for ``handler`` on a fake transport: ``(conn, transport, endpoint)``."""
     endpoint = endpoint or Endpoint()
-    mount = endpoint.socket("/socket", handler, log=False, **socket_opts)
+    socket_opts.setdefault("log", False)
+    mount = endpoint.socket("/socket", handler, **socket_opts)
     transport = FakeTransport(serializer)
     socket = mount.new_socket("websocket", serializer)
     socket = mount.handler.connect({}, socket, {}) or socket

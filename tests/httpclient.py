@@ -17,8 +17,9 @@ class HTTPResponse(NamedTuple):
         return json.loads(self.body)
 
 
-def request(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
-            timeout: float = 10.0) -> HTTPResponse:
+def request(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 10.0
+) -> HTTPResponse:
     """Send one request; JSON-encodes ``body`` unless it is bytes; never raises for HTTP errors."""
     headers = dict(headers or {})
     data = None

@@ -166,8 +166,12 @@ class JSClient:
         reply = self.wait(ev="reply", req=req, timeout=timeout)
         if reply["status"] != "timeout":
             topic = self.topics[cid]
-            self.wait(ev="frame", since=self.index_of(reply), timeout=timeout,
-                      pred=lambda e: e["msg"]["event"] == "phx_reply" and e["msg"]["topic"] == topic)
+            self.wait(
+                ev="frame",
+                since=self.index_of(reply),
+                timeout=timeout,
+                pred=lambda e: e["msg"]["event"] == "phx_reply" and e["msg"]["topic"] == topic,
+            )
         return reply
 
     def join(self, cid: str, timeout: float = 10, client_timeout: int | None = None) -> dict[str, Any]:
@@ -183,8 +187,14 @@ class JSClient:
 
     def push_nowait(self, cid: str, event: str, payload: Any = None, client_timeout: int | None = None) -> str:
         req = self.next_id("r")
-        self.send(cmd="push", channel=cid, event=event, payload={} if payload is None else payload, req=req,
-                  timeout=client_timeout)
+        self.send(
+            cmd="push",
+            channel=cid,
+            event=event,
+            payload={} if payload is None else payload,
+            req=req,
+            timeout=client_timeout,
+        )
         return req
 
     def leave(self, cid: str, timeout: float = 10) -> dict[str, Any]:

@@ -31,7 +31,12 @@ class RawWS:
         self.buf = b""
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
-        hdrs = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"}
+        hdrs = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": key,
+            "Sec-WebSocket-Version": "13",
+        }
         if not upgrade:
             hdrs = {}
         hdrs.update(headers or {})
@@ -68,8 +73,9 @@ class RawWS:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def send_frame(self, opcode: int, payload: bytes, fin: bool = True, mask: bool = True, rsv: int = 0,
-                   length: int | None = None) -> None:
+    def send_frame(
+        self, opcode: int, payload: bytes, fin: bool = True, mask: bool = True, rsv: int = 0, length: int | None = None
+    ) -> None:
         n = len(payload) if length is None else length
         b0 = (0x80 if fin else 0) | (rsv << 4) | opcode
         if n < 126:
@@ -80,7 +86,11 @@ class RawWS:
             head = struct.pack("!BBQ", b0, (0x80 if mask else 0) | 127, n)
         if mask:
             key = os.urandom(4)
-            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if len(payload) < 4096 else _fast_mask(payload, key)
+            payload = (
+                bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+                if len(payload) < 4096
+                else _fast_mask(payload, key)
+            )
             head += key
         self.sock.sendall(head + payload)
 

@@ -138,7 +138,11 @@ def test_refs_are_echoed_with_their_json_type(ref):
 def test_join_to_unmatched_topic_is_refused_with_null_join_ref():
     conn, t, _ = make_connection(UserSocket)
     assert join(conn, t, topic="nowhere:1", ref="3") == [
-        None, "3", "nowhere:1", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}
+        None,
+        "3",
+        "nowhere:1",
+        "phx_reply",
+        {"status": "error", "response": {"reason": "unmatched topic"}},
     ]
 
 
@@ -147,7 +151,13 @@ def test_event_for_a_topic_without_channel_is_unmatched_and_leave_is_ok():
     conn.handle(msg("9", "10", "room:1", "new_msg", {}))
     conn.handle(msg("9", "11", "room:1", "phx_leave", {}))
     frames = t.wait_count(2)
-    assert frames[0] == [None, "10", "room:1", "phx_reply", {"status": "error", "response": {"reason": "unmatched topic"}}]
+    assert frames[0] == [
+        None,
+        "10",
+        "room:1",
+        "phx_reply",
+        {"status": "error", "response": {"reason": "unmatched topic"}},
+    ]
     assert frames[1] == ["9", "11", "room:1", "phx_reply", {"status": "ok", "response": {}}]
 
 
@@ -195,7 +205,13 @@ def test_push_reply_and_custom_status():
     join(conn, t)
     conn.handle(msg("1", "2", "room:1", "ping", {"a": [1, "x"]}))
     conn.handle(msg("1", "3", "room:1", "noop", {}))
-    assert t.wait_event("phx_reply", ref="2") == ["1", "2", "room:1", "phx_reply", {"status": "ok", "response": {"a": [1, "x"]}}]
+    assert t.wait_event("phx_reply", ref="2") == [
+        "1",
+        "2",
+        "room:1",
+        "phx_reply",
+        {"status": "ok", "response": {"a": [1, "x"]}},
+    ]
     assert t.wait_event("phx_reply", ref="3")[4] == {"status": "noop", "response": {"x": 1}}
 
 
@@ -238,7 +254,9 @@ def test_stop_normal_replies_then_phx_close():
     conn.handle(msg("1", "7", "room:1", "stop", {}))
     close = t.wait_event("phx_close")
     frames = t.decoded()
-    assert frames.index(["1", "7", "room:1", "phx_reply", {"status": "ok", "response": {"bye": True}}]) < frames.index(close)
+    assert frames.index(["1", "7", "room:1", "phx_reply", {"status": "ok", "response": {"bye": True}}]) < frames.index(
+        close
+    )
     assert EVENTS == [("terminate", "room:1", "normal")]
 
 
@@ -275,7 +293,13 @@ def test_async_reply_from_another_greenlet():
     conn, t, _ = make_connection(UserSocket)
     join(conn, t)
     conn.handle(msg("1", "12", "room:1", "async", {}))
-    assert t.wait_event("phx_reply", ref="12") == ["1", "12", "room:1", "phx_reply", {"status": "ok", "response": {"late": True}}]
+    assert t.wait_event("phx_reply", ref="12") == [
+        "1",
+        "12",
+        "room:1",
+        "phx_reply",
+        {"status": "ok", "response": {"late": True}},
+    ]
 
 
 def test_after_join_push_comes_after_the_join_reply():
@@ -290,9 +314,9 @@ def test_after_join_push_comes_after_the_join_reply():
 def test_broadcast_fastlane_intercept_and_broadcast_from():
     conn_a, ta, endpoint = make_connection(UserSocket)
     mount_b = endpoint.mounts[0]
-    from tests.fakes import FakeTransport
     from phx_gevent.connection import Connection
     from phx_gevent.serializers import V2
+    from tests.fakes import FakeTransport
 
     tb = FakeTransport()
     sb = mount_b.new_socket("websocket", V2)
@@ -344,7 +368,13 @@ def test_too_many_channels_are_refused():
     for i in range(3):
         assert join(conn, t, topic=f"room:{i}", ref=str(i + 1))[4]["status"] == "ok"
     frame = join(conn, t, topic="room:9", ref="9")
-    assert frame == ["9", "9", "room:9", "phx_reply", {"status": "error", "response": {"reason": "too many channels joined"}}]
+    assert frame == [
+        "9",
+        "9",
+        "room:9",
+        "phx_reply",
+        {"status": "error", "response": {"reason": "too many channels joined"}},
+    ]
 
 
 def test_default_limit_is_100_channels():
@@ -409,7 +439,12 @@ def test_v1_serializer_replies_have_no_join_ref():
     conn, t, _ = make_connection(UserSocket, serializer=V1)
     conn.handle(msg(None, "1", "room:1", "phx_join", {}))
     frames = t.wait_count(1)
-    assert frames[0] == {"topic": "room:1", "event": "phx_reply", "payload": {"status": "ok", "response": {"joined": "room:1"}}, "ref": "1"}
+    assert frames[0] == {
+        "topic": "room:1",
+        "event": "phx_reply",
+        "payload": {"status": "ok", "response": {"joined": "room:1"}},
+        "ref": "1",
+    }
 
 
 def test_handle_info_via_channel_pid_and_subscribe_to_other_topics():

@@ -103,8 +103,13 @@ def test_crash_sends_phx_error_and_the_client_rejoins(example, js):
     error_frame = js.wait(ev="frame", socket=sid, since=since, pred=lambda e: e["msg"]["event"] == "phx_error")
     assert error_frame["msg"]["payload"] == {"reason": "channel_crash"}
     # phoenix.js rejoins on its own; the new join gets a new join_ref and a fresh welcome.
-    rejoin = js.wait(ev="frame", socket=sid, since=since, timeout=15,
-                     pred=lambda e: e["msg"]["event"] == "phx_reply" and e["msg"]["payload"]["status"] == "ok")
+    rejoin = js.wait(
+        ev="frame",
+        socket=sid,
+        since=since,
+        timeout=15,
+        pred=lambda e: e["msg"]["event"] == "phx_reply" and e["msg"]["payload"]["status"] == "ok",
+    )
     assert rejoin["msg"]["join_ref"] != error_frame["msg"]["join_ref"]
     js.wait(ev="chan", channel=cid, event="welcome", since=js.index_of(rejoin))
     assert js.push(cid, "ping", {"alive": True})["response"] == {"alive": True}
@@ -120,9 +125,14 @@ def test_stop_replies_then_phx_close_and_no_rejoin(example, js):
     # A heartbeat round trip later, no rejoin was attempted.
     js.send(cmd="ping", socket=sid, req="hb")
     js.wait(ev="pong", req="hb")
-    assert not [e for e in js.find(since=since, ev="frame", socket=sid) if e["msg"]["event"] == "phx_reply"
-                and e["msg"]["topic"] == "room:5" and e["msg"]["ref"] != close["msg"]["ref"]
-                and e["msg"]["payload"].get("response") == {"user": "alice"}]
+    assert not [
+        e
+        for e in js.find(since=since, ev="frame", socket=sid)
+        if e["msg"]["event"] == "phx_reply"
+        and e["msg"]["topic"] == "room:5"
+        and e["msg"]["ref"] != close["msg"]["ref"]
+        and e["msg"]["payload"].get("response") == {"user": "alice"}
+    ]
 
 
 def test_auth_token_travels_in_the_subprotocol(live_server, js):
@@ -163,8 +173,13 @@ def test_join_reply_comes_before_any_broadcast_and_none_after_it_is_missed(examp
     try:
         cid = js.channel(sid, "room:race")
         assert js.join(cid)["status"] == "ok"
-        js.wait(ev="chan", channel=cid, event="tick", pred=lambda e: e["payload"]["n"] >= sent[-1] - 1 if sent else False,
-                since=js.mark())
+        js.wait(
+            ev="chan",
+            channel=cid,
+            event="tick",
+            pred=lambda e: e["payload"]["n"] >= sent[-1] - 1 if sent else False,
+            since=js.mark(),
+        )
     finally:
         stop.set()
         g.join(timeout=5)
@@ -187,8 +202,14 @@ def test_disconnect_by_socket_id_closes_1001_and_the_client_reconnects(example, 
     close = js.wait(ev="close", socket=sid, since=since)
     assert close["code"] == 1001
     js.wait(ev="open", socket=sid, since=since)
-    rejoin = js.wait(ev="frame", socket=sid, since=since,
-                     pred=lambda e: e["msg"]["event"] == "phx_reply" and e["msg"]["topic"] == "room:6")
+    rejoin = js.wait(
+        ev="frame",
+        socket=sid,
+        since=since,
+        pred=lambda e: e["msg"]["event"] == "phx_reply" and e["msg"]["topic"] == "room:6",
+    )
     assert rejoin["msg"]["payload"] == {"status": "ok", "response": {"user": "alice"}}
     assert not js.find(since=since, ev="close", socket=other_sid)
-    assert not [e for e in js.find(since=since, ev="frame", socket=sid) if e["msg"]["event"] in ("phx_close", "phx_error")]
+    assert not [
+        e for e in js.find(since=since, ev="frame", socket=sid) if e["msg"]["event"] in ("phx_close", "phx_error")
+    ]

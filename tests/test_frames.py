@@ -19,13 +19,15 @@ from phx_gevent.transports.frames import (
 
 def test_unmask_matches_a_byte_loop_for_all_lengths():
     mask = os.urandom(4)
-    for n in list(range(0, 20)) + [125, 126, 65535, 65536, 100_003]:
+    for n in list(range(20)) + [125, 126, 65535, 65536, 100_003]:
         data = os.urandom(n)
         expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
         assert unmask(data, mask) == expected
 
 
-@pytest.mark.parametrize(("n", "header"), [(5, b"\x81\x05"), (126, b"\x81\x7e\x00\x7e"), (70000, b"\x81\x7f" + struct.pack("!Q", 70000))])
+@pytest.mark.parametrize(
+    ("n", "header"), [(5, b"\x81\x05"), (126, b"\x81\x7e\x00\x7e"), (70000, b"\x81\x7f" + struct.pack("!Q", 70000))]
+)
 def test_frame_headers_use_the_shortest_length_form(n, header):
     data = frame(OP_TEXT, b"x" * n)
     assert data[: len(header)] == header and len(data) == len(header) + n

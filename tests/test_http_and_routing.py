@@ -68,8 +68,22 @@ def test_socket_struct_assign_and_per_channel_copy():
     c.assigns["user"] = "changed"
     assert s.assigns["user"] == "a"
     assert (c.topic, c.join_ref, c.channel, c.joined, c.assigns["extra"]) == ("room:1", "7", A, False, True)
-    for field in ("id", "assigns", "channel", "channel_pid", "endpoint", "handler", "joined", "join_ref", "ref",
-                  "pubsub_server", "topic", "transport", "transport_pid", "serializer"):
+    for field in (
+        "id",
+        "assigns",
+        "channel",
+        "channel_pid",
+        "endpoint",
+        "handler",
+        "joined",
+        "join_ref",
+        "ref",
+        "pubsub_server",
+        "topic",
+        "transport",
+        "transport_pid",
+        "serializer",
+    ):
         assert hasattr(c, field)
 
 
@@ -126,13 +140,32 @@ def test_auth_token_decoding_accepts_both_alphabets_and_padding():
 
 def test_connect_info_only_has_the_keys_asked_for():
     environ = {
-        "REMOTE_ADDR": "10.0.0.1", "REMOTE_PORT": "5555", "HTTP_USER_AGENT": "ua", "HTTP_X_FORWARDED_FOR": "1.2.3.4",
-        "HTTP_TRACEPARENT": "00-abc", "HTTP_COOKIE": "secret=1", "HTTP_HOST": "h:4000", "wsgi.url_scheme": "http",
-        "PATH_INFO": "/socket/websocket", "QUERY_STRING": "vsn=2.0.0", "HTTP_SEC_WEBSOCKET_KEY": "k",
+        "REMOTE_ADDR": "10.0.0.1",
+        "REMOTE_PORT": "5555",
+        "HTTP_USER_AGENT": "ua",
+        "HTTP_X_FORWARDED_FOR": "1.2.3.4",
+        "HTTP_TRACEPARENT": "00-abc",
+        "HTTP_COOKIE": "secret=1",
+        "HTTP_HOST": "h:4000",
+        "wsgi.url_scheme": "http",
+        "PATH_INFO": "/socket/websocket",
+        "QUERY_STRING": "vsn=2.0.0",
+        "HTTP_SEC_WEBSOCKET_KEY": "k",
     }
     assert connect_info(environ, []) == {}
-    info = connect_info(environ, ["peer_data", "x_headers", "uri", "user_agent", "trace_context_headers",
-                                  "sec_websocket_headers", {"static": 1}], {"auth_token": None})
+    info = connect_info(
+        environ,
+        [
+            "peer_data",
+            "x_headers",
+            "uri",
+            "user_agent",
+            "trace_context_headers",
+            "sec_websocket_headers",
+            {"static": 1},
+        ],
+        {"auth_token": None},
+    )
     assert info["peer_data"] == {"address": "10.0.0.1", "port": 5555, "ssl_cert": None}
     assert info["x_headers"] == [("x-forwarded-for", "1.2.3.4")]
     assert info["trace_context_headers"] == [("traceparent", "00-abc")]

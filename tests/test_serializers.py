@@ -46,7 +46,13 @@ def test_binary_push_with_empty_join_ref_stays_empty_string():
 
 @pytest.mark.parametrize(
     "frame",
-    [b"", bytes([0, 1]), bytes([1, 0, 0, 0, 0]), bytes([0, 9, 9, 9, 9]) + b"short", bytes([0, 0, 0, 1, 1]) + b"\xff" + b"e"],
+    [
+        b"",
+        bytes([0, 1]),
+        bytes([1, 0, 0, 0, 0]),
+        bytes([0, 9, 9, 9, 9]) + b"short",
+        bytes([0, 0, 0, 1, 1]) + b"\xff" + b"e",
+    ],
 )
 def test_binary_decode_rejects_bad_frames(frame):
     with pytest.raises(DecodeError):
@@ -71,11 +77,29 @@ def test_binary_fields_over_255_bytes_raise():
 
 
 def test_v2_json_encoding():
-    assert json.loads(V2.encode_push("3", "room:1", "welcome", {"a": "/é"})) == ["3", None, "room:1", "welcome", {"a": "/é"}]
+    assert json.loads(V2.encode_push("3", "room:1", "welcome", {"a": "/é"})) == [
+        "3",
+        None,
+        "room:1",
+        "welcome",
+        {"a": "/é"},
+    ]
     assert V2.encode_push("3", "r", "e", {"u": "a/é"}) == '["3",null,"r","e",{"u":"a/é"}]'
-    assert json.loads(V2.encode_reply("3", 0, "r", "ok", [1])) == ["3", 0, "r", "phx_reply", {"status": "ok", "response": [1]}]
+    assert json.loads(V2.encode_reply("3", 0, "r", "ok", [1])) == [
+        "3",
+        0,
+        "r",
+        "phx_reply",
+        {"status": "ok", "response": [1]},
+    ]
     assert json.loads(V2.encode_broadcast("r", "e", {})) == [None, None, "r", "e", {}]
-    assert json.loads(V2.encode_control("7", "r", "phx_error")) == ["7", "7", "r", "phx_error", {"reason": "channel_crash"}]
+    assert json.loads(V2.encode_control("7", "r", "phx_error")) == [
+        "7",
+        "7",
+        "r",
+        "phx_error",
+        {"reason": "channel_crash"},
+    ]
     assert json.loads(V2.encode_control("7", "r", "phx_close")) == ["7", "7", "r", "phx_close", {}]
 
 
@@ -98,9 +122,17 @@ def test_v1_round_trip_has_no_join_ref_on_output():
     m = V1.decode('{"topic": "t", "event": "e", "payload": {}, "ref": "1", "join_ref": "2"}')
     assert m == Message("2", "1", "t", "e", {})
     assert json.loads(V1.encode_reply("2", "1", "t", "ok", {})) == {
-        "topic": "t", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1"
+        "topic": "t",
+        "event": "phx_reply",
+        "payload": {"status": "ok", "response": {}},
+        "ref": "1",
     }
-    assert json.loads(V1.encode_broadcast("t", "e", {"a": 1})) == {"topic": "t", "event": "e", "payload": {"a": 1}, "ref": None}
+    assert json.loads(V1.encode_broadcast("t", "e", {"a": 1})) == {
+        "topic": "t",
+        "event": "e",
+        "payload": {"a": 1},
+        "ref": None,
+    }
 
 
 @pytest.mark.parametrize("text", ['["t"]', '{"topic": "t", "event": "e", "payload": {}}', b"\x00\x01"])
@@ -116,8 +148,20 @@ def test_v1_cannot_send_binary():
 
 @pytest.mark.parametrize(
     ("vsn", "expected"),
-    [(None, V1), ("1.0.0", V1), ("1.0.9", V1), ("2.0.0", V2), ("2.0.5", V2), ("2.1.0", None), ("3.0.0", None),
-     ("2.0", None), ("x", None), (2, None), ("2.0.0-rc.1", None), ("1.1.0", None)],
+    [
+        (None, V1),
+        ("1.0.0", V1),
+        ("1.0.9", V1),
+        ("2.0.0", V2),
+        ("2.0.5", V2),
+        ("2.1.0", None),
+        ("3.0.0", None),
+        ("2.0", None),
+        ("x", None),
+        (2, None),
+        ("2.0.0-rc.1", None),
+        ("1.1.0", None),
+    ],
 )
 def test_vsn_negotiation(vsn, expected):
     assert negotiate(vsn) is expected

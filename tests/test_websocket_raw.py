@@ -51,8 +51,10 @@ def server(live_server):
 
 @pytest.fixture
 def restore_flow():
-    saved = {name: getattr(flow, name) for name in ("high_water", "low_water", "timeout", "connection_limit",
-                                                    "slow_timeout", "sndbuf", "direct_send")}
+    saved = {
+        name: getattr(flow, name)
+        for name in ("high_water", "low_water", "timeout", "connection_limit", "slow_timeout", "sndbuf", "direct_send")
+    }
     yield flow
     for name, value in saved.items():
         setattr(flow, name, value)
@@ -95,7 +97,12 @@ def test_missing_vsn_means_the_v1_serializer(server):
     ws = RawWS(server().port, "/socket/websocket?user=a")
     assert ws.status == 101
     ws.send_json({"topic": "room:1", "event": "phx_join", "payload": {}, "ref": "1"})
-    assert ws.recv_json() == {"topic": "room:1", "event": "phx_reply", "payload": {"status": "ok", "response": {}}, "ref": "1"}
+    assert ws.recv_json() == {
+        "topic": "room:1",
+        "event": "phx_reply",
+        "payload": {"status": "ok", "response": {}},
+        "ref": "1",
+    }
 
 
 def test_origin_check_is_on_by_default(server):
@@ -160,7 +167,7 @@ def test_invalid_utf8_text_is_1007(server):
     assert ws.expect_close()[0] == 1007
 
 
-@pytest.mark.parametrize("text", ["nope", '{"a": 1}', '["1", "1", "room:1"]', '[1, 2, 3, 4, 5]'])
+@pytest.mark.parametrize("text", ["nope", '{"a": 1}', '["1", "1", "room:1"]', "[1, 2, 3, 4, 5]"])
 def test_undecodable_frames_close_with_1011(server, text):
     ws = RawWS(server().port)
     ws.send_text(text)
@@ -260,8 +267,12 @@ def test_bad_client_does_not_affect_another(server):
 
 
 def test_a_client_that_stops_reading_is_dropped_and_readers_get_everything(server, restore_flow):
-    restore_flow.configure(max_connection_queue_bytes=64 * 1024, slow_client_timeout=0.5, sndbuf=16 * 1024,
-                           max_queued_bytes=64 * 1024 * 1024)
+    restore_flow.configure(
+        max_connection_queue_bytes=64 * 1024,
+        slow_client_timeout=0.5,
+        sndbuf=16 * 1024,
+        max_queued_bytes=64 * 1024 * 1024,
+    )
     srv = server()
     reader = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=reader")
     stuck = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=stuck")
@@ -295,8 +306,13 @@ def test_a_client_that_stops_reading_is_dropped_and_readers_get_everything(serve
 
 
 def test_broadcast_waits_at_the_high_water_mark_then_raises(server, restore_flow):
-    restore_flow.configure(max_queued_bytes=32 * 1024, broadcast_timeout=0.3, max_connection_queue_bytes=10**9,
-                           slow_client_timeout=60, sndbuf=8 * 1024)
+    restore_flow.configure(
+        max_queued_bytes=32 * 1024,
+        broadcast_timeout=0.3,
+        max_connection_queue_bytes=10**9,
+        slow_client_timeout=60,
+        sndbuf=8 * 1024,
+    )
     srv = server()
     stuck = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=stuck")
     stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -74,8 +74,10 @@ class WebSocketOptions:
         Largest message in bytes, checked on each frame header before the
         payload is read and on reassembled fragments (close 1009). Default 8 MiB.
     ``fullsweep_after``
-        A full (rate-limited) ``gc.collect()`` every N messages a connection
-        handles; 0 = after each. Default ``None`` (off). Costly.
+        A full ``gc.collect()`` (rate-limited process-wide, see
+        :mod:`phx_gevent.memory`) once a connection has handled N messages
+        since its last one; 0 = after every message. Default ``None`` (off).
+        Costly: a full collection pauses the whole process.
     ``subprotocols``
         Extra subprotocols to accept besides ``"phoenix"``.
     ``close_timeout``
