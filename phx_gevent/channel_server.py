@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gevent
 from gevent import GreenletExit
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 from gevent.pool import Pool
 
 from .channel import DUPLICATE_JOIN, LEFT, Channel, Reply, Stop, is_graceful
-from .errors import CallbackReturnError
+from .errors import CallbackReturnError, ConnectionOverloaded
 from .pubsub.local import ALL_EVENTS
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,6 +45,7 @@ _OUT = 1
 _INFO = 2
 _LEAVE = 3
 _DOWN = 4
+_OVERFLOW = 5
 
 # States.
 JOINING = 0
@@ -139,6 +140,7 @@ class ChannelProcess:
         "partition",
         "leaving",
         "extra",
+        "_drained",
         "__weakref__",
     )
 
@@ -159,6 +161,7 @@ class ChannelProcess:
         self.partition = conn.partition
         self.leaving = False
         self.extra: list[_InfoSubscription] | None = None
+        self._drained: Event | None = None
 
     def __repr__(self) -> str:
         return f"<ChannelProcess {self.topic!r} join_ref={self.join_ref!r} state={self.state}>"
@@ -173,20 +176,57 @@ class ChannelProcess:
     def send(self, message: Any) -> None:
         """Deliver ``message`` to ``handle_info`` (after the messages already queued)."""
         if self.state != STOPPED:
+            if len(self.mailbox) >= self.conn.handler.max_mailbox:
+                self._overflow()
+                return
             self.mailbox.append((_INFO, message))
             self._activate()
 
     def deliver(self, topic: str, event: str, payload: Any) -> None:
         """An intercepted broadcast: queued for ``handle_out``."""
         if self.state == JOINED:
+            if len(self.mailbox) >= self.conn.handler.max_mailbox:
+                self._overflow()
+                return
             self.mailbox.append((_OUT, event, payload))
             self._activate()
 
     def handle_in(self, msg: Any) -> None:
-        """A client message for ``handle_in``."""
-        if self.state != STOPPED:
-            self.mailbox.append((_IN, msg))
-            self._activate()
+        """A client message for ``handle_in``; called by the connection's reader.
+
+        When the mailbox is full the reader stops reading (TCP pushes back on
+        the client) until the channel has worked through half of it; if it
+        makes no room within ``mailbox_timeout`` seconds, raises
+        :class:`~phx_gevent.errors.ConnectionOverloaded` (the transport closes
+        the connection with 1008).
+        """
+        if self.state == STOPPED:
+            return
+        mailbox = self.mailbox
+        mailbox.append((_IN, msg))
+        self._activate()
+        limit = self.conn.handler.max_mailbox
+        if len(mailbox) >= limit:
+            drained = self._drained = Event()
+            try:
+                if not drained.wait(self.conn.handler.mailbox_timeout) and len(mailbox) >= limit // 2:
+                    raise ConnectionOverloaded(
+                        f"channel {self.topic!r} has {len(mailbox)} messages waiting; the client sends too fast"
+                    )
+            finally:
+                self._drained = None
+
+    def _overflow(self) -> None:
+        # Server-side messages (intercepted broadcasts, handle_info) pile up
+        # faster than the channel handles them: end the channel with
+        # phx_error (the client rejoins and starts fresh) rather than drop
+        # messages silently or grow without bound.
+        log.error(
+            "phx_gevent: mailbox of %r is full (%d messages); stopping the channel", self.topic, len(self.mailbox)
+        )
+        self.mailbox.clear()
+        self.mailbox.append((_OVERFLOW,))
+        self._activate()
 
     def leave(self, msg: Any) -> None:
         """The client's ``phx_leave``: reply ok, then ``phx_close``, in mailbox order."""
@@ -214,6 +254,9 @@ class ChannelProcess:
         try:
             while mailbox and self.state == JOINED:
                 self._handle(mailbox.popleft())
+                drained = self._drained
+                if drained is not None and len(mailbox) <= self.conn.handler.max_mailbox // 2:
+                    drained.set()
         finally:
             self.greenlet = None
             if mailbox and self.state == JOINED:
@@ -321,6 +364,8 @@ class ChannelProcess:
                 self._exit(LEFT, "phx_close")
             elif tag == _DOWN:
                 self._exit(item[1], None)
+            elif tag == _OVERFLOW:
+                raise ConnectionOverloaded(f"mailbox of {self.topic!r} overflowed")
         except GreenletExit:
             raise
         except Exception as exc:
@@ -356,6 +401,8 @@ class ChannelProcess:
         was_joined = self.state == JOINED
         self.state = STOPPED
         self.mailbox.clear()
+        if self._drained is not None:
+            self._drained.set()
         self._unsubscribe()
         self.conn.channel_exited(self)
         if was_joined:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PhxError", "BroadcastTimeout", "ChannelError", "CallbackReturnError"]
+__all__ = ["PhxError", "BroadcastTimeout", "ChannelError", "CallbackReturnError", "ConnectionOverloaded"]
 
 
 class PhxError(Exception):
@@ -24,3 +24,10 @@ class ChannelError(PhxError):
 
 class CallbackReturnError(PhxError, TypeError):
     """A user callback returned a value of the wrong shape; the message says what was expected."""
+
+
+class ConnectionOverloaded(PhxError):
+    """A client sends faster than its channel handles messages (``Socket.max_mailbox``).
+
+    The transport closes the connection with 1008 (policy violation).
+    """

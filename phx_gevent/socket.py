@@ -205,10 +205,17 @@ class Socket:
         Most channels one connection may join (Phoenix's
         ``max_channels_per_transport``, default 100); more are refused with
         ``{"reason": "too many channels joined"}``.
+    ``max_mailbox``
+        Most messages waiting for one channel (default 10,000). Past it, the
+        connection stops reading the client until half is handled (for at
+        most ``mailbox_timeout`` seconds, default 5, then it is closed with
+        1008), and server-side messages end the channel with ``phx_error``.
     """
 
     channels: Sequence[Route] = ()
     max_channels: int = 100
+    max_mailbox: int = 10_000
+    mailbox_timeout: float = 5.0
 
     def connect(self, params: dict[str, Any], socket: SocketState, connect_info: dict[str, Any]) -> SocketState | None:
         """Accept or refuse a connection; runs before the WebSocket upgrade (or long-poll session).

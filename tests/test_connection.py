@@ -481,3 +481,61 @@ def test_unsubscribed_topics_are_forgotten():
     conn.terminate()
     assert "room:1" not in endpoint.pubsub.topics
     assert "user_socket:u1" not in endpoint.pubsub.topics
+
+
+class FloodSocket(UserSocket):
+    max_mailbox = 5
+    mailbox_timeout = 0.3
+
+
+def test_a_client_flood_is_pushed_back_on_not_buffered():
+    GATES["flood"] = Event()
+    conn, t, _ = make_connection(FloodSocket)
+    join(conn, t)
+    conn.handle(msg("1", "s", "room:1", "slow", {"gate": "flood"}))
+
+    def reader():
+        for i in range(20):
+            conn.handle(msg("1", str(i), "room:1", "ping", {"i": i}))
+
+    g = gevent.spawn(reader)
+    t.wait(lambda _: len(conn.channels["room:1"].mailbox) >= 5)
+    for _ in range(100):  # let every other greenlet run: a runaway reader would overfill now
+        gevent.sleep(0)
+    assert not g.ready() and len(conn.channels["room:1"].mailbox) <= 5
+    GATES["flood"].set()
+    g.join(timeout=5)
+    assert g.successful()
+    t.wait(lambda fs: all(any(f[1] == str(i) for f in fs) for i in range(20)))
+
+
+def test_a_flood_the_channel_never_drains_overloads_the_connection():
+    from phx_gevent.errors import ConnectionOverloaded
+
+    GATES["stuck"] = Event()
+    conn, t, _ = make_connection(FloodSocket)
+    join(conn, t)
+    conn.handle(msg("1", "s", "room:1", "slow", {"gate": "stuck"}))
+    with pytest.raises(ConnectionOverloaded):
+        for i in range(20):
+            conn.handle(msg("1", str(i), "room:1", "ping", {}))
+    GATES["stuck"].set()
+
+
+def test_server_side_mailbox_overflow_ends_the_channel_with_phx_error():
+    GATES["out"] = Event()
+
+    class SlowOut(RoomChannel):
+        def handle_out(self, event, payload, socket):
+            GATES["out"].wait(5)
+
+    class S(FloodSocket):
+        channels = [channel("room:*", SlowOut)]
+
+    conn, t, endpoint = make_connection(S)
+    join(conn, t)
+    for i in range(10):
+        endpoint.broadcast("room:1", "shout", {"i": i})
+    t.wait_event("phx_error")
+    GATES["out"].set()
+    assert conn.channels == {}

@@ -27,7 +27,7 @@ from flask import Response, request
 
 from .. import memory
 from ..connection import Connection
-from ..errors import CallbackReturnError
+from ..errors import CallbackReturnError, ConnectionOverloaded
 from ..serializers import DecodeError, Serializer, negotiate
 from ..socket import SocketState
 from . import frames
@@ -321,6 +321,9 @@ class WebSocketTransport:
         except TimeoutError:
             if self.writer.state == WRITER_OPEN:
                 code, reason = frames.CLOSE_GOING_AWAY, "idle timeout"
+        except ConnectionOverloaded as exc:
+            log.warning("phx_gevent: closing WebSocket: %s", exc)
+            code, reason = frames.CLOSE_POLICY, "too many messages"
         except OSError:
             pass  # reset by peer, or shut down by our own writer
         except Exception:
