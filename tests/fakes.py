@@ -5,71 +5,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import gevent
-from gevent.event import Event
-
 from phx_gevent import Endpoint
 from phx_gevent.connection import Connection
 from phx_gevent.serializers import V2, Message, Serializer
+from phx_gevent.testing import MemoryTransport
 
 
-class FakeEncoder:
-    def __init__(self, serializer: Serializer) -> None:
-        self.serializer = serializer
-
-    def broadcast(self, topic: str, event: str, payload: Any) -> Any:
-        return self.serializer.encode_broadcast(topic, event, payload)
-
-
-class FakeWriter:
-    def __init__(self, transport: FakeTransport, serializer: Serializer) -> None:
-        self.transport = transport
-        self.encoder = FakeEncoder(serializer)
-
-    def write(self, frame: Any) -> None:
-        self.transport.record(frame)
-
-
-class FakeTransport:
-    """Records every frame a connection writes; decodes V2 text frames for assertions."""
+class FakeTransport(MemoryTransport):
+    """The library's in-memory transport, with V2 frames decoded as plain lists for assertions."""
 
     name = "fake"
-
-    def __init__(self, serializer: Serializer = V2) -> None:
-        self.serializer = serializer
-        self.writer = FakeWriter(self, serializer)
-        self.frames: list[Any] = []
-        self.closed: tuple[int | None, str] | None = None
-        self._changed = Event()
-
-    def record(self, frame: Any) -> None:
-        if self.closed is not None:
-            return
-        self.frames.append(frame)
-        self._changed.set()
-
-    def send(self, data: Any) -> None:
-        self.record(data)
-
-    def close(self, code: int | None = None, reason: str = "") -> None:
-        self.closed = (code, reason)
-        self._changed.set()
-
-    # -- assertions ------------------------------------------------------------------------
 
     def decoded(self) -> list[Any]:
         return [json.loads(f) if isinstance(f, str) else f for f in self.frames]
 
     def wait(self, pred: Any, timeout: float = 3.0) -> Any:
         """Wait until ``pred(decoded_frames)`` is truthy; return its value."""
-        with gevent.Timeout(timeout, AssertionError(f"condition not met; frames: {self.decoded()}")):
-            while True:
-                self._changed.clear()
-                value = pred(self.decoded())
-                if value:
-                    return value
-                # Also re-check now and then: some conditions (terminate) write no frame.
-                self._changed.wait(0.01)
+        return self.wait_for(lambda _: pred(self.decoded()), timeout)
 
     def wait_count(self, n: int, timeout: float = 3.0) -> list[Any]:
         self.wait(lambda frames: len(frames) >= n, timeout)

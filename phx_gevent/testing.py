@@ -1,0 +1,285 @@
+"""Test helpers for your own channels, in the spirit of ``Phoenix.ChannelTest``.
+
+They run your real ``connect``, routing, ``join`` and callbacks through the
+real connection rules and serializer, on an in-memory transport: no server,
+no network. Every assertion waits with a timeout::
+
+    from phx_gevent.testing import ChannelTest
+
+    def test_ping():
+        client = ChannelTest(endpoint).connect({"user": "alice"})
+        room = client.join("room:lobby")
+        assert room.reply.status == "ok"
+        ref = room.push("ping", {"x": 1})
+        assert room.assert_reply(ref, "ok") == {"x": 1}
+        endpoint.broadcast("room:lobby", "new_msg", {"body": "hi"})
+        assert room.assert_push("new_msg") == {"body": "hi"}
+
+Run them with gevent's monkey-patching active (``gevent.monkey.patch_all()``
+at the top of ``conftest.py``) if your channels do I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from .channel import Reply
+from .connection import Connection
+from .endpoint import Endpoint, SocketMount
+from .serializers import V2, Message, Serializer, negotiate
+from .socket import SocketState
+
+__all__ = ["ChannelTest", "TestClient", "TestChannel", "MemoryTransport", "ConnectRefused"]
+
+_MISSING = object()
+
+
+class ConnectRefused(AssertionError):
+    """``connect`` refused the connection (the handshake would have been a 403)."""
+
+
+class _Encoder:
+    __slots__ = ("serializer",)
+
+    def __init__(self, serializer: Serializer) -> None:
+        self.serializer = serializer
+
+    def broadcast(self, topic: str, event: str, payload: Any) -> Any:
+        return self.serializer.encode_broadcast(topic, event, payload)
+
+
+class _Writer:
+    __slots__ = ("transport", "encoder")
+
+    def __init__(self, transport: MemoryTransport, serializer: Serializer) -> None:
+        self.transport = transport
+        self.encoder = _Encoder(serializer)
+
+    def write(self, frame: Any) -> None:
+        self.transport.record(frame)
+
+
+class MemoryTransport:
+    """A transport that keeps every encoded frame in memory, for assertions.
+
+    ``frames`` holds what the connection wrote (``str`` for text, ``bytes``
+    for binary); :meth:`messages` decodes V2 frames into ``Message`` objects.
+    """
+
+    name = "memory"
+
+    def __init__(self, serializer: Serializer = V2) -> None:
+        self.serializer = serializer
+        self.writer = _Writer(self, serializer)
+        self.frames: list[Any] = []
+        self.closed: tuple[int | None, str] | None = None
+        self._changed = Event()
+
+    def record(self, frame: Any) -> None:
+        if self.closed is None:
+            self.frames.append(frame)
+            self._changed.set()
+
+    def send(self, data: Any) -> None:
+        self.record(data)
+
+    def close(self, code: int | None = None, reason: str = "") -> None:
+        self.closed = (code, reason)
+        self._changed.set()
+
+    def messages(self) -> list[Message]:
+        """Every frame so far, decoded (V2 JSON and binary frames)."""
+        return [_decode_server_frame(f) for f in self.frames]
+
+    def wait_for(self, pred: Any, timeout: float) -> Any:
+        """Wait until ``pred(messages)`` returns something truthy and return it; AssertionError on timeout."""
+        with gevent.Timeout(timeout, False):
+            while True:
+                self._changed.clear()
+                value = pred(self.messages())
+                if value:
+                    return value
+                # Re-check now and then: some conditions write no frame.
+                self._changed.wait(0.01)
+        raise AssertionError(f"timed out after {timeout}s; frames so far: {self.messages()!r}")
+
+
+def _decode_server_frame(frame: Any) -> Message:
+    if isinstance(frame, str):
+        import json
+
+        data = json.loads(frame)
+        if isinstance(data, list):
+            return Message(*data[:5])
+        return Message(None, data.get("ref"), data["topic"], data["event"], data["payload"])
+    kind = frame[0]
+    if kind == 0:  # push: kind, jr, topic, event
+        jl, tl, el = frame[1], frame[2], frame[3]
+        p = 4
+        jr = frame[p : p + jl].decode()
+        p += jl
+        topic = frame[p : p + tl].decode()
+        p += tl
+        event = frame[p : p + el].decode()
+        return Message(jr or None, None, topic, event, bytes(frame[p + el :]))
+    if kind == 1:  # reply: kind, jr, ref, topic, status
+        jl, rl, tl, sl = frame[1], frame[2], frame[3], frame[4]
+        p = 5
+        jr = frame[p : p + jl].decode()
+        p += jl
+        ref = frame[p : p + rl].decode()
+        p += rl
+        topic = frame[p : p + tl].decode()
+        p += tl
+        status = frame[p : p + sl].decode()
+        return Message(jr or None, ref, topic, "phx_reply", {"status": status, "response": bytes(frame[p + sl :])})
+    tl, el = frame[1], frame[2]
+    topic = frame[3 : 3 + tl].decode()
+    event = frame[3 + tl : 3 + tl + el].decode()
+    return Message(None, None, topic, event, bytes(frame[3 + tl + el :]))
+
+
+class ChannelTest:
+    """Entry point: ``ChannelTest(endpoint, "/socket").connect(params)``."""
+
+    def __init__(self, endpoint: Endpoint, path: str | None = None) -> None:
+        mounts = [m for m in endpoint.mounts if path is None or m.path == path]
+        if not mounts:
+            raise ValueError(f"no socket mounted at {path!r}")
+        self.mount: SocketMount = mounts[0]
+
+    def connect(
+        self, params: dict[str, Any] | None = None, connect_info: dict[str, Any] | None = None, vsn: str = "2.0.0"
+    ) -> TestClient:
+        """Run the real ``connect`` and ``id``; raises :class:`ConnectRefused` when refused."""
+        params = {**(params or {}), "vsn": vsn}
+        serializer = negotiate(vsn)
+        if serializer is None:
+            raise ConnectRefused(f"unsupported vsn {vsn!r}")
+        socket = self.mount.new_socket("websocket", serializer)
+        result = self.mount.handler.connect(params, socket, dict(connect_info or {}))
+        if not isinstance(result, SocketState):
+            raise ConnectRefused(f"connect refused the connection (returned {result!r})")
+        result.id = self.mount.handler.id(result)
+        transport = MemoryTransport(serializer)
+        conn = Connection(self.mount, result, serializer, transport)
+        conn.start()
+        return TestClient(conn, transport)
+
+
+class TestClient:
+    """One connected client: join channels, send heartbeats, close."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, conn: Connection, transport: MemoryTransport) -> None:
+        self.conn = conn
+        self.transport = transport
+        self._refs = itertools.count(1)
+
+    @property
+    def socket(self) -> SocketState:
+        """The connection's socket struct (its assigns are those ``connect`` set)."""
+        return self.conn.socket
+
+    def next_ref(self) -> str:
+        return str(next(self._refs))
+
+    def join(self, topic: str, payload: Any = None, timeout: float = 5.0) -> TestChannel:
+        """Join ``topic``; the returned channel's ``reply`` holds the join reply (ok or error)."""
+        ref = self.next_ref()
+        self.conn.handle(Message(ref, ref, topic, "phx_join", {} if payload is None else payload))
+        reply = _wait_reply(self.transport, ref, timeout)
+        return TestChannel(self, topic, ref, Reply(reply["status"], reply["response"]))
+
+    def close(self, reason: Any = None) -> None:
+        """End the connection: every channel terminates (with ``CLOSED`` by default)."""
+        self.conn.terminate(reason)
+
+    def assert_closed(self, timeout: float = 1.0) -> tuple[int | None, str]:
+        """Wait until the server closed the connection (e.g. a disconnect); returns (code, reason)."""
+        self.transport.wait_for(lambda _: self.transport.closed, timeout)
+        assert self.transport.closed is not None
+        return self.transport.closed
+
+
+class TestChannel:
+    """A joined (or refused) channel of a :class:`TestClient`."""
+
+    __test__ = False
+
+    def __init__(self, client: TestClient, topic: str, join_ref: str, reply: Reply) -> None:
+        self.client = client
+        self.topic = topic
+        self.join_ref = join_ref
+        #: The join reply.
+        self.reply = reply
+        self._seen = 0
+
+    @property
+    def joined(self) -> bool:
+        return self.reply.status == "ok"
+
+    def push(self, event: str, payload: Any = None) -> str:
+        """Send ``event`` to ``handle_in``; returns the ref for :meth:`assert_reply`."""
+        ref = self.client.next_ref()
+        self.client.conn.handle(Message(self.join_ref, ref, self.topic, event, {} if payload is None else payload))
+        return ref
+
+    def leave(self) -> str:
+        """Send ``phx_leave``; returns its ref."""
+        return self.push("phx_leave")
+
+    def assert_reply(self, ref: str, status: str = "ok", response: Any = _MISSING, timeout: float = 1.0) -> Any:
+        """Wait for the reply to ``ref``; check its status (and response if given); return the response."""
+        reply = _wait_reply(self.client.transport, ref, timeout)
+        assert reply["status"] == status, f"expected status {status!r}, got {reply!r}"
+        if response is not _MISSING:
+            assert reply["response"] == response, f"expected response {response!r}, got {reply['response']!r}"
+        return reply["response"]
+
+    def assert_push(self, event: str, payload: Any = _MISSING, timeout: float = 1.0) -> Any:
+        """Wait for the next ``event`` pushed or broadcast on this topic (after those already asserted)."""
+
+        def find(messages: list[Message]) -> Any:
+            for i in range(self._seen, len(messages)):
+                m = messages[i]
+                if m.topic == self.topic and m.event == event:
+                    self._seen = i + 1
+                    return (m.payload,)
+            return None
+
+        (got,) = self.client.transport.wait_for(find, timeout)
+        if payload is not _MISSING:
+            assert got == payload, f"expected {event!r} payload {payload!r}, got {got!r}"
+        return got
+
+    def refute_push(self, event: str, timeout: float = 0.1) -> None:
+        """Assert that no ``event`` arrives within ``timeout`` seconds."""
+        try:
+            got = self.assert_push(event, timeout=timeout)
+        except AssertionError:
+            return
+        raise AssertionError(f"unexpected {event!r} push: {got!r}")
+
+    def assert_close(self, timeout: float = 1.0) -> None:
+        """Wait for ``phx_close`` (a graceful stop)."""
+        self.assert_push("phx_close", timeout=timeout)
+
+    def assert_error(self, timeout: float = 1.0) -> None:
+        """Wait for ``phx_error`` (a crash)."""
+        self.assert_push("phx_error", timeout=timeout)
+
+
+def _wait_reply(transport: MemoryTransport, ref: str, timeout: float) -> dict[str, Any]:
+    def find(messages: list[Message]) -> Any:
+        for m in messages:
+            if m.event == "phx_reply" and m.ref == ref:
+                return m.payload
+        return None
+
+    return transport.wait_for(find, timeout)
