@@ -52,6 +52,10 @@ class WebSocketHandler(_GeventWebSocketHandler):
             return
         self._close_result()
         environ.pop(ENVIRON_HANDLER, None)
+        # Werkzeug leaves the whole request object in the environ, and the
+        # connection may live for days: keep only what the access log reads.
+        for key in [k for k in environ if k.startswith(("werkzeug.", "flask."))]:
+            del environ[key]
         self.close_connection = True
         self._write_upgrade()
         upgrade(self)

@@ -21,6 +21,8 @@ def test_join_push_reply_and_welcome_after_the_join_reply(example, js):
     sid, cid = js.join_room(url(example), "alice", "room:lobby")
     welcome = js.wait(ev="chan", channel=cid, event="welcome")
     assert welcome["payload"] == {"user": "alice", "node": example.endpoint.node_name}
+    # The socket-level "frame" event of a message follows its channel event.
+    js.wait(ev="frame", socket=sid, pred=lambda e: e["msg"]["event"] == "welcome")
     frames = [e["msg"] for e in js.find(ev="frame", socket=sid) if e["msg"]["topic"] == "room:lobby"]
     assert frames[0]["event"] == "phx_reply" and frames[0]["payload"]["response"] == {"user": "alice"}
     assert frames[1]["event"] == "welcome"
@@ -184,7 +186,7 @@ def test_join_reply_comes_before_any_broadcast_and_none_after_it_is_missed(examp
         stop.set()
         g.join(timeout=5)
     last = sent[-1]
-    js.wait(ev="chan", channel=cid, event="tick", pred=lambda e: e["payload"]["n"] == last, timeout=10)
+    js.wait(ev="frame", socket=sid, pred=lambda e: e["msg"]["event"] == "tick" and e["msg"]["payload"]["n"] == last)
     frames = [e["msg"] for e in js.find(ev="frame", socket=sid) if e["msg"]["topic"] == "room:race"]
     assert frames[0]["event"] == "phx_reply", frames[:3]
     ticks = [f["payload"]["n"] for f in frames if f["event"] == "tick"]

@@ -241,6 +241,13 @@ def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, wsgi_h
                 rfile.read(len(leftover))
         except OSError:
             leftover = b""
+        # From here the reader reads the socket itself: release the request's
+        # 8 KB read buffer for the connection's lifetime (the request body
+        # reader keeps a reference too; a GET has no body left to discard).
+        wsgi_handler.rfile = None
+        wsgi_input = getattr(wsgi_handler, "wsgi_input", None)
+        if wsgi_input is not None:
+            wsgi_input.rfile = None
     transport = WebSocketTransport(sock, mount.websocket, serializer, leftover)
     conn = Connection(mount, socket, serializer, transport)
     transport.conn = conn
