@@ -91,6 +91,15 @@ document.getElementById("join").addEventListener("submit", (e) => {
     .receive("ok", () => { say(`joined ${room}`, "sys"); document.getElementById("body").disabled = false; })
     .receive("error", (r) => say(`join refused: ${r.reason}`, "err"));
 });
+// ?user=alice&room=lobby[&longpoll=1][&send=hello] joins (and sends) at once: handy for demos and tests.
+const query = new URLSearchParams(location.search);
+if (query.get("user")) {
+  document.getElementById("user").value = query.get("user");
+  document.getElementById("room").value = query.get("room") || "lobby";
+  document.getElementById("longpoll").checked = query.get("longpoll") === "1";
+  document.getElementById("join").requestSubmit();
+  if (query.get("send")) channel.on("welcome", () => channel.push("new_msg", { body: query.get("send") }));
+}
 document.getElementById("send").addEventListener("submit", (e) => {
   e.preventDefault();
   const input = document.getElementById("body");
@@ -159,7 +168,7 @@ def create_app() -> tuple[Flask, Endpoint]:
     app = Flask(__name__)
     app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY")
     endpoint = Endpoint(app, pubsub=os.environ.get("REDIS_URL") or None)
-    endpoint.socket("/socket", UserSocket, auth_token=True, longpoll=False)  # LONGPOLL-TODO
+    endpoint.socket("/socket", UserSocket, auth_token=True, longpoll=True)
 
     def loopback_only() -> None:
         # Behind a reverse proxy every request comes from the proxy's address:
