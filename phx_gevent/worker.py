@@ -3,29 +3,39 @@
 On top of gunicorn's gevent worker (which monkey-patches first thing):
 
 * requests go through phx_gevent's WSGI handler, so Flask views can accept
-  WebSockets, and gunicorn's access log shows them (logged when they end);
-* on SIGTERM the worker drains its connections with close code 1012 in
-  batches (each mount's ``drainer`` options: ``batch_size``,
-  ``batch_interval``, ``shutdown``), inside gunicorn's ``--graceful-timeout``,
-  so phoenix.js clients reconnect to the other workers without a thundering
-  herd;
+  WebSockets, and gunicorn's access log shows them (a WebSocket's line is
+  written when the connection ends, with status 101);
+* once the app is loaded, every endpoint's PubSub starts in the worker (so a
+  Redis adapter subscribes before the first request, with a node name of
+  its own even under ``--preload``), and the worker logs
+  ``phx_gevent: worker <pid> ready (node <name>)``;
 * a worker started among several siblings with no cross-process PubSub
-  adapter logs a warning: broadcasts would stay inside each worker.
+  adapter logs a warning: broadcasts would stay inside each worker;
+* on SIGTERM the worker stops accepting, then drains its connections with
+  close code 1012 in batches (each mount's ``drainer`` options:
+  ``batch_size``, ``batch_interval``, ``shutdown``) inside gunicorn's
+  ``--graceful-timeout``, so phoenix.js clients reconnect to the other
+  workers without a thundering herd; last, the PubSub adapter forwards what
+  it still holds (at most a second) and disconnects.
 
-Each open WebSocket holds one of gunicorn's ``--worker-connections`` slots
-(default 1000); raise it (and the file-descriptor limit, ``ulimit -n``) for
-more connections per worker.
+Each open WebSocket (and each waiting long-poll request) holds one of
+gunicorn's ``--worker-connections`` slots (default 1000); past it, new
+connections wait in the listen backlog. Raise it, and the file-descriptor
+limit (``ulimit -n``) with it, for more connections per worker.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+import weakref
 from typing import Any
 
 import gevent
-from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
+from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
+from .pubsub.base import make_node_name
 from .server import WebSocketHandler
 
 __all__ = ["GeventWebSocketWorker", "GunicornWebSocketHandler", "drain_all"]
@@ -35,6 +45,18 @@ log = logging.getLogger(__name__)
 
 class GunicornWebSocketHandler(WebSocketHandler, PyWSGIHandler):
     """phx_gevent's handler with gunicorn's access log and environ keys (``gunicorn.sock``, ``RAW_URI``)."""
+
+
+#: The listening servers of this worker process (closed first when draining).
+_servers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class _Server(PyWSGIServer):
+    """gunicorn's pywsgi server, remembered so the drain can stop accepting first."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _servers.add(self)
 
 
 def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
@@ -54,18 +76,23 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
             size = max(1, int(opts["batch_size"]))
             interval = float(opts["batch_interval"])
             end = min(deadline, time.monotonic() + float(opts["shutdown"]))
-            while mount.connections and time.monotonic() < end:
-                batch = list(mount.connections)[:size]
+            done: set[int] = set()
+            while time.monotonic() < end:
+                # Connections already told to close may linger for their close
+                # handshake: never count them twice.
+                batch = [c for c in list(mount.connections) if id(c) not in done][:size]
+                if not batch:
+                    break
                 for conn in batch:
+                    done.add(id(conn))
                     conn.drain()
                 drained += len(batch)
-                # Connections leave the set when their reader finishes; wait for
-                # this batch (bounded) before the next one.
+                # Wait for this batch to go (bounded), then for the rest of the interval.
                 pause_end = min(end, time.monotonic() + interval)
                 while time.monotonic() < pause_end and any(c in mount.connections for c in batch):
                     sleep(0.05)
                 remaining = pause_end - time.monotonic()
-                if mount.connections and remaining > 0:
+                if remaining > 0 and any(id(c) not in done for c in mount.connections):
                     sleep(remaining)
     return drained
 
@@ -74,6 +101,7 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
     """gunicorn's gevent worker with phx_gevent's handler, drain on SIGTERM, and a multi-worker check."""
 
     wsgi_handler = GunicornWebSocketHandler
+    server_class = _Server
 
     def init_process(self) -> None:
         self._draining = False
@@ -81,7 +109,30 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
 
     def load_wsgi(self) -> None:
         super().load_wsgi()
+        nodes = self._start_pubsub()
         self._check_pubsub()
+        self.log.info("phx_gevent: worker %d ready (node %s)", os.getpid(), ", ".join(nodes) or "-")
+
+    def _start_pubsub(self) -> list[str]:
+        # Start each PubSub here, after the fork: the Redis adapter subscribes
+        # before the first request, and every worker has its own node name.
+        from .endpoint import endpoints
+
+        names = []
+        for endpoint in list(endpoints):
+            pubsub = endpoint.pubsub
+            try:
+                if pubsub.adapter is None and self.cfg.preload_app:
+                    pubsub.node_name = make_node_name()  # created in the master: shared by every worker
+                pubsub.start()
+                ensure = getattr(pubsub.adapter, "ensure_started", None)
+                if ensure is not None:
+                    ensure()  # started in the master (a broadcast at import): restart it here
+                    pubsub.start()
+            except Exception:
+                self.log.exception("phx_gevent: could not start the PubSub of endpoint %r", endpoint.name)
+            names.append(pubsub.node_name)
+        return names
 
     def _check_pubsub(self) -> None:
         from .endpoint import endpoints
@@ -90,13 +141,13 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
             return
         for endpoint in list(endpoints):
             if endpoint.pubsub.adapter is None:
-                message = (
+                self.log.warning(
                     "phx_gevent: %d workers but endpoint %r has no cross-process PubSub adapter: "
                     "broadcasts, disconnects and long-poll sessions stay inside each worker. "
-                    "Pass pubsub='redis://...' to Endpoint()."
+                    "Pass pubsub='redis://...' to Endpoint() (the example reads REDIS_URL).",
+                    self.cfg.workers,
+                    endpoint.name,
                 )
-                self.log.warning(message, self.cfg.workers, endpoint.name)
-                log.warning(message, self.cfg.workers, endpoint.name)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
@@ -105,11 +156,32 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
             gevent.spawn(self._drain)
 
     def _drain(self) -> None:
+        # Stop accepting first, so drained clients reconnect to the other workers, not here.
+        for server in list(_servers):
+            try:
+                server.close()
+            except Exception:
+                self.log.debug("phx_gevent: closing a listener failed", exc_info=True)
         # Leave a second of gunicorn's graceful timeout for the close frames to go out.
         deadline = time.monotonic() + max(0.0, float(self.cfg.graceful_timeout) - 1.0)
         try:
             count = drain_all(deadline)
             if count:
-                self.log.info("phx_gevent: drained %d connections (close 1012)", count)
+                self.log.info("phx_gevent: worker %d drained %d connections (close 1012)", os.getpid(), count)
         except Exception:
             self.log.exception("phx_gevent: drain failed")
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            self._stop_pubsub()
+
+    def _stop_pubsub(self) -> None:
+        from .endpoint import endpoints
+
+        for endpoint in list(endpoints):
+            try:
+                endpoint.pubsub.stop()
+            except Exception:
+                self.log.exception("phx_gevent: stopping the PubSub of endpoint %r failed", endpoint.name)

@@ -151,6 +151,9 @@ class PubSub:
             self._started = True
             if self.adapter is not None:
                 self.adapter.start(self._receive)
+        if self.adapter is not None:
+            # The adapter renames itself in a forked child (gunicorn --preload): follow it.
+            self.node_name = self.adapter.node_name
 
     def stop(self) -> None:
         """Stop the adapter."""

@@ -1,0 +1,876 @@
+"""The Redis adapter: broadcasts between gunicorn workers and machines over Redis pub/sub.
+
+``Endpoint(app, pubsub="redis://host:6379/0")`` (or ``unix:///path/redis.sock``,
+``rediss://...``) builds one. Each process is a node with its own name and
+runs three greenlets, started lazily in the process that serves requests:
+
+publisher
+    The only path to Redis for outgoing envelopes. :meth:`RedisAdapter.publish`
+    encodes the envelope in the caller (so later changes to the payload do not
+    leak) and appends it to a bounded queue; the publisher sends what is
+    queued in pipelined batches on one connection, in order. Envelopes leave
+    the queue only once Redis acknowledged them, so the queue is also the
+    replay buffer of an outage.
+listener
+    One subscribed connection (the broadcast channel and this node's direct
+    channel). It drops this node's own echo by the sender name at the front
+    of each message and appends the rest to a bounded inbox; it never waits
+    for local delivery, so Redis never disconnects it for a full output
+    buffer. Drops are counted and logged.
+delivery
+    Takes envelopes from the inbox in order, waits while the process is above
+    its high-water mark (:mod:`phx_gevent.flow`; a broadcast still blocked
+    after ``broadcast_timeout`` is dropped and counted) and hands them to the
+    local PubSub layer.
+
+Redis outages: local delivery is not affected (the local layer delivers
+before the adapter sees the envelope). Publishing never waits for Redis: it
+queues. The publisher and the listener reconnect with exponential backoff and
+jitter; the listener resubscribes. After a reconnection the publisher waits
+(at most ``replay_wait`` seconds) until as many nodes are subscribed as before
+the outage, then sends what was queued during the outage, dropping what is
+older than ``replay_window`` seconds (direct node-to-node messages: older
+than ``direct_ttl``, as they answer requests that time out). Envelopes that could not be kept
+(queue full) or that expired are counted and logged. Envelopes other nodes
+published while *this* node's listener was disconnected are lost: Redis
+pub/sub keeps nothing. An envelope whose PUBLISH was written but not
+acknowledged when the connection broke is sent again: rarely (Redis had
+processed it), subscribers see it twice.
+
+The adapter needs gevent's monkey-patching (the app's first line, or the
+gunicorn worker); the library never patches. Protect Redis itself (network,
+password, ACL): a client that can publish on the prefix's channels can make
+every node deliver messages to its clients (never run code: the format is
+JSON, see :mod:`phx_gevent.pubsub.codec`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import random
+import re
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent.event import Event
+
+from ..errors import BroadcastTimeout
+from ..flow import flow
+from . import codec
+from .base import Adapter, make_node_name
+
+try:
+    import redis
+    from redis.exceptions import RedisError, ResponseError
+except ImportError:  # pragma: no cover - redis-py is a requirement, but fail clearly without it
+    redis = None  # type: ignore[assignment]
+    RedisError = ResponseError = Exception  # type: ignore[assignment,misc]
+
+__all__ = ["RedisAdapter"]
+
+log = logging.getLogger(__name__)
+
+_monotonic = time.monotonic
+
+# Errors that mean "the connection is unusable": reconnect.
+_CONN_ERRORS = (RedisError, OSError, ValueError, IndexError, TypeError)
+
+
+class _Backoff:
+    """Exponential backoff with jitter between ``low`` and ``high`` seconds."""
+
+    __slots__ = ("low", "high", "current")
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low = low
+        self.high = high
+        self.current = low
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.high, self.current * 2)
+        # Jitter: nodes that lost Redis together do not reconnect in lockstep.
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.current = self.low
+
+
+class _Throttle:
+    """At most one log line per ``interval`` seconds; counts what it suppressed."""
+
+    __slots__ = ("interval", "next_at", "suppressed")
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def ready(self) -> int | None:
+        """``None`` when a line was logged recently, else how many were suppressed since."""
+        now = _monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return None
+        self.next_at = now + self.interval
+        n, self.suppressed = self.suppressed, 0
+        return n
+
+
+def _after_fork(ref: weakref.ref[RedisAdapter]) -> None:
+    adapter = ref()
+    if adapter is not None:
+        adapter._forked()
+
+
+class RedisAdapter(Adapter):
+    """Carries envelopes between nodes over Redis pub/sub (see the module docstring).
+
+    ``url``
+        ``redis://[user:password@]host:port/db``, ``rediss://...`` or
+        ``unix:///path/to/redis.sock?db=0``. Raises ``ValueError`` when it
+        cannot be parsed; nothing connects before :meth:`start`.
+    ``prefix``
+        Channel prefix (``<prefix>:b`` for broadcasts, ``<prefix>:d:<node>``
+        for direct messages), so several apps can share one Redis.
+    ``node_name``
+        Default: :func:`~phx_gevent.pubsub.base.make_node_name`, renewed in a
+        forked child.
+    ``max_pending``, ``max_pending_bytes``
+        Bounds of the outgoing queue (messages, encoded bytes). When it is
+        full, :meth:`publish` waits up to ``publish_timeout`` seconds while
+        Redis is connected, then drops the oldest queued envelope (counted).
+    ``replay_window``, ``replay_wait``
+        After an outage, queued envelopes older than ``replay_window``
+        seconds are dropped (counted); the rest are sent once as many nodes
+        are subscribed as before (waiting at most ``replay_wait`` seconds).
+    ``direct_ttl``
+        Direct (node-to-node) messages are requests with short timeouts of
+        their own: one not written to Redis within this many seconds is
+        dropped (counted in ``publish_expired``), never replayed late.
+    ``max_inbox``, ``max_inbox_bytes``
+        Bounds of the incoming queue; beyond them received envelopes are
+        dropped (counted, logged).
+    ``flow_control``
+        Remote broadcasts wait for the process's high-water mark like local
+        ones (default ``True``).
+    ``socket_timeout``, ``connect_timeout``, ``health_check_interval``
+        Seconds. The listener sends PING after ``health_check_interval``
+        seconds of silence and reconnects without an answer.
+    ``backoff``
+        ``(first, max)`` reconnection delays in seconds.
+    ``batch_size``
+        Envelopes per pipelined batch.
+    Other keyword arguments go to redis-py's connection (``password``,
+    ``ssl_ca_certs``, ...). The RESP2 protocol is always used.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "phx",
+        *,
+        node_name: str | None = None,
+        max_pending: int = 10_000,
+        max_pending_bytes: int = 16 * 1024 * 1024,
+        publish_timeout: float = 0.5,
+        replay_window: float = 10.0,
+        replay_wait: float = 5.0,
+        direct_ttl: float = 1.0,
+        max_inbox: int = 10_000,
+        max_inbox_bytes: int = 32 * 1024 * 1024,
+        flow_control: bool = True,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 2.0,
+        health_check_interval: float = 5.0,
+        backoff: tuple[float, float] = (0.1, 2.0),
+        batch_size: int = 256,
+        **redis_kwargs: Any,
+    ) -> None:
+        if redis is None:  # pragma: no cover
+            raise ImportError("RedisAdapter needs redis-py: pip install redis")
+        if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+            raise ValueError(f"prefix must be a non-empty string without spaces, got {prefix!r}")
+        if node_name is not None and (not node_name or "\n" in node_name):
+            raise ValueError(f"node_name must be a non-empty string without newlines, got {node_name!r}")
+        for name, value in (
+            ("max_pending", max_pending),
+            ("max_pending_bytes", max_pending_bytes),
+            ("max_inbox", max_inbox),
+            ("max_inbox_bytes", max_inbox_bytes),
+            ("batch_size", batch_size),
+        ):
+            if int(value) <= 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if backoff[0] <= 0 or backoff[1] < backoff[0]:
+            raise ValueError(f"backoff must be (first, max) with 0 < first <= max, got {backoff!r}")
+        self.url = url
+        self.prefix = prefix
+        self._node_auto = node_name is None
+        self.node_name = node_name or make_node_name()
+        self.max_pending = int(max_pending)
+        self.max_pending_bytes = int(max_pending_bytes)
+        self.publish_timeout = float(publish_timeout)
+        self.replay_window = float(replay_window)
+        self.replay_wait = float(replay_wait)
+        self.direct_ttl = float(direct_ttl)
+        self.max_inbox = int(max_inbox)
+        self.max_inbox_bytes = int(max_inbox_bytes)
+        self.flow_control = bool(flow_control)
+        self.socket_timeout = float(socket_timeout)
+        self.health_check_interval = float(health_check_interval)
+        self.backoff = (float(backoff[0]), float(backoff[1]))
+        self.batch_size = int(batch_size)
+        redis_kwargs.setdefault("socket_timeout", self.socket_timeout)
+        redis_kwargs.setdefault("socket_connect_timeout", float(connect_timeout))
+        redis_kwargs["protocol"] = 2
+        # Parses the URL now, so a bad one fails at configuration time; connects nothing.
+        self._pool = redis.ConnectionPool.from_url(url, **redis_kwargs)
+        self._where = self._describe()
+
+        self._receive: Callable[[dict[str, Any]], None] | None = None
+        self._running = False
+        self._gen = 0
+        self._greenlets: list[Any] = []
+        self._stop = Event()
+        self._pub_conn: Any = None
+        self._sub_conn: Any = None
+        self._stale: list[Any] = []
+        self._owner_pid = os.getpid()
+        self._reset_state()
+        os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
+
+    def _reset_state(self) -> None:
+        node = self.node_name
+        self._bchan = f"{self.prefix}:b".encode()
+        self._dprefix = f"{self.prefix}:d:"
+        self._dchan = (self._dprefix + node).encode()
+        self._echo = codec.echo_prefix(node)
+        # Outgoing: (queued at, channel, data); in flight = written, not yet acknowledged.
+        self._outbox: deque[tuple[float, bytes, bytes]] = deque()
+        self._inflight: deque[tuple[float, bytes, bytes]] = deque()
+        self._pending_bytes = 0
+        self._next_direct_scan = 0.0
+        self._out_event = Event()
+        self._space = Event()
+        self._inbox: deque[bytes] = deque()
+        self._inbox_bytes = 0
+        self._in_event = Event()
+        self._pub_ok = False
+        self._sub_ok = False
+        self._pub_down_since: float | None = None
+        self._sub_down_since: float | None = None
+        self._in_outage = False
+        self._subscribers_seen = 0
+        self._counters: dict[str, int] = dict.fromkeys(
+            (
+                "published",
+                "publish_dropped",
+                "publish_expired",
+                "publish_errors",
+                "replayed",
+                "resent",
+                "direct_unrouted",
+                "received",
+                "echo_dropped",
+                "receive_dropped",
+                "overload_dropped",
+                "invalid",
+                "outages",
+                "reconnects",
+            ),
+            0,
+        )
+        self._last_error: str | None = None
+        self._log_drop_out = _Throttle(10.0)
+        self._log_expired = _Throttle(10.0)
+        self._expired_unlogged = 0
+        self._log_drop_in = _Throttle(10.0)
+        self._log_overload = _Throttle(10.0)
+        self._log_invalid = _Throttle(10.0)
+        self._log_pub_retry = _Throttle(30.0)
+        self._log_sub_retry = _Throttle(30.0)
+
+    def __repr__(self) -> str:
+        return f"<RedisAdapter {self._where} prefix={self.prefix!r} node={self.node_name!r}>"
+
+    def _describe(self) -> str:
+        # Where Redis is, for logs: never the password.
+        kw = self._pool.connection_kwargs
+        if "path" in kw:
+            return f"unix:{kw['path']}"
+        return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+
+    def _connection(self, role: str) -> Any:
+        kwargs = dict(self._pool.connection_kwargs)
+        # RESP2: pub/sub messages are plain arrays and every Redis version speaks it.
+        kwargs["protocol"] = 2
+        for key in list(kwargs):
+            if key.startswith(("maint_notifications", "oss_cluster_maint")):
+                del kwargs[key]  # RESP3-only machinery (redis-py 8 enables it by default)
+        kwargs["client_name"] = re.sub(r"[^!-~]", "_", f"{self.prefix}:{role}:{self.node_name}")
+        kwargs.setdefault("driver_info", None)
+        return self._pool.connection_class(**kwargs)
+
+    # -- Adapter interface ----------------------------------------------------------------
+
+    def start(self, receive: Callable[[dict[str, Any]], None]) -> None:
+        """Connect and begin forwarding and receiving (greenlets in this process; idempotent).
+
+        Never raises because Redis is down: the greenlets retry with backoff.
+        """
+        self._receive = receive
+        if self._running:
+            self.ensure_started()
+            return
+        self._check_patched()
+        self._cleanup_stale()
+        self._gen += 1
+        gen = self._gen
+        self._running = True
+        self._owner_pid = os.getpid()
+        self._stop = Event()
+        self._pub_conn = self._connection("pub")
+        self._sub_conn = self._connection("sub")
+        self._greenlets = [
+            gevent.spawn(self._run_publisher, gen),
+            gevent.spawn(self._run_listener, gen),
+            gevent.spawn(self._run_delivery, gen),
+        ]
+        log.debug("phx_gevent: Redis adapter %r started", self)
+
+    def ensure_started(self) -> None:
+        """Restart in a forked child an adapter that was started in its parent."""
+        if self._receive is not None and (not self._running or self._owner_pid != os.getpid()):
+            self._running = False
+            self.start(self._receive)
+
+    def publish(self, envelope: dict[str, Any]) -> None:
+        """Queue ``envelope`` for the other nodes; never waits for Redis.
+
+        Raises ``TypeError``/``OverflowError`` when the payload cannot be
+        encoded (nothing is queued). When the queue is full it waits up to
+        ``publish_timeout`` seconds (only while Redis is connected), then
+        drops the oldest queued envelope.
+        """
+        if self._owner_pid != os.getpid():
+            self.ensure_started()
+        data = codec.encode(envelope, self.node_name)
+        channel = self._bchan if envelope["k"] == "b" else (self._dprefix + envelope["to"]).encode()
+        size = len(data)
+        if size > self.max_pending_bytes:
+            self._counters["publish_errors"] += 1
+            log.error("phx_gevent: dropped a %d-byte envelope for %r: larger than max_pending_bytes", size, channel)
+            return
+        if len(self._outbox) + len(self._inflight) >= self.max_pending or (
+            self._pending_bytes + size > self.max_pending_bytes
+        ):
+            if not self._make_room(size):
+                return
+        self._outbox.append((_monotonic(), channel, data))
+        self._pending_bytes += size
+        self._out_event.set()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Send what is queued (at most ``timeout`` seconds, while connected), then disconnect."""
+        if not self._running:
+            return
+        deadline = _monotonic() + timeout
+        current = gevent.getcurrent()
+        while (self._outbox or self._inflight) and self._pub_down_since is None and _monotonic() < deadline:
+            if current in self._greenlets:
+                break
+            self._space.clear()
+            self._space.wait(max(0.0, min(0.1, deadline - _monotonic())))
+        self._running = False
+        self._gen += 1
+        self._stop.set()
+        self._out_event.set()
+        self._in_event.set()
+        others = [g for g in self._greenlets if g is not current]
+        gevent.killall(others, block=True, timeout=max(0.1, deadline - _monotonic()))
+        self._greenlets = []
+        for conn in (self._pub_conn, self._sub_conn):
+            if conn is not None:
+                conn.disconnect()
+        self._pub_ok = self._sub_ok = False
+        lost = len(self._outbox) + len(self._inflight)
+        if lost:
+            self._counters["publish_dropped"] += lost
+            log.warning("phx_gevent: Redis adapter stopped with %d envelopes not forwarded", lost)
+        self._outbox.clear()
+        self._inflight.clear()
+        self._pending_bytes = 0
+        self._inbox.clear()
+        self._inbox_bytes = 0
+
+    @property
+    def connected(self) -> bool:
+        """True while the listener is subscribed and the publisher has no known connection problem."""
+        return self._sub_ok and self._pub_down_since is None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ``published``, ``received``, the drops by cause, outages, the queues' sizes.
+
+        ``publish_dropped`` (queue full or stopped), ``publish_expired``
+        (older than ``replay_window``, or ``direct_ttl`` for direct
+        messages, when they could be sent), ``publish_errors``
+        (refused by Redis or too large), ``replayed`` (sent after an outage),
+        ``resent`` (written but unacknowledged when a connection broke, sent
+        again), ``direct_unrouted`` (direct messages no node was subscribed
+        for), ``echo_dropped`` (own messages coming back), ``receive_dropped``
+        (inbox full), ``overload_dropped`` (remote broadcasts dropped by
+        flow control), ``invalid`` (undecodable messages), ``subscribers``
+        (nodes subscribed at the last broadcast).
+        """
+        return {
+            **self._counters,
+            "node": self.node_name,
+            "connected": self.connected,
+            "publisher_connected": self._pub_ok,
+            "listener_connected": self._sub_ok,
+            "publish_pending": len(self._outbox) + len(self._inflight),
+            "publish_pending_bytes": self._pending_bytes,
+            "receive_pending": len(self._inbox),
+            "subscribers": self._subscribers_seen,
+            "last_error": self._last_error,
+        }
+
+    # -- process lifecycle ----------------------------------------------------------------
+
+    def _check_patched(self) -> None:
+        from gevent import monkey
+
+        if not monkey.is_module_patched("socket"):
+            log.error(
+                "phx_gevent: the Redis adapter needs gevent.monkey.patch_all() (first line of the app, "
+                "or the gunicorn worker): without it, waiting for Redis blocks the whole process"
+            )
+
+    def _forked(self) -> None:
+        # In a child right after fork(): nothing here may switch greenlets.
+        # The parent's greenlets and connections are left for _cleanup_stale.
+        self._gen += 1
+        self._stale.extend(c for c in (self._pub_conn, self._sub_conn) if c is not None)
+        self._stale.extend(self._greenlets)
+        self._greenlets = []
+        self._pub_conn = self._sub_conn = None
+        self._running = False
+        if self._node_auto:
+            self.node_name = make_node_name()
+        self._reset_state()
+
+    def _cleanup_stale(self) -> None:
+        stale, self._stale = self._stale, []
+        for item in stale:
+            if isinstance(item, gevent.Greenlet):
+                item.kill(block=False)
+            else:
+                # redis-py only shuts a socket down in the process that opened it:
+                # this closes our copy and leaves the parent's connection alone.
+                try:
+                    item.disconnect()
+                except Exception:
+                    log.debug("phx_gevent: closing an inherited Redis connection failed", exc_info=True)
+
+    def _alive(self, gen: int) -> bool:
+        return self._running and gen == self._gen
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def _full(self, size: int) -> bool:
+        return (
+            len(self._outbox) + len(self._inflight) >= self.max_pending
+            or self._pending_bytes + size > self.max_pending_bytes
+        )
+
+    def _make_room(self, size: int) -> bool:
+        current = gevent.getcurrent()
+        if self._pub_down_since is None and self.publish_timeout > 0 and current not in self._greenlets:
+            # Redis is there but slower than we publish: slow the caller down a little.
+            deadline = _monotonic() + self.publish_timeout
+            while self._full(size) and self._pub_down_since is None:
+                remaining = deadline - _monotonic()
+                if remaining <= 0:
+                    break
+                self._space.clear()
+                self._space.wait(remaining)
+        dropped = 0
+        while self._full(size) and self._outbox:
+            _, _, old = self._outbox.popleft()
+            self._pending_bytes -= len(old)
+            dropped += 1
+        accepted = not self._full(size)
+        if not accepted:
+            dropped += 1  # everything left is being written: the new envelope is the one dropped
+        if dropped:
+            self._counters["publish_dropped"] += dropped
+            suppressed = self._log_drop_out.ready()
+            if suppressed is not None:
+                log.warning(
+                    "phx_gevent: Redis publish queue full (%d envelopes, %d bytes; Redis %s): dropped %d "
+                    "envelope(s) not forwarded to other nodes (%d total)",
+                    len(self._outbox) + len(self._inflight),
+                    self._pending_bytes,
+                    "connected" if self._pub_ok else "unreachable",
+                    dropped + suppressed,
+                    self._counters["publish_dropped"],
+                )
+        return accepted
+
+    def _expire(self) -> None:
+        now = _monotonic()
+        limit = now - self.replay_window
+        expired = 0
+        queue = self._outbox
+        while queue and queue[0][0] < limit:
+            _, _, data = queue.popleft()
+            self._pending_bytes -= len(data)
+            expired += 1
+        direct_limit = now - self.direct_ttl
+        if queue and queue[0][0] < direct_limit and now >= self._next_direct_scan:
+            # Direct messages may sit among younger broadcasts: a scan, at most ten a second.
+            self._next_direct_scan = now + 0.1
+            bchan = self._bchan
+            kept = [item for item in queue if item[1] == bchan or item[0] >= direct_limit]
+            if len(kept) != len(queue):
+                expired += len(queue) - len(kept)
+                self._pending_bytes = sum(len(item[2]) for item in kept) + sum(len(item[2]) for item in self._inflight)
+                queue.clear()
+                queue.extend(kept)
+        if expired:
+            self._counters["publish_expired"] += expired
+            self._expired_unlogged += expired
+            if self._log_expired.ready() is not None:
+                log.warning(
+                    "phx_gevent: %d envelopes waited too long for Redis (broadcasts: %.1fs, direct messages: "
+                    "%.1fs) and were dropped (not forwarded; %d in total)",
+                    self._expired_unlogged,
+                    self.replay_window,
+                    self.direct_ttl,
+                    self._counters["publish_expired"],
+                )
+                self._expired_unlogged = 0
+            self._space.set()
+
+    def _pub_failed(self, exc: BaseException) -> None:
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        now = _monotonic()
+        if self._pub_ok or self._pub_down_since is None:
+            self._pub_ok = False
+            self._pub_down_since = now
+            self._outage_started()
+            log.warning(
+                "phx_gevent: Redis %s unreachable for publishing (%s); broadcasts reach this process only, "
+                "the last %.0fs (at most %d envelopes) are kept for replay",
+                self._where,
+                self._last_error,
+                self.replay_window,
+                self.max_pending,
+            )
+            self._log_pub_retry.ready()
+        elif self._log_pub_retry.ready() is not None:
+            log.warning(
+                "phx_gevent: Redis %s still unreachable after %.0fs (%s); %d envelopes waiting",
+                self._where,
+                now - self._pub_down_since,
+                self._last_error,
+                len(self._outbox) + len(self._inflight),
+            )
+        self._space.set()  # publishers waiting for room stop waiting: the queue is now the replay buffer
+
+    def _outage_started(self) -> None:
+        # One outage = from the first side that loses Redis until both are back.
+        if not self._in_outage:
+            self._in_outage = True
+            self._counters["outages"] += 1
+
+    def _outage_over(self) -> None:
+        if self._in_outage and self._pub_down_since is None and self._sub_down_since is None:
+            self._in_outage = False
+
+    def _run_publisher(self, gen: int) -> None:
+        conn = self._pub_conn
+        backoff = _Backoff(*self.backoff)
+        last_io = _monotonic()
+        while self._alive(gen):
+            try:
+                if not conn.is_connected:
+                    if self._pub_down_since is not None:
+                        self._expire()
+                    conn.connect()
+                    last_io = _monotonic()
+                    if self._pub_down_since is None:
+                        self._probe(conn)
+                if self._pub_down_since is not None:
+                    self._recovered(conn, gen)
+                    backoff.reset()
+                    if not self._alive(gen):
+                        return
+                self._pub_ok = True
+                if not self._outbox and not self._inflight:
+                    self._out_event.clear()
+                    if not self._outbox and not self._out_event.wait(self.health_check_interval):
+                        if self._alive(gen):
+                            # Idle: check the connection, and count the nodes for the next replay.
+                            self._probe(conn)
+                            last_io = _monotonic()
+                    continue
+                if _monotonic() - last_io > 1.0 and conn.can_read(0):
+                    # Idle connection became readable: the server closed it (restart).
+                    raise redis.ConnectionError("connection closed by the server while idle")
+                self._send_batch(conn)
+                last_io = _monotonic()
+            except _CONN_ERRORS as exc:
+                conn.disconnect()
+                self._requeue()
+                if not self._alive(gen):
+                    return
+                self._pub_failed(exc)
+                self._stop.wait(backoff.next())
+            except Exception:
+                # A bug must not end the only publish path: log, pause, go on.
+                log.exception("phx_gevent: Redis publisher failed")
+                conn.disconnect()
+                self._requeue()
+                self._stop.wait(backoff.next())
+
+    def _requeue(self) -> None:
+        # Unacknowledged envelopes go back to the head of the queue, in order:
+        # sent again after reconnecting, or dropped first if the queue overflows.
+        if self._inflight:
+            self._outbox.extendleft(reversed(self._inflight))
+            self._inflight.clear()
+
+    def _probe(self, conn: Any) -> None:
+        conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
+        self._subscribers_seen = int(conn.read_response()[1])
+
+    def _recovered(self, conn: Any, gen: int) -> None:
+        # Back after an outage: drop what is too old, wait (bounded) for the
+        # other nodes to resubscribe, so the replay is not published to nobody.
+        self._expire()
+        pending = len(self._outbox) + len(self._inflight)
+        waited = 0.0
+        if pending and self._subscribers_seen > 1:
+            start = _monotonic()
+            deadline = start + self.replay_wait
+            while self._alive(gen):
+                conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
+                count = int(conn.read_response()[1])
+                if count >= self._subscribers_seen or _monotonic() >= deadline:
+                    self._subscribers_seen = count
+                    break
+                self._stop.wait(0.05)
+            waited = _monotonic() - start
+            self._expire()
+            pending = len(self._outbox) + len(self._inflight)
+        down_since = self._pub_down_since if self._pub_down_since is not None else _monotonic()
+        log.warning(
+            "phx_gevent: Redis %s reachable again for publishing after %.1fs; replaying %d envelopes%s",
+            self._where,
+            _monotonic() - down_since,
+            pending,
+            f" (waited {waited:.1f}s for other nodes to resubscribe)" if waited >= 0.05 else "",
+        )
+        self._counters["replayed"] += pending
+        self._counters["reconnects"] += 1
+        self._pub_down_since = None
+        self._pub_ok = True
+        self._outage_over()
+
+    def _send_batch(self, conn: Any) -> None:
+        inflight = self._inflight
+        if not inflight:
+            outbox = self._outbox
+            if outbox and outbox[0][0] < _monotonic() - self.direct_ttl:
+                self._expire()  # a backlog: stale direct messages are not worth sending
+            budget = 1024 * 1024
+            while outbox and len(inflight) < self.batch_size and budget > 0:
+                item = outbox.popleft()
+                budget -= len(item[2])
+                inflight.append(item)
+            if not inflight:
+                return
+        bchan = self._bchan
+        counters = self._counters
+        try:
+            conn.send_packed_command(
+                conn.pack_commands([(b"PUBLISH", channel, data) for _, channel, data in inflight]), check_health=False
+            )
+        except _CONN_ERRORS:
+            # Possibly partly written: what Redis did not acknowledge is sent again.
+            counters["resent"] += len(inflight)
+            raise
+        while inflight:
+            try:
+                receivers = conn.read_response()
+            except ResponseError as exc:
+                # Refused by Redis (ACL, ...): this one is lost, the connection is fine.
+                receivers = None
+                counters["publish_errors"] += 1
+                log.error("phx_gevent: Redis refused to publish on %r: %s", inflight[0][1], exc)
+            except _CONN_ERRORS:
+                counters["resent"] += len(inflight)
+                raise
+            _, channel, data = inflight.popleft()
+            self._pending_bytes -= len(data)
+            counters["published"] += 1
+            if receivers is not None:
+                if channel == bchan:
+                    self._subscribers_seen = int(receivers)
+                elif not receivers:
+                    counters["direct_unrouted"] += 1
+        self._space.set()
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _run_listener(self, gen: int) -> None:
+        conn = self._sub_conn
+        backoff = _Backoff(*self.backoff)
+        hc = self.health_check_interval
+        while self._alive(gen):
+            try:
+                conn.connect()
+                conn.send_command("SUBSCRIBE", self._bchan, self._dchan, check_health=False)
+                confirmed = 0
+                while self._alive(gen):
+                    if not conn.can_read(timeout=hc):
+                        conn.send_command("PING", check_health=False)
+                        if not conn.can_read(timeout=self.socket_timeout):
+                            raise redis.TimeoutError(f"no answer to PING within {self.socket_timeout}s")
+                        continue
+                    msg = conn.read_response()
+                    kind = msg[0]
+                    if kind == b"message":
+                        self._on_message(msg[1], msg[2])
+                    elif kind == b"subscribe":
+                        confirmed += 1
+                        if confirmed == 2:
+                            self._sub_recovered()
+                            backoff.reset()
+            except _CONN_ERRORS as exc:
+                conn.disconnect()
+                if not self._alive(gen):
+                    return
+                self._sub_failed(exc)
+                self._stop.wait(backoff.next())
+            except Exception:
+                log.exception("phx_gevent: Redis listener failed")
+                conn.disconnect()
+                self._stop.wait(backoff.next())
+
+    def _sub_failed(self, exc: BaseException) -> None:
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        now = _monotonic()
+        if self._sub_ok or self._sub_down_since is None:
+            self._sub_ok = False
+            self._sub_down_since = now
+            self._outage_started()
+            log.warning(
+                "phx_gevent: Redis %s unreachable for receiving (%s); until it is back this process "
+                "misses what other nodes publish",
+                self._where,
+                self._last_error,
+            )
+            self._log_sub_retry.ready()
+        elif self._log_sub_retry.ready() is not None:
+            log.warning(
+                "phx_gevent: Redis %s still unreachable for receiving after %.0fs (%s)",
+                self._where,
+                now - self._sub_down_since,
+                self._last_error,
+            )
+
+    def _sub_recovered(self) -> None:
+        if self._sub_down_since is not None:
+            log.warning(
+                "phx_gevent: Redis %s reachable again for receiving after %.1fs; resubscribed",
+                self._where,
+                _monotonic() - self._sub_down_since,
+            )
+            self._counters["reconnects"] += 1
+            self._sub_down_since = None
+        self._sub_ok = True
+        self._outage_over()
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        # The listener's only work: drop our echo, queue the rest; never wait.
+        if channel == self._bchan and data.startswith(self._echo):
+            self._counters["echo_dropped"] += 1
+            return
+        if len(self._inbox) >= self.max_inbox or self._inbox_bytes + len(data) > self.max_inbox_bytes:
+            self._counters["receive_dropped"] += 1
+            suppressed = self._log_drop_in.ready()
+            if suppressed is not None:
+                log.warning(
+                    "phx_gevent: Redis inbox full (%d envelopes, %d bytes): dropped %d envelope(s) from "
+                    "other nodes (%d total); local delivery is slower than what arrives",
+                    len(self._inbox),
+                    self._inbox_bytes,
+                    suppressed + 1,
+                    self._counters["receive_dropped"],
+                )
+            return
+        self._inbox.append(data)
+        self._inbox_bytes += len(data)
+        self._in_event.set()
+
+    def _run_delivery(self, gen: int) -> None:
+        inbox = self._inbox
+        counters = self._counters
+        node = self.node_name
+        since_yield = 0
+        while self._alive(gen):
+            if not inbox:
+                self._in_event.clear()
+                if not inbox:
+                    self._in_event.wait(self.health_check_interval)
+                since_yield = 0
+                continue
+            data = inbox.popleft()
+            self._inbox_bytes -= len(data)
+            try:
+                envelope = codec.decode(data)
+            except codec.EnvelopeError as exc:
+                counters["invalid"] += 1
+                if self._log_invalid.ready() is not None:
+                    log.warning("phx_gevent: ignored an invalid message from Redis: %s", exc)
+                continue
+            if envelope["k"] == "b":
+                if self.flow_control:
+                    try:
+                        flow.wait()
+                    except BroadcastTimeout:
+                        counters["overload_dropped"] += 1
+                        suppressed = self._log_overload.ready()
+                        if suppressed is not None:
+                            log.warning(
+                                "phx_gevent: dropped %d broadcast(s) from other nodes: this process stayed "
+                                "above its high-water mark (%d total)",
+                                suppressed + 1,
+                                counters["overload_dropped"],
+                            )
+                        continue
+                    if not self._alive(gen):
+                        return
+            elif envelope.get("to") != node:
+                continue
+            counters["received"] += 1
+            receive = self._receive
+            if receive is not None:
+                try:
+                    receive(envelope)
+                except Exception:
+                    log.exception("phx_gevent: delivering an envelope from node %r failed", envelope["n"])
+            since_yield += 1
+            if since_yield >= 64:
+                # A burst from Redis must not starve requests and writers.
+                since_yield = 0
+                gevent.sleep(0)
