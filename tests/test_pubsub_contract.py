@@ -3,7 +3,8 @@
 Each test gets ``cluster(n)``: ``n`` started PubSub nodes that share a bus.
 For the local layer (one process, no adapter) the "nodes" are the same
 PubSub, which must behave like a cluster whose members are all one process;
-tests that need distinct nodes skip there. Subscribers are fakes with the
+tests of node-to-node messages use the ``nodes`` fixture (distinct nodes
+only). Subscribers are fakes with the
 shape the local layer documents (owner, intercept, writer, deliver).
 """
 
@@ -111,23 +112,30 @@ class Cluster:
             wait_until(lambda: all(n.adapter.stats()["listener_connected"] for n in nodes), TIMEOUT, "subscriptions")
         return nodes
 
-    def require_distinct(self) -> None:
-        if not self.distinct:
-            pytest.skip("the local layer is a single node")
-
     def close(self) -> None:
         for node in self.nodes:
             node.stop()
 
 
-@pytest.fixture(params=["local", "memory", "redis"])
-def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    redis = RedisServer().start() if request.param == "redis" else None
-    c = Cluster(request.param, redis)
+def _cluster(kind: str) -> Iterator[Cluster]:
+    redis = RedisServer().start() if kind == "redis" else None
+    c = Cluster(kind, redis)
     yield c
     c.close()
     if redis is not None:
         redis.close()
+
+
+@pytest.fixture(params=["local", "memory", "redis"])
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """Every setup, the single-process local layer included."""
+    yield from _cluster(request.param)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def nodes(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """Setups with distinct nodes, for node-to-node behaviour."""
+    yield from _cluster(request.param)
 
 
 # -- the contract ----------------------------------------------------------------------------
@@ -299,9 +307,8 @@ def test_bad_payloads_raise_and_deliver_nothing(cluster):
         assert sub.wait_events(1) == ["ok"]
 
 
-def test_direct_messages_reach_only_their_node(cluster):
-    cluster.require_distinct()
-    a, b, c = cluster(3)
+def test_direct_messages_reach_only_their_node(nodes):
+    a, b, c = nodes(3)
     calls: dict[str, list[tuple[Any, str]]] = {n.node_name: [] for n in (a, b, c)}
     for node in (a, b, c):
         node.register("svc", lambda payload, sender, name=node.node_name: calls[name].append((payload, sender)))
@@ -319,9 +326,8 @@ def test_direct_messages_reach_only_their_node(cluster):
     assert calls[c.node_name] == [({"marker": True}, a.node_name)]
 
 
-def test_broadcasts_and_direct_messages_from_one_publisher_stay_in_order(cluster):
-    cluster.require_distinct()
-    a, b = cluster(2)
+def test_broadcasts_and_direct_messages_from_one_publisher_stay_in_order(nodes):
+    a, b = nodes(2)
     log: list[Any] = []
     b.register("svc", lambda payload, sender: log.append(("direct", payload["i"])))
     b.connect(lambda topic, event, payload, from_: log.append(("bcast", payload["i"])), "mixed")
@@ -334,9 +340,8 @@ def test_broadcasts_and_direct_messages_from_one_publisher_stay_in_order(cluster
     assert [i for _, i in log] == list(range(100))
 
 
-def test_a_stopped_node_no_longer_receives_and_can_start_again(cluster):
-    cluster.require_distinct()
-    a, b = cluster(2)
+def test_a_stopped_node_no_longer_receives_and_can_start_again(nodes):
+    a, b = nodes(2)
     sub = Sub()
     b.subscribe("stop", sub)
     b.stop()
@@ -344,7 +349,7 @@ def test_a_stopped_node_no_longer_receives_and_can_start_again(cluster):
     # Gone from the bus before b comes back.
     wait_until(lambda: a.adapter.stats()["published"] >= 1, TIMEOUT, "the publication")
     b.start()
-    if cluster.kind == "redis":
+    if nodes.kind == "redis":
         wait_until(lambda: b.adapter.stats()["listener_connected"], TIMEOUT, "resubscription")
     a.broadcast("stop", "after", {})
     # "after" follows "while_stopped" from the same publisher: had b got that one, it would come first.
