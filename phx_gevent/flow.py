@@ -20,6 +20,15 @@ Settings (``Endpoint(...)`` keyword arguments, process-wide):
 ``sndbuf``
     ``SO_SNDBUF`` of each connection, so the kernel cannot hide megabytes of
     backlog from the high-water mark (``None``: the OS default).
+``direct_send`` (``flow.configure(direct_send=...)``)
+    ``False`` (default): every frame goes through the flusher, which writes
+    everything queued for a connection in one ``send()``. ``True``: while the
+    flusher is idle, a connection's first frame is sent at once from the
+    fan-out, up to ``writer.DIRECT_BUDGET`` frames per ``writer.DIRECT_PERIOD``
+    (a few milliseconds less latency for small fan-outs at low rates, less
+    push/reply throughput). Sending every frame at once, the old default,
+    delivered 9x fewer messages per second in a saturated fan-out: one
+    ``send()`` per frame on both ends (benchmarks/README.md has the numbers).
 """
 
 from __future__ import annotations
@@ -71,8 +80,9 @@ class FlowControl:
         self.slow_timeout = 5.0
         #: ``SO_SNDBUF`` for new connections, or ``None`` to leave the OS default.
         self.sndbuf: int | None = 128 * 1024
-        #: Try one non-blocking send from the fan-out when a connection has nothing queued.
-        self.direct_send = True
+        #: Try one non-blocking send from the fan-out when a connection is idle (off:
+        #: always coalesce in the flusher; benchmarks/README.md has the numbers).
+        self.direct_send = False
         self._event: Event | None = None
         self._waiting = 0
         #: How many broadcasts gave up with BroadcastTimeout.

@@ -1,0 +1,75 @@
+"""phx_gevent under test: the example app (``app_example.create_app``) on phx_gevent's server.
+
+The example app has everything the benchmarks use: the ``room:*`` channel
+(joins, ``ping`` answered with its own payload) and ``POST /broadcast``.
+
+Tunables under evaluation come from the environment (unset: the library's defaults):
+``PHX_DIRECT_SEND`` (0/1), ``PHX_CHUNK`` (writers flushed per hub callback),
+``PHX_SNDBUF`` (bytes, 0 = OS default), ``PHX_MAX_QUEUED`` (bytes),
+``PHX_DIRECT_BUDGET`` / ``PHX_DIRECT_PERIOD`` (immediate sends allowed per period
+with ``PHX_DIRECT_SEND=1``).
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import parse_args, serve  # noqa: E402
+
+import app_example  # noqa: E402
+from phx_gevent import make_server  # noqa: E402
+from phx_gevent.flow import flow  # noqa: E402
+from phx_gevent.transports import writer  # noqa: E402
+
+
+def configure_from_env() -> dict:
+    """Apply the PHX_* tunables; return the values in force."""
+    env = os.environ
+    if "PHX_DIRECT_SEND" in env:
+        flow.configure(direct_send=env["PHX_DIRECT_SEND"] not in ("0", "false", ""))
+    if "PHX_SNDBUF" in env:
+        value = int(env["PHX_SNDBUF"])
+        flow.configure(sndbuf=value or None)
+    if "PHX_MAX_QUEUED" in env:
+        flow.configure(max_queued_bytes=int(env["PHX_MAX_QUEUED"]))
+    if "PHX_CHUNK" in env:
+        writer.CHUNK = int(env["PHX_CHUNK"])
+    if "PHX_DIRECT_BUDGET" in env:
+        writer.DIRECT_BUDGET = int(env["PHX_DIRECT_BUDGET"])
+    if "PHX_DIRECT_PERIOD" in env:
+        writer.DIRECT_PERIOD = float(env["PHX_DIRECT_PERIOD"])
+    return {
+        "direct_send": flow.direct_send,
+        "chunk": writer.CHUNK,
+        "direct_budget": writer.DIRECT_BUDGET,
+        "direct_period": writer.DIRECT_PERIOD,
+        "sndbuf": flow.sndbuf,
+        "max_queued_bytes": flow.high_water,
+    }
+
+
+def main() -> None:
+    args = parse_args("phx_gevent benchmark server")
+    app, _endpoint = app_example.create_app()
+    settings = configure_from_env()
+
+    @app.get("/_bench/stats")
+    def bench_stats() -> dict:
+        # For watching a run by hand: the overload policy's counters.
+        return {"queued": flow.queued, "waiting": flow._waiting, "timeouts": flow.timeouts, **settings}
+
+    print(f"SETTINGS {settings}", file=sys.stderr, flush=True)
+    server = make_server(app, args.host, args.port, log=None)
+    serve(server)
+
+
+if __name__ == "__main__":
+    main()
