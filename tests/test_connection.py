@@ -539,3 +539,22 @@ def test_server_side_mailbox_overflow_ends_the_channel_with_phx_error():
     t.wait_event("phx_error")
     GATES["out"].set()
     assert conn.channels == {}
+
+
+def test_channel_workers_are_reused_and_idle_ones_let_go(monkeypatch):
+    from phx_gevent import channel_server
+
+    monkeypatch.setattr(channel_server, "TRIM_PERIOD", 0.05)
+    conn, t, _ = make_connection(UserSocket, partitions=1)
+    partition = conn.partition
+    for i in range(5):
+        join(conn, t, topic=f"room:{i}", ref=f"j{i}")
+    for n in range(3):
+        for i in range(5):
+            conn.handle(msg(f"j{i}", f"p{n}{i}", f"room:{i}", "ping", {}))
+        t.wait(lambda fs, n=n: all(any(f[1] == f"p{n}{i}" for f in fs) for i in range(5)))
+    assert len(partition.pool) <= 5  # 20 runs (joins and pings), at most 5 workers ever
+    assert partition.stats()["idle"] >= 1
+    t.wait(lambda _: partition.stats()["idle"] == 0 and len(partition.pool) == 0)
+    conn.handle(msg("j0", "again", "room:0", "ping", {"still": 1}))
+    assert t.wait_event("phx_reply", ref="again")[4]["response"] == {"still": 1}
