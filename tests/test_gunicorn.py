@@ -36,12 +36,9 @@ def pid_of(node: str) -> int:
 class Client:
     """One phoenix.js socket joined to a room of the example app."""
 
-    def __init__(self, js: Any, server: Gunicorn, user: str, topic: str) -> None:
+    def __init__(self, js: Any, sid: str, cid: str, user: str, pid: int) -> None:
         self.js = js
-        self.user = user
-        since = js.mark()
-        self.sid, self.cid = js.join_room(server.ws + "/socket", user, topic, **FAST)
-        self.pid = pid_of(js.wait(ev="chan", channel=self.cid, event="welcome", since=since)["payload"]["node"])
+        self.sid, self.cid, self.user, self.pid = sid, cid, user, pid
 
     def wait(self, event: str, since: int, timeout: float = 15.0, **payload: Any) -> dict[str, Any]:
         def pred(e: dict[str, Any]) -> bool:
@@ -55,13 +52,30 @@ class Client:
         return pid_of(welcome["payload"]["node"])
 
 
-def spread(js: Any, server: Gunicorn, topic: str, user: str | None = None, limit: int = 40) -> list[Client]:
-    """Open clients until both workers hold at least one; returns them all."""
+def spread(js: Any, server: Gunicorn, topic: str, user: str | None = None, batches: int = 10) -> list[Client]:
+    """Open clients, a few at a time, until both workers hold at least one; returns them all.
+
+    Connections opened together race for the workers' accept(), which spreads
+    them; one at a time, the worker that served the last one often wins again.
+    """
     clients: list[Client] = []
-    while len({c.pid for c in clients}) < 2:
-        assert len(clients) < limit, f"{limit} connections all went to worker(s) {sorted({c.pid for c in clients})}"
-        clients.append(Client(js, server, user or f"user{next(_users)}", topic))
-    return clients
+    for _ in range(batches):
+        since = js.mark()
+        batch = []
+        for _ in range(4):
+            name = user or f"user{next(_users)}"
+            sid = js.socket(server.ws + "/socket", {"user": name}, **FAST)
+            cid = js.channel(sid, topic)
+            batch.append((sid, cid, name))
+        for _sid, cid, _name in batch:
+            js.send(cmd="join", channel=cid, req=f"join-{cid}")
+        for sid, cid, name in batch:
+            assert js.wait(ev="reply", req=f"join-{cid}", since=since)["status"] == "ok"
+            welcome = js.wait(ev="chan", channel=cid, event="welcome", since=since)
+            clients.append(Client(js, sid, cid, name, pid_of(welcome["payload"]["node"])))
+        if len({c.pid for c in clients}) >= 2:
+            return clients
+    raise AssertionError(f"{len(clients)} connections all went to worker(s) {sorted({c.pid for c in clients})}")
 
 
 def post_broadcast(server: Gunicorn, topic: str, payload: dict[str, Any]) -> int:
@@ -131,7 +145,10 @@ def test_a_redis_outage_leaves_workers_serving_and_broadcasts_resume(gunicorn, r
     server.log.wait(r"unreachable for receiving", since=mark, count=2)
     # Still serving: pages, new sockets, joins, pushes and same-worker broadcasts.
     assert http.get(server.http + "/").status == 200
-    late = Client(js, server, f"late{next(_users)}", "room:outage")
+    joined_at = js.mark()
+    late_sid, late_cid = js.join_room(server.ws + "/socket", "late", "room:outage", **FAST)
+    welcome = js.wait(ev="chan", channel=late_cid, event="welcome", since=joined_at)
+    late = Client(js, late_sid, late_cid, "late", pid_of(welcome["payload"]["node"]))
     since = js.mark()
     assert js.push(sender.cid, "new_msg", {"body": "during"})["status"] == "ok"
     for c in by_pid[first]:
