@@ -145,6 +145,12 @@ class FlowControl:
             finally:
                 self._waiting -= 1
 
+    def release(self, n: int) -> None:
+        """Give back ``n`` bytes that were sent or dropped, waking broadcasters below the low-water mark."""
+        self.queued -= n
+        if self._waiting and self.queued <= self.low_water:
+            self._wake()
+
     def _wake(self) -> None:
         # Called by writers when the total fell to the low-water mark.
         if self._event is not None:

@@ -11,11 +11,12 @@ stays the number ``0`` and ``"0"`` stays a string (PROTOCOL.md 1.1).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import ujson
 
 __all__ = [
+    "FastlaneEncoder",
     "DecodeError",
     "EncodeError",
     "Message",
@@ -297,3 +298,41 @@ def negotiate(vsn: Any, serializers: tuple[Serializer, ...] = (V1, V2)) -> Seria
         if serializer.version == (major, minor):
             return serializer
     return None
+
+
+class FastlaneEncoder:
+    """Turns a broadcast into the ready frame of one transport kind, for one serializer.
+
+    The fan-out encodes each broadcast once per distinct encoder and hands
+    the same result to every connection that uses it (PROTOCOL.md 5.7), so
+    there is one instance per (encoder class, serializer): get it with
+    :meth:`of`. Subclasses implement :meth:`broadcast`.
+    """
+
+    __slots__ = ("serializer",)
+    _instances: ClassVar[dict[Serializer, FastlaneEncoder]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._instances = {}
+
+    def __init__(self, serializer: Serializer) -> None:
+        self.serializer = serializer
+
+    @classmethod
+    def of(cls, serializer: Serializer) -> Any:
+        """The shared instance of this encoder class for ``serializer``."""
+        enc = cls._instances.get(serializer)
+        if enc is None:
+            enc = cls._instances[serializer] = cls(serializer)
+        return enc
+
+    def broadcast(self, topic: str, event: str, payload: Any) -> Any:
+        """The frame for ``[null, null, topic, event, payload]``, or ``None`` to skip these connections.
+
+        Raises what the serializer raises for a payload it cannot encode.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {type(self.serializer).__name__}>"

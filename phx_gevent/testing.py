@@ -30,7 +30,7 @@ from gevent.event import Event
 from .channel import Reply
 from .connection import Connection
 from .endpoint import Endpoint, SocketMount
-from .serializers import V2, Message, Serializer, negotiate
+from .serializers import V2, FastlaneEncoder, Message, Serializer, negotiate
 from .socket import SocketState
 
 __all__ = ["ChannelTest", "TestClient", "TestChannel", "MemoryTransport", "ConnectRefused"]
@@ -42,11 +42,8 @@ class ConnectRefused(AssertionError):
     """``connect`` refused the connection (the handshake would have been a 403)."""
 
 
-class _Encoder:
-    __slots__ = ("serializer",)
-
-    def __init__(self, serializer: Serializer) -> None:
-        self.serializer = serializer
+class _Encoder(FastlaneEncoder):
+    __slots__ = ()
 
     def broadcast(self, topic: str, event: str, payload: Any) -> Any:
         return self.serializer.encode_broadcast(topic, event, payload)
@@ -57,7 +54,7 @@ class _Writer:
 
     def __init__(self, transport: MemoryTransport, serializer: Serializer) -> None:
         self.transport = transport
-        self.encoder = _Encoder(serializer)
+        self.encoder = _Encoder.of(serializer)
 
     def write(self, frame: Any) -> None:
         self.transport.record(frame)

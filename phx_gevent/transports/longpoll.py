@@ -47,7 +47,7 @@ from ..channel import INACTIVE
 from ..connection import Connection
 from ..errors import CallbackReturnError
 from ..flow import flow
-from ..serializers import DecodeError, Message, Serializer, dumps, negotiate
+from ..serializers import DecodeError, FastlaneEncoder, Message, Serializer, dumps, negotiate
 from ..socket import SocketState
 from . import http as phx_http
 
@@ -123,13 +123,10 @@ class _BinaryLog:
 _binary_log = _BinaryLog()
 
 
-class LongPollEncoder:
+class LongPollEncoder(FastlaneEncoder):
     """Fastlane encoder for long-poll sessions: a broadcast becomes the V2 JSON text, or ``None`` for binary."""
 
-    __slots__ = ("serializer",)
-
-    def __init__(self, serializer: Serializer) -> None:
-        self.serializer = serializer
+    __slots__ = ()
 
     def broadcast(self, topic: str, event: str, payload: Any) -> str | None:
         """The frame every long-poll subscriber gets; ``None`` (skip them) for a binary payload."""
@@ -138,27 +135,6 @@ class LongPollEncoder:
             return data
         _binary_log.skipped_one("broadcast")
         return None
-
-    def __repr__(self) -> str:
-        return f"<LongPollEncoder {type(self.serializer).__name__}>"
-
-
-_encoders: dict[Serializer, LongPollEncoder] = {}
-
-
-def _encoder_for(serializer: Serializer) -> LongPollEncoder:
-    enc = _encoders.get(serializer)
-    if enc is None:
-        enc = _encoders[serializer] = LongPollEncoder(serializer)
-    return enc
-
-
-def _release(n: int) -> None:
-    # Give bytes back to the process-wide high-water mark, waking broadcasters.
-    if n:
-        flow.queued -= n
-        if flow._waiting and flow.queued <= flow.low_water:
-            flow._wake()
 
 
 class LongPollSession:
@@ -194,7 +170,7 @@ class LongPollSession:
         self.lp = lp
         self.sid = sid
         self.conn: Connection | None = None
-        self.encoder = _encoder_for(serializer)
+        self.encoder = LongPollEncoder.of(serializer)
         # The session is its own fastlane writer: ``writer.encoder`` / ``writer.write``.
         self.writer = self
         self.buffer: list[str] = []
@@ -312,7 +288,7 @@ class LongPollSession:
             return 204, []
         self.buffer = []
         n, self.qbytes = self.qbytes, 0
-        _release(n)
+        flow.release(n)
         self.last_drain = _monotonic()
         return 200, frames
 
@@ -403,7 +379,7 @@ class LongPollSession:
         self.lp.sessions.pop(self.sid, None)
         self.buffer = []
         n, self.qbytes = self.qbytes, 0
-        _release(n)
+        flow.release(n)
         if self.timer is not None:
             self.timer.stop()
             self.timer.close()

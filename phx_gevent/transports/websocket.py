@@ -29,7 +29,7 @@ from flask import Response, request
 from .. import memory
 from ..connection import Connection
 from ..errors import CallbackReturnError, ConnectionOverloaded
-from ..serializers import DecodeError, Serializer, negotiate
+from ..serializers import DecodeError, FastlaneEncoder, Serializer, negotiate
 from ..socket import SocketState
 from . import frames
 from . import http as phx_http
@@ -113,13 +113,10 @@ class WebSocketOptions:
         self.path = path
 
 
-class WebSocketEncoder:
+class WebSocketEncoder(FastlaneEncoder):
     """Fastlane encoder: a broadcast becomes one ready WebSocket frame, shared by all connections."""
 
-    __slots__ = ("serializer",)
-
-    def __init__(self, serializer: Serializer) -> None:
-        self.serializer = serializer
+    __slots__ = ()
 
     def broadcast(self, topic: str, event: str, payload: Any) -> bytes:
         data = self.serializer.encode_broadcast(topic, event, payload)
@@ -127,19 +124,10 @@ class WebSocketEncoder:
             return text_frame(data)
         return frame(OP_BINARY, data)
 
-    def __repr__(self) -> str:
-        return f"<WebSocketEncoder {type(self.serializer).__name__}>"
-
-
-_encoders: dict[Serializer, WebSocketEncoder] = {}
-
 
 def encoder_for(serializer: Serializer) -> WebSocketEncoder:
     """The shared WebSocket encoder of ``serializer`` (one per serializer per process)."""
-    enc = _encoders.get(serializer)
-    if enc is None:
-        enc = _encoders[serializer] = WebSocketEncoder(serializer)
-    return enc
+    return WebSocketEncoder.of(serializer)
 
 
 # -- the handshake -------------------------------------------------------------------------

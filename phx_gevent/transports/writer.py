@@ -281,6 +281,7 @@ class Writer:
         if sent:
             self.sent_bytes += sent
             self.qbytes -= sent
+            # flow.release(sent), inlined: this runs once per flush.
             flow.queued -= sent
             if flow._waiting and flow.queued <= flow.low_water:
                 flow._wake()
@@ -390,10 +391,8 @@ class Writer:
 
     def _release(self) -> None:
         if self.qbytes:
-            flow.queued -= self.qbytes
+            flow.release(self.qbytes)
             self.qbytes = 0
-            if flow._waiting and flow.queued <= flow.low_water:
-                flow._wake()
         self.queue.clear()
 
     def _stop_watcher(self) -> None:
@@ -449,9 +448,7 @@ class GreenletWriter(Writer):
                 n = len(data)
                 self.sent_bytes += n
                 self.qbytes -= n
-                flow.queued -= n
-                if flow._waiting and flow.queued <= flow.low_water:
-                    flow._wake()
+                flow.release(n)
                 self.last_drain = _monotonic()
             if self.state == CLOSING and not self.queue:
                 self.state = CLOSED
