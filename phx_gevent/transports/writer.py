@@ -200,12 +200,8 @@ class Writer:
             # the budget of immediate sends spent) frames go to the flusher,
             # which coalesces whatever arrives before it runs into one send():
             # ~10x cheaper per frame for both ends than a send() per frame.
-            try:
-                sent = self.raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self.abort()
+            sent = self._send(data)
+            if sent is None:
                 return
             self.sent_bytes += sent
             if sent == len(data):
@@ -271,12 +267,8 @@ class Writer:
         if self.state == CLOSED or not queue:
             return
         data = queue[0] if len(queue) == 1 else _join(queue)
-        try:
-            sent = self.raw.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.abort()
+        sent = self._send(data)
+        if sent is None:
             return
         if sent:
             self.sent_bytes += sent
@@ -297,6 +289,16 @@ class Writer:
         queue.clear()
         queue.append(rest)
         self._wait_writable()
+
+    def _send(self, data: Any) -> int | None:
+        """One non-blocking ``send()``: the bytes the kernel took, or None when the socket is dead (aborted)."""
+        try:
+            return self.raw.send(data)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.abort()
+            return None
 
     def _wait_writable(self) -> None:
         # ``scheduled`` covers both "in the flusher's list" and "parked on the watcher".
