@@ -324,3 +324,19 @@ def test_broadcast_waits_at_the_high_water_mark_then_raises(server, restore_flow
     assert flow.queued < 32 * 1024 + 10_000  # bounded: at most one broadcast over the mark
     stuck.close()
     wait_until(lambda: flow.queued < 32 * 1024, timeout=10)
+
+
+@pytest.mark.parametrize("direct_send", [True, False])
+def test_both_write_paths_deliver_everything_in_order(server, restore_flow, direct_send):
+    restore_flow.configure(direct_send=direct_send)
+    srv = server()
+    clients = [RawWS(srv.port, f"/socket/websocket?vsn=2.0.0&user=c{i}") for i in range(3)]
+    for ws in clients:
+        join(ws)
+    for n in range(500):
+        srv.endpoint.broadcast("room:1", "seq", {"n": n})
+        if n % 100 == 0:
+            gevent.sleep(0)
+    for ws in clients:
+        got = [ws.recv_until(lambda m: m[3] == "seq")[4]["n"] for _ in range(500)]
+        assert got == list(range(500))
