@@ -144,6 +144,10 @@ class Endpoint:
         ``f(origin, environ) -> bool``.
     ``max_queued_bytes``, ``broadcast_timeout``, ``max_connection_queue_bytes``, ``slow_client_timeout``, ``sndbuf``
         The process-wide overload policy (:mod:`phx_gevent.flow`).
+    ``direct_send``
+        ``True`` sends a frame at once from the fan-out when the server is idle
+        (a little lower latency at low rates); the default coalesces every
+        frame in the flusher (far higher throughput; see benchmarks/README.md).
     ``name``
         The blueprint's name (``"phx_gevent"``).
     """
@@ -160,6 +164,7 @@ class Endpoint:
         max_connection_queue_bytes: int | None = None,
         slow_client_timeout: float | None = None,
         sndbuf: int | None | bool = False,
+        direct_send: bool | None = None,
         name: str = "phx_gevent",
     ) -> None:
         self.name = name
@@ -171,6 +176,7 @@ class Endpoint:
             max_connection_queue_bytes=max_connection_queue_bytes,
             slow_client_timeout=slow_client_timeout,
             sndbuf=sndbuf,
+            direct_send=direct_send,
         )
         self.blueprint = Blueprint(name, __name__)
         self.mounts: list[SocketMount] = []
