@@ -69,87 +69,59 @@ def check_broadcast(topic: Any, event: Any, payload: Any) -> None:
 
 
 class Topic:
-    """The subscribers of one topic and the loop that delivers to them.
+    """The subscribers of one topic and the loop that delivers to them."""
 
-    Subscribers are grouped by (encoder, intercept set): for a broadcast each
-    group either takes the fastlane (one encode, then a bare loop of
-    ``writer.write(frame)``) or, for an intercepted event, goes through
-    ``deliver``. Nothing is looked up per subscriber on the fastlane, which
-    is what a fan-out to thousands of connections spends its time on.
-    """
-
-    __slots__ = ("name", "subs", "groups")
+    __slots__ = ("name", "subs")
 
     def __init__(self, name: str) -> None:
         self.name = name
-        #: subscriber -> its group key; O(1) unsubscribe.
-        self.subs: dict[Any, tuple[Any, Any]] = {}
-        #: (encoder, intercept) -> {subscriber: writer}, in subscription order.
-        self.groups: dict[tuple[Any, Any], dict[Any, Any]] = {}
-
-    def add(self, sub: Any) -> None:
-        """Subscribe ``sub`` (idempotent)."""
-        if sub in self.subs:
-            return
-        writer = sub.writer
-        intercept = sub.intercept
-        if not isinstance(intercept, (frozenset, _AllEvents)):
-            intercept = frozenset(intercept)  # a group key must be hashable
-        key = (None if writer is None else writer.encoder, intercept)
-        self.subs[sub] = key
-        members = self.groups.get(key)
-        if members is None:
-            members = self.groups[key] = {}
-        members[sub] = writer
-
-    def remove(self, sub: Any) -> None:
-        """Unsubscribe ``sub`` (idempotent)."""
-        key = self.subs.pop(sub, None)
-        if key is None:
-            return
-        members = self.groups[key]
-        del members[sub]
-        if not members:
-            del self.groups[key]
+        # An insertion-ordered set: O(1) unsubscribe, delivery in join order.
+        self.subs: dict[Any, None] = {}
 
     def dispatch(self, event: str, payload: Any, from_: Any = None) -> int:
         """Deliver to every subscriber except ``from_``'s; returns the number reached.
 
-        Raises ``TypeError``/``OverflowError`` before delivering anything when
-        the payload cannot be encoded. An encoder that cannot carry the payload
-        at all (:class:`EncodeError`: binary over V1) skips its connections.
+        Raises ``TypeError``/``OverflowError``/:class:`EncodeError` before
+        delivering anything when the payload cannot be encoded.
         """
         topic = self.name
-        groups = [(enc, intercept, list(members.items())) for (enc, intercept), members in self.groups.items()]
+        subs = list(self.subs)
         frames: dict[Any, Any] = {}
-        # Encode for every fastlane group before any delivery, so a payload
-        # that cannot be encoded fails the whole broadcast, not half of it.
-        for enc, intercept, _ in groups:
-            if event not in intercept and enc not in frames:
+        # Encode for the first fastlane subscriber before any delivery, so a
+        # payload that cannot be encoded fails the whole broadcast, not half of it.
+        for sub in subs:
+            if event not in sub.intercept:
+                enc = sub.writer.encoder
                 try:
                     frames[enc] = enc.broadcast(topic, event, payload)
                 except EncodeError:
+                    # The format cannot carry it (binary over V1): skip those connections.
                     frames[enc] = None
+                break
+        last_enc: Any = None
+        last_frame: Any = None
         n = 0
-        for enc, intercept, members in groups:
-            if event in intercept:
-                for sub, _ in members:
-                    if sub.owner is not from_:
-                        sub.deliver(topic, event, payload)
-                        n += 1
+        for sub in subs:
+            if sub.owner is from_:
                 continue
-            frame = frames[enc]
-            if frame is None:
+            if event in sub.intercept:
+                sub.deliver(topic, event, payload)
+                n += 1
                 continue
-            if from_ is None:
-                for _, writer in members:
-                    writer.write(frame)
-                n += len(members)
-            else:
-                for sub, writer in members:
-                    if sub.owner is not from_:
-                        writer.write(frame)
-                        n += 1
+            writer = sub.writer
+            enc = writer.encoder
+            if enc is not last_enc:
+                last_frame = frames.get(enc, frames)
+                if last_frame is frames:
+                    try:
+                        last_frame = enc.broadcast(topic, event, payload)
+                    except EncodeError:
+                        last_frame = None
+                    frames[enc] = last_frame
+                last_enc = enc
+            if last_frame is not None:
+                writer.write(last_frame)
+                n += 1
         return n
 
 
@@ -196,14 +168,14 @@ class PubSub:
         t = self.topics.get(topic)
         if t is None:
             t = self.topics[topic] = Topic(topic)
-        t.add(sub)
+        t.subs[sub] = None
 
     def unsubscribe(self, topic: str, sub: Any) -> None:
         """Remove ``sub`` from ``topic``; the topic is forgotten once empty. Idempotent."""
         t = self.topics.get(topic)
         if t is None:
             return
-        t.remove(sub)
+        t.subs.pop(sub, None)
         if not t.subs:
             del self.topics[topic]
 
