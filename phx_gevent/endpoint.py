@@ -145,9 +145,9 @@ class Endpoint:
     ``max_queued_bytes``, ``broadcast_timeout``, ``max_connection_queue_bytes``, ``slow_client_timeout``, ``sndbuf``
         The process-wide overload policy (:mod:`phx_gevent.flow`).
     ``direct_send``
-        ``True`` sends a frame at once from the fan-out when the server is idle
-        (a little lower latency at low rates); the default coalesces every
-        frame in the flusher (far higher throughput; see benchmarks/README.md).
+        ``True`` (default) sends a frame at once while the server is idle
+        (lower latency), within a budget, and coalesces in the flusher under
+        load; ``False`` always coalesces (see :mod:`phx_gevent.flow`).
     ``name``
         The blueprint's name (``"phx_gevent"``).
     """
