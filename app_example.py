@@ -16,6 +16,7 @@ monkey.patch_all()  # first, before anything imports socket or threading
 import ipaddress  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -25,6 +26,7 @@ from phx_gevent import (  # noqa: E402
     BroadcastTimeout,
     Channel,
     Endpoint,
+    Presence,
     Socket,
     SocketState,
     channel,
@@ -56,12 +58,13 @@ INDEX_HTML = """<!doctype html>
   <label><input id="longpoll" type="checkbox"> long-poll</label>
   <button>Join</button>
 </form>
+<div id="online" class="sys"></div>
 <div id="log"></div>
 <form id="send">
   <input id="body" type="text" placeholder="message" maxlength="2000" disabled><button>Send</button>
 </form>
 <script type="module">
-import { Socket, LongPoll } from "/assets/phoenix.mjs";
+import { Socket, LongPoll, Presence } from "/assets/phoenix.mjs";
 
 const log = document.getElementById("log");
 function say(text, cls) {
@@ -83,7 +86,12 @@ document.getElementById("join").addEventListener("submit", (e) => {
   socket = new Socket("/socket", opts);
   socket.onError(() => say("connection error", "err"));
   socket.connect();
-  channel = socket.channel(room, {});
+  channel = socket.channel(room, { presence: true });
+  const presence = new Presence(channel);
+  presence.onSync(() => {
+    const names = presence.list((user, { metas }) => metas.length > 1 ? `${user} (${metas.length})` : user);
+    document.getElementById("online").textContent = "online: " + names.join(", ");
+  });
   channel.on("welcome", (m) => say(`welcome ${m.user} (served by ${m.node})`, "sys"));
   channel.on("new_msg", (m) => say(`${m.user}: ${m.body}`));
   channel.on("announce", (m) => say(`announcement for ${m.to}: ${JSON.stringify(m)}`, "sys"));
@@ -115,19 +123,30 @@ document.getElementById("send").addEventListener("submit", (e) => {
 
 
 class RoomChannel(Channel):
-    """``room:*``: chat messages, echo pings, and a few events to exercise the protocol."""
+    """``room:*``: chat messages, echo pings, presence, and a few events to exercise the protocol.
 
-    intercept = ["announce"]
+    Presence is opt-in (join payload ``{"presence": true}``, as the page
+    does), so clients that did not ask see exactly the frames they would
+    without it.
+    """
+
+    intercept = ["announce", "presence_diff"]
 
     def join(self, topic: str, payload: Any, socket: SocketState):
         if topic == "room:secret":
             return error({"reason": "unauthorized"})
+        self.wants_presence = isinstance(payload, dict) and payload.get("presence") is True
         socket.channel_pid.send("after_join")  # handled in handle_info, after the join reply
         return ok({"user": socket.assigns["user"]})
 
     def handle_info(self, message: Any, socket: SocketState):
         if message == "after_join":
-            self.push(socket, "welcome", {"user": socket.assigns["user"], "node": socket.endpoint.node_name})
+            user = socket.assigns["user"]
+            self.push(socket, "welcome", {"user": user, "node": socket.endpoint.node_name})
+            if self.wants_presence:
+                presence = socket.handler.presence
+                presence.track(socket, user, {"online_at": int(time.time() * 1000), "node": socket.endpoint.node_name})
+                self.push(socket, "presence_state", presence.list(socket))
         return None
 
     def handle_in(self, event: str, payload: Any, socket: SocketState):
@@ -146,13 +165,21 @@ class RoomChannel(Channel):
         return error({"reason": "unknown event"})
 
     def handle_out(self, event: str, payload: Any, socket: SocketState):
-        # Only "announce" is intercepted: each client gets its own copy.
+        if event == "presence_diff":
+            if self.wants_presence:  # only to the clients that asked for presence
+                self.push(socket, event, payload)
+            return None
+        # "announce": each client gets its own copy.
         self.push(socket, event, {**payload, "to": socket.assigns["user"]})
         return None
 
 
 class UserSocket(Socket):
     channels = [channel("room:*", RoomChannel)]
+
+    def __init__(self, presence: Presence) -> None:
+        super().__init__()
+        self.presence = presence  # channels reach it as socket.handler.presence
 
     def connect(self, params: dict, socket: SocketState, connect_info: dict):
         user = params.get("user")
@@ -168,7 +195,7 @@ def create_app() -> tuple[Flask, Endpoint]:
     app = Flask(__name__)
     app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY")
     endpoint = Endpoint(app, pubsub=os.environ.get("REDIS_URL") or None)
-    endpoint.socket("/socket", UserSocket, auth_token=True, longpoll=True)
+    endpoint.socket("/socket", UserSocket(Presence(endpoint)), auth_token=True, longpoll=True)
 
     def loopback_only() -> None:
         # Behind a reverse proxy every request comes from the proxy's address:

@@ -32,6 +32,7 @@ from .channel import (
 from .channel_server import Broadcast
 from .endpoint import Endpoint
 from .errors import BroadcastTimeout, CallbackReturnError, ChannelError, PhxError
+from .presence import Presence
 from .server import make_server, serve
 from .socket import Socket, SocketState, channel
 
@@ -52,6 +53,7 @@ __all__ = [
     "LEFT",
     "NORMAL",
     "PhxError",
+    "Presence",
     "Reply",
     "SHUTDOWN",
     "Socket",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gevent
@@ -231,6 +232,7 @@ class ChannelProcess:
         "partition",
         "leaving",
         "extra",
+        "monitors",
         "_drained",
         "__weakref__",
     )
@@ -252,6 +254,7 @@ class ChannelProcess:
         self.partition = conn.partition
         self.leaving = False
         self.extra: list[_InfoSubscription] | None = None
+        self.monitors: list[Callable[[ChannelProcess], None]] | None = None
         self._drained: Event | None = None
 
     def __repr__(self) -> str:
@@ -370,6 +373,7 @@ class ChannelProcess:
                 return bool(result.get())
             log.error("phx_gevent: join of %r did not answer within %ss; killing it", self.topic, timeout)
             self.state = STOPPED
+            self._notify_down()
             greenlet, self.greenlet = self.greenlet, None
             if greenlet is not None:
                 greenlet.kill(block=False)
@@ -390,6 +394,7 @@ class ChannelProcess:
                 )
             if outcome.status == "error":
                 self.state = STOPPED
+                self._notify_down()
                 conn.send_reply(self.join_ref, ref, self.topic, "error", outcome.response)
                 result.set(False)
                 return
@@ -410,6 +415,7 @@ class ChannelProcess:
             log.exception("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
             if self.state == JOINING:
                 self.state = STOPPED
+                self._notify_down()
                 conn.channel_exited(self)
                 conn.send_reply(self.join_ref, ref, self.topic, "error", {"reason": "join crashed"})
             result.set(False)
@@ -496,10 +502,45 @@ class ChannelProcess:
         if self._drained is not None:
             self._drained.set()
         self._unsubscribe()
+        self._notify_down()
         self.conn.channel_exited(self)
         if was_joined:
             self.partition.joined -= 1
         return True
+
+    # -- monitors ---------------------------------------------------------------------------
+
+    def monitor(self, callback: Callable[[ChannelProcess], None]) -> None:
+        """Call ``callback(self)`` once when this channel ends, or its join fails.
+
+        Called at once if the channel has already ended. Callbacks run in
+        whatever greenlet ends the channel (its own, the reader's, a kill):
+        they must not block. :class:`~phx_gevent.presence.Presence` uses this
+        to untrack a channel's presences, as Phoenix's tracker monitors pids.
+        """
+        if self.state == STOPPED:
+            self._call_monitor(callback)
+            return
+        if self.monitors is None:
+            self.monitors = []
+        self.monitors.append(callback)
+
+    def demonitor(self, callback: Callable[[ChannelProcess], None]) -> None:
+        """Undo :meth:`monitor` (no error if ``callback`` was not registered)."""
+        if self.monitors and callback in self.monitors:
+            self.monitors.remove(callback)
+
+    def _notify_down(self) -> None:
+        monitors, self.monitors = self.monitors, None
+        if monitors:
+            for callback in monitors:
+                self._call_monitor(callback)
+
+    def _call_monitor(self, callback: Callable[[ChannelProcess], None]) -> None:
+        try:
+            callback(self)
+        except Exception:
+            log.exception("phx_gevent: monitor %r of %r raised", callback, self)
 
     def _unsubscribe(self) -> None:
         pubsub = self.conn.mount.pubsub

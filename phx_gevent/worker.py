@@ -179,7 +179,15 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
 
     def _stop_pubsub(self) -> None:
         from .endpoint import endpoints
+        from .presence import trackers
 
+        # Tell the other nodes at once that this worker's presences are gone
+        # (otherwise they wait out down_period).
+        for presence in list(trackers):
+            try:
+                presence.close()
+            except Exception:
+                self.log.exception("phx_gevent: closing presence %r failed", presence.name)
         for endpoint in list(endpoints):
             try:
                 endpoint.pubsub.stop()

@@ -202,6 +202,20 @@ class JSClient:
         self.send(cmd="leave", channel=cid, req=req)
         return self._replied(cid, req, timeout)
 
+    def presence(self, cid: str) -> None:
+        """Attach phoenix.js's ``Presence`` to a channel (before its join); each sync is recorded."""
+        self.send(cmd="presence", channel=cid)
+
+    def wait_presence(self, cid: str, keys: set[str], since: int = 0, timeout: float = 10) -> dict[str, Any]:
+        """The first ``presence_sync`` of ``cid`` whose list holds exactly ``keys``."""
+        return self.wait(
+            ev="presence_sync",
+            channel=cid,
+            since=since,
+            timeout=timeout,
+            pred=lambda e: {p["key"] for p in e["list"]} == keys,
+        )
+
     def join_room(self, url: str, user: str, topic: str, **opts: Any) -> tuple[str, str]:
         """Open a socket as ``user`` and join ``topic``; returns (socket id, channel id)."""
         sid = self.open_socket(url, {"user": user}, **opts)

@@ -120,13 +120,19 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.mark.parametrize("transport", ["websocket", "longpoll"])
-def test_the_example_page_joins_sends_and_shows_messages(example, browser, transport):
+def test_the_example_page_joins_sends_and_shows_messages(example, browser, js, transport):
     longpoll = "&longpoll=1" if transport == "longpoll" else ""
     browser.goto(example.http + f"/?user=alice&room=lobby&send=hello{longpoll}")
     text = browser.wait_text("#log", lambda t: "alice: hello" in t)
     lines = [line for line in text.splitlines() if line.strip()]
     assert lines[0] == "joined room:lobby"
     assert lines[1] == f"welcome alice (served by {example.endpoint.node_name})"
+    # The page's phoenix.js Presence lists who is online; a second user shows up there.
+    browser.wait_text("#online", lambda t: t == "online: alice")
+    sid = js.open_socket(example.ws + "/socket", {"user": "bob"})
+    cid = js.channel(sid, "room:lobby", {"presence": True})
+    assert js.join(cid)["status"] == "ok"
+    browser.wait_text("#online", lambda t: t in ("online: alice, bob", "online: bob, alice"))
 
 
 def test_a_refused_join_is_shown(example, browser):

@@ -52,8 +52,12 @@ class Client:
         return pid_of(welcome["payload"]["node"])
 
 
-def spread(js: Any, server: Gunicorn, topic: str, user: str | None = None, batches: int = 10) -> list[Client]:
+def spread(
+    js: Any, server: Gunicorn, topic: str, user: str | None = None, batches: int = 10, presence: bool = False
+) -> list[Client]:
     """Open clients, a few at a time, until both workers hold at least one; returns them all.
+
+    ``presence``: join with ``{"presence": true}`` and attach phoenix.js's Presence.
 
     Connections opened together race for the workers' accept(), which spreads
     them; one at a time, the worker that served the last one often wins again.
@@ -65,7 +69,9 @@ def spread(js: Any, server: Gunicorn, topic: str, user: str | None = None, batch
         for _ in range(4):
             name = user or f"user{next(_users)}"
             sid = js.socket(server.ws + "/socket", {"user": name}, **FAST)
-            cid = js.channel(sid, topic)
+            cid = js.channel(sid, topic, {"presence": True} if presence else None)
+            if presence:
+                js.presence(cid)
             batch.append((sid, cid, name))
         for _sid, cid, _name in batch:
             js.send(cmd="join", channel=cid, req=f"join-{cid}")
@@ -167,6 +173,37 @@ def test_a_redis_outage_leaves_workers_serving_and_broadcasts_resume(gunicorn, r
         for c in [*clients, late]:
             c.wait("new_msg", since, body=f"after {pid}", timeout=20)
     assert not server.log.find(r"Traceback|Worker exiting|WORKER TIMEOUT", since=mark)
+
+
+def test_presence_is_shared_by_both_workers(gunicorn, redis_server, js):  # noqa: F811
+    server = start(gunicorn, redis_server)
+    clients = spread(js, server, "room:presence", presence=True)
+    users = {c.user for c in clients}
+    for c in clients:
+        js.wait_presence(c.cid, users, timeout=15)
+    # The clients of one worker leave: those of the other see exactly them go.
+    gone_pid = clients[0].pid
+    stay = [c for c in clients if c.pid != gone_pid]
+    since = js.mark()
+    for c in clients:
+        if c.pid == gone_pid:
+            js.leave(c.cid)
+    for c in stay:
+        js.wait_presence(c.cid, {c.user for c in stay}, since=since, timeout=15)
+    # SIGTERM the worker of those who stayed: drained (1012), they rejoin elsewhere and are tracked
+    # there, and their old presences go at once (untracked while draining, then the worker's
+    # "down"), well before down_period (15 s) would expire them.
+    victim = stay[0].pid
+    since = js.mark()
+    server.signal_worker(victim, signal.SIGTERM)
+
+    def clean(event: dict[str, Any]) -> bool:
+        metas = [m for p in event["list"] for m in p["metas"]]
+        return len(metas) == len(stay) and all(pid_of(m["node"]) != victim for m in metas)
+
+    for c in stay:
+        assert c.rejoined(since) != victim
+        js.wait(ev="presence_sync", channel=c.cid, since=since, timeout=10, pred=clean)
 
 
 def test_kill_9_of_a_worker_moves_its_clients_to_the_survivors(gunicorn, redis_server, js):  # noqa: F811

@@ -8,7 +8,7 @@ import { createRequire } from "node:module";
 import readline from "node:readline";
 
 const require = createRequire(import.meta.url);
-const { Socket, LongPoll } = require("phoenix");
+const { Socket, LongPoll, Presence } = require("phoenix");
 const WebSocket = require("ws");
 
 const sockets = new Map();
@@ -101,6 +101,11 @@ const commands = {
   push: (c) => watch(channels.get(c.channel).push(c.event, toWire(c.payload), opt(c.timeout)), c.req),
   leave: (c) => watch(channels.get(c.channel).leave(opt(c.timeout)), c.req),
   ping: (c) => sockets.get(c.socket).ping((rtt) => emit({ ev: "pong", req: c.req, rtt })),
+  // phoenix.js's Presence on a channel (before its join): every sync reports the whole list.
+  presence: (c) => {
+    const presence = new Presence(channels.get(c.channel));
+    presence.onSync(() => emit({ ev: "presence_sync", channel: c.channel, list: presence.list((key, { metas }) => ({ key, metas })) }));
+  },
   state: (c) => emit({ ev: "state", req: c.req, socket: sockets.has(c.socket) ? sockets.get(c.socket).connectionState() : null, channel: channels.has(c.channel) ? channels.get(c.channel).state : null }),
   exit: () => process.exit(0),
 };
