@@ -234,9 +234,16 @@ class Presence:
         return proc, topic
 
     @staticmethod
-    def _check(key: Any, meta: Any) -> dict[str, Any]:
+    def _key(key: Any) -> str:
+        # Phoenix converts keys with to_string; clients only ever see strings.
+        if isinstance(key, int) and not isinstance(key, bool):
+            return str(key)
         if not isinstance(key, str):
-            raise TypeError(f"a presence key must be a string, got {type(key).__name__}")
+            raise TypeError(f"a presence key must be a string (or an int), got {type(key).__name__}")
+        return key
+
+    @staticmethod
+    def _check(meta: Any) -> dict[str, Any]:
         if not isinstance(meta, dict):
             raise TypeError(f"presence meta must be a dict, got {type(meta).__name__}")
         meta = dict(meta)
@@ -251,11 +258,12 @@ class Presence:
         the presence leaves when that channel ends. One channel may track
         several keys, and the same key on several topics. Raises
         ``ValueError`` if this channel already tracks ``key`` on the topic,
-        ``TypeError`` for a key that is not a string or a meta that is not a
-        JSON-encodable dict.
+        ``TypeError`` for a key that is not a string (ints are converted, as
+        Phoenix does) or a meta that is not a JSON-encodable dict.
         """
         proc, topic = self._owner(socket_or_pid, topic)
-        meta = self._check(key, meta)
+        key = self._key(key)
+        meta = self._check(meta)
         if not proc.alive:
             raise ValueError(f"{proc!r} has ended; nothing to track")
         self._ensure_started()
@@ -274,6 +282,7 @@ class Presence:
     def untrack(self, socket_or_pid: Any, key: str, *, topic: str | None = None) -> bool:
         """Remove ``key`` tracked by this channel on its topic (or ``topic``); False if it was not tracked."""
         proc, topic = self._owner(socket_or_pid, topic)
+        key = self._key(key)
         owned = self._owned.get(proc)
         ref = owned.pop((topic, key), None) if owned else None
         if ref is None:
@@ -302,6 +311,7 @@ class Presence:
         ``ValueError`` when ``key`` is not tracked by this channel.
         """
         proc, topic = self._owner(socket_or_pid, topic)
+        key = self._key(key)
         owned = self._owned.get(proc)
         old_ref = owned.get((topic, key)) if owned else None
         old = self._local.get(topic, {}).get(key, {}).get(old_ref) if old_ref else None
@@ -310,7 +320,7 @@ class Presence:
         if callable(meta):
             current = {k: v for k, v in old.items() if k not in ("phx_ref", "phx_ref_prev")}
             meta = meta(current)
-        new = self._check(key, meta)
+        new = self._check(meta)
         new["phx_ref"] = ref = _new_ref()
         new["phx_ref_prev"] = old_ref
         _pop(self._local, topic, key, old_ref)

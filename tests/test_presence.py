@@ -190,7 +190,10 @@ def test_track_errors_and_other_topics():
     with pytest.raises(ValueError, match="already tracked"):
         node.presence.track(socket_pid, "alice", {})
     with pytest.raises(TypeError, match="key"):
-        node.presence.track(socket_pid, 42, {})
+        node.presence.track(socket_pid, None, {})
+    node.presence.track(socket_pid, 42, {})  # converted, as Phoenix's to_string does
+    assert "42" in node.keys()
+    assert node.presence.untrack(socket_pid, 42)
     with pytest.raises(TypeError, match="meta"):
         node.presence.track(socket_pid, "x", ["not", "a", "dict"])
     with pytest.raises(TypeError):
