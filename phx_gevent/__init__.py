@@ -35,6 +35,7 @@ from .errors import BroadcastTimeout, CallbackReturnError, ChannelError, PhxErro
 from .presence import Presence
 from .server import make_server, serve
 from .socket import Socket, SocketState, channel
+from .transports.http import csrf_token
 
 __version__ = "0.1.0"
 
@@ -63,6 +64,7 @@ __all__ = [
     "broadcast",
     "broadcast_from",
     "channel",
+    "csrf_token",
     "error",
     "is_graceful",
     "make_server",

@@ -80,6 +80,8 @@ class SocketMount:
         partitions: int | None,
         join_timeout: float | None,
         drainer: Mapping[str, Any] | None,
+        check_csrf: bool = True,
+        csrf_token_key: str = "_csrf_token",
     ) -> None:
         self.endpoint = endpoint
         self.path = path
@@ -94,12 +96,22 @@ class SocketMount:
         self.partitions = Partitions(partitions)
         self.join_timeout = join_timeout
         self.drainer = drainer
+        self.check_csrf = check_csrf
+        self.csrf_token_key = csrf_token_key
         #: Live connections of this mount (WebSocket and long-poll).
         self.connections: set[Any] = set()
 
     @property
     def pubsub(self) -> PubSub:
         return self.endpoint.pubsub
+
+    def build_connect_info(
+        self, environ: Mapping[str, Any], params: Mapping[str, Any], keys: list[Any], extra: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """``connect_info`` for a connection of this mount (inside the handshake's request)."""
+        return phx_http.connect_info(
+            environ, keys, extra, params=params, check_csrf=self.check_csrf, csrf_token_key=self.csrf_token_key
+        )
 
     def new_socket(self, transport: str, serializer: Serializer) -> SocketState:
         """A fresh socket struct for a connection being established."""
@@ -253,6 +265,8 @@ class Endpoint:
         partitions: int | None = None,
         join_timeout: float | None = 10.0,
         drainer: bool | Mapping[str, Any] = True,
+        check_csrf: bool = True,
+        csrf_token_key: str = "_csrf_token",
     ) -> SocketMount:
         """Mount a socket handler at ``path`` (``<path>/websocket``, ``<path>/longpoll``).
 
@@ -263,8 +277,13 @@ class Endpoint:
         ``connect_info["auth_token"]``. ``check_origin``: overrides the
         endpoint's. ``connect_info``: keys to collect (``"peer_data"``,
         ``"x_headers"``, ``"uri"``, ``"user_agent"``,
-        ``"trace_context_headers"``, ``"sec_websocket_headers"``, or a dict of
-        static pairs). ``log``: level of socket action logs, or ``False``.
+        ``"trace_context_headers"``, ``"sec_websocket_headers"``, ``"session"``,
+        or a dict of static pairs). ``check_csrf``/``csrf_token_key``: the
+        ``session`` key is given only when the connect param
+        ``csrf_token_key`` holds the session's :func:`~phx_gevent.csrf_token`
+        (``check_csrf=False`` drops that check; refused together with
+        ``check_origin=False``, as Phoenix does). ``log``: level of socket
+        action logs, or ``False``.
         ``partitions``: channel pools (default: usable cores).
         ``join_timeout``: seconds a ``join`` may take. ``drainer``: ``False``
         or ``{"batch_size", "batch_interval", "shutdown"}`` for shutdown drains.
@@ -290,6 +309,11 @@ class Endpoint:
         for key in keys:
             if not isinstance(key, Mapping) and key not in phx_http.CONNECT_INFO_KEYS:
                 raise ValueError(f"unknown connect_info key {key!r}; known: {sorted(phx_http.CONNECT_INFO_KEYS)}")
+        origin = self.check_origin if check_origin is None else self._compile_origin(check_origin)
+        if origin is False and not check_csrf:
+            raise ValueError("check_origin=False and check_csrf=False together leave the socket open to cross-site use")
+        if not isinstance(csrf_token_key, str) or not csrf_token_key:
+            raise ValueError(f"csrf_token_key must be a non-empty string, got {csrf_token_key!r}")
         if drainer is True:
             drainer = {}
         drain_opts = (
@@ -302,12 +326,14 @@ class Endpoint:
             websocket=ws_opts,
             longpoll=lp_opts,
             auth_token=bool(auth_token),
-            check_origin=self.check_origin if check_origin is None else self._compile_origin(check_origin),
+            check_origin=origin,
             connect_info=keys,
             log_level=_log_level(log),
             partitions=partitions,
             join_timeout=join_timeout,
             drainer=drain_opts,
+            check_csrf=bool(check_csrf),
+            csrf_token_key=csrf_token_key,
         )
         index = len(self.mounts)
         self.mounts.append(mount)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
@@ -22,6 +24,8 @@ __all__ = [
     "AUTH_TOKEN_PREFIX",
     "decode_auth_token",
     "CONNECT_INFO_KEYS",
+    "CSRF_SESSION_KEY",
+    "csrf_token",
 ]
 
 #: The subprotocol entry phoenix.js uses to carry ``authToken`` (PROTOCOL.md 3.4).
@@ -29,8 +33,48 @@ AUTH_TOKEN_PREFIX = "base64url.bearer.phx."
 
 #: The connect_info keys a mount may ask for (besides static ``{"key": value}`` pairs).
 CONNECT_INFO_KEYS = frozenset(
-    {"peer_data", "x_headers", "uri", "user_agent", "trace_context_headers", "sec_websocket_headers"}
+    {"peer_data", "x_headers", "uri", "user_agent", "trace_context_headers", "sec_websocket_headers", "session"}
 )
+
+#: Where :func:`csrf_token` keeps the token in the Flask session.
+CSRF_SESSION_KEY = "_phx_csrf_token"
+
+
+def csrf_token() -> str:
+    """The CSRF token of the current Flask session (created on first use), like Phoenix's ``get_csrf_token()``.
+
+    Render it into the page and pass it as the ``_csrf_token`` connect param
+    (``new Socket("/socket", {params: {_csrf_token: token}})``); a socket
+    mounted with ``connect_info=["session"]`` then gets the session. Call
+    it inside a request (it reads and may write ``flask.session``, so the
+    app needs a ``SECRET_KEY``); raises ``RuntimeError`` outside one.
+    """
+    from flask import session
+
+    token = session.get(CSRF_SESSION_KEY)
+    if not isinstance(token, str) or not token:
+        token = session[CSRF_SESSION_KEY] = secrets.token_urlsafe(32)
+    return token
+
+
+def _session(params: Mapping[str, Any], check_csrf: bool, csrf_token_key: str) -> dict[str, Any] | None:
+    """``connect_info["session"]``: the Flask session, only with a valid CSRF token (PROTOCOL.md 3.5)."""
+    from flask import has_request_context, session
+
+    if not has_request_context():
+        return None
+    data = dict(session)
+    if check_csrf:
+        # A page on another site can open a WebSocket with our cookies, but it
+        # cannot read the token rendered into our pages: without it, no session.
+        expected = data.get(CSRF_SESSION_KEY)
+        given = params.get(csrf_token_key)
+        if not isinstance(expected, str) or not isinstance(given, str):
+            return None
+        if not hmac.compare_digest(expected.encode(), given.encode()):
+            return None
+    return data
+
 
 # Limits on query parameters: more fields or deeper nesting is refused (403).
 MAX_PARAMS = 1000
@@ -209,19 +253,28 @@ def connect_info(
     environ: Mapping[str, Any],
     keys: Iterable[Any],
     extra: Mapping[str, Any] | None = None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    check_csrf: bool = True,
+    csrf_token_key: str = "_csrf_token",
 ) -> dict[str, Any]:
     """Build ``connect_info`` with only the keys asked for (PROTOCOL.md 3.5).
 
     Shapes: ``peer_data`` → ``{"address": str, "port": int, "ssl_cert": None}``;
     ``x_headers``, ``trace_context_headers`` and ``sec_websocket_headers`` →
     lists of ``(lowercase name, value)``; ``uri`` → :class:`URI`;
-    ``user_agent`` → ``str`` or ``None``. A mapping among ``keys`` is copied
-    as static pairs. Cookies and other headers are never exposed.
+    ``user_agent`` → ``str`` or ``None``; ``session`` → a copy of the Flask
+    session as a ``dict``, or ``None`` unless ``params[csrf_token_key]`` is
+    the session's :func:`csrf_token` (when ``check_csrf``). A mapping among
+    ``keys`` is copied as static pairs. Cookies and other headers are never
+    exposed. Raises ``ValueError`` for an unknown key.
     """
     info: dict[str, Any] = {}
     for key in keys:
         if isinstance(key, Mapping):
             info.update(key)
+        elif key == "session":
+            info["session"] = _session(params or {}, check_csrf, csrf_token_key)
         elif key == "peer_data":
             try:
                 port = int(environ.get("REMOTE_PORT") or 0)

@@ -530,7 +530,7 @@ class LongPoll:
             log.warning("phx_gevent: refused long-poll session with unsupported vsn %r", params.get("vsn"))
             return _json({"status": 403})
         extra = {"auth_token": environ.get("HTTP_X_PHOENIX_AUTHTOKEN")} if self.auth_token else None
-        info = phx_http.connect_info(environ, self.connect_info, extra)
+        info = mount.build_connect_info(environ, params, self.connect_info, extra)
         socket = mount.new_socket("longpoll", serializer)
         self._creating += 1
         try:

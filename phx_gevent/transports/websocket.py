@@ -191,7 +191,7 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
         log.warning("phx_gevent: refused WebSocket with unsupported vsn %r", params.get("vsn"))
         return _empty(403)
     extra = {"auth_token": token} if mount.auth_token else None
-    info = phx_http.connect_info(environ, mount.connect_info, extra)
+    info = mount.build_connect_info(environ, params, mount.connect_info, extra)
     socket = mount.new_socket("websocket", serializer)
     result = mount.handler.connect(params, socket, info)
     if result is None or result is False:

@@ -53,6 +53,14 @@ function makeSocket(cmd) {
     opts.longPollFallbackMs = o.longPollFallbackMs;
     opts.transport = WebSocket;
   }
+  if (o.cookie !== undefined) {
+    // Node's WebSocket has no cookie jar: send the browser's Cookie header by hand.
+    opts.transport = class extends WebSocket {
+      constructor(url, protocols) {
+        super(url, protocols, { headers: { Cookie: o.cookie } });
+      }
+    };
+  }
   if (o.authToken !== undefined) opts.authToken = o.authToken;
   if (o.heartbeatIntervalMs !== undefined) opts.heartbeatIntervalMs = o.heartbeatIntervalMs;
   if (o.timeout !== undefined) opts.timeout = o.timeout;
