@@ -103,6 +103,11 @@ class RawWS:
     # -- receiving ---------------------------------------------------------------------------
 
     def recv_frame(self) -> tuple[int, bytes]:
+        b0, data = self.recv_raw_frame()
+        return b0 & 0x0F, data
+
+    def recv_raw_frame(self) -> tuple[int, bytes]:
+        """(first header byte: FIN, RSV and opcode bits; payload) of the next frame."""
         b0, b1 = self._read(2)
         n = b1 & 0x7F
         if n == 126:
@@ -110,7 +115,7 @@ class RawWS:
         elif n == 127:
             (n,) = struct.unpack("!Q", self._read(8))
         assert not b1 & 0x80, "server frames are never masked"
-        return b0 & 0x0F, self._read(n)
+        return b0, self._read(n)
 
     def recv_json(self) -> Any:
         while True:

@@ -6,12 +6,17 @@
   instead of a Python loop, and text is validated by ``bytes.decode``;
 * the announced length is checked against ``max_frame_size`` before any of
   the payload is read;
-* close frames carry their status code and a UTF-8 reason.
+* close frames carry their status code and a UTF-8 reason;
+* permessage-deflate (RFC 7692) without context takeover in either
+  direction: each message is compressed on its own, so a compressed
+  broadcast frame is still built once and shared, and a connection keeps no
+  zlib state between messages (no memory per connection).
 """
 
 from __future__ import annotations
 
 import struct
+import zlib
 
 __all__ = [
     "OP_CONT",
@@ -27,6 +32,11 @@ __all__ = [
     "close_frame",
     "parse_close",
     "unmask",
+    "RSV1",
+    "deflate_frame",
+    "inflate",
+    "negotiate_deflate",
+    "COMPRESS_THRESHOLD",
 ]
 
 OP_CONT = 0x0
@@ -68,6 +78,87 @@ def frame(opcode: int, payload: bytes) -> bytes:
     if n < 65536:
         return _pack_short(0x80 | opcode, 126, n) + payload
     return _pack_long(0x80 | opcode, 127, n) + payload
+
+
+#: The "compressed" bit of permessage-deflate, on the first frame of a message.
+RSV1 = 0x40
+#: Messages shorter than this are sent uncompressed (not worth the CPU; as the ``ws`` library does).
+COMPRESS_THRESHOLD = 1024
+_SYNC_TAIL = b"\x00\x00\xff\xff"
+
+
+def deflate_frame(opcode: int, payload: bytes) -> bytes:
+    """A final server frame with ``payload`` compressed (RSV1), or plain when that is not smaller.
+
+    A fresh compressor per message: the frame depends on nothing sent
+    before, so it can go to every connection (``server_no_context_takeover``).
+    """
+    c = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
+    data = c.compress(payload) + c.flush(zlib.Z_SYNC_FLUSH)
+    if data.endswith(_SYNC_TAIL):
+        data = data[:-4]  # RFC 7692 7.2.1: the receiver appends it back
+    if len(data) >= len(payload):
+        return frame(opcode, payload)
+    n = len(data)
+    b0 = 0x80 | RSV1 | opcode
+    if n < 126:
+        return bytes((b0, n)) + data
+    if n < 65536:
+        return _pack_short(b0, 126, n) + data
+    return _pack_long(b0, 127, n) + data
+
+
+def inflate(data: bytes, max_size: int) -> bytes:
+    """Decompress one client message; :class:`ProtocolError` 1009 past ``max_size`` bytes, 1007 if corrupt.
+
+    The output is capped while inflating, so a small "zip bomb" never
+    allocates more than ``max_size``. A fresh decompressor per message: the
+    handshake required ``client_no_context_takeover``.
+    """
+    d = zlib.decompressobj(-15)
+    try:
+        out = d.decompress(data + _SYNC_TAIL, max_size + 1)
+    except zlib.error:
+        raise ProtocolError(CLOSE_INVALID_DATA, "invalid compressed data") from None
+    if len(out) > max_size:
+        raise ProtocolError(CLOSE_TOO_BIG, "message too big")
+    return out
+
+
+def negotiate_deflate(header: str | None) -> str | None:
+    """The ``Sec-WebSocket-Extensions`` answer to a client's offers, or ``None`` to not compress.
+
+    Accepts the first ``permessage-deflate`` offer whose parameters are all
+    known and valid, answering with no context takeover in both directions.
+    An offer that limits the server's window (``server_max_window_bits`` <
+    15) is declined: shared broadcast frames use one window size.
+    """
+    if not header:
+        return None
+    for offer in header.split(","):
+        name, *params = [part.strip() for part in offer.split(";")]
+        if name.lower() != "permessage-deflate":
+            continue
+        seen: set[str] = set()
+        ok = True
+        for param in params:
+            key, _, value = param.partition("=")
+            key = key.strip().lower()
+            value = value.strip().strip('"')
+            if key in seen:
+                ok = False
+            seen.add(key)
+            if key in ("server_no_context_takeover", "client_no_context_takeover"):
+                ok = ok and not value
+            elif key == "server_max_window_bits":
+                ok = ok and value == "15"
+            elif key == "client_max_window_bits":
+                ok = ok and (not value or (value.isdigit() and 8 <= int(value) <= 15))
+            else:
+                ok = False
+        if ok:
+            return "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    return None
 
 
 def text_frame(text: str) -> bytes:

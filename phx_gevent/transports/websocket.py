@@ -52,7 +52,7 @@ from .writer import configure_socket, make_writer
 if TYPE_CHECKING:  # pragma: no cover
     from ..endpoint import SocketMount
 
-__all__ = ["WebSocketOptions", "WebSocketTransport", "handshake", "encoder_for"]
+__all__ = ["WebSocketOptions", "WebSocketTransport", "handshake", "encoder_for", "DeflateWebSocketEncoder"]
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,16 @@ class WebSocketOptions:
         Seconds to wait for the client's close frame after ours. Default 5.
     ``path``
         URL suffix of the endpoint; default ``"/websocket"``.
+    ``compress``
+        Offer permessage-deflate (RFC 7692) to clients that ask (browsers and
+        ``ws`` do): messages of :data:`~phx_gevent.transports.frames.COMPRESS_THRESHOLD`
+        bytes or more are compressed, each on its own (no context
+        takeover either way, so no zlib state per connection and broadcast
+        frames stay shared). Costs CPU per large message; default ``False``
+        as in Phoenix. ``max_frame_size`` applies to the inflated size too.
     """
 
-    __slots__ = ("timeout", "max_frame_size", "fullsweep_after", "subprotocols", "close_timeout", "path")
+    __slots__ = ("timeout", "max_frame_size", "fullsweep_after", "subprotocols", "close_timeout", "path", "compress")
 
     def __init__(
         self,
@@ -98,6 +105,7 @@ class WebSocketOptions:
         subprotocols: list[str] | tuple[str, ...] = (),
         close_timeout: float = 5.0,
         path: str = "/websocket",
+        compress: bool = False,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError("websocket timeout must be positive (seconds)")
@@ -111,6 +119,7 @@ class WebSocketOptions:
         self.subprotocols = ["phoenix", *[p for p in subprotocols if p != "phoenix"]]
         self.close_timeout = close_timeout
         self.path = path
+        self.compress = bool(compress)
 
 
 class WebSocketEncoder(FastlaneEncoder):
@@ -125,9 +134,31 @@ class WebSocketEncoder(FastlaneEncoder):
         return frame(OP_BINARY, data)
 
 
-def encoder_for(serializer: Serializer) -> WebSocketEncoder:
-    """The shared WebSocket encoder of ``serializer`` (one per serializer per process)."""
-    return WebSocketEncoder.of(serializer)
+class DeflateWebSocketEncoder(FastlaneEncoder):
+    """Fastlane encoder of connections that negotiated permessage-deflate: large broadcasts compressed once."""
+
+    __slots__ = ()
+
+    def broadcast(self, topic: str, event: str, payload: Any) -> bytes:
+        data = self.serializer.encode_broadcast(topic, event, payload)
+        return _deflate_message(data)
+
+
+def _deflate_message(data: str | bytes) -> bytes:
+    if type(data) is str:
+        raw = data.encode("utf-8")
+        op = OP_TEXT
+    else:
+        raw = bytes(data)
+        op = OP_BINARY
+    if len(raw) >= frames.COMPRESS_THRESHOLD:
+        return frames.deflate_frame(op, raw)
+    return frame(op, raw)
+
+
+def encoder_for(serializer: Serializer, deflate: bool = False) -> FastlaneEncoder:
+    """The shared WebSocket encoder of ``serializer`` (one per serializer and compression, per process)."""
+    return (DeflateWebSocketEncoder if deflate else WebSocketEncoder).of(serializer)
 
 
 # -- the handshake -------------------------------------------------------------------------
@@ -212,11 +243,14 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
     headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
     if chosen is not None:
         headers.append(("Sec-WebSocket-Protocol", chosen))
-    environ[ENVIRON_UPGRADE] = partial(_run, mount, socket, serializer)
+    deflate = frames.negotiate_deflate(environ.get("HTTP_SEC_WEBSOCKET_EXTENSIONS")) if opts.compress else None
+    if deflate is not None:
+        headers.append(("Sec-WebSocket-Extensions", deflate))
+    environ[ENVIRON_UPGRADE] = partial(_run, mount, socket, serializer, deflate is not None)
     return Response(status=101, headers=headers)
 
 
-def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, wsgi_handler: Any) -> None:
+def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflate: bool, wsgi_handler: Any) -> None:
     """Called by the WSGI handler after the 101 went out: serve the connection until it ends."""
     sock = wsgi_handler.socket
     configure_socket(sock)
@@ -238,7 +272,7 @@ def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, wsgi_h
         wsgi_input = getattr(wsgi_handler, "wsgi_input", None)
         if wsgi_input is not None:
             wsgi_input.rfile = None
-    transport = WebSocketTransport(sock, mount.websocket, serializer, leftover)
+    transport = WebSocketTransport(sock, mount.websocket, serializer, leftover, deflate)
     conn = Connection(mount, socket, serializer, transport)
     transport.conn = conn
     conn.start()
@@ -331,13 +365,18 @@ class WebSocketTransport:
         "handled",
         "peer_closed",
         "last_recv",
+        "deflate",
     )
 
-    def __init__(self, sock: Any, opts: WebSocketOptions, serializer: Serializer, leftover: bytes = b"") -> None:
+    def __init__(
+        self, sock: Any, opts: WebSocketOptions, serializer: Serializer, leftover: bytes = b"", deflate: bool = False
+    ) -> None:
         self.sock = sock
         self.opts = opts
         self.serializer = serializer
-        self.writer = make_writer(sock, encoder_for(serializer))
+        #: permessage-deflate was negotiated.
+        self.deflate = deflate
+        self.writer = make_writer(sock, encoder_for(serializer, deflate))
         self.conn: Connection | None = None
         self.buf = bytearray(leftover)
         self._timer: Any = None
@@ -350,7 +389,9 @@ class WebSocketTransport:
 
     def send(self, data: str | bytes) -> None:
         """Queue one encoded message as a text (``str``) or binary (``bytes``) frame."""
-        if type(data) is str:
+        if self.deflate:
+            self.writer.write(_deflate_message(data))
+        elif type(data) is str:
             self.writer.write(text_frame(data))
         else:
             self.writer.write(frame(OP_BINARY, data))
@@ -412,6 +453,8 @@ class WebSocketTransport:
         fragments: list[bytes] = []
         frag_op = 0
         frag_size = 0
+        frag_compressed = False
+        deflate = self.deflate
         while True:
             if len(buf) < 2:
                 self._fill(2)
@@ -419,7 +462,9 @@ class WebSocketTransport:
             b1 = buf[1]
             op = b0 & 0x0F
             length = b1 & 0x7F
-            if b0 & 0x70:
+            rsv = b0 & 0x70
+            if rsv and (rsv != frames.RSV1 or not deflate or op >= 8 or op == OP_CONT):
+                # RSV1 means "compressed", only if negotiated and only on a message's first frame.
                 raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "reserved bits set")
             if not b1 & 0x80:
                 raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "client frames must be masked")
@@ -450,8 +495,10 @@ class WebSocketTransport:
                 if frag_op:
                     raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
                 if not fin:
-                    frag_op, fragments, frag_size = op, [payload], length
+                    frag_op, fragments, frag_size, frag_compressed = op, [payload], length, bool(rsv)
                     continue
+                if rsv:
+                    payload = frames.inflate(payload, max_size)
                 self._message(op, payload)
             elif op == OP_CONT:
                 if not frag_op:
@@ -461,6 +508,8 @@ class WebSocketTransport:
                 if fin:
                     data = b"".join(fragments)
                     op, frag_op, fragments, frag_size = frag_op, 0, [], 0
+                    if frag_compressed:
+                        data = frames.inflate(data, max_size)
                     self._message(op, data)
             elif op == OP_PING:
                 self.writer.write(frame(OP_PONG, payload))
