@@ -135,7 +135,7 @@ def test_two_workers_share_broadcasts_disconnects_and_log_websockets(gunicorn, r
 
 def test_a_redis_outage_leaves_workers_serving_and_broadcasts_resume(gunicorn, redis_server, js):  # noqa: F811
     server = start(gunicorn, redis_server)
-    clients = spread(js, server, "room:outage")
+    clients = spread(js, server, "room:outage", presence=True)
     by_pid: dict[int, list[Client]] = {}
     for c in clients:
         by_pid.setdefault(c.pid, []).append(c)
@@ -152,7 +152,10 @@ def test_a_redis_outage_leaves_workers_serving_and_broadcasts_resume(gunicorn, r
     # Still serving: pages, new sockets, joins, pushes and same-worker broadcasts.
     assert http.get(server.http + "/").status == 200
     joined_at = js.mark()
-    late_sid, late_cid = js.join_room(server.ws + "/socket", "late", "room:outage", **FAST)
+    late_sid = js.open_socket(server.ws + "/socket", {"user": "late"}, **FAST)
+    late_cid = js.channel(late_sid, "room:outage", {"presence": True})
+    js.presence(late_cid)
+    assert js.join(late_cid)["status"] == "ok"
     welcome = js.wait(ev="chan", channel=late_cid, event="welcome", since=joined_at)
     late = Client(js, late_sid, late_cid, "late", pid_of(welcome["payload"]["node"]))
     since = js.mark()
@@ -172,6 +175,10 @@ def test_a_redis_outage_leaves_workers_serving_and_broadcasts_resume(gunicorn, r
         assert js.push(by_pid[pid][0].cid, "new_msg", {"body": f"after {pid}"})["status"] == "ok"
         for c in [*clients, late]:
             c.wait("new_msg", since, body=f"after {pid}", timeout=20)
+    # Presence converges too: "late" joined one worker during the outage; everyone sees everyone.
+    users = {c.user for c in clients} | {"late"}
+    for c in [*clients, late]:
+        js.wait_presence(c.cid, users, timeout=20)
     assert not server.log.find(r"Traceback|Worker exiting|WORKER TIMEOUT", since=mark)
 
 

@@ -19,7 +19,7 @@ from phx_gevent.pubsub.memory import MemoryBus
 from phx_gevent.testing import ChannelTest
 from tests.servers import wait_until
 
-FAST = {"broadcast_period": 0.05, "down_period": 0.5}
+FAST = {"broadcast_period": 0.05, "down_period": 1.0}
 _names = itertools.count(1)
 
 
