@@ -13,27 +13,13 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from phx_gevent import Channel, Endpoint, Socket, channel, ok
+from phx_gevent import Endpoint
 from phx_gevent.transports.frames import COMPRESS_THRESHOLD, negotiate_deflate
 from tests.rawws import RawWS
+from tests.test_websocket_raw import UserSocket  # the echo channel on room:*
 
 OFFER = "permessage-deflate; client_max_window_bits"
 ANSWER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
-
-
-class EchoChannel(Channel):
-    def join(self, topic, payload, socket):
-        return ok()
-
-    def handle_in(self, event, payload, socket):
-        return ok(payload)
-
-
-class UserSocket(Socket):
-    channels = [channel("room:*", EchoChannel)]
-
-    def connect(self, params, socket, connect_info):
-        return socket
 
 
 @pytest.fixture
