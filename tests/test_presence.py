@@ -388,3 +388,28 @@ def test_phoenix_js_presence_across_two_nodes(live_server, js, cluster):
     since = js.mark()
     js.send(cmd="disconnect", socket=cids["bob"][0])
     js.wait_presence(cids["alice"][1], {"alice"}, since=since)
+
+
+def test_changes_queued_together_go_out_as_one_diff_with_their_net_effect():
+    node = Node()
+    watcher = node.join("watcher")
+    watcher.assert_push("presence_state")
+    diff_of(watcher)
+    clients = [node.test.connect({"user": f"u{i}"}) for i in range(30)]
+    for i, client in enumerate(clients):
+        client.join("presence:lobby").assert_push("presence_state")
+        assert list(diff_of(watcher)["joins"]) == [f"u{i}"]
+    # All 30 connections end without a greenlet switch in between: one diff with 30 leaves.
+    for client in clients:
+        client.close()
+    diff = diff_of(watcher)
+    assert diff["joins"] == {} and set(diff["leaves"]) == {f"u{i}" for i in range(30)}
+    # Tracked and untracked within one batch: never shown; the rest of the batch is.
+    pid = next(iter(node.presence._owned))
+    node.presence.track(pid, "blink", {})
+    node.presence.untrack(pid, "blink")
+    node.presence.track(pid, "stays", {})
+    diff = diff_of(watcher)
+    assert diff["leaves"] == {} and list(diff["joins"]) == ["stays"]
+    assert node.keys() == {"watcher", "stays"}
+    watcher.refute_push("presence_diff")
