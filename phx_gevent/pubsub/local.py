@@ -23,6 +23,12 @@ A subscriber is any object with:
 
 The fastlane encodes a broadcast once per distinct encoder (serializer and
 framing) and hands the same bytes to every connection (PROTOCOL.md 5.7).
+
+On a topic that keeps history (:mod:`phx_gevent.pubsub.history`), a
+broadcast of a kept event carries an offset; subscribers with a true
+``offsets`` attribute get a second variant of the frame with the offset in
+the ref slot (:meth:`Topic.dispatch_offset`); every other subscriber gets
+the plain frame. Topics without history take the unchanged :meth:`Topic.dispatch`.
 """
 
 from __future__ import annotations
@@ -35,7 +41,9 @@ from blinker import ANY, Signal
 
 from ..flow import flow
 from ..serializers import EncodeError
+from . import codec
 from .base import Adapter, make_node_name
+from .history import HistoryConfig, HistoryEntry, HistoryRules, MemoryHistory, Recovery, parse_offset
 
 __all__ = ["PubSub", "Topic", "ALL_EVENTS"]
 
@@ -68,6 +76,42 @@ def check_broadcast(topic: Any, event: Any, payload: Any) -> None:
         raise TypeError(f"a broadcast payload must be a dict or bytes, got {type(payload).__name__}")
 
 
+class RecoveryBuffer:
+    """Stands in for a channel's writer while its join recovers history.
+
+    Live frames of the topic are kept here, each with its offset (``None``
+    for messages without one), until the join reply and the replay are out;
+    then :meth:`flush_into` writes those the replay did not already cover.
+    """
+
+    __slots__ = ("encoder", "items")
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+        self.items: list[tuple[Any, str | None]] = []
+
+    def write(self, frame: Any) -> None:
+        """A frame without offset (from the plain fan-out)."""
+        self.items.append((frame, None))
+
+    def add(self, frame: Any, offset: str) -> None:
+        """A frame with its offset."""
+        self.items.append((frame, offset))
+
+    def flush_into(self, writer: Any, epoch: str | None, last_seq: int) -> int:
+        """Write the kept frames except those at or before ``last_seq`` of ``epoch``; returns how many."""
+        n = 0
+        for frame, offset in self.items:
+            if offset is not None and epoch is not None:
+                parsed = parse_offset(offset)
+                if parsed is not None and parsed[0] == epoch and parsed[1] <= last_seq:
+                    continue  # already sent by the replay
+            writer.write(frame)
+            n += 1
+        self.items = []
+        return n
+
+
 class Topic:
     """The subscribers of one topic and the loop that delivers to them."""
 
@@ -77,6 +121,45 @@ class Topic:
         self.name = name
         # An insertion-ordered set: O(1) unsubscribe, delivery in join order.
         self.subs: dict[Any, None] = {}
+
+    def dispatch_offset(self, event: str, payload: Any, from_: Any, offset: str) -> int:
+        """Deliver a history broadcast: the offset goes in the ref of subscribers that asked for it.
+
+        At most two frames per encoder (with and without the offset). The
+        payload was already encoded once on its way here, so it is valid.
+        """
+        topic = self.name
+        plain: dict[Any, Any] = {}
+        reffed: dict[Any, Any] = {}
+        n = 0
+        for sub in list(self.subs):
+            if sub.owner is from_:
+                continue
+            if event in sub.intercept:
+                sub.deliver(topic, event, payload)
+                n += 1
+                continue
+            writer = sub.writer
+            enc = writer.encoder
+            cache = reffed if getattr(sub, "offsets", False) else plain
+            frame = cache.get(enc, cache)
+            if frame is cache:
+                try:
+                    if cache is reffed:
+                        frame = enc.broadcast_ref(topic, event, payload, offset)
+                    else:
+                        frame = enc.broadcast(topic, event, payload)
+                except EncodeError:
+                    frame = None
+                cache[enc] = frame
+            if frame is None:
+                continue
+            if type(writer) is RecoveryBuffer:
+                writer.add(frame, offset)
+            else:
+                writer.write(frame)
+            n += 1
+        return n
 
     def dispatch(self, event: str, payload: Any, from_: Any = None) -> int:
         """Deliver to every subscriber except ``from_``'s; returns the number reached.
@@ -142,6 +225,14 @@ class PubSub:
         self.signal.connect(self._dispatch, weak=False)
         self._handlers: dict[str, Callable[[Any, str], None]] = {}
         self._started = False
+        #: Topic patterns that keep history, and where it is kept.
+        self.history_rules = HistoryRules()
+        self.history_store: Any = None
+        # broadcast_from senders of history broadcasts, until their echo comes back.
+        self._history_from: dict[int, Any] = {}
+        self._history_token = 0
+        if adapter is not None and getattr(adapter, "supports_history", False):
+            adapter.on_history_fallback = self._history_fallback  # type: ignore[attr-defined]
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -151,6 +242,8 @@ class PubSub:
             self._started = True
             if self.adapter is not None:
                 self.adapter.start(self._receive)
+                if self.history_rules:
+                    self._publish_history_rules()
         if self.adapter is not None:
             # The adapter renames itself in a forked child (gunicorn --preload): follow it.
             self.node_name = self.adapter.node_name
@@ -198,6 +291,126 @@ class PubSub:
         """Undo :meth:`connect`."""
         self.signal.disconnect(receiver, sender=topic)
 
+    # -- history ------------------------------------------------------------------------
+
+    def keep_history(self, pattern: str, config: HistoryConfig | dict[str, Any]) -> None:
+        """Keep history for topics matching ``pattern`` (``"room:*"`` or an exact topic).
+
+        Raises ``ValueError`` when the pattern already keeps history with
+        another config. With an adapter that cannot share offsets (not Redis),
+        history topics are broadcast as plain ones and recoveries answer
+        ``recovered: false``, with a warning.
+        """
+        cfg = HistoryConfig.coerce(config)
+        if cfg is None:
+            return
+        self.history_rules.add(pattern, cfg)
+        if self.history_store is None:
+            self.history_store = self._make_history_store()
+        if self._started and self.adapter is not None:
+            self._publish_history_rules()
+
+    def _make_history_store(self) -> Any:
+        adapter = self.adapter
+        if adapter is None:
+            return MemoryHistory()
+        if getattr(adapter, "supports_history", False):
+            from .history import RedisHistory
+
+            return RedisHistory(adapter.url, adapter.prefix)  # type: ignore[attr-defined]
+        log.warning(
+            "phx_gevent: %s cannot share history offsets between nodes; history topics are broadcast without them",
+            type(adapter).__name__,
+        )
+        return False
+
+    def _publish_history_rules(self) -> None:
+        store = self.history_store
+        if not store or not hasattr(store, "publish_rules"):
+            return
+
+        def publish() -> None:
+            try:
+                store.publish_rules(self.history_rules)
+            except Exception as exc:  # Redis down: emitters fall back to plain broadcasts meanwhile
+                log.warning("phx_gevent: could not publish the history topic patterns to Redis: %s", exc)
+
+        import gevent
+
+        gevent.spawn(publish)
+
+    def history_config(self, topic: str, event: str | None = None) -> HistoryConfig | None:
+        """The history config of ``topic`` (and ``event``, if given), or ``None`` when not kept."""
+        if not self.history_rules:
+            return None
+        cfg = self.history_rules.for_topic(topic)
+        if cfg is None or (event is not None and not cfg.keeps(event)):
+            return None
+        return cfg
+
+    def fetch_history(
+        self, topic: str, since: Any = None, last: int | None = None, *, has_since: bool = True
+    ) -> Recovery:
+        """What a recovery of ``topic`` from offset ``since`` replays (may wait for Redis).
+
+        ``has_since=False`` with ``last``: the last ``last`` messages (a
+        backlog). Never raises: a bad, unknown, other-topic or too-old offset,
+        or Redis failing, gives ``recovered`` False and no entries.
+        """
+        cfg = self.history_config(topic)
+        store = self.history_store
+        if cfg is None or not store:
+            return Recovery(has_since and since is None, [])
+        return store.fetch(topic, since, last, cfg, has_since=has_since)
+
+    def history(self, topic: str, since: str | None = None, limit: int = 100) -> list[HistoryEntry] | None:
+        """The kept messages of ``topic``: after offset ``since``, or the last ``limit`` when ``since`` is None.
+
+        Returns ``None`` when the messages after ``since`` are not all kept
+        any more (or ``since`` is unknown): the caller must refetch from its
+        own storage. ``limit`` is capped at 100 for a backlog.
+        """
+        if since is None:
+            result = self.fetch_history(topic, None, limit, has_since=False)
+        else:
+            result = self.fetch_history(topic, since, None, has_since=True)
+        if not result.recovered:
+            return None
+        return result.entries[:limit] if since is not None else result.entries
+
+    def _history_fallback(self, plain: bytes) -> None:
+        # The adapter could not append a history broadcast: deliver it here
+        # without offset (the adapter marked the gap and forwards it plain).
+        envelope = codec.decode(plain)
+        from_ = self._history_from.pop(envelope["x"], None) if envelope["x"] is not None else None
+        self.local_deliver(envelope["t"], envelope["e"], envelope["p"], from_)
+
+    def _broadcast_history(self, topic: str, event: str, payload: Any, from_: Any, cfg: HistoryConfig) -> None:
+        store = self.history_store
+        adapter = self.adapter
+        if adapter is None:
+            offset = store.append(topic, event, payload, cfg)
+            self.local_deliver(topic, event, payload, from_, offset)
+            return
+        self.start()
+        token = None
+        if from_ is not None:
+            self._history_token += 1
+            token = self._history_token
+            self._history_from[token] = from_
+            if len(self._history_from) > 100_000:
+                # Echoes that never came back (an outage): forget the oldest.
+                for key in list(self._history_from)[:50_000]:
+                    del self._history_from[key]
+        envelope = {"k": "b", "n": self.node_name, "t": topic, "e": event, "p": payload, "x": token}
+        if adapter.publish_history(envelope, cfg):
+            return  # delivered here too, with its offset, when Redis echoes it
+        if token is not None:
+            self._history_from.pop(token, None)
+        envelope["x"] = None if from_ is None else id(from_)
+        self.local_deliver(topic, event, payload, from_)
+        adapter.publish(envelope)
+
     # -- broadcasting -------------------------------------------------------------------
 
     def broadcast(self, topic: str, event: str, payload: Any, from_: Any = None) -> None:
@@ -210,6 +423,11 @@ class PubSub:
         """
         check_broadcast(topic, event, payload)
         flow.wait()
+        if self.history_rules and self.history_store is not False:
+            cfg = self.history_config(topic, event)
+            if cfg is not None:
+                self._broadcast_history(topic, event, payload, from_, cfg)
+                return
         if self.adapter is not None:
             self.start()
             envelope = {
@@ -231,16 +449,22 @@ class PubSub:
         flow.wait()
         self.local_deliver(topic, event, payload, from_)
 
-    def local_deliver(self, topic: str, event: str, payload: Any, from_: Any = None) -> None:
+    def local_deliver(self, topic: str, event: str, payload: Any, from_: Any = None, offset: str | None = None) -> None:
         """Send the blinker signal for ``topic`` now, with no flow control (internal)."""
         receivers = self.signal.receivers
         if len(receivers) == 1:
             # Only our dispatcher is connected: skip blinker's set arithmetic.
-            self._dispatch(topic, event=event, payload=payload, from_=from_)
+            if offset is None:
+                self._dispatch(topic, event=event, payload=payload, from_=from_)
+            else:
+                self._dispatch_offset(topic, event, payload, from_, offset)
             return
         dispatch = self._dispatch
         others = [r for r in self.signal.receivers_for(topic) if r != dispatch]
-        dispatch(topic, event=event, payload=payload, from_=from_)
+        if offset is None:
+            dispatch(topic, event=event, payload=payload, from_=from_)
+        else:
+            self._dispatch_offset(topic, event, payload, from_, offset)
         for receiver in others:
             try:
                 receiver(topic, event=event, payload=payload, from_=from_)
@@ -251,6 +475,11 @@ class PubSub:
         t = self.topics.get(topic)
         if t is not None:
             t.dispatch(event, payload, from_)
+
+    def _dispatch_offset(self, topic: str, event: str, payload: Any, from_: Any, offset: str) -> None:
+        t = self.topics.get(topic)
+        if t is not None:
+            t.dispatch_offset(event, payload, from_, offset)
 
     # -- node-to-node -------------------------------------------------------------------
 
@@ -275,7 +504,14 @@ class PubSub:
         try:
             kind = envelope.get("k")
             if kind == "b":
-                self.local_deliver(envelope["t"], envelope["e"], envelope["p"])
+                offset = envelope.get("o")
+                if offset is None:
+                    self.local_deliver(envelope["t"], envelope["e"], envelope["p"])
+                else:
+                    from_ = None
+                    if envelope["n"] == self.node_name and envelope["x"] is not None:
+                        from_ = self._history_from.pop(envelope["x"], None)
+                    self.local_deliver(envelope["t"], envelope["e"], envelope["p"], from_, offset)
             elif kind == "d" and envelope.get("to") == self.node_name:
                 handler = self._handlers.get(envelope["t"])
                 if handler is not None:
