@@ -245,6 +245,7 @@ class ChannelProcess:
         "monitors",
         "offsets",
         "history",
+        "replayed",
         "_drained",
         "__weakref__",
     )
@@ -271,6 +272,8 @@ class ChannelProcess:
         self.offsets = False
         #: The route's history config (None: the topic keeps no history).
         self.history = route.history
+        #: (epoch, seq) of the last message a recovery replayed: later live copies of it are dropped.
+        self.replayed: tuple[str, int] | None = None
         self._drained: Event | None = None
 
     def __repr__(self) -> str:
@@ -511,6 +514,8 @@ class ChannelProcess:
                 if parsed is not None:
                     epoch, last_seq = parsed
         buffer.flush_into(real_writer, epoch, last_seq)
+        if epoch is not None and last_seq > 0:
+            self.replayed = (epoch, last_seq)
         self.writer = real_writer
         return True
 

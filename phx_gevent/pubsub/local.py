@@ -131,10 +131,20 @@ class Topic:
         topic = self.name
         plain: dict[Any, Any] = {}
         reffed: dict[Any, Any] = {}
+        parsed: Any = None
         n = 0
         for sub in list(self.subs):
             if sub.owner is from_:
                 continue
+            replayed = getattr(sub, "replayed", None)
+            if replayed is not None:
+                # This subscriber's recovery already sent messages up to ``replayed``
+                # (epoch, seq); copies still in flight from Redis are dropped once.
+                if parsed is None:
+                    parsed = parse_offset(offset) or ("", 0)
+                if parsed[0] == replayed[0] and parsed[1] <= replayed[1]:
+                    continue
+                sub.replayed = None
             if event in sub.intercept:
                 sub.deliver(topic, event, payload)
                 n += 1
