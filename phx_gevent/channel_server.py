@@ -519,6 +519,18 @@ class ChannelProcess:
         self.writer = real_writer
         return True
 
+    def history_lost(self) -> None:
+        """This node missed history messages it cannot fetch: end the channel with ``phx_error``.
+
+        phoenix.js rejoins with the offset it last saw, and that recovery
+        answers ``recovered: false``: the client knows it must refetch.
+        """
+        if self.state != JOINED:
+            return
+        conn, join_ref, topic = self.conn, self.join_ref, self.topic
+        self.kill(("shutdown", "history_gap"))
+        conn.send_control(join_ref, topic, "phx_error")
+
     # -- callbacks --------------------------------------------------------------------------
 
     def _handle(self, item: tuple[Any, ...]) -> None:

@@ -164,7 +164,7 @@ class Route:
         pattern: str,
         channel_cls: type[Channel],
         assigns: Mapping[str, Any] | None = None,
-        history: Mapping[str, Any] | None = None,
+        history: Mapping[str, Any] | bool | None = None,
     ) -> None:
         if not isinstance(pattern, str) or not pattern:
             raise ValueError("a channel pattern must be a non-empty string")
@@ -182,7 +182,10 @@ class Route:
         from .pubsub.history import HistoryConfig
 
         #: The route's history config (the route's own, else the Channel class's), or None.
-        self.history = HistoryConfig.coerce(history if history is not None else channel_cls.history)
+        #: ``history=False`` turns off the class's history for this route.
+        self.history = (
+            None if history is False else HistoryConfig.coerce(history if history is not None else channel_cls.history)
+        )
 
     def matches(self, topic: str) -> bool:
         """True when ``topic`` is routed here (exact match, or prefix before a trailing ``*``)."""
@@ -199,14 +202,15 @@ def channel(
     channel_cls: type[Channel],
     *,
     assigns: Mapping[str, Any] | None = None,
-    history: Mapping[str, Any] | None = None,
+    history: Mapping[str, Any] | bool | None = None,
 ) -> Route:
     """Declare a channel route: ``"room:*"`` matches every topic starting with ``room:``.
 
     ``*`` is allowed only as the last character. ``assigns`` are merged into
     the channel's socket at join. ``history`` (``{"size", "ttl", "events",
     "max_replay"}``) keeps the topics' messages for recovery on rejoin
-    (docs/recovery.md); it overrides the Channel class's ``history``.
+    (docs/recovery.md); it overrides the Channel class's ``history``
+    (``False``: none for this route).
     Routes are tried in order; the first match wins. Raises
     ``ValueError``/``TypeError`` for a bad pattern, class or history config.
     """

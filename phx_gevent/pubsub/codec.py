@@ -146,6 +146,8 @@ def decode(data: bytes) -> dict[str, Any]:
         if kind != "b" or not isinstance(offset, str):
             raise EnvelopeError("an offset must be a string, on a broadcast")
         envelope["o"] = offset
+        if body.get("g"):
+            envelope["g"] = 1  # a gap marker: takes an offset, carries no message
     if kind == "d":
         to = body.get("to")
         if not isinstance(to, str):

@@ -47,6 +47,7 @@ from . import codec
 __all__ = [
     "APPEND_SCRIPT",
     "FETCH_SCRIPT",
+    "GAP_SCRIPT",
     "RESET_SCRIPT",
     "HistoryConfig",
     "HistoryEntry",
@@ -225,7 +226,8 @@ def _tail(entries: list[HistoryEntry], seqs: list[int], since: tuple[str, int] |
     """The recovery answer from the retained entries of one topic (shared by both stores)."""
     if since is None:
         n = 0 if last is None else max(0, min(int(last), MAX_LAST, config.size))
-        chosen = entries[len(entries) - n :] if n else []
+        kept = [e for e in entries if e.event is not None]
+        chosen = kept[len(kept) - n :] if n else []
         return Recovery(True, chosen, epoch, cur)
     s_epoch, s_seq = since
     if s_epoch != epoch or s_seq > cur:
@@ -234,8 +236,10 @@ def _tail(entries: list[HistoryEntry], seqs: list[int], since: tuple[str, int] |
         return Recovery(True, [], epoch, cur)
     if cur - s_seq > config.max_replay or not seqs or seqs[0] > s_seq + 1:
         return Recovery(False, [], epoch, cur)
-    start = s_seq + 1 - seqs[0]
-    return Recovery(True, entries[start:], epoch, cur)
+    chosen = entries[s_seq + 1 - seqs[0] :]
+    if any(e.event is None for e in chosen):
+        return Recovery(False, [], epoch, cur)  # a gap marker: messages went by without offsets
+    return Recovery(True, chosen, epoch, cur)
 
 
 class MemoryHistory:
@@ -338,7 +342,28 @@ end
 return {epoch, cur, now, entries}
 """
 
-#: KEYS: meta hash, stream. ARGV: new epoch, meta ttl ms. Starts a new epoch (a gap was detected).
+#: KEYS: meta hash, stream. ARGV: size, ttl ms, meta ttl ms, channel, head, tail.
+#: Marks a gap: messages of the topic went by without offsets (a node could not
+#: reach Redis). The marker takes an offset of its own, so no recovery spans it;
+#: it is published (nodes skip it) so that nobody sees a jump in the offsets.
+GAP_SCRIPT = """
+local meta, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  return false
+end
+local seq = redis.call('HINCRBY', meta, 's', 1)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('XADD', stream, 'MAXLEN', ARGV[1], seq .. '-1', 'g', '1', 't', now)
+redis.call('PEXPIRE', stream, ARGV[2])
+redis.call('PEXPIRE', meta, ARGV[3])
+local offset = epoch .. '-' .. seq
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. offset .. ARGV[6])
+return offset
+"""
+
+#: KEYS: meta hash, stream. ARGV: new epoch, meta ttl ms. Starts a new epoch: every earlier offset is void.
 RESET_SCRIPT = """
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'e', ARGV[1], 's', 0)
@@ -386,6 +411,24 @@ def append_args(
     return args, plain
 
 
+def gap_args(prefix: str, node: str, topic: str, config: HistoryConfig) -> tuple[Any, ...]:
+    """Keys and args of :data:`GAP_SCRIPT` for ``topic``."""
+    marker = codec.encode({"k": "b", "n": node, "t": topic, "e": "phx_gap", "p": {}, "x": None}, node)
+    head = codec.echo_prefix(node)
+    body = marker[len(head) :]
+    meta, stream = history_keys(prefix, topic)
+    return (
+        meta,
+        stream,
+        config.size,
+        int(config.ttl * 1000),
+        meta_ttl_ms(config),
+        f"{prefix}:b",
+        head + b'{"o":"',
+        b'","g":1,' + body[1:],
+    )
+
+
 def _decode_stored(body: bytes) -> tuple[str, Any]:
     data = ujson.loads(body)
     if "pb" in data:
@@ -403,13 +446,17 @@ def decode_fetch(
     epoch = epoch_b.decode() if isinstance(epoch_b, bytes) else str(epoch_b)
     cur = int(cur)
     if not epoch:
-        return Recovery(since is None, [], None, 0)
+        # Redis holds no history for the topic (never written, expired, flushed): epoch "".
+        return Recovery(since is None, [], "", 0)
     limit = int(now) - int(config.ttl * 1000)
     items = []
     for entry_id, fields in raw:
         seq = int(entry_id.split(b"-")[0])
         f = dict(zip(fields[::2], fields[1::2], strict=False))
         if int(f[b"t"]) < limit:
+            continue
+        if b"g" in f:
+            items.append((seq, HistoryEntry(format_offset(epoch, seq), None, None)))  # type: ignore[arg-type]
             continue
         event, payload = _decode_stored(f[b"d"])
         items.append((seq, HistoryEntry(format_offset(epoch, seq), event, payload)))

@@ -271,6 +271,9 @@ class RedisAdapter(Adapter):
         self._gaps: dict[str, Any] = {}
         self._append_sha: bytes | None = None
         self._reload_scripts = False
+        # Set once the listener is first subscribed: history broadcasts reach this
+        # node through Redis, so the first ones wait for it (bounded).
+        self._sub_ready = Event()
         self._bchan = f"{self.prefix}:b".encode()
         self._dprefix = f"{self.prefix}:d:"
         self._dchan = (self._dprefix + node).encode()
@@ -412,11 +415,14 @@ class RedisAdapter(Adapter):
         if self._owner_pid != os.getpid():
             self.ensure_started()
         topic = envelope["t"]
-        if self._pub_down_since is not None or not self._running:
+        if not self._sub_ready.is_set() and self._running and self._pub_down_since is None:
+            # Just started: our own echo would be lost before the listener subscribed.
+            self._sub_ready.wait(self.socket_timeout)
+        if self._pub_down_since is not None or not self._running or not self._sub_ready.is_set():
             self.history_gap(topic, config)
             return False
-        reset = self._gaps.pop(topic, None) is not None
-        args, plain = _history.append_args(self.prefix, self.node_name, envelope, config, reset)
+        # A gap recorded earlier is marked (_reset_gaps) before this append is sent.
+        args, plain = _history.append_args(self.prefix, self.node_name, envelope, config, False)
         size = len(plain)
         if len(self._outbox) + len(self._inflight) >= self.max_pending or (
             self._pending_bytes + size > self.max_pending_bytes
@@ -455,13 +461,11 @@ class RedisAdapter(Adapter):
             self._outbox.extend(converted)
 
     def _reset_gaps(self, conn: Any) -> None:
-        # Back after an outage: start a new epoch on every topic that missed
-        # messages, before anything else is published.
+        # Back after an outage: mark a gap in the history of every topic that had
+        # messages delivered without offsets, before anything else is published.
         for topic, config in list(self._gaps.items()):
-            meta, stream = _history.history_keys(self.prefix, topic)
-            conn.send_command(
-                "EVAL", _history.RESET_SCRIPT, 2, meta, stream, _history.new_epoch(), _history.meta_ttl_ms(config)
-            )
+            args = _history.gap_args(self.prefix, self.node_name, topic, config)
+            conn.send_command("EVAL", _history.GAP_SCRIPT, 2, *args)
             conn.read_response()
             self._gaps.pop(topic, None)
 
@@ -917,7 +921,11 @@ class RedisAdapter(Adapter):
             )
             self._counters["reconnects"] += 1
             self._sub_down_since = None
+            # Tell the local layer (in order, through the inbox) to catch up on history topics.
+            self._inbox.append(b"")
+            self._in_event.set()
         self._sub_ok = True
+        self._sub_ready.set()
         self._outage_over()
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
@@ -956,6 +964,14 @@ class RedisAdapter(Adapter):
                 continue
             data = inbox.popleft()
             self._inbox_bytes -= len(data)
+            if not data:
+                receive = self._receive
+                if receive is not None:
+                    try:
+                        receive({"k": "sync", "n": node, "t": "", "e": "", "p": None, "x": None})
+                    except Exception:
+                        log.exception("phx_gevent: catching up on history topics failed")
+                continue
             try:
                 envelope = codec.decode(data)
             except codec.EnvelopeError as exc:
