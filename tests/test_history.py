@@ -321,7 +321,9 @@ def test_recoveries_of_one_topic_and_offset_share_one_read(redis_server):  # noq
     jobs = [gevent.spawn(store.fetch, "room:s", offsets[0], None, CFG, has_since=True) for _ in range(50)]
     gevent.joinall(jobs, timeout=10)
     assert all(j.value.recovered and len(j.value.entries) == 2 for j in jobs)
-    assert store.stats["reads"] == 1 and store.stats["coalesced"] == 49
+    # The callers of one instant share a read; those arriving while it runs share the next.
+    assert store.stats["reads"] <= 2 and store.stats["reads"] + store.stats["coalesced"] == 50
+    assert store._rounds == {}
     client.close()
 
 

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import gevent
 import ujson
-from gevent.event import AsyncResult
+from gevent.event import AsyncResult, Event
 from gevent.lock import BoundedSemaphore
 
 from . import codec
@@ -464,6 +464,16 @@ def decode_fetch(
     return _tail([it[1] for it in items], [it[0] for it in items], since, epoch, cur, config, last)
 
 
+class _Round:
+    """The reads of one (topic, offset) key: the one running and the next, collecting callers."""
+
+    __slots__ = ("running", "next")
+
+    def __init__(self) -> None:
+        self.running: Event | None = None
+        self.next: AsyncResult | None = None
+
+
 class _TokenBucket:
     """``rate`` tokens a second, at most ``burst`` saved up."""
 
@@ -494,8 +504,9 @@ class RedisHistory:
     ``max_concurrent`` Redis reads at once per process and ``rate`` reads a
     second (with a burst of ``rate``): a recovery that cannot get its turn
     within ``wait`` seconds answers ``recovered: false`` rather than pile up.
-    Recoveries of the same topic from the same offset that arrive together
-    share one read (a reconnect storm after a deploy is mostly that).
+    Recoveries of the same topic from the same offset share reads: while one
+    runs, the callers that arrive wait for the next, which serves them all (a
+    reconnect storm after a deploy is mostly that).
     """
 
     def __init__(
@@ -520,8 +531,8 @@ class RedisHistory:
         self._bucket = _TokenBucket(rate, rate)
         self._fetch = self.client.register_script(FETCH_SCRIPT)
         self._reset = self.client.register_script(RESET_SCRIPT)
-        # (topic, since, last) -> the round collecting requests that will share one read.
-        self._rounds: dict[tuple[Any, ...], AsyncResult] = {}
+        # (topic, since, last) -> the read running and the next one, collecting callers.
+        self._rounds: dict[tuple[Any, ...], _Round] = {}
         self.stats: dict[str, int] = {"reads": 0, "coalesced": 0, "refused": 0, "errors": 0}
 
     def fetch(self, topic: str, since: Any, last: int | None, config: HistoryConfig, *, has_since: bool) -> Recovery:
@@ -534,19 +545,33 @@ class RedisHistory:
         if parsed is None and not last:
             return Recovery(True, [])  # since: null and no backlog: nothing to read
         key = (topic, parsed, last)
-        # Join a round that has not started its read yet (one that has started
-        # may miss what was published before this caller subscribed).
-        rnd = self._rounds.get(key)
+        # Single flight with a next round: while a read of this key runs, new
+        # callers wait and share the one read that starts after it (a read that
+        # has already started may miss what was published before they subscribed).
+        state = self._rounds.get(key)
+        if state is None:
+            state = self._rounds[key] = _Round()
+        rnd = state.next
         if rnd is not None:
             self.stats["coalesced"] += 1
             return rnd.get()
-        rnd = self._rounds[key] = AsyncResult()
+        rnd = state.next = AsyncResult()
         try:
-            gevent.sleep(0)  # let the other rejoins of this instant join the round
-            del self._rounds[key]
-            result = self._read(topic, parsed, last, config)
+            gevent.sleep(0)  # let the rejoins of this instant join this round
+            while state.running is not None:
+                state.running.wait()
+            state.next = None
+            state.running = Event()
+            try:
+                result = self._read(topic, parsed, last, config)
+            finally:
+                running, state.running = state.running, None
+                running.set()
+                if state.next is None and self._rounds.get(key) is state:
+                    del self._rounds[key]
         except BaseException as exc:
-            self._rounds.pop(key, None)
+            if state.next is rnd:
+                state.next = None
             rnd.set(NOT_RECOVERED)
             if not isinstance(exc, Exception):
                 raise
