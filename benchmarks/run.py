@@ -462,6 +462,7 @@ def fanout_cfg(args: argparse.Namespace, subs: int) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "drainSeconds": args.drain_seconds,
         "heartbeatMs": 30000,
+        "joinPayload": args.join_payload,
     }
 
 
@@ -714,6 +715,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--warm-seconds", type=float, default=2.0)
         p.add_argument("--drain-seconds", type=float, default=20.0, help="longest wait for the backlog")
         p.add_argument("--concurrency", type=int, default=32, help="concurrent POST /broadcast producers")
+        p.add_argument(
+            "--join-payload", default="{}", help="JSON join payload of the phx subscribers (e.g. '{\"since\":null}')"
+        )
 
     p = sub.add_parser("fanout", help="workload 1: broadcast fan-out latency and saturation")
     common(p)

@@ -71,6 +71,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         g.start()
         pids = g.ready_pids()
         cfg = {"port": g.port, "clients": args.clients, "topic": "room:storm", "spread": args.spread}
+        cfg["plain"] = args.plain
         proc = subprocess.Popen(
             ["node", str(ROOT / "benchmarks" / "client" / "storm.mjs"), json.dumps(cfg)],
             cwd=str(ROOT),
@@ -132,6 +133,7 @@ def main() -> None:
     p.add_argument("--before", type=int, default=20)
     p.add_argument("--during", type=int, default=50)
     p.add_argument("--spread", action="store_true")
+    p.add_argument("--plain", action="store_true", help="baseline: rejoin without since (nothing recovered)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -141,10 +143,17 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         runs.append(r)
         del rep
-    name = args.out if args.out is not None else f"storm-{args.clients}{'-spread' if args.spread else ''}"
+    mode = "-spread" if args.spread else "-plain" if args.plain else ""
+    name = args.out if args.out is not None else f"storm-{args.clients}{mode}"
     lines = [
-        f"### Reconnect storm: {args.clients} clients rejoin with `since` at once"
-        f"{' (spread: different offsets)' if args.spread else ' (same offset)'}",
+        f"### Reconnect storm: {args.clients} clients rejoin at once"
+        + (
+            " (spread: different offsets)"
+            if args.spread
+            else " (baseline: rejoin without since)"
+            if args.plain
+            else " (same offset)"
+        ),
         "",
         f"`{' '.join(['.venv/bin/python', 'benchmarks/storm.py', *sys.argv[1:]])}`; gunicorn -w {args.workers} + "
         f"Redis, example app, {args.before} messages seen, {args.during} missed per client.",

@@ -205,6 +205,12 @@ class _InfoSubscription:
         self.owner.send(Broadcast(topic, event, payload))
 
 
+# Encoded replay frames: (encoder, with offset, topic, offset) -> frame. Offsets are
+# unique per topic (the epoch changes when a history restarts), so entries never go stale.
+_replay_frames: dict[tuple[Any, ...], Any] = {}
+_REPLAY_CACHE_SIZE = 20_000
+
+
 class _GaveUp(Exception):
     """The join was given up while it read the history."""
 
@@ -498,15 +504,24 @@ class ChannelProcess:
         if recovery is not None and (recovery.recovered or not has_since):
             epoch, last_seq = recovery.epoch, _since_seq(since) if has_since else 0
             enc = real_writer.encoder
+            cache = _replay_frames
+            if len(cache) > _REPLAY_CACHE_SIZE:
+                cache.clear()
             for entry in recovery.entries:
-                try:
-                    if has_since:
-                        frame = enc.broadcast_ref(self.topic, entry.event, entry.payload, entry.offset)
-                    else:
-                        frame = enc.broadcast(self.topic, entry.event, entry.payload)
-                except Exception:
-                    log.exception("phx_gevent: could not encode a replayed message of %r", self.topic)
-                    continue
+                # A reconnect storm replays the same messages to thousands of
+                # clients: each frame is encoded once per encoder and variant.
+                key = (enc, has_since, self.topic, entry.offset)
+                frame = cache.get(key, cache)
+                if frame is cache:
+                    try:
+                        if has_since:
+                            frame = enc.broadcast_ref(self.topic, entry.event, entry.payload, entry.offset)
+                        else:
+                            frame = enc.broadcast(self.topic, entry.event, entry.payload)
+                    except Exception:
+                        log.exception("phx_gevent: could not encode a replayed message of %r", self.topic)
+                        continue
+                    cache[key] = frame
                 if frame is not None:
                     real_writer.write(frame)
             if recovery.entries:

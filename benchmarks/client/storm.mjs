@@ -10,7 +10,8 @@
 //   3. every connection is dropped (TCP reset); -> {"ev":"down"}; the runner broadcasts `during`
 //      messages, then sends "go"
 //   4. all N reconnect at once and join with {"since": <offset>}: the last one they saw, or with
-//      `spread`, the offset of message (i mod before), so recoveries do not share reads;
+//      `spread`, the offset of message (i mod before), so recoveries do not share reads; with
+//      `plain`, a join without since (the baseline: no recovery);
 //      -> {"ev":"result", ...}: time until every join reply, time until every client has every
 //      missed message, recovered counts, duplicates, and this process's CPU.
 // Every phase has a deadline.
@@ -70,7 +71,8 @@ class Client {
       this.joined = null;
       ws.on("open", () => {
         this.joinRef = String(++this.ref);
-        ws.send(JSON.stringify([this.joinRef, this.joinRef, TOPIC, "phx_join", { since }]));
+        const payload = since === undefined ? {} : { since };
+        ws.send(JSON.stringify([this.joinRef, this.joinRef, TOPIC, "phx_join", payload]));
         resolve();
       });
       ws.on("message", (data) => this.onMessage(data));
@@ -135,25 +137,26 @@ async function main() {
   const cpu0 = cpu();
   const t0 = now();
   for (const c of clients) c.mark = c.offsets.length;
-  const sinceOf = (c) => (cfg.spread ? c.offsets[c.i % before] : c.offsets[before - 1]);
+  const sinceOf = (c) => (cfg.plain ? undefined : cfg.spread ? c.offsets[c.i % before] : c.offsets[before - 1]);
   await openAll(clients, sinceOf, cfg.reconnectConcurrency ?? N);
   const opened = now() - t0;
   await waitFor(() => clients.every((c) => c.joined), 300000, "the rejoins");
   const joinedMs = Math.max(...clients.map((c) => c.joinAt)) - t0;
   // Every client must end with the offsets after its since, each once, in order.
-  const want = (c) => seqOf(last) + during - seqOf(sinceOf(c));
+  const want = (c) => (cfg.plain ? 0 : seqOf(last) + during - seqOf(sinceOf(c)));
   progress = () => {
     const lag = clients.filter((c) => c.offsets.length - c.mark < want(c));
     const c = lag[0];
     return `${lag.length} lagging; e.g. #${c && c.i}: ${c && c.offsets.length - c.mark}/${c && want(c)} ${c && JSON.stringify(c.offsets.slice(c.mark).map(seqOf))}`;
   };
-  await waitFor(() => clients.every((c) => !c.joined.response.recovered || c.offsets.length - c.mark >= want(c)), 300000, "the replays");
+  await waitFor(() => clients.every((c) => cfg.plain || !c.joined.response.recovered || c.offsets.length - c.mark >= want(c)), 300000, "the replays");
   const doneMs = now() - t0;
   let recovered = 0, replayed = 0, bad = 0;
   for (const c of clients) {
     if (c.joined.response.recovered) recovered++;
     const got = c.offsets.slice(c.mark).map(seqOf);
     replayed += got.length;
+    if (cfg.plain) continue;
     const first = seqOf(sinceOf(c)) + 1;
     if (c.joined.response.recovered && !got.every((s, k) => s === first + k)) bad++;
   }

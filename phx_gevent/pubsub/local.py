@@ -131,14 +131,25 @@ class Topic:
         payload was already encoded once on its way here, so it is valid.
         """
         topic = self.name
-        plain: dict[Any, Any] = {}
-        reffed: dict[Any, Any] = {}
+        frames: dict[Any, Any] = {}
         parsed: Any = None
+        last_enc: Any = None
+        last_offs: Any = None
+        last_frame: Any = None
         n = 0
         for sub in list(self.subs):
             if sub.owner is from_:
                 continue
-            replayed = getattr(sub, "replayed", None)
+            if event in sub.intercept:
+                sub.deliver(topic, event, payload)
+                n += 1
+                continue
+            try:
+                offs = sub.offsets
+                replayed = sub.replayed
+            except AttributeError:  # a subscriber that knows nothing of history
+                offs = False
+                replayed = None
             if replayed is not None:
                 # This subscriber's recovery already sent messages up to ``replayed``
                 # (epoch, seq); copies still in flight from Redis are dropped once.
@@ -147,29 +158,28 @@ class Topic:
                 if parsed[0] == replayed[0] and parsed[1] <= replayed[1]:
                     continue
                 sub.replayed = None
-            if event in sub.intercept:
-                sub.deliver(topic, event, payload)
-                n += 1
-                continue
             writer = sub.writer
             enc = writer.encoder
-            cache = reffed if getattr(sub, "offsets", False) else plain
-            frame = cache.get(enc, cache)
-            if frame is cache:
-                try:
-                    if cache is reffed:
-                        frame = enc.broadcast_ref(topic, event, payload, offset)
-                    else:
-                        frame = enc.broadcast(topic, event, payload)
-                except EncodeError:
-                    frame = None
-                cache[enc] = frame
-            if frame is None:
+            if enc is not last_enc or offs is not last_offs:
+                key = (enc, offs)
+                last_frame = frames.get(key, frames)
+                if last_frame is frames:
+                    try:
+                        if offs:
+                            last_frame = enc.broadcast_ref(topic, event, payload, offset)
+                        else:
+                            last_frame = enc.broadcast(topic, event, payload)
+                    except EncodeError:
+                        last_frame = None
+                    frames[key] = last_frame
+                last_enc = enc
+                last_offs = offs
+            if last_frame is None:
                 continue
-            if type(writer) is RecoveryBuffer:
-                writer.add(frame, offset)
+            if writer.__class__ is RecoveryBuffer:
+                writer.add(last_frame, offset)
             else:
-                writer.write(frame)
+                writer.write(last_frame)
             n += 1
         return n
 
