@@ -18,6 +18,7 @@ import pytest
 
 from phx_gevent.pubsub.history import parse_offset
 from tests import httpclient as http
+from tests.test_browser import browser  # noqa: F401
 
 _users = itertools.count(1)
 DECIMAL = re.compile(r"^-?\d+$")
@@ -222,3 +223,24 @@ def test_reconnect_recovers_everything_sent_meanwhile(example, js, transport):
     assert [e["payload"]["body"] for e in got] == sent
     seqs = [parse_offset(e["ref"])[1] for e in got]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
+def test_the_example_page_shows_the_backlog_and_recovers_after_a_reconnect(example, browser):  # noqa: F811
+    topic = "room:pagerec"
+    for body in ("old1", "old2"):
+        example.endpoint.broadcast(topic, "new_msg", {"user": "bob", "body": body})
+    browser.goto(example.http + "/?user=carol&room=pagerec")
+    text = browser.wait_text("#log", lambda t: "welcome carol" in t)
+    assert "bob: old1" in text and "bob: old2" in text  # the backlog (last: 50) on the first join
+    # Cut carol off; what is broadcast meanwhile comes back when the page rejoins with `since`.
+    example.endpoint.broadcast("user_socket:carol", "disconnect", {})
+    for i in range(3):
+        example.endpoint.broadcast(topic, "new_msg", {"user": "bob", "body": f"missed{i}"})
+    text = browser.wait_text("#log", lambda t: t.count("welcome carol") == 2 and "bob: missed2" in t)
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert [line for line in lines if line.startswith("bob: ")] == [
+        "bob: old1", "bob: old2", "bob: missed0", "bob: missed1", "bob: missed2"
+    ]  # fmt: skip
+    recovered = [line for line in lines if line.startswith("recovered ")]
+    assert len(recovered) == 1 and re.fullmatch(r"recovered [0-3] messages", recovered[0]), lines
+    assert "could not be recovered" not in text

@@ -49,6 +49,9 @@ __all__ = ["PubSub", "Topic", "ALL_EVENTS"]
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two publications of the history topic patterns in Redis.
+RULES_REFRESH = 60.0
+
 
 class _AllEvents:
     """A container that holds every event name."""
@@ -252,6 +255,7 @@ class PubSub:
         self.history_store: Any = None
         # broadcast_from senders of history broadcasts, until their echo comes back.
         self._history_from: dict[int, Any] = {}
+        self._rules_publisher: Any = None
         self._history_token = 0
         if adapter is not None and getattr(adapter, "supports_history", False):
             adapter.on_history_fallback = self._history_fallback  # type: ignore[attr-defined]
@@ -272,6 +276,9 @@ class PubSub:
 
     def stop(self) -> None:
         """Stop the adapter."""
+        if self._rules_publisher is not None:
+            self._rules_publisher.kill(block=False)
+            self._rules_publisher = None
         if self._started and self.adapter is not None:
             self.adapter.stop()
         self._started = False
@@ -339,7 +346,7 @@ class PubSub:
         if getattr(adapter, "supports_history", False):
             from .history import RedisHistory
 
-            return RedisHistory(adapter.url, adapter.prefix)  # type: ignore[attr-defined]
+            return RedisHistory(adapter.history_pool(), adapter.prefix)  # type: ignore[attr-defined]
         log.warning(
             "phx_gevent: %s cannot share history offsets between nodes; history topics are broadcast without them",
             type(adapter).__name__,
@@ -351,15 +358,26 @@ class PubSub:
         if not store or not hasattr(store, "publish_rules"):
             return
 
+        if self._rules_publisher is not None and not self._rules_publisher.dead:
+            self._rules_publisher.kill(block=False)
+
         def publish() -> None:
-            try:
-                store.publish_rules(self.history_rules)
-            except Exception as exc:  # Redis down: emitters fall back to plain broadcasts meanwhile
-                log.warning("phx_gevent: could not publish the history topic patterns to Redis: %s", exc)
+            # Again every minute: a flushed or restarted Redis must not leave
+            # emitters publishing history topics without offsets for long.
+            failed = False
+            while True:
+                try:
+                    store.publish_rules(self.history_rules)
+                    failed = False
+                except Exception as exc:
+                    if not failed:  # Redis down: emitters publish plain meanwhile
+                        log.warning("phx_gevent: could not publish the history topic patterns to Redis: %s", exc)
+                    failed = True
+                gevent.sleep(RULES_REFRESH)
 
         import gevent
 
-        gevent.spawn(publish)
+        self._rules_publisher = gevent.spawn(publish)
 
     def history_config(self, topic: str, event: str | None = None) -> HistoryConfig | None:
         """The history config of ``topic`` (and ``event``, if given), or ``None`` when not kept."""

@@ -435,6 +435,16 @@ class RedisAdapter(Adapter):
         self._out_event.set()
         return True
 
+    def history_pool(self, max_connections: int = 8, timeout: float = 5.0) -> Any:
+        """A blocking connection pool to the same Redis (same options), for history reads."""
+        kwargs = dict(self._pool.connection_kwargs)
+        for key in list(kwargs):
+            if key.startswith(("maint_notifications", "oss_cluster_maint")):
+                del kwargs[key]
+        return redis.BlockingConnectionPool(
+            connection_class=self._pool.connection_class, max_connections=max_connections, timeout=timeout, **kwargs
+        )
+
     def history_gap(self, topic: str, config: Any) -> None:
         """Record that ``topic``'s history missed a message: its epoch changes before the next append."""
         self._gaps[topic] = config
