@@ -232,3 +232,33 @@ def test_gaps_older_than_the_history_and_a_flushed_redis_answer_recovered_false(
         assert reply["response"]["recovered"] is False and got == []
     finally:
         client.close()
+
+
+def test_a_redis_outage_is_never_a_silent_gap(server, redis_srv, js):
+    """Redis restarts empty: messages still arrive (without offsets) and the next recovery says false.
+
+    Last in this module: it restarts the shared redis-server.
+    """
+    topic = "room:g-outage"
+    m = Member(js, server, topic, longpoll=False, reconnect_ms=50)
+
+    def post(body: str) -> None:
+        payload = {"topic": topic, "event": "new_msg", "payload": {"user": "http", "body": body}}
+        assert http.post(server.http + "/broadcast", payload).status == 204
+
+    post("before")
+    before = js.wait(ev="chan", channel=m.cid, event="new_msg", pred=lambda e: e["payload"]["body"] == "before")
+    assert parse_offset(before["ref"]) is not None
+    redis_srv.kill()
+    post("during")  # whichever worker takes it: delivered at once there, replayed to the other when Redis is back
+    redis_srv.start()
+    during = js.wait(
+        ev="chan", channel=m.cid, event="new_msg", timeout=30, pred=lambda e: e["payload"]["body"] == "during"
+    )
+    assert during["ref"] is None  # no offset: Redis could not give one
+    mark = js.mark()
+    assert http.post(server.http + "/disconnect", {"user": m.name}).status == 204
+    recovered, _pid = m.rejoined(mark)
+    assert recovered is False  # the history before the outage is gone: the app must refetch
+    bodies = [e["payload"]["body"] for e in m.messages()]
+    assert bodies.count("before") == 1 and bodies.count("during") == 1
