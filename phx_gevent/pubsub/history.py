@@ -34,7 +34,7 @@ import secrets
 import string
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import gevent
@@ -660,13 +660,3 @@ def publish_with_history(
     args, _ = append_args(prefix, node, envelope, config, False)
     offset = client.eval(APPEND_SCRIPT, 2, *args)
     return offset.decode() if isinstance(offset, bytes) else offset
-
-
-def coerce_history(value: Any) -> HistoryConfig | None:
-    """:meth:`HistoryConfig.coerce`, for Channel classes and routes."""
-    return HistoryConfig.coerce(value)
-
-
-def events_of(value: Iterable[str] | None) -> frozenset[str] | None:
-    """A frozenset of event names, or ``None``."""
-    return None if value is None else frozenset(value)
