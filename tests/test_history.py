@@ -324,6 +324,17 @@ def test_recoveries_of_one_topic_and_offset_share_one_read(redis_server):  # noq
     # The callers of one instant share a read; those arriving while it runs share the next.
     assert store.stats["reads"] <= 2 and store.stats["reads"] + store.stats["coalesced"] == 50
     assert store._rounds == {}
+    # Different offsets (and a foreign or too-far one) share a read too; each gets its own part.
+    more = [h.publish_with_history(client, "phx", "room:s", "new_msg", {"i": i}, rules=rules) for i in range(3, 8)]
+    offsets += more  # 8 kept of which the last 5 (size 5)
+    reads = store.stats["reads"]
+    sinces = [offsets[7], offsets[5], offsets[3], offsets[2], offsets[0], "zzzzzzzz-4"]
+    jobs = [gevent.spawn(store.fetch, "room:s", s, None, CFG, has_since=True) for s in sinces]
+    gevent.joinall(jobs, timeout=10)
+    answers = [(j.value.recovered, [e.payload["i"] for e in j.value.entries]) for j in jobs]
+    assert answers == [(True, []), (True, [6, 7]), (True, [4, 5, 6, 7]), (True, [3, 4, 5, 6, 7]), (False, []),
+                       (False, [])]  # fmt: skip
+    assert store.stats["reads"] - reads <= 2
     client.close()
 
 

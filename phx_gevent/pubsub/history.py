@@ -321,7 +321,8 @@ return offset
 """
 
 #: KEYS: meta hash, stream. ARGV: since seq ("" for a backlog), count, ttl ms, max replay.
-#: Returns {epoch or "", current seq, now ms, entries (XRANGE/XREVRANGE form)}.
+#: Returns {epoch or "", current seq, now ms, entries (XRANGE/XREVRANGE form)}: after
+#: ``since``, at most the last ``max replay`` (so one read also serves later offsets).
 FETCH_SCRIPT = """
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'e') or ''
@@ -334,9 +335,9 @@ if ARGV[1] == '' then
     entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', ARGV[2])
   end
 else
-  local since = tonumber(ARGV[1])
-  if since < cur and cur - since <= tonumber(ARGV[4]) then
-    entries = redis.call('XRANGE', stream, (since + 1) .. '-1', '+', 'COUNT', cur - since)
+  local from = math.max(tonumber(ARGV[1]), cur - tonumber(ARGV[4]))
+  if from < cur then
+    entries = redis.call('XRANGE', stream, (from + 1) .. '-1', '+', 'COUNT', cur - from)
   end
 end
 return {epoch, cur, now, entries}
@@ -442,12 +443,26 @@ def decode_fetch(
     reply: Any, topic: str, since: tuple[str, int] | None, last: int | None, config: HistoryConfig
 ) -> Recovery:
     """A :class:`Recovery` from :data:`FETCH_SCRIPT`'s reply."""
+    return _answer(decode_raw(reply, config), since, last, config)
+
+
+def _answer(raw: Any, since: tuple[str, int] | None, last: int | None, config: HistoryConfig) -> Recovery:
+    if raw is None:
+        return NOT_RECOVERED
+    epoch, cur, entries, seqs = raw
+    if not epoch:
+        # Redis holds no history for the topic (never written, expired, flushed): epoch "".
+        return Recovery(since is None, [], "", 0)
+    return _tail(entries, seqs, since, epoch, cur, config, last)
+
+
+def decode_raw(reply: Any, config: HistoryConfig) -> tuple[str, int, list[HistoryEntry], list[int]]:
+    """``(epoch, current seq, entries, their seqs)`` from :data:`FETCH_SCRIPT`'s reply, oldest first."""
     epoch_b, cur, now, raw = reply
     epoch = epoch_b.decode() if isinstance(epoch_b, bytes) else str(epoch_b)
     cur = int(cur)
     if not epoch:
-        # Redis holds no history for the topic (never written, expired, flushed): epoch "".
-        return Recovery(since is None, [], "", 0)
+        return "", 0, [], []
     limit = int(now) - int(config.ttl * 1000)
     items = []
     for entry_id, fields in raw:
@@ -461,17 +476,19 @@ def decode_fetch(
         event, payload = _decode_stored(f[b"d"])
         items.append((seq, HistoryEntry(format_offset(epoch, seq), event, payload)))
     items.sort(key=lambda it: it[0])
-    return _tail([it[1] for it in items], [it[0] for it in items], since, epoch, cur, config, last)
+    return epoch, cur, [it[1] for it in items], [it[0] for it in items]
 
 
 class _Round:
-    """The reads of one (topic, offset) key: the one running and the next, collecting callers."""
+    """The reads of one topic (or backlog size): the one running and the next, collecting callers."""
 
-    __slots__ = ("running", "next")
+    __slots__ = ("running", "next", "low")
 
     def __init__(self) -> None:
         self.running: Event | None = None
         self.next: AsyncResult | None = None
+        #: The lowest offset seq the next read must start after (its callers' lowest).
+        self.low = 0
 
 
 class _TokenBucket:
@@ -504,9 +521,9 @@ class RedisHistory:
     ``max_concurrent`` Redis reads at once per process and ``rate`` reads a
     second (with a burst of ``rate``): a recovery that cannot get its turn
     within ``wait`` seconds answers ``recovered: false`` rather than pile up.
-    Recoveries of the same topic from the same offset share reads: while one
-    runs, the callers that arrive wait for the next, which serves them all (a
-    reconnect storm after a deploy is mostly that).
+    Recoveries of the same topic share reads: while one runs, the callers
+    that arrive wait for the next, which starts after the lowest of their
+    offsets (within ``max_replay`` of the latest) and serves them all.
     """
 
     def __init__(
@@ -544,26 +561,32 @@ class RedisHistory:
                 return NOT_RECOVERED
         if parsed is None and not last:
             return Recovery(True, [])  # since: null and no backlog: nothing to read
-        key = (topic, parsed, last)
-        # Single flight with a next round: while a read of this key runs, new
-        # callers wait and share the one read that starts after it (a read that
-        # has already started may miss what was published before they subscribed).
+        # Single flight with a next round, per topic: while a read runs, new callers
+        # wait and share the one read that starts after it (a read that has already
+        # started may miss what was published before they subscribed). The shared
+        # read starts after the lowest offset of its callers; each takes its part.
+        key = (topic, "since") if parsed is not None else (topic, "last", last)
         state = self._rounds.get(key)
         if state is None:
             state = self._rounds[key] = _Round()
         rnd = state.next
         if rnd is not None:
             self.stats["coalesced"] += 1
-            return rnd.get()
+            if parsed is not None:
+                state.low = min(state.low, parsed[1])
+            return _answer(rnd.get(), parsed, last, config)
         rnd = state.next = AsyncResult()
+        state.low = parsed[1] if parsed is not None else 0
+        raw = None
         try:
             gevent.sleep(0)  # let the rejoins of this instant join this round
             while state.running is not None:
                 state.running.wait()
             state.next = None
+            low = state.low
             state.running = Event()
             try:
-                result = self._read(topic, parsed, last, config)
+                raw = self._read(topic, low if parsed is not None else None, last, config)
             finally:
                 running, state.running = state.running, None
                 running.set()
@@ -572,33 +595,33 @@ class RedisHistory:
         except BaseException as exc:
             if state.next is rnd:
                 state.next = None
-            rnd.set(NOT_RECOVERED)
+            rnd.set(None)
             if not isinstance(exc, Exception):
                 raise
             return NOT_RECOVERED
-        rnd.set(result)
-        return result
+        rnd.set(raw)
+        return _answer(raw, parsed, last, config)
 
-    def _read(self, topic: str, parsed: tuple[str, int] | None, last: int | None, config: HistoryConfig) -> Recovery:
+    def _read(self, topic: str, low: int | None, last: int | None, config: HistoryConfig) -> Any:
+        """The raw read (:func:`decode_raw`) after seq ``low`` (``None``: the backlog), or ``None``."""
         deadline = _monotonic() + self.wait
         if not self._bucket.wait(deadline) or not self._sem.acquire(timeout=max(0.0, deadline - _monotonic())):
             self.stats["refused"] += 1
             log.warning("phx_gevent: history read of %r refused: too many recoveries at once", topic)
-            return NOT_RECOVERED
+            return None
         try:
             self.stats["reads"] += 1
             meta, stream = history_keys(self.prefix, topic)
-            if parsed is None:
+            if low is None:
                 n = max(0, min(int(last or 0), MAX_LAST, config.size))
                 args = ["", n, int(config.ttl * 1000), config.max_replay]
             else:
-                args = [parsed[1], 0, int(config.ttl * 1000), config.max_replay]
-            reply = self._fetch(keys=[meta, stream], args=args)
-            return decode_fetch(reply, topic, parsed, last, config)
+                args = [low, 0, int(config.ttl * 1000), config.max_replay]
+            return decode_raw(self._fetch(keys=[meta, stream], args=args), config)
         except Exception as exc:
             self.stats["errors"] += 1
             log.warning("phx_gevent: history read of %r failed (%s): answering recovered false", topic, exc)
-            return NOT_RECOVERED
+            return None
         finally:
             self._sem.release()
 
