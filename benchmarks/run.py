@@ -57,10 +57,18 @@ KINDS = {
     "phx": SERVERS / "phx_server.py",
     "sio": SERVERS / "sio_server.py",
     "raw": SERVERS / "raw_server.py",
+    "node": SERVERS / "ws_server.mjs",
+    "fastapi": SERVERS / "fastapi_server.py",
 }
-# The load generator's protocol for each server kind.
-PROTO = {"phx": "phx", "raw": "raw", "sio": "sio", "gunicorn": "phx"}
-NAMES = {"phx": "phx_gevent", "sio": "Flask-SocketIO", "raw": "raw one-write-per-connection"}
+# The load generator's protocol for each server kind (node and fastapi speak raw's Phoenix V2 subset).
+PROTO = {"phx": "phx", "raw": "raw", "sio": "sio", "gunicorn": "phx", "node": "raw", "fastapi": "raw"}
+NAMES = {
+    "phx": "phx_gevent",
+    "sio": "Flask-SocketIO",
+    "raw": "raw one-write-per-connection",
+    "node": "Node.js ws",
+    "fastapi": "FastAPI/uvicorn",
+}
 SERVER_CORE = "0"
 #: Longest wait for the machine to be quiet before each run (``--max-wait``).
 MAX_QUIET_WAIT = 60.0
@@ -126,7 +134,9 @@ class Server:
 
 def start_script_server(kind: str, env: dict[str, str], core: str | None, label: str) -> Server:
     """Start benchmarks/servers/<kind>_server.py; wait for its LISTENING line (30 s)."""
-    cmd = pinned([PYTHON, str(KINDS[kind]), "--port", "0"], core)
+    script = KINDS[kind]
+    interpreter = "node" if script.suffix == ".mjs" else PYTHON
+    cmd = pinned([interpreter, str(script), "--port", "0"], core)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=None, env={**os.environ, **env}, text=True)
     deadline = time.monotonic() + 30
     assert proc.stdout is not None
@@ -310,6 +320,13 @@ def check_peers(contenders: list[Contender]) -> None:
             raise SystemExit("Flask-SocketIO is missing: .venv/bin/pip install -r benchmarks/requirements.txt")
         if not (HERE / "node_modules" / "socket.io-client").exists():
             raise SystemExit("socket.io-client is missing: (cd benchmarks && npm ci)")
+    if any(c.kind == "fastapi" for c in contenders):
+        imports = "import fastapi, uvicorn, uvloop, httptools, websockets"
+        probe = subprocess.run([PYTHON, "-c", imports], capture_output=True)
+        if probe.returncode != 0:
+            raise SystemExit("FastAPI/uvicorn is missing: .venv/bin/pip install -r benchmarks/requirements.txt")
+    if any(c.kind == "node" for c in contenders) and not (HERE / "node_modules" / "ws").exists():
+        raise SystemExit("ws is missing: (cd benchmarks && npm ci)")
 
 
 def machine_busy(seconds: float = 1.0) -> float:
@@ -541,8 +558,6 @@ def cmd_fanout(args: argparse.Namespace) -> None:
 
 
 def cmd_pushreply(args: argparse.Namespace) -> None:
-    if not args.variant and args.servers == "phx,sio,raw":
-        args.servers = "phx,sio"
     contenders = parse_contenders(args)
     check_peers(contenders)
     cfg = {"workload": "pushreply", "clients": args.clients, "seconds": args.seconds, "warmSeconds": args.warm_seconds}
@@ -593,6 +608,9 @@ def cmd_conns(args: argparse.Namespace) -> None:
     phx = summary([dig(r, "kbPerConnJoined") for r in results.get("phx", []) if "error" not in r])
     raw = summary([dig(r, "kbPerConnIdle") for r in results.get("raw", []) if "error" not in r])
     sio = summary([dig(r, "kbPerConnJoined") for r in results.get("sio", []) if "error" not in r])
+    node = summary([dig(r, "kbPerConnJoined") for r in results.get("node", []) if "error" not in r])
+    if phx and node:
+        extra += f"\nphx_gevent joined / Node.js ws joined: {phx['median'] / node['median']:.2f}x (target <= 1.0x)"
     if phx and raw:
         extra += f"\nphx_gevent joined / raw idle: {phx['median'] / raw['median']:.2f}x (target <= 1.8x)"
     if phx and sio:
@@ -705,7 +723,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def common(p: argparse.ArgumentParser, reps: int = 3) -> None:
         p.add_argument("--reps", type=int, default=reps, help="interleaved repetitions (default %(default)s)")
-        p.add_argument("--servers", default="phx,sio,raw", help="contenders, comma-separated: phx, sio, raw")
+        p.add_argument(
+            "--servers",
+            default="phx,node,fastapi,raw,sio",
+            help="contenders, comma-separated: phx, node, fastapi, raw, sio (the first is the base of the ratios)",
+        )
         p.add_argument("--variant", action="append", help="LABEL=KIND[:ENV=VALUE,...] (replaces --servers)")
         p.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin server/clients to cores")
         p.add_argument("--out", default=str(RESULTS), help="results directory ('' to only print)")
