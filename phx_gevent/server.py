@@ -27,6 +27,15 @@ log = logging.getLogger(__name__)
 _DROP_ON_UPGRADE = {b"content-type", b"content-length", b"transfer-encoding"}
 
 
+class _HeaderItems(tuple):
+    """The request headers of an upgraded connection as (name, value) pairs, with ``items()``."""
+
+    __slots__ = ()
+
+    def items(self) -> tuple[tuple[str, str], ...]:
+        return self
+
+
 class WebSocketHandler(_GeventWebSocketHandler):
     """A gevent-websocket handler that lets the WSGI application decide the handshake."""
 
@@ -56,6 +65,11 @@ class WebSocketHandler(_GeventWebSocketHandler):
         # connection may live for days: keep only what the access log reads.
         for key in [k for k in environ if k.startswith(("werkzeug.", "flask."))]:
             del environ[key]
+        # The parsed request headers (an email.message.Message, ~1 KB) are
+        # only read again by gunicorn's access log, through ``.items()``.
+        headers = getattr(self, "headers", None)
+        if headers is not None and not isinstance(headers, _HeaderItems):
+            self.headers = _HeaderItems(headers.items())
         self.close_connection = True
         self._write_upgrade()
         upgrade(self)
@@ -82,7 +96,10 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     def log_request(self) -> None:
         # gevent-websocket skips 101s; we log every request, WebSockets included
-        # (their line is written when the connection ends).
+        # (their line is written when the connection ends: a watched
+        # connection outlives this handler's greenlet and logs from its end).
+        if self.__dict__.get("phx_log_deferred"):
+            return
         super(_GeventWebSocketHandler, self).log_request()
 
 

@@ -153,7 +153,16 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
         super().handle_exit(sig, frame)
         if not getattr(self, "_draining", False):
             self._draining = True
-            gevent.spawn(self._drain)
+            drainer = gevent.Greenlet(self._drain)
+            # gunicorn waits (up to its graceful timeout) while a server's pool
+            # holds greenlets. WebSocket connections hold none (their reads
+            # are served by watchers), so the drain itself holds a place.
+            for server in list(_servers):
+                try:
+                    server.pool.add(drainer, blocking=False)
+                except Exception:  # a full pool is busy anyway: gunicorn waits for it
+                    pass
+            drainer.start()
 
     def _drain(self) -> None:
         # Stop accepting first, so drained clients reconnect to the other workers, not here.

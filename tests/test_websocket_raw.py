@@ -340,3 +340,69 @@ def test_both_write_paths_deliver_everything_in_order(server, restore_flow, dire
     for ws in clients:
         got = [ws.recv_until(lambda m: m[3] == "seq")[4]["n"] for _ in range(500)]
         assert got == list(range(500))
+
+
+# -- reads served by watchers (issue 14) -----------------------------------------------------
+
+
+def _live_greenlets() -> int:
+    import gc
+
+    import greenlet
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and o and not o.dead)
+
+
+def test_idle_joined_connections_hold_no_greenlet(server):
+    from phx_gevent.transports import websocket
+
+    assert websocket.WATCH_READS
+    srv = server()
+    first = RawWS(srv.port)
+    join(first)
+    before = _live_greenlets()
+    clients = []
+    for i in range(30):
+        ws = RawWS(srv.port, path=f"/socket/websocket?vsn=2.0.0&user=u{i}")
+        join(ws)
+        clients.append(ws)
+    wait_until(lambda: len(srv.mount.connections) == 31)
+    # 30 more joined connections, and no greenlet each: reads wake a worker only while data arrives.
+    assert _live_greenlets() - before < 10
+    for ws in clients:  # and every one of them still answers
+        ws.send_json([None, "hb", "phoenix", "heartbeat", {}])
+        assert ws.recv_until(lambda m: m[1] == "hb")[4]["status"] == "ok"
+    clients[0].close()
+    wait_until(lambda: len(srv.mount.connections) == 30)
+
+
+def test_a_fragmented_message_is_reassembled_across_wakeups(server):
+    ws = RawWS(server().port)
+    text = json.dumps(["1", "1", "room:1", "phx_join", {}]).encode()
+    ws.send_frame(0x1, text[:7], fin=False)
+    ws.send_frame(0x9, b"a")
+    assert ws.recv_frame() == (0xA, b"a")  # the server has read everything sent so far
+    ws.send_frame(0x0, text[7:12], fin=False)
+    ws.send_frame(0x9, b"b")
+    assert ws.recv_frame() == (0xA, b"b")
+    # The last fragment's bytes one by one: each may be a wake-up of its own.
+    mask = b"\x00\x00\x00\x00"
+    rest = text[12:]
+    raw = bytes([0x80, 0x80 | len(rest)]) + mask + rest
+    for i in range(len(raw)):
+        ws.sock.sendall(raw[i : i + 1])
+    assert ws.recv_json()[4]["status"] == "ok"
+
+
+def test_gunicorn_style_access_log_line_waits_for_the_end_of_the_connection(server):
+    srv = server()
+    ws = RawWS(srv.port)
+    join(ws)
+    wait_until(lambda: srv.mount.connections)
+    (conn,) = list(srv.mount.connections)
+    handler = conn.transport._handler
+    assert handler is not None and handler.phx_log_deferred  # not logged while open
+    ws.send_frame(0x8, struct.pack("!H", 1000))
+    assert ws.expect_close() == (1000, "")
+    wait_until(lambda: not handler.phx_log_deferred)
+    assert handler.time_finish >= handler.time_start

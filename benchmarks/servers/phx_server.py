@@ -12,6 +12,9 @@ with ``PHX_DIRECT_SEND=1``).
 ``PHX_ROOT`` loads phx_gevent and the example app from another checkout (a
 commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
 ``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md).
+``PHX_MEMPROBE=<file>`` traces allocations (tracemalloc) and, on each SIGUSR1,
+appends a snapshot of them plus object counts by type to ``<file>``
+(``benchmarks/memprobe.py`` reads them).
 """
 
 from gevent import monkey
@@ -60,8 +63,34 @@ def configure_from_env() -> dict:
     }
 
 
+def install_memprobe(path: str) -> None:
+    """Trace allocations; on SIGUSR1 append (snapshot, object counts by type, RSS) to ``path``."""
+    import gc
+    import pickle
+    import signal
+    import tracemalloc
+    from collections import Counter
+
+    import gevent
+
+    tracemalloc.start(int(os.environ.get("PHX_MEMPROBE_FRAMES", "1")))
+
+    def dump() -> None:
+        gc.collect()
+        counts = Counter(type(o).__name__ for o in gc.get_objects())
+        rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        snap = tracemalloc.take_snapshot()
+        with open(path, "ab") as f:
+            pickle.dump({"snapshot": snap, "types": dict(counts), "rss": rss}, f)
+        print("MEMPROBE dumped", file=sys.stderr, flush=True)
+
+    gevent.signal_handler(signal.SIGUSR1, lambda *_: gevent.spawn(dump))
+
+
 def main() -> None:
     args = parse_args("phx_gevent benchmark server")
+    if os.environ.get("PHX_MEMPROBE"):
+        install_memprobe(os.environ["PHX_MEMPROBE"])
     if os.environ.get("PHX_HISTORY") == "0":
         for route in app_example.UserSocket.channels:
             route.history = None

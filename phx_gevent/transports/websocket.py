@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import io
 import logging
 import struct
 import time
@@ -25,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 from flask import Response, request
+from gevent import socket as _gsocket
 
 from .. import memory
+from ..channel_server import Partition
 from ..connection import Connection
 from ..errors import CallbackReturnError, ConnectionOverloaded
 from ..serializers import DecodeError, FastlaneEncoder, Serializer, negotiate
@@ -64,6 +67,15 @@ _unpack_long = struct.Struct("!Q").unpack_from
 #: The environ key our WSGI handler sets; the view leaves the upgrade callable under it.
 ENVIRON_HANDLER = "phx_gevent.handler"
 ENVIRON_UPGRADE = "phx_gevent.upgrade"
+#: Serve reads from an I/O watcher that wakes a worker greenlet only when data
+#: arrives (True), instead of a reader greenlet per connection blocked in
+#: ``recv()`` (False; always so for TLS). docs/scaling-connections.md has the why.
+WATCH_READS = True
+#: Most ``recv()`` calls one wake-up makes before it yields to other connections.
+READS_PER_WAKEUP = 16
+
+#: ``wsgi.input`` of an upgraded connection's environ: nothing left to read.
+_NO_INPUT = io.BytesIO(b"")
 
 
 class WebSocketOptions:
@@ -280,6 +292,22 @@ def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflat
         wsgi_input = getattr(wsgi_handler, "wsgi_input", None)
         if wsgi_input is not None:
             wsgi_input.rfile = None
+        # pywsgi hands an upgrade request the buffered reader itself as
+        # ``wsgi.input``; the environ lives as long as the connection (the
+        # access log reads it at the end), so the 8 KB buffer did too.
+        environ = getattr(wsgi_handler, "environ", None)
+        if environ is not None and environ.get("wsgi.input") is rfile:
+            environ["wsgi.input"] = _NO_INPUT
+    if WATCH_READS and rfile is not None and not hasattr(sock, "_sslobj") and hasattr(sock, "_sock"):
+        # Detach the connection from the handler's greenlet, which ends now:
+        # reads are served by an I/O watcher (see WebSocketTransport.watch).
+        sock = _detach(wsgi_handler, sock)
+        transport = WebSocketTransport(sock, mount.websocket, serializer, leftover, deflate)
+        conn = Connection(mount, socket, serializer, transport)
+        transport.conn = conn
+        conn.start()
+        transport.watch(wsgi_handler)
+        return
     transport = WebSocketTransport(sock, mount.websocket, serializer, leftover, deflate)
     conn = Connection(mount, socket, serializer, transport)
     transport.conn = conn
@@ -291,11 +319,42 @@ def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflat
         transport.finish()
 
 
+def _detach(wsgi_handler: Any, sock: Any) -> Any:
+    """A new gevent socket for ``sock``'s descriptor; the handler and its server no longer close it."""
+    family, type_, proto = sock.family, sock.type, sock.proto
+    fd = sock.detach()  # the server's own close() of the old object is now a no-op
+    wsgi_handler.socket = None  # pywsgi's keep-alive loop ends without touching the descriptor
+    # The access log line is written when the connection ends (WebSocketTransport._end).
+    wsgi_handler.phx_log_deferred = True
+    return _gsocket.socket(family, type_, proto, fileno=fd)
+
+
 # -- the connection ------------------------------------------------------------------------
 
 
 class _EOF(Exception):
     pass
+
+
+class _WouldBlock(Exception):
+    """No more data for now (watched connections): re-arm the watcher and let the worker go."""
+
+
+_readers: Partition | None = None
+_readers_loop: Any = None
+
+
+def _reader_pool() -> Partition:
+    """The worker greenlets that serve watched connections' reads (one pool per hub, unbounded).
+
+    Separate from the channel partitions, whose pools an application may
+    bound: a wake-up is started from a hub callback and must never wait.
+    """
+    global _readers, _readers_loop
+    loop = gevent.get_hub().loop
+    if _readers is None or _readers_loop is not loop:
+        _readers, _readers_loop = Partition(), loop
+    return _readers
 
 
 class _IdleSweeper:
@@ -374,6 +433,10 @@ class WebSocketTransport:
         "peer_closed",
         "last_recv",
         "deflate",
+        "_frag",
+        "_watcher",
+        "_handler",
+        "_reads",
     )
 
     def __init__(
@@ -392,6 +455,14 @@ class WebSocketTransport:
         self.peer_closed = False
         #: When data last arrived (``time.monotonic()``), for the idle timeout.
         self.last_recv = _monotonic()
+        #: A fragmented message's state between wake-ups: (opcode, fragments, size, compressed).
+        self._frag: tuple[int, list[bytes], int, bool] | None = None
+        #: The read watcher of a watched connection (``None``: a reader greenlet blocks in ``recv``).
+        self._watcher: Any = None
+        #: The WSGI handler of a watched connection, kept for its access log line.
+        self._handler: Any = None
+        #: ``recv()`` calls left in this wake-up (watched connections).
+        self._reads = 0
 
     # -- transport interface for Connection ---------------------------------------------
 
@@ -419,8 +490,16 @@ class WebSocketTransport:
         buf = self.buf
         recv = self.sock.recv
         while len(buf) < n:
+            if self._watcher is not None:
+                # A watched connection reads only what is there, a few times per wake-up.
+                if self._reads <= 0:
+                    raise _WouldBlock
+                self._reads -= 1
             # Large messages arrive in bounded reads, never one huge allocation.
-            chunk = recv(min(max(65536, n - len(buf)), 262144))
+            try:
+                chunk = recv(min(max(65536, n - len(buf)), 262144))
+            except BlockingIOError:
+                raise _WouldBlock from None
             if not chunk:
                 raise _EOF
             self.last_recv = _monotonic()
@@ -428,15 +507,72 @@ class WebSocketTransport:
 
     def run(self) -> None:
         """Read and dispatch until the connection ends; never raises for client input."""
-        code, reason = None, ""
         # No timeout on each read (it would cost a gevent Timeout per recv):
         # the process-wide idle sweeper closes connections that went quiet.
         self.sock.settimeout(None)
-        sweeper = _IdleSweeper.get() if self.opts.timeout is not None else None
-        if sweeper is not None:
-            sweeper.add(self)
+        if self.opts.timeout is not None:
+            _IdleSweeper.get().add(self)
+        self._read()
+
+    def watch(self, handler: Any = None) -> None:
+        """Serve this connection from a read watcher: a worker greenlet runs only while frames arrive.
+
+        Returns at once; the connection ends by itself (``_end``: channels
+        terminated, close handshake, socket closed, ``handler``'s access log
+        line written).
+        """
+        self.sock.settimeout(0.0)
+        self._handler = handler
+        if self.opts.timeout is not None:
+            _IdleSweeper.get().add(self)
+        self._watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        if self.buf:
+            self._readable()  # the client's first frames came with its request
+        else:
+            self._watcher.start(self._readable)
+
+    def _readable(self) -> None:
+        # Hub callback of the read watcher (never blocks): a worker serves the data.
+        self._watcher.stop()
+        _reader_pool().run(self._wakeup)
+
+    def _wakeup(self) -> None:
+        # In a reader worker greenlet: handle what arrived, then wait on the watcher again.
+        self._reads = READS_PER_WAKEUP
+        if self._read():
+            self._watcher.start(self._readable)
+        else:
+            self._end()
+
+    def _end(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        watcher.stop()
+        watcher.close()
+        try:
+            assert self.conn is not None
+            self.conn.terminate()
+        finally:
+            self.finish()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            handler, self._handler = self._handler, None
+            if handler is not None:
+                handler.phx_log_deferred = False
+                handler.time_finish = time.time()
+                try:
+                    handler.log_request()
+                except Exception:  # pragma: no cover - a log failure must not leak the connection
+                    log.exception("phx_gevent: writing the access log line failed")
+
+    def _read(self) -> bool:
+        """Read and dispatch frames; True: no more data for now (watched), False: the connection ended."""
+        code, reason = None, ""
         try:
             self._loop()
+        except _WouldBlock:
+            return True
         except _EOF:
             pass
         except ProtocolError as exc:
@@ -450,10 +586,11 @@ class WebSocketTransport:
         except Exception:
             log.exception("phx_gevent: WebSocket connection failed")
             code, reason = frames.CLOSE_INTERNAL_ERROR, "internal error"
-        if sweeper is not None:
-            sweeper.discard(self)
+        if self.opts.timeout is not None:
+            _IdleSweeper.get().discard(self)
         if code is not None and self.writer.state == WRITER_OPEN:
             self.close(code, reason)
+        return False
 
     def _loop(self) -> None:
         buf = self.buf
@@ -462,75 +599,85 @@ class WebSocketTransport:
         frag_op = 0
         frag_size = 0
         frag_compressed = False
+        if self._frag is not None:
+            # A fragmented message left incomplete by the last wake-up.
+            frag_op, fragments, frag_size, frag_compressed = self._frag
+            self._frag = None
         deflate = self.deflate
-        while True:
-            if len(buf) < 2:
-                self._fill(2)
-            b0 = buf[0]
-            b1 = buf[1]
-            op = b0 & 0x0F
-            length = b1 & 0x7F
-            rsv = b0 & 0x70
-            if rsv and (rsv != frames.RSV1 or not deflate or op >= 8 or op == OP_CONT):
-                # RSV1 means "compressed", only if negotiated and only on a message's first frame.
-                raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "reserved bits set")
-            if not b1 & 0x80:
-                raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "client frames must be masked")
-            if length < 126:
-                start = 2
-            elif length == 126:
-                self._fill(4)
-                (length,) = _unpack_short(buf, 2)
-                start = 4
-            else:
-                self._fill(10)
-                (length,) = _unpack_long(buf, 2)
-                start = 10
-            fin = b0 & 0x80
-            if op >= 8:
-                if not fin or length > 125:
-                    raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "bad control frame")
-            elif length > max_size or frag_size + length > max_size:
-                # Refused on the header: the payload is never read.
-                raise ProtocolError(frames.CLOSE_TOO_BIG, "message too big")
-            end = start + 4 + length
-            if len(buf) < end:
-                self._fill(end)
-            payload = unmask(buf[start + 4 : end], bytes(buf[start : start + 4]))
-            del buf[:end]
+        try:
+            while True:
+                if len(buf) < 2:
+                    self._fill(2)
+                b0 = buf[0]
+                b1 = buf[1]
+                op = b0 & 0x0F
+                length = b1 & 0x7F
+                rsv = b0 & 0x70
+                if rsv and (rsv != frames.RSV1 or not deflate or op >= 8 or op == OP_CONT):
+                    # RSV1 means "compressed", only if negotiated and only on a message's first frame.
+                    raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "reserved bits set")
+                if not b1 & 0x80:
+                    raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+                if length < 126:
+                    start = 2
+                elif length == 126:
+                    self._fill(4)
+                    (length,) = _unpack_short(buf, 2)
+                    start = 4
+                else:
+                    self._fill(10)
+                    (length,) = _unpack_long(buf, 2)
+                    start = 10
+                fin = b0 & 0x80
+                if op >= 8:
+                    if not fin or length > 125:
+                        raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "bad control frame")
+                elif length > max_size or frag_size + length > max_size:
+                    # Refused on the header: the payload is never read.
+                    raise ProtocolError(frames.CLOSE_TOO_BIG, "message too big")
+                end = start + 4 + length
+                if len(buf) < end:
+                    self._fill(end)
+                payload = unmask(buf[start + 4 : end], bytes(buf[start : start + 4]))
+                del buf[:end]
 
-            if op == OP_TEXT or op == OP_BINARY:
-                if frag_op:
-                    raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
-                if not fin:
-                    frag_op, fragments, frag_size, frag_compressed = op, [payload], length, bool(rsv)
-                    continue
-                if rsv:
-                    payload = frames.inflate(payload, max_size)
-                self._message(op, payload)
-            elif op == OP_CONT:
-                if not frag_op:
-                    raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "continuation without a message")
-                fragments.append(payload)
-                frag_size += length
-                if fin:
-                    data = b"".join(fragments)
-                    op, frag_op, fragments, frag_size = frag_op, 0, [], 0
-                    if frag_compressed:
-                        data = frames.inflate(data, max_size)
-                    self._message(op, data)
-            elif op == OP_PING:
-                self.writer.write(frame(OP_PONG, payload))
-            elif op == OP_PONG:
-                pass
-            elif op == OP_CLOSE:
-                code, reason = frames.parse_close(payload)
-                self.peer_closed = True
-                if self.writer.state == WRITER_OPEN:
-                    self.close(code, "")
-                return
-            else:
-                raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
+                if op == OP_TEXT or op == OP_BINARY:
+                    if frag_op:
+                        raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
+                    if not fin:
+                        frag_op, fragments, frag_size, frag_compressed = op, [payload], length, bool(rsv)
+                        continue
+                    if rsv:
+                        payload = frames.inflate(payload, max_size)
+                    self._message(op, payload)
+                elif op == OP_CONT:
+                    if not frag_op:
+                        raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "continuation without a message")
+                    fragments.append(payload)
+                    frag_size += length
+                    if fin:
+                        data = b"".join(fragments)
+                        op, frag_op, fragments, frag_size = frag_op, 0, [], 0
+                        if frag_compressed:
+                            data = frames.inflate(data, max_size)
+                        self._message(op, data)
+                elif op == OP_PING:
+                    self.writer.write(frame(OP_PONG, payload))
+                elif op == OP_PONG:
+                    pass
+                elif op == OP_CLOSE:
+                    code, reason = frames.parse_close(payload)
+                    self.peer_closed = True
+                    if self.writer.state == WRITER_OPEN:
+                        self.close(code, "")
+                    return
+                else:
+                    raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
+        except _WouldBlock:
+            if frag_op:
+                # Wait for the rest of a fragmented message at the next wake-up.
+                self._frag = (frag_op, fragments, frag_size, frag_compressed)
+            raise
 
     def _message(self, op: int, payload: bytes) -> None:
         if self.writer.state != WRITER_OPEN:
