@@ -527,14 +527,14 @@ class WebSocketTransport:
             _IdleSweeper.get().add(self)
         self._watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
         if self.buf:
-            self._readable()  # the client's first frames came with its request
+            _reader_pool().run(self._wakeup)  # the client's first frames came with its request
         else:
             self._watcher.start(self._readable)
 
     def _readable(self) -> None:
         # Hub callback of the read watcher (never blocks): a worker serves the data.
         self._watcher.stop()
-        _reader_pool().run(self._wakeup)
+        _reader_pool().run_from_hub(self._wakeup)
 
     def _wakeup(self) -> None:
         # In a reader worker greenlet: handle what arrived, then wait on the watcher again.
