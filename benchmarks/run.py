@@ -619,6 +619,47 @@ def cmd_conns(args: argparse.Namespace) -> None:
     save(args.name or f"conns-{args.conns}", args, results, f"### {title}\n\n{md}\n{extra}\n\n{note}")
 
 
+def cmd_storm(args: argparse.Namespace) -> None:
+    contenders = parse_contenders(args)
+    check_peers(contenders)
+    if any(c.kind == "sio" for c in contenders):
+        raise SystemExit("storm speaks Phoenix V2 only: phx, raw, node, fastapi")
+    for c in contenders:
+        if c.kind == "phx":
+            c.env.setdefault("PHX_HISTORY", "0")  # plain topics: no history, no Redis
+    note = raise_nofile(args.base + args.clients + 1000)
+    say(note)
+    cfg = {"workload": "storm", "base": args.base, "clients": args.clients, "hbMs": args.hb_ms, "topic": "room:storm"}
+    results = interleaved(contenders, args.reps, lambda c, rep: with_server(c, args, cfg, 240))
+    md = table(
+        contenders,
+        results,
+        [
+            ("joined", "joined", 0),
+            ("s until all joined", "stormSeconds", 2),
+            ("connect+join /s", "joinsPerSec", 0),
+            ("join p50 ms", "joinMs.p50", 0),
+            ("join p99 ms", "joinMs.p99", 0),
+            ("heartbeat p99 ms (base)", "hbRttMs.p99", 0),
+            ("heartbeats missed", "hbMissed", 0),
+            ("server us/join", "serverUsPerJoin", 0),
+            ("server CPU", "serverCpu", 2),
+            ("client CPU", "clientCpu", 2),
+        ],
+        [
+            ("connect+join /s", "joinsPerSec"),
+            ("join p99", "joinMs.p99"),
+            ("heartbeat p99", "hbRttMs.p99"),
+            ("server us/join", "serverUsPerJoin"),
+        ],
+    )
+    title = (
+        f"Reconnect storm: {args.clients} clients connect and join at once, "
+        f"{args.base} connected clients heartbeat every {args.hb_ms} ms"
+    )
+    save(args.name or f"storm-{args.clients}", args, results, f"### {title}\n\n{md}\n\n{note}")
+
+
 def cmd_maxconn(args: argparse.Namespace) -> None:
     needed = args.conns + 1000
     note = raise_nofile(needed)
@@ -772,6 +813,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hold-seconds", type=int, default=20)
     p.add_argument("--heartbeat-ms", type=int, default=5000, help="phoenix.js uses 30000; shorter so some flow")
     p.set_defaults(func=cmd_maxconn)
+
+    p = sub.add_parser("storm", help="workload 5: N clients connect and join at once while others heartbeat")
+    common(p, reps=2)
+    p.add_argument("--clients", type=int, default=10000, help="clients of the storm")
+    p.add_argument("--base", type=int, default=1000, help="clients connected before, heartbeating")
+    p.add_argument("--hb-ms", type=int, default=1000, help="heartbeat interval of the base clients")
+    p.set_defaults(func=cmd_storm)
 
     p = sub.add_parser("workers", help="workload 4: 2 gunicorn workers + Redis next to one worker")
     common(p, reps=2)

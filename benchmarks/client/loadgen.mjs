@@ -8,7 +8,8 @@
 // error); "sio" (Flask-SocketIO) uses socket.io-client with the websocket transport.
 //
 // Workloads: "fanout" (latency at a fixed rate, then saturation), "pushreply",
-// "conns" (memory per connection, then holding them with heartbeats).
+// "conns" (memory per connection, then holding them with heartbeats), "storm" (N clients
+// connect and join at once while `base` connected clients heartbeat).
 // The server's CPU and RSS are read from /proc (config.serverPids), and this
 // process's own CPU use is reported so a saturated client is visible.
 // Progress goes to stderr; the result is one JSON object on stdout.
@@ -148,6 +149,8 @@ const stats = {
   hbSent: 0,
   hbOk: 0,
   hbMissed: 0,
+  hbRtt: null, // Float64Array of heartbeat round trips while measuring (storm)
+  hbRttN: 0,
   nodes: {},
 };
 
@@ -212,6 +215,7 @@ class PhxConn {
       stats.hbMissed++;
     }
     this.hbRef = this.nextRef();
+    this.hbAt = now();
     stats.hbSent++;
     this.ws.send(`[null,"${this.hbRef}","phoenix","heartbeat",{}]`);
   }
@@ -264,6 +268,7 @@ class PhxConn {
         if (ref === this.hbRef) {
           this.hbRef = null;
           stats.hbOk++;
+          if (stats.hbRtt !== null && stats.hbRttN < stats.hbRtt.length) stats.hbRtt[stats.hbRttN++] = now() - this.hbAt;
         }
         return;
       }
@@ -675,7 +680,77 @@ const hardLimit = setTimeout(
   (cfg.maxSeconds ?? 300) * 1000,
 );
 
-const workloads = { fanout, pushreply, conns: connsWorkload };
+async function stormWorkload() {
+  // `base` clients connect, join and heartbeat every hbMs; then `clients` more connect and join
+  // all at once (as after a deploy). Join time = connect start to join reply, per storm client.
+  const base = cfg.base ?? 1000;
+  const n = cfg.clients ?? 10000;
+  const hbMs = cfg.hbMs ?? 1000;
+  const result = { workload: "storm", proto: PROTO, base, clients: n, hbMs };
+  result.baseOpen = await openAll(base, { join: true, concurrency: 100 });
+  const live = conns.filter((c) => c && c.open);
+  const timers = live.map((c, i) => {
+    const t = { id: null };
+    setTimeout(() => (t.id = setInterval(() => c.heartbeat(), hbMs)), (i * hbMs) / live.length);
+    return t;
+  });
+  await sleep(2 * hbMs);
+  stats.hbRtt = new Float64Array(2_000_000);
+  stats.hbRttN = 0;
+  const missed0 = stats.hbMissed;
+  const joinMs = new Float64Array(n);
+  let joined = 0;
+  let failed = 0;
+  const meter = new Meter();
+  meter.start();
+  const t0 = now();
+  await Promise.all(
+    Array.from({ length: n }, async (_, k) => {
+      const c = new PhxConn(base + k);
+      conns[base + k] = c;
+      const start = now();
+      for (let tries = 0; ; tries++) {
+        try {
+          await c.connect();
+          await c.join(TOPIC);
+          joinMs[joined++] = now() - start;
+          return;
+        } catch (err) {
+          if (tries >= 5 || now() - t0 > 120000) {
+            failed++;
+            return;
+          }
+          await sleep(50 * (tries + 1));
+          if (c.ws) c.ws.terminate();
+        }
+      }
+    }),
+  );
+  const seconds = (now() - t0) / 1000;
+  const m = meter.stop();
+  const hbN = stats.hbRttN;
+  await sleep(hbMs);
+  for (const t of timers) clearInterval(t.id);
+  result.stormSeconds = seconds;
+  result.joined = joined;
+  result.failed = failed;
+  result.joinsPerSec = joined / seconds;
+  result.joinMs = percentiles(joinMs, joined);
+  result.hbRttMs = percentiles(stats.hbRtt, hbN);
+  result.hbMissed = stats.hbMissed - missed0;
+  result.serverCpu = m.serverCpu;
+  result.serverCpuSeconds = m.serverCpuSeconds;
+  result.clientCpu = m.clientCpu;
+  result.clientSaturated = m.clientSaturated;
+  result.serverUsPerJoin = (m.serverCpuSeconds * 1e6) / Math.max(1, joined);
+  result.otherCpu = m.otherCpu;
+  result.rssKb = serverRssKb();
+  log(`storm: ${joined}/${n} joined in ${seconds.toFixed(2)}s (${Math.round(result.joinsPerSec)}/s), join p99 ${result.joinMs.p99?.toFixed(0)} ms, heartbeat p99 ${result.hbRttMs.p99?.toFixed(0)} ms, ${result.hbMissed} missed`);
+  result.errors = stats.errors;
+  return result;
+}
+
+const workloads = { fanout, pushreply, conns: connsWorkload, storm: stormWorkload };
 
 try {
   const result = await workloads[cfg.workload]();

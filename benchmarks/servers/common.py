@@ -18,6 +18,8 @@ def parse_args(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    # One listen backlog for every server (gunicorn's default), so a connection storm meets the same queue.
+    parser.add_argument("--backlog", type=int, default=2048)
     return parser.parse_args()
 
 

@@ -125,7 +125,7 @@ def main() -> None:
         access_log=False,
         log_level="warning",
         lifespan="on",
-        backlog=2048,
+        backlog=args.backlog,
     )
     uvicorn.Server(config).run(sockets=[sock])
 

@@ -104,7 +104,7 @@ def main() -> None:
         return {"queued": flow.queued, "waiting": flow._waiting, "timeouts": flow.timeouts, **settings}
 
     print(f"SETTINGS {settings}", file=sys.stderr, flush=True)
-    server = make_server(app, args.host, args.port, log=None)
+    server = make_server(app, args.host, args.port, log=None, backlog=args.backlog)
     serve(server)
 
 

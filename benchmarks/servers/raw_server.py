@@ -129,7 +129,9 @@ def app(environ, start_response):
 
 def main() -> None:
     args = parse_args("raw gevent-websocket reference server")
-    server = pywsgi.WSGIServer((args.host, args.port), app, handler_class=NoDelayHandler, log=None)
+    server = pywsgi.WSGIServer(
+        (args.host, args.port), app, handler_class=NoDelayHandler, log=None, backlog=args.backlog
+    )
     server.init_socket()
     serve(server)
 

@@ -62,7 +62,9 @@ def create_app():
 def main() -> None:
     args = parse_args("Flask-SocketIO benchmark server")
     app, _socketio = create_app()
-    server = pywsgi.WSGIServer((args.host, args.port), app, handler_class=NoDelayHandler, log=None)
+    server = pywsgi.WSGIServer(
+        (args.host, args.port), app, handler_class=NoDelayHandler, log=None, backlog=args.backlog
+    )
     server.init_socket()
     serve(server)
 

@@ -9,7 +9,7 @@
 // with its own payload. TCP_NODELAY on every connection (ws sets it by
 // default), no compression, no logging.
 //
-// Usage: node ws_server.mjs [--host 127.0.0.1] [--port 0]; prints "LISTENING <port>".
+// Usage: node ws_server.mjs [--host 127.0.0.1] [--port 0] [--backlog 2048]; prints "LISTENING <port>".
 // `ws` is pinned in benchmarks/package.json (`cd benchmarks && npm ci`).
 
 import http from "node:http";
@@ -22,6 +22,7 @@ function arg(name, dflt) {
 
 const host = arg("--host", "127.0.0.1");
 const port = Number(arg("--port", "0"));
+const backlog = Number(arg("--backlog", "2048"));
 
 /** topic -> Set of sockets */
 const topics = new Map();
@@ -94,7 +95,7 @@ server.on("upgrade", (req, socket, head) => {
 });
 
 server.keepAliveTimeout = 0;
-server.listen(port, host, 511, () => {
+server.listen(port, host, backlog, () => {
   process.stdout.write(`LISTENING ${server.address().port}\n`);
 });
 
