@@ -158,7 +158,14 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in text.split()]
 
 
-def start_gunicorn(workers: int, worker_connections: int, env: dict[str, str], core: str | None, label: str) -> Server:
+def start_gunicorn(
+    workers: int,
+    worker_connections: int,
+    env: dict[str, str],
+    core: str | None,
+    label: str,
+    extra_args: tuple[str, ...] = (),
+) -> Server:
     """gunicorn with phx_gevent's worker serving app_example:app; waits until every worker answers."""
     port = free_port()
     cmd = pinned(
@@ -179,6 +186,7 @@ def start_gunicorn(workers: int, worker_connections: int, env: dict[str, str], c
             "warning",
             "-b",
             f"127.0.0.1:{port}",
+            *extra_args,
             env.get("APP", "app_example:app"),
         ],
         core,
@@ -325,7 +333,9 @@ def check_peers(contenders: list[Contender]) -> None:
         probe = subprocess.run([PYTHON, "-c", imports], capture_output=True)
         if probe.returncode != 0:
             raise SystemExit("FastAPI/uvicorn is missing: .venv/bin/pip install -r benchmarks/requirements.txt")
-    if any(c.kind == "node" for c in contenders) and not (HERE / "node_modules" / "ws").exists():
+    # Node resolves `ws` from benchmarks/node_modules or the project's own node_modules.
+    has_ws = (HERE / "node_modules" / "ws").exists() or (ROOT / "node_modules" / "ws").exists()
+    if any(c.kind == "node" for c in contenders) and not has_ws:
         raise SystemExit("ws is missing: (cd benchmarks && npm ci)")
 
 

@@ -98,3 +98,11 @@ def test_conns_measures_memory_per_connection(tmp_path: Path) -> None:
         assert "error" not in result, (label, result)
         assert result["open"]["opened"] == 50, (label, result)
         assert result["rssJoinedKb"] > 0 and "kbPerConnJoined" in result, (label, result)
+
+
+def test_storm_runs_against_phx_and_the_node_ws_peer(tmp_path: Path) -> None:
+    results = run(tmp_path, "storm", "--clients", "60", "--base", "10", "--hb-ms", "200", "--servers", "phx,node")
+    for label, (result,) in results.items():
+        assert "error" not in result, (label, result)
+        assert result["joined"] == 60 and result["failed"] == 0, (label, result)
+        assert result["joinMs"]["n"] == 60 and result["hbRttMs"]["n"] > 0, (label, result)

@@ -149,6 +149,10 @@ const stats = {
   hbSent: 0,
   hbOk: 0,
   hbMissed: 0,
+  watchBroadcast: false, // manyconns: wall-clock times of the one broadcast to everybody
+  bcastN: 0,
+  bcastFirst: 0,
+  bcastLast: 0,
   hbRtt: null, // Float64Array of heartbeat round trips while measuring (storm)
   hbRttN: 0,
   nodes: {},
@@ -183,6 +187,8 @@ class PhxConn {
         perMessageDeflate: false,
         skipUTF8Validation: true,
         handshakeTimeout: 30000,
+        // Several 127.0.0.x source addresses: ~28,000 ephemeral ports each (manyconns.py).
+        ...(cfg.localAddresses ? { localAddress: cfg.localAddresses[this.i % cfg.localAddresses.length] } : {}),
       }));
       ws.on("open", () => {
         this.open = true;
@@ -245,6 +251,11 @@ class PhxConn {
     if (data[1] === 0x6e && (data[6] === 0x6e || (data[6] === 0x22 && data[7] >= 0x61 && data[7] <= 0x7a))) {
       this.count++;
       stats.delivered++;
+      if (stats.watchBroadcast) {
+        const w = performance.timeOrigin + now();
+        if (stats.bcastN++ === 0) stats.bcastFirst = w;
+        stats.bcastLast = w;
+      }
       if (stats.latency !== null) {
         const i = data.indexOf(BROADCAST_T, 20);
         if (i > 0) {
@@ -630,7 +641,8 @@ async function pushreply() {
 async function connsWorkload() {
   const count = cfg.conns;
   const settleMs = (cfg.settleSeconds ?? 2) * 1000;
-  const holdSeconds = cfg.holdSeconds ?? 0;
+  // manyconns.py runs several of these processes: they hold until one wall-clock time.
+  let holdSeconds = cfg.holdSeconds ?? 0;
   const result = { workload: "conns", proto: PROTO, conns: count, heartbeatMs: cfg.heartbeatMs || null };
   await sleep(settleMs);
   const rss0 = serverRssKb();
@@ -647,6 +659,7 @@ async function connsWorkload() {
   result.kbPerConnIdle = (rssIdle - rss0) / Math.max(1, n);
   result.kbPerConnJoined = (rssJoined - rss0) / Math.max(1, n);
   log(`memory: ${result.kbPerConnIdle.toFixed(1)} KB/conn idle, ${result.kbPerConnJoined.toFixed(1)} KB/conn joined`);
+  if (cfg.holdUntilMs) holdSeconds = Math.max(0, (cfg.holdUntilMs - Date.now()) / 1000);
   if (holdSeconds > 0) {
     const meter = new Meter();
     const hb0 = stats.hbOk;
@@ -664,6 +677,22 @@ async function connsWorkload() {
       rssKb: serverRssKb(),
     };
     log(`hold: ${result.hold.stillOpen}/${n} open, ${result.hold.heartbeatReplies} heartbeat replies, ${stats.hbMissed} missed`);
+  }
+  if (cfg.broadcastAtMs) {
+    // One broadcast to every connection of every client process: first and last delivery times.
+    stats.watchBroadcast = true;
+    const wait = cfg.broadcastAtMs - Date.now();
+    if (wait > 0) await sleep(wait);
+    if (cfg.broadcaster) {
+      result.broadcastSentAt = performance.timeOrigin + now();
+      result.broadcastStatus = await postBroadcast();
+    }
+    try {
+      await waitFor(() => stats.bcastN >= n, 60000, "the broadcast");
+    } catch {
+      /* reported as received < opened */
+    }
+    result.broadcast = { received: stats.bcastN, first: stats.bcastFirst, last: stats.bcastLast };
   }
   result.errors = stats.errors;
   result.closes = stats.closes;

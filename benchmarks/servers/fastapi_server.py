@@ -110,7 +110,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 def main() -> None:
     # uvicorn 0.54 calls ws="websockets" (the websockets library's legacy protocol) deprecated; it is
     # what the FastAPI guide's `uvicorn[standard]` install serves.
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*websockets.* implementation is deprecated")
     args = parse_args("FastAPI/uvicorn benchmark server")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

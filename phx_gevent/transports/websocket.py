@@ -7,9 +7,14 @@ in the WSGI environ; our WSGI handler (:mod:`phx_gevent.server`) writes the
 101 and calls it once Flask has finished the request, so no request context
 stays alive for the connection's lifetime.
 
-The reader runs in the connection's handler greenlet and reads frames in
-order; everything written goes through the connection's
-:class:`~phx_gevent.transports.writer.Writer`.
+Reading: once the 101 is out, the connection leaves the WSGI handler's
+greenlet (which ends) and is served by a read watcher: when bytes arrive, a
+worker greenlet from a shared pool reads what is there, handles the complete
+frames in order (a join still blocks the connection's later frames until it is
+answered), and goes back to the pool. An idle connection holds no greenlet
+(docs/scaling-connections.md). TLS connections, and ``WATCH_READS = False``,
+keep a reader greenlet per connection blocked in ``recv()``. Everything
+written goes through the connection's :class:`~phx_gevent.transports.writer.Writer`.
 """
 
 from __future__ import annotations
