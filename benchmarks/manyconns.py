@@ -110,12 +110,14 @@ def main() -> None:
     lines = [
         f"### {args.conns:,} joined connections, {args.workers} gunicorn worker(s), {args.clients} client processes",
         "",
-        "| opened | still open after the hold | held (s, after the last connect) | heartbeats sent | answered "
-        "| missed | closes | server RSS MB (all workers) | KB/conn | server CPU while idle (cores) "
+        "| opened | still open after the hold | held (s, after the last connect) | heartbeats sent (whole run) "
+        "| answered during the hold | missed | closes | server RSS MB (all workers) | KB/conn (RSS growth) "
+        "| server CPU while idle (cores) "
         "| broadcast received | first delivery ms | last delivery ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {opened:,} | {still:,} | {held:.0f} | {hb_sent:,} | {hb_ok:,} | {missed:,} "
-        f"| {sum(r['closes'] for r in results)} | {rss_mb:,.0f} | {r0['hold']['rssKb'] / max(1, opened):.1f} "
+        f"| {sum(r['closes'] for r in results)} | {rss_mb:,.0f} "
+        f"| {(r0['hold']['rssKb'] - r0['rssBaseKb']) / max(1, opened):.1f} "
         f"| {r0['hold']['serverCpu']:.3f} | {got:,} | {first - sent_at:.0f} | {last - sent_at:.0f} |",
         "",
         f"Heartbeats every {args.heartbeat_ms / 1000:g} s; opening took {last_open:.0f} s (slowest client); "
