@@ -490,6 +490,8 @@ def fanout_cfg(args: argparse.Namespace, subs: int) -> dict[str, Any]:
         "drainSeconds": args.drain_seconds,
         "heartbeatMs": 30000,
         "joinPayload": args.join_payload,
+        # Long-poll clients (phx: phoenix.js's LongPoll protocol; sio: Socket.IO's polling transport).
+        "longpoll": bool(getattr(args, "longpoll", False)),
     }
 
 
@@ -549,6 +551,8 @@ def cmd_fanout(args: argparse.Namespace) -> None:
     check_peers(contenders)
     timeout = 120 + args.lat_seconds + args.sat_seconds + 2 * args.drain_seconds
     cfg = fanout_cfg(args, args.subs)
+    if args.longpoll and any(c.kind not in ("phx", "sio") for c in contenders):
+        raise SystemExit("--longpoll: only phx and sio have a long-poll transport")
     results = interleaved(contenders, args.reps, lambda c, rep: with_server(c, args, cfg, timeout))
     mb(results)
     md = table(
@@ -563,8 +567,10 @@ def cmd_fanout(args: argparse.Namespace) -> None:
         ],
     )
     extra = fanout_extra(results)
-    title = f"Fan-out, {args.subs} subscribers"
-    save(args.name or f"fanout-{args.subs}", args, results, f"### {title}\n\n{md}\n\n{extra}".rstrip())
+    kind = "long-poll subscribers" if args.longpoll else "subscribers"
+    title = f"Fan-out, {args.subs} {kind}"
+    default_name = f"longpoll-fanout-{args.subs}" if args.longpoll else f"fanout-{args.subs}"
+    save(args.name or default_name, args, results, f"### {title}\n\n{md}\n\n{extra}".rstrip())
 
 
 def cmd_pushreply(args: argparse.Namespace) -> None:
@@ -802,6 +808,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("fanout", help="workload 1: broadcast fan-out latency and saturation")
     common(p)
     fanout_opts(p)
+    p.add_argument("--longpoll", action="store_true", help="long-poll subscribers (phx and sio only)")
     p.set_defaults(func=cmd_fanout)
 
     p = sub.add_parser("pushreply", help="workload 2: push and reply")

@@ -320,7 +320,8 @@ class SioConn {
   connect() {
     return new Promise((resolve, reject) => {
       const s = (this.s = ioFactory(`http://${HOST}:${PORT}`, {
-        transports: ["websocket"],
+        // cfg.longpoll: Socket.IO's HTTP long-polling transport instead of its WebSocket.
+        transports: cfg.longpoll ? ["polling"] : ["websocket"],
         forceNew: true,
         reconnection: false,
         timeout: 30000,
@@ -368,6 +369,103 @@ class SioConn {
   }
 }
 
+// -- Phoenix long-poll (phoenix.js's LongPoll: GET polls, POST sends ndjson) ------------------
+
+const lpAgent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
+
+function lpRequest(method, path, body) {
+  return new Promise((resolve, reject) => {
+    const headers = body === undefined ? {} : { "content-type": "application/x-ndjson", "content-length": Buffer.byteLength(body) };
+    const req = http.request({ host: HOST, port: PORT, path, method, agent: lpAgent, headers }, (res) => {
+      const chunks = [];
+      res.on("data", (c) => chunks.push(c));
+      res.on("end", () => {
+        try {
+          resolve(JSON.parse(Buffer.concat(chunks)));
+        } catch (err) {
+          reject(new Error(`HTTP ${res.statusCode}: ${err.message}`));
+        }
+      });
+    });
+    req.on("error", reject);
+    req.end(body);
+  });
+}
+
+class LpConn {
+  constructor(i) {
+    this.i = i;
+    this.ref = 0;
+    this.count = 0;
+    this.pending = new Map();
+    this.open = false;
+    this.closed = false;
+  }
+
+  url() {
+    const token = this.token ? `&token=${encodeURIComponent(this.token)}` : "";
+    return `/socket/longpoll?vsn=2.0.0&user=u${this.i}${token}`;
+  }
+
+  async connect() {
+    const r = await lpRequest("GET", this.url());
+    if (r.status !== 410 || !r.token) throw new Error(`long-poll open: ${JSON.stringify(r)}`);
+    this.token = r.token;
+    this.open = true;
+    this.poll();
+  }
+
+  async poll() {
+    while (!stopping && !this.closed) {
+      let r;
+      try {
+        r = await lpRequest("GET", this.url());
+      } catch {
+        if (stopping || this.closed) return;
+        stats.errors++;
+        await sleep(100);
+        continue;
+      }
+      if (r.token) this.token = r.token;
+      if (r.status === 200) {
+        for (const text of r.messages) this.onText(text);
+      } else if (r.status !== 204) {
+        this.closed = true;
+        if (!stopping) stats.closes++;
+        return;
+      }
+    }
+  }
+
+  onText(text) {
+    const [, ref, , event, payload] = JSON.parse(text);
+    if (event === "new_msg") {
+      this.count++;
+      stats.delivered++;
+      if (stats.latency !== null) recordLatency(payload.t);
+    } else if (event === "phx_reply") {
+      const p = this.pending.get(ref);
+      if (p) {
+        this.pending.delete(ref);
+        p.resolve(payload);
+      }
+    }
+  }
+
+  async join(topic) {
+    const ref = String(++this.ref);
+    const reply = new Promise((resolve, reject) => this.pending.set(ref, { resolve, reject }));
+    const r = await lpRequest("POST", this.url(), JSON.stringify([ref, ref, topic, "phx_join", {}]));
+    if (r.status !== 200) throw new Error(`long-poll post: ${JSON.stringify(r)}`);
+    const payload = await reply;
+    if (payload.status !== "ok") throw new Error(`join refused: ${JSON.stringify(payload)}`);
+  }
+
+  close() {
+    this.closed = true;
+  }
+}
+
 // -- connection management ------------------------------------------------------------------
 
 let stopping = false;
@@ -377,7 +475,7 @@ async function openAll(n, { join, concurrency = 100, timeoutMs = 120000 }) {
   if (PROTO === "sio" && ioFactory === null) {
     ioFactory = (await import("socket.io-client")).io;
   }
-  const Conn = PROTO === "sio" ? SioConn : PhxConn;
+  const Conn = PROTO === "sio" ? SioConn : cfg.longpoll ? LpConn : PhxConn;
   const deadline = now() + timeoutMs;
   let next = 0;
   let failed = 0;
