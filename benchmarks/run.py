@@ -727,6 +727,43 @@ def cmd_maxconn(args: argparse.Namespace) -> None:
     save(args.name or f"maxconn-{args.conns}", args, results, f"### {title}\n\n{md}\n\n{note}")
 
 
+def cmd_presence(args: argparse.Namespace) -> None:
+    """N users join one presence-tracked room on 2 gunicorn workers + Redis, then half leave."""
+    args.pin = False  # two workers need both cores
+    contenders = [Contender(f"{args.workers} workers + Redis", "gunicorn", {})]
+    cfg = {"workload": "presence", "users": args.users, "presence": True, "joinPayload": '{"presence":true}'}
+    cfg["topic"] = "room:presence"
+    with redis_server() as url:
+
+        def one(c: Contender, rep: int) -> dict[str, Any]:
+            server = start_gunicorn(args.workers, args.users + 500, {"REDIS_URL": url}, None, c.label)
+            try:
+                run_cfg = {"proto": "phx", "port": server.port, "serverPids": server.pids, **cfg}
+                return run_loadgen(run_cfg, None, 300)
+            finally:
+                server.stop()
+
+        results = interleaved(contenders, args.reps, one)
+    md = table(
+        contenders,
+        results,
+        [
+            ("joined", "open.opened", 0),
+            ("s until all see all (joins)", "join.seconds", 2),
+            ("presence frames (joins)", "join.frames", 0),
+            ("KB (joins)", "join.kbytes", 0),
+            ("server CPU s (joins)", "join.serverCpuSeconds", 2),
+            ("left", "leave.left", 0),
+            ("s until all see the leaves", "leave.seconds", 2),
+            ("presence frames (leaves)", "leave.frames", 0),
+            ("server CPU s (leaves)", "leave.serverCpuSeconds", 2),
+        ],
+        [],
+    )
+    title = f"Presence: {args.users} users join one tracked room, then half leave ({args.workers} workers + Redis)"
+    save(args.name or f"presence-{args.users}", args, results, f"### {title}\n\n{md}")
+
+
 def cmd_workers(args: argparse.Namespace) -> None:
     args.pin = False  # two workers need both cores
     if not (ROOT / "phx_gevent" / "pubsub" / "redis.py").exists():
@@ -837,6 +874,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", type=int, default=1000, help="clients connected before, heartbeating")
     p.add_argument("--hb-ms", type=int, default=1000, help="heartbeat interval of the base clients")
     p.set_defaults(func=cmd_storm)
+
+    p = sub.add_parser("presence", help="presence at scale: N users join a tracked room, then half leave")
+    common(p, reps=1)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_presence)
 
     p = sub.add_parser("workers", help="workload 4: 2 gunicorn workers + Redis next to one worker")
     common(p, reps=2)

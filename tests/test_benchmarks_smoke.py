@@ -106,3 +106,31 @@ def test_storm_runs_against_phx_and_the_node_ws_peer(tmp_path: Path) -> None:
         assert "error" not in result, (label, result)
         assert result["joined"] == 60 and result["failed"] == 0, (label, result)
         assert result["joinMs"]["n"] == 60 and result["hbRttMs"]["n"] > 0, (label, result)
+
+
+def test_longpoll_fanout_runs_and_every_accepted_broadcast_is_delivered(tmp_path: Path) -> None:
+    results = run(
+        tmp_path,
+        "fanout",
+        "--longpoll",
+        "--subs",
+        "10",
+        "--servers",
+        "phx",
+        "--lat-seconds",
+        "1",
+        "--sat-seconds",
+        "1",
+        "--warm-seconds",
+        "0.3",
+        "--drain-seconds",
+        "10",
+        "--concurrency",
+        "2",
+    )
+    (result,) = results["phx"]
+    assert "error" not in result, result
+    assert result["open"]["opened"] == 10 and result["closes"] == 0, result
+    lat, sat = result["latency"], result["saturation"]
+    assert lat["complete"] and lat["ms"]["n"] > 0, lat
+    assert sat["accepted"] > 0 and sat["complete"] and sat["missing"] == 0, sat

@@ -153,6 +153,8 @@ const stats = {
   bcastN: 0,
   bcastFirst: 0,
   bcastLast: 0,
+  presenceFrames: 0,
+  presenceBytes: 0,
   hbRtt: null, // Float64Array of heartbeat round trips while measuring (storm)
   hbRttN: 0,
   nodes: {},
@@ -369,6 +371,29 @@ class SioConn {
   }
 }
 
+// -- presence: a client that keeps the room's presence list (presence_state, presence_diff) -------
+
+class PresConn extends PhxConn {
+  constructor(i) {
+    super(i);
+    this.users = new Set();
+  }
+
+  onMessage(data) {
+    const text = data.toString();
+    if (!text.includes('"presence_')) return super.onMessage(data);
+    const [, , , event, payload] = JSON.parse(text);
+    stats.presenceFrames++;
+    stats.presenceBytes += data.length;
+    if (event === "presence_state") {
+      for (const key of Object.keys(payload)) this.users.add(key);
+    } else if (event === "presence_diff") {
+      for (const key of Object.keys(payload.joins || {})) this.users.add(key);
+      for (const key of Object.keys(payload.leaves || {})) this.users.delete(key);
+    }
+  }
+}
+
 // -- Phoenix long-poll (phoenix.js's LongPoll: GET polls, POST sends ndjson) ------------------
 
 const lpAgent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
@@ -475,7 +500,7 @@ async function openAll(n, { join, concurrency = 100, timeoutMs = 120000 }) {
   if (PROTO === "sio" && ioFactory === null) {
     ioFactory = (await import("socket.io-client")).io;
   }
-  const Conn = PROTO === "sio" ? SioConn : cfg.longpoll ? LpConn : PhxConn;
+  const Conn = PROTO === "sio" ? SioConn : cfg.longpoll ? LpConn : cfg.presence ? PresConn : PhxConn;
   const deadline = now() + timeoutMs;
   let next = 0;
   let failed = 0;
@@ -877,7 +902,58 @@ async function stormWorkload() {
   return result;
 }
 
-const workloads = { fanout, pushreply, conns: connsWorkload, storm: stormWorkload };
+async function presenceWorkload() {
+  // N users join one presence-tracked room ({"presence": true}); converged when every client lists
+  // all N. Then half of them leave (close); converged when each remaining client lists N/2.
+  const n = cfg.users ?? 1000;
+  const result = { workload: "presence", users: n };
+  const meter = new Meter();
+  meter.start();
+  const t0 = now();
+  result.open = await openAll(n, { join: true, concurrency: cfg.openConcurrency ?? 100 });
+  const live = conns.filter((c) => c && c.open);
+  const progress = (want, cs) => cs.filter((c) => c.users.size === want).length;
+  try {
+    await waitFor(() => progress(n, live) === live.length, 120000, "presence to converge after the joins");
+  } catch (err) {
+    result.joinError = `${err.message}: ${progress(n, live)}/${live.length} see ${n}`;
+  }
+  const j = meter.stop();
+  result.join = {
+    seconds: (now() - t0) / 1000,
+    frames: stats.presenceFrames,
+    kbytes: stats.presenceBytes / 1024,
+    serverCpuSeconds: j.serverCpuSeconds,
+    clientCpu: j.clientCpu,
+  };
+  const f0 = stats.presenceFrames;
+  const b0 = stats.presenceBytes;
+  const leaving = live.slice(0, Math.floor(live.length / 2));
+  const staying = live.slice(leaving.length);
+  const m2 = new Meter();
+  m2.start();
+  const t1 = now();
+  stopping = true; // the leavers' closes are not errors
+  for (const c of leaving) c.close();
+  try {
+    await waitFor(() => progress(staying.length, staying) === staying.length, 120000, "presence after the leaves");
+  } catch (err) {
+    result.leaveError = `${err.message}: ${progress(staying.length, staying)}/${staying.length}`;
+  }
+  const l = m2.stop();
+  result.leave = {
+    left: leaving.length,
+    seconds: (now() - t1) / 1000,
+    frames: stats.presenceFrames - f0,
+    kbytes: (stats.presenceBytes - b0) / 1024,
+    serverCpuSeconds: l.serverCpuSeconds,
+  };
+  log(`presence: ${n} joined, converged in ${result.join.seconds.toFixed(1)}s (${result.join.frames} frames); half left, converged in ${result.leave.seconds.toFixed(1)}s (${result.leave.frames} frames)`);
+  result.errors = stats.errors;
+  return result;
+}
+
+const workloads = { presence: presenceWorkload, fanout, pushreply, conns: connsWorkload, storm: stormWorkload };
 
 try {
   const result = await workloads[cfg.workload]();
