@@ -493,20 +493,27 @@ class WebSocketTransport:
 
     def _fill(self, n: int) -> None:
         buf = self.buf
-        recv = self.sock.recv
+        watched = self._watcher is not None
+        # Watched: the OS socket itself (non-blocking under gevent's wrapper), no wrapper call.
+        recv = self.sock._sock.recv if watched else self.sock.recv
         while len(buf) < n:
-            if self._watcher is not None:
+            if watched:
                 # A watched connection reads only what is there, a few times per wake-up.
                 if self._reads <= 0:
                     raise _WouldBlock
                 self._reads -= 1
             # Large messages arrive in bounded reads, never one huge allocation.
+            want = min(max(65536, n - len(buf)), 262144)
             try:
-                chunk = recv(min(max(65536, n - len(buf)), 262144))
+                chunk = recv(want)
             except BlockingIOError:
                 raise _WouldBlock from None
             if not chunk:
                 raise _EOF
+            if watched and len(chunk) < want:
+                # The kernel had no more: the next read waits for the watcher instead of
+                # failing with EAGAIN (a system call and an exception saved per wake-up).
+                self._reads = 0
             self.last_recv = _monotonic()
             buf += chunk
 
