@@ -365,21 +365,22 @@ class Client:
             return
         wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
         sources: list[Any] = [self._wake_r]
-        if ws is not None:
-            if ws.sock is not None and getattr(ws.sock, "pending", lambda: 0)():
-                wait = 0.0
-            sources.append(ws.sock)
+        sock = ws.sock if ws is not None else None
+        # TLS may hold decrypted bytes that select() cannot see.
+        buffered = sock is not None and bool(getattr(sock, "pending", lambda: 0)())
+        if sock is not None:
+            sources.append(sock)
         try:
-            readable, _, _ = select.select(sources, [], [], wait)
+            readable, _, _ = select.select(sources, [], [], 0.0 if buffered else wait)
         except (OSError, ValueError):
-            readable = [ws.sock] if ws is not None else []
+            readable = [sock] if sock is not None else []  # closed under us: the read reports it
         if self._wake_r in readable:
             try:
                 while self._wake_r.recv(4096):
                     pass
-            except (BlockingIOError, OSError):
+            except OSError:
                 pass
-        if ws is not None and (ws.sock in readable or wait == 0.0 and ws.sock is not None):
+        if sock is not None and (buffered or sock in readable):
             self._read(ws)
 
     def _read(self, ws: Any) -> None:
