@@ -24,6 +24,7 @@ setup(
     extras_require={
         "redis": ["redis>=5.0"],
         "gunicorn": ["gunicorn>=23.0"],
+        "client": ["websocket-client>=1.6"],
     },
     classifiers=[
         "Framework :: Flask",
