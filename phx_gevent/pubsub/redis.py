@@ -37,6 +37,13 @@ pub/sub keeps nothing. An envelope whose PUBLISH was written but not
 acknowledged when the connection broke is sent again: rarely (Redis had
 processed it), subscribers see it twice.
 
+A process that ends does not lose what is queued in silence:
+:meth:`RedisAdapter.stop` (``Endpoint.close()``, the gunicorn worker at
+shutdown, and interpreter exit for an adapter still running) sends it first,
+for at most ``close_timeout`` seconds, and logs how many it had to drop.
+Processes that do not serve use :class:`phx_gevent.Emitter` instead, whose
+calls return only once Redis accepted the message.
+
 The adapter needs gevent's monkey-patching (the app's first line, or the
 gunicorn worker); the library never patches. Protect Redis itself (network,
 password, ACL): a client that can publish on the prefix's channels can make
