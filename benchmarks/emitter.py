@@ -1,6 +1,6 @@
 """Broadcasts per second from one process that does not serve: phx_gevent's Emitter next to Flask-SocketIO's.
 
-    .venv/bin/python benchmarks/emitter.py [--n 20000] [--reps 3] [--out benchmarks/results/emitter.md]
+    .venv/bin/python benchmarks/emitter.py [--n 20000] [--reps 3] [--contenders single,many,sio] [--out FILE]
 
 Starts a private redis-server on a free port (pinned to core 0 when
 ``taskset`` exists), plus one subscriber process per contender's channel
@@ -122,7 +122,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="broadcasts per run")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "emitter.md"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "emitter.md"), help="'' to print only")
+    parser.add_argument(
+        "--contenders", default="single,many,sio", help="comma list of single, many, sio (sio needs Flask-SocketIO)"
+    )
     args = parser.parse_args()
     binary = shutil.which("redis-server")
     if binary is None:
@@ -149,11 +152,12 @@ def main() -> None:
                 raise
             time.sleep(0.05)
 
-    contenders = [
-        ("phx Emitter.broadcast", "phx:b", run_phx_single, lambda: client.publish("phx:b", b"STOP")),
-        ("phx Emitter.broadcast_many", "phx:b", run_phx_many, lambda: client.publish("phx:b", b"STOP")),
-        ("Flask-SocketIO emit", "flask-socketio", run_sio, lambda: client.publish("flask-socketio", b"STOP")),
-    ]
+    every = {
+        "single": ("phx Emitter.broadcast", "phx:b", run_phx_single, lambda: client.publish("phx:b", b"STOP")),
+        "many": ("phx Emitter.broadcast_many", "phx:b", run_phx_many, lambda: client.publish("phx:b", b"STOP")),
+        "sio": ("Flask-SocketIO emit", "flask-socketio", run_sio, lambda: client.publish("flask-socketio", b"STOP")),
+    }
+    contenders = [every[name] for name in args.contenders.split(",")]
     results: dict[str, list[float]] = {name: [] for name, *_ in contenders}
     for rep in range(args.reps):
         for name, channel, run, stop in contenders:
@@ -167,7 +171,7 @@ def main() -> None:
     server.wait()
     shutil.rmtree(tmp, ignore_errors=True)
 
-    sio = statistics.median(results["Flask-SocketIO emit"])
+    sio = statistics.median(results["Flask-SocketIO emit"]) if "Flask-SocketIO emit" in results else None
     lines = [
         "# Emitter: broadcasts/s from one process that does not serve",
         "",
@@ -180,7 +184,8 @@ def main() -> None:
     ]
     for name, rates in results.items():
         med = statistics.median(rates)
-        lines.append(f"| {name} | {med:,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) | {med / sio:.2f}x |")
+        ratio = f"{med / sio:.2f}x" if sio else "-"
+        lines.append(f"| {name} | {med:,.0f} ({min(rates):,.0f}-{max(rates):,.0f}) | {ratio} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -260,11 +260,14 @@ def test_cli_broadcast_and_disconnect_exit_0_silently(redis_server, node, prefix
     ],
 )
 def test_cli_usage_errors_exit_2_before_connecting(redis_server, tap, prefix, args):  # noqa: F811
+    connections = redis_server.command("INFO", "stats")["total_connections_received"]
     done = cli(args[0], "--redis", redis_server.url, "--prefix", prefix, *args[1:])
     assert done.returncode == 2, done
     assert done.stdout == ""
     assert "usage:" in done.stderr and "error:" in done.stderr and "Traceback" not in done.stderr
     assert tap.drain() == []
+    # Only this check's own connection: the command line never connected.
+    assert redis_server.command("INFO", "stats")["total_connections_received"] == connections + 1
 
 
 def test_cli_without_redis_or_arguments_exits_2():
@@ -293,3 +296,27 @@ def test_importing_the_package_patches_nothing_and_warns_nothing():
         [sys.executable, "-W", "error", "-c", code], cwd=str(ROOT), capture_output=True, text=True, timeout=30
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, "", "")
+
+
+def test_the_emitter_benchmark_runs():
+    # A smoke test of benchmarks/emitter.py (tiny, phx only; nothing timed): every message counted.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/emitter.py",
+            "--n",
+            "300",
+            "--reps",
+            "1",
+            "--contenders",
+            "single,many",
+            "--out",
+            "",
+        ],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "phx Emitter.broadcast_many" in done.stdout
