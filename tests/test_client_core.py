@@ -337,3 +337,17 @@ def test_leave_and_disconnect():
     assert h.tick(60) == []
     with pytest.raises(RuntimeError):
         b.join()
+
+
+def test_disconnect_during_the_handshake_wins():
+    h = Harness()
+    h.core.connect()
+    assert h.pump() == [("open",)]
+    h.core.disconnect()
+    assert h.pump() == [("close", 1000, "")]
+    h.core.transport_opened()  # the handshake finished anyway: ignored
+    assert not h.core.connected
+    h.core.transport_closed(1000, "")
+    assert h.core.state == "closed" and h.tick(60) == []
+    h.core.connect()  # and a later connect() works again
+    assert h.pump() == [("open",)]

@@ -318,8 +318,18 @@ class Client:
                 self.core.transport_closed(None, f"{type(exc).__name__}: {exc}")
                 self._perform()
             return
-        ws.settimeout(None)
+        # Reads start only once select() saw data; the bound is for a frame that stops halfway.
+        ws.settimeout(30.0)
         with self._lock:
+            if self.core.state != "connecting":
+                # disconnect() came while the handshake was under way.
+                try:
+                    ws.close(timeout=1)
+                except Exception:
+                    pass
+                self.core.transport_closed(1000, "disconnected while connecting")
+                self._perform()
+                return
             self._ws = ws
             self._closing = None
             self.core.transport_opened()
