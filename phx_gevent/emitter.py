@@ -126,8 +126,27 @@ class Emitter:
             self._pool = redis_url.connection_pool
             self._own_pool = False
         else:
-            raise TypeError(f"Emitter expects a Redis URL or a redis.Redis client, got {type(redis_url).__name__}")
+            raise TypeError(
+                "Emitter expects a Redis URL, a redis.Redis client or an Endpoint/RedisAdapter "
+                f"(see Emitter.for_endpoint), got {type(redis_url).__name__}"
+            )
         self._where = _describe(self._pool)
+
+    @classmethod
+    def for_endpoint(cls, endpoint: Any, **options: Any) -> Emitter:
+        """An emitter for the Redis and prefix of ``endpoint`` (an Endpoint, its PubSub, or a RedisAdapter).
+
+        Handy in a process that imports the app's module without serving it
+        (a Celery worker sharing the app's configuration). Connection
+        options given to the adapter outside its URL (``password=``...) are
+        not copied: pass them again in ``options``. Raises ``ValueError``
+        when it has no Redis adapter.
+        """
+        adapter = getattr(getattr(endpoint, "pubsub", endpoint), "adapter", endpoint)
+        url, prefix = getattr(adapter, "url", None), getattr(adapter, "prefix", None)
+        if not isinstance(url, str) or not isinstance(prefix, str):
+            raise ValueError(f"{endpoint!r} has no Redis adapter (Endpoint(pubsub='redis://...'))")
+        return cls(url, prefix, **options)
 
     def __repr__(self) -> str:
         return f"<Emitter {self._where} prefix={self.prefix!r}>"

@@ -173,6 +173,17 @@ def test_the_emitter_uses_a_given_redis_client_and_leaves_it_open(redis_server, 
     client.close()
 
 
+def test_an_emitter_for_an_endpoint_uses_its_redis_and_prefix(redis_server, node, prefix):  # noqa: F811
+    room = Recorder(node, "room:3")
+    endpoint = Endpoint(pubsub=redis_server.url, pubsub_prefix=prefix)  # never started: it does not serve
+    with Emitter.for_endpoint(endpoint) as emitter:
+        assert emitter.prefix == prefix
+        emitter.broadcast("room:3", "ev", {"via": "endpoint"})
+    assert room.wait(1) == [("ev", {"via": "endpoint"})]
+    with pytest.raises(ValueError):
+        Emitter.for_endpoint(Endpoint())
+
+
 def test_bad_configuration_is_refused_at_construction():
     with pytest.raises(ValueError):
         Emitter("http://localhost")
