@@ -114,6 +114,30 @@ def test_disconnect_by_socket_id_then_reconnect_and_rejoin(example, clients):
     assert room.push("ping", {"back": True}).wait() == Reply("ok", {"back": True})
 
 
+def test_heartbeats_are_answered_and_keep_the_connection(example, clients):
+    client = clients(example.ws + "/socket", heartbeat_interval=0.05)
+    replies: list[Any] = []
+    client.on_message(lambda m: replies.append(m) if m.topic == "phoenix" else None)
+    closes: list[Any] = []
+    client.on_close(lambda code, reason: closes.append(code))
+    wait_until(lambda: len(replies) >= 5, TIMEOUT, "5 heartbeat replies")
+    assert all(m.event == "phx_reply" and m.payload == {"status": "ok", "response": {}} for m in replies)
+    assert len({m.ref for m in replies}) == len(replies) and closes == []
+
+
+def test_many_clients_in_one_gevent_process(example, clients):
+    # Under gevent's patching each client's thread is a greenlet: a load test is one process.
+    url = example.ws + "/socket"
+    many = [clients(url) for _ in range(40)]
+    rooms = [c.channel("room:many") for c in many]
+    pushes = [room.join() for room in rooms]
+    assert {p.wait().status for p in pushes} == {"ok"}
+    seen = [Events(room, "new_msg") for room in rooms]
+    assert rooms[0].push("new_msg", {"body": "to all"}).wait() == Reply("ok", {})
+    for events in seen:
+        assert events.wait("new_msg")[0][1]["body"] == "to all"
+
+
 class ExampleProcess:
     """``python app_example.py`` on a fixed port, so it can be killed and started again there."""
 

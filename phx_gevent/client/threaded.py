@@ -223,6 +223,11 @@ class Client:
         with self._lock:
             self.core.on_close(callback)
 
+    def on_message(self, callback: Callable[[Any], None]) -> None:
+        """``callback(message)`` in the client's thread for every frame received (a decoded ``Message``)."""
+        with self._lock:
+            self.core.on_message(callback)
+
     @property
     def connected(self) -> bool:
         """True while the WebSocket is open."""
