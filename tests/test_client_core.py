@@ -7,7 +7,19 @@ from typing import Any
 
 import pytest
 
-from phx_gevent.client import CLOSED, ERRORED, JOINED, JOINING, SocketCore, reconnect_after, rejoin_after, wire
+from phx_gevent.client import (
+    CLOSED,
+    ERRORED,
+    JOINED,
+    JOINING,
+    Presence,
+    SocketCore,
+    reconnect_after,
+    rejoin_after,
+    sync_diff,
+    sync_state,
+    wire,
+)
 from phx_gevent.serializers import V2
 
 # -- the wire ------------------------------------------------------------------------------
@@ -351,3 +363,55 @@ def test_disconnect_during_the_handshake_wins():
     assert h.core.state == "closed" and h.tick(60) == []
     h.core.connect()  # and a later connect() works again
     assert h.pump() == [("open",)]
+
+
+# -- presence ------------------------------------------------------------------------------
+
+
+def meta(ref: str, **extra: Any) -> dict[str, Any]:
+    return {"phx_ref": ref, **extra}
+
+
+def test_presence_state_and_diffs_follow_phoenix_js():
+    events: list[Any] = []
+
+    def on_join(key: str, current: Any, joined: Any) -> None:
+        events.append(("join", key, current is None, [m["phx_ref"] for m in joined["metas"]]))
+
+    def on_leave(key: str, current: Any, left: Any) -> None:
+        events.append(("leave", key, [m["phx_ref"] for m in current["metas"]], [m["phx_ref"] for m in left["metas"]]))
+
+    before = {"a": {"metas": [meta("1")]}, "b": {"metas": [meta("2")]}}
+    snapshot = {"a": {"metas": [meta("1"), meta("3")]}, "c": {"metas": [meta("4")]}}
+    state = sync_state(before, snapshot, on_join, on_leave)
+    assert before == {"a": {"metas": [meta("1")]}, "b": {"metas": [meta("2")]}}  # untouched
+    assert state == {"a": {"metas": [meta("1"), meta("3")]}, "c": {"metas": [meta("4")]}}
+    assert events == [("join", "a", False, ["3"]), ("join", "c", True, ["4"]), ("leave", "b", [], ["2"])]
+    # An update is a join and a leave of the same key in one diff (phx_ref_prev).
+    diff = {
+        "joins": {"a": {"metas": [meta("5", phx_ref_prev="3", status="away")]}},
+        "leaves": {"a": {"metas": [meta("3")]}},
+    }
+    state = sync_diff(state, diff)
+    assert state["a"]["metas"] == [meta("1"), meta("5", phx_ref_prev="3", status="away")]
+    state = sync_diff(state, {"joins": {}, "leaves": {"c": {"metas": [meta("4")]}, "zz": {"metas": [meta("9")]}}})
+    assert list(state) == ["a"]
+
+
+def test_presence_holds_diffs_until_the_state_of_the_current_join():
+    h = Harness(heartbeat_interval=0)
+    h.open()
+    ch = h.core.channel("room:1")
+    presence = Presence(ch)
+    syncs: list[Any] = []
+    presence.on_sync(lambda: syncs.append(presence.list(lambda key, p: (key, len(p["metas"])))))
+    ch.join()
+    h.pump()
+    (join,) = h.take()
+    h.recv(*ok(join[0], join[1]))
+    h.recv(None, None, "room:1", "presence_diff", {"joins": {"b": {"metas": [meta("2")]}}, "leaves": {}})
+    assert syncs == []  # held: no presence_state for this join yet
+    h.recv(join[0], None, "room:1", "presence_state", {"a": {"metas": [meta("1")]}})
+    assert syncs == [[("a", 1), ("b", 1)]]
+    h.recv(None, None, "room:1", "presence_diff", {"joins": {}, "leaves": {"a": {"metas": [meta("1")]}}})
+    assert syncs[-1] == [("b", 1)]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from phx_gevent.client import CLOSED, JOINED, Client, Reply
+from phx_gevent.client import CLOSED, JOINED, Client, Presence, Reply
 from tests.servers import ROOT, OutputLog, free_port, wait_until
 
 TIMEOUT = 10.0
@@ -123,6 +123,22 @@ def test_heartbeats_are_answered_and_keep_the_connection(example, clients):
     wait_until(lambda: len(replies) >= 5, TIMEOUT, "5 heartbeat replies")
     assert all(m.event == "phx_reply" and m.payload == {"status": "ok", "response": {}} for m in replies)
     assert len({m.ref for m in replies}) == len(replies) and closes == []
+
+
+def test_presence_of_the_example_room(example, clients):
+    url = example.ws + "/socket"
+    views = []
+    for user in ("erin", "frank"):
+        room = clients(url, user).channel("room:presence", {"presence": True})
+        presence = Presence(room)
+        views.append((room, presence))
+        assert room.join().wait().status == "ok"
+    for _, presence in views:
+        wait_until(lambda p=presence: sorted(p.state) == ["erin", "frank"], TIMEOUT, "both users")
+    views[1][0].leave()
+    wait_until(lambda: sorted(views[0][1].state) == ["erin"], TIMEOUT, "frank gone")
+    (metas,) = views[0][1].list(lambda key, p: p["metas"])
+    assert metas[0]["node"] == example.endpoint.node_name and "phx_ref" in metas[0]
 
 
 def test_many_clients_in_one_gevent_process(example, clients):

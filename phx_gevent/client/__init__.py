@@ -3,12 +3,14 @@
 :class:`Client` (websocket-client in a background thread; works with or
 without gevent's patching) on top of :mod:`phx_gevent.client.core`, the
 protocol as a state machine with no I/O, and :mod:`phx_gevent.client.wire`,
-the V2 JSON and binary frames. It speaks Phoenix's wire format, so it talks
+the V2 JSON and binary frames; :class:`Presence` applies
+``presence_state`` and ``presence_diff`` as phoenix.js's does. It speaks Phoenix's wire format, so it talks
 to Phoenix servers as well as to phx_gevent. Needs the ``client`` extra
 (``pip install 'phx_gevent[client]'``: websocket-client).
 """
 
 from .core import CLOSED, ERRORED, JOINED, JOINING, LEAVING, Channel, Push, SocketCore, reconnect_after, rejoin_after
+from .presence import Presence, sync_diff, sync_state
 from .threaded import Client, ClientChannel, ClientPush, Reply
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "JOINING",
     "LEAVING",
     "Channel",
+    "Presence",
     "Client",
     "ClientChannel",
     "ClientPush",
@@ -26,4 +29,6 @@ __all__ = [
     "SocketCore",
     "reconnect_after",
     "rejoin_after",
+    "sync_diff",
+    "sync_state",
 ]
