@@ -199,7 +199,7 @@ def test_the_client_comes_back_by_itself_after_a_server_restart():
 
 
 SCRIPT = """
-import sys
+import sys, threading
 from gevent import monkey
 from phx_gevent.client import Client
 with Client(sys.argv[1], params={"user": "plain"}) as client:
@@ -208,6 +208,16 @@ with Client(sys.argv[1], params={"user": "plain"}) as client:
     print(room.join().wait(10).status, flush=True)
     print(room.push("ping", {"n": 1}).wait(10).response, flush=True)
     print(room.push("ping", b"bin").wait(10).response, flush=True)
+    # Real threads sharing the client: every push gets its own reply.
+    results = []
+    def pings(t):
+        results.extend(room.push("ping", {"t": t, "i": i}).wait(10).response == {"t": t, "i": i} for i in range(50))
+    threads = [threading.Thread(target=pings, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    print(len(results), all(results), flush=True)
 assert not monkey.is_anything_patched()
 """
 
@@ -221,4 +231,4 @@ def test_the_client_works_in_an_unpatched_interpreter(example):
         timeout=30,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["ok", "{'n': 1}", "b'bin'"]
+    assert done.stdout.splitlines() == ["ok", "{'n': 1}", "b'bin'", "200 True"]
