@@ -184,6 +184,33 @@ def test_an_emitter_for_an_endpoint_uses_its_redis_and_prefix(redis_server, node
         Emitter.for_endpoint(Endpoint())
 
 
+FORK = """
+import os, sys
+from phx_gevent import Emitter
+emitter = Emitter(sys.argv[1], prefix=sys.argv[2])
+emitter.broadcast("room:1", "ev", {"who": "parent"})
+pid = os.fork()
+if pid == 0:
+    emitter.broadcast("room:1", "ev", {"who": "child"})  # its own connection, not the parent's
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert status == 0, status
+emitter.broadcast("room:1", "ev", {"who": "parent again"})
+"""
+
+
+def test_an_emitter_made_before_fork_works_in_parent_and_child(redis_server, tap, prefix):  # noqa: F811
+    done = subprocess.run(
+        [sys.executable, "-c", FORK, redis_server.url, prefix],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [codec.decode(m)["p"]["who"] for m in tap.drain()] == ["parent", "child", "parent again"]
+
+
 def test_bad_configuration_is_refused_at_construction():
     with pytest.raises(ValueError):
         Emitter("http://localhost")
