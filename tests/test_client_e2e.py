@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from phx_gevent.client import CLOSED, JOINED, Client, Presence, Reply
+from phx_gevent.client import CLOSED, JOINED, Client, LongPollClient, Presence, Reply
+from phx_gevent.transports.longpoll import BINARY_REFUSED
 from tests.servers import ROOT, OutputLog, free_port, wait_until
 
 TIMEOUT = 10.0
@@ -152,6 +153,35 @@ def test_many_clients_in_one_gevent_process(example, clients):
     assert rooms[0].push("new_msg", {"body": "to all"}).wait() == Reply("ok", {})
     for events in seen:
         assert events.wait("new_msg")[0][1]["body"] == "to all"
+
+
+def test_the_long_poll_client(example, clients):
+    url = example.ws + "/socket"
+    lp = LongPollClient(url, params={"user": "gina"}, auth_token="tok", **FAST)
+    lp.connect()
+    try:
+        closes: list[Any] = []
+        lp.on_close(lambda code, reason: closes.append(code))
+        room = lp.channel("room:lp")
+        events = Events(room, "welcome", "new_msg")
+        assert room.join().wait() == Reply("ok", {"user": "gina"})
+        events.wait("welcome")
+        assert room.push("ping", {"n": 1}).wait() == Reply("ok", {"n": 1})
+        # Binary goes up (a base64 line); the binary reply cannot come down over long-poll.
+        assert room.push("ping", b"\x00bin").wait() == Reply("error", BINARY_REFUSED)
+        ws_room = clients(url, "hank").channel("room:lp")
+        assert ws_room.join().wait().status == "ok"
+        assert ws_room.push("new_msg", {"body": "to long-poll"}).wait().status == "ok"
+        assert events.wait("new_msg")[0][1] == {"user": "hank", "body": "to long-poll"}
+        # Disconnect by socket id: the session is gone (3410), the client comes back and rejoins.
+        example.endpoint.broadcast("user_socket:gina", "disconnect", {})
+        wait_until(lambda: closes, TIMEOUT, "the long-poll close")
+        assert closes[0] == 3410
+        events.wait("welcome", 2)
+        wait_until(lambda: room.state == JOINED, TIMEOUT, "rejoined")
+        assert room.push("ping", {"back": 1}).wait() == Reply("ok", {"back": 1})
+    finally:
+        lp.close()
 
 
 class ExampleProcess:

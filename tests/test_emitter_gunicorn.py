@@ -158,3 +158,27 @@ def test_the_command_line_broadcasts_to_both_workers_and_disconnects_by_socket_i
     js.wait(ev="chan", channel=lp_cid, event="welcome", since=since, timeout=25)
     others = [c for c in clients if c.user != "erin"]
     assert not any(js.find(ev="close", socket=c.sid, since=since) for c in others)
+
+
+def test_python_clients_on_both_transports_get_the_command_lines_broadcast(stack):
+    from phx_gevent.client import Client, LongPollClient, Reply
+
+    redis, server = stack
+    received: list[tuple[str, dict]] = []
+    made = [
+        Client(server.ws + "/socket", params={"user": "py-ws"}),
+        LongPollClient(server.ws + "/socket", params={"user": "py-lp"}),
+    ]
+    try:
+        for client in made:
+            client.connect()
+            room = client.channel("room:pyclients")
+            kind = type(client).__name__
+            room.on("new_msg", lambda payload, ref, jr, kind=kind: received.append((kind, payload)))
+            assert room.join().wait() == Reply("ok", {"user": client.params["user"]})
+        python("-m", "phx_gevent", "broadcast", "--redis", redis.url, "room:pyclients", "new_msg", '{"body": "both"}')
+        wait_until(lambda: len(received) >= 2, 15, "both Python clients")
+        assert sorted(received) == [("Client", {"body": "both"}), ("LongPollClient", {"body": "both"})]
+    finally:
+        for client in made:
+            client.close()
