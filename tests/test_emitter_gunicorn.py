@@ -53,7 +53,8 @@ Endpoint(pubsub=sys.argv[1]).broadcast(sys.argv[2], "new_msg", {"run": sys.argv[
 def stack() -> Iterator[tuple[RedisServer, Gunicorn]]:
     """One redis-server and one gunicorn -w 2 for the whole module."""
     redis = RedisServer().start()
-    server = Gunicorn(workers=2, env={"REDIS_URL": redis.url}, args=ACCESS)
+    # One SECRET_KEY for both workers: long-poll tokens signed by one are checked by the other.
+    server = Gunicorn(workers=2, env={"REDIS_URL": redis.url, "SECRET_KEY": "emitter-tests"}, args=ACCESS)
     try:
         server.start()
         yield redis, server
@@ -147,6 +148,7 @@ def test_the_command_line_broadcasts_to_both_workers_and_disconnects_by_socket_i
     js.send(cmd="join", channel=lp_cid, req="lp-join")
     assert js.wait(ev="reply", req="lp-join", since=lp_since, timeout=15)["status"] == "ok"
     js.wait(ev="chan", channel=lp_cid, event="welcome", since=lp_since, timeout=15)
+    assert not js.find(ev="close", socket=lp_sid, since=lp_since)  # a stable session until now
     since = js.mark()
     done = python("-m", "phx_gevent", "disconnect", "--redis", redis.url, "user_socket:erin")
     assert (done.stdout, done.stderr) == ("", "")
@@ -177,7 +179,7 @@ def test_python_clients_on_both_transports_get_the_command_lines_broadcast(stack
             room.on("new_msg", lambda payload, ref, jr, kind=kind: received.append((kind, payload)))
             assert room.join().wait() == Reply("ok", {"user": client.params["user"]})
         python("-m", "phx_gevent", "broadcast", "--redis", redis.url, "room:pyclients", "new_msg", '{"body": "both"}')
-        wait_until(lambda: len(received) >= 2, 15, "both Python clients")
+        wait_until(lambda: len(received) >= 2, 15, f"both Python clients (got {received})")
         assert sorted(received) == [("Client", {"body": "both"}), ("LongPollClient", {"body": "both"})]
     finally:
         for client in made:
