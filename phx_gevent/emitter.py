@@ -13,6 +13,11 @@ writes the same envelope, on the same channel, as the servers' Redis
 adapter (it reuses :mod:`phx_gevent.pubsub.codec`), so the servers cannot
 tell it from one of their own workers; it never subscribes.
 
+On a topic that keeps history (the patterns the servers publish in Redis,
+see docs/recovery.md), a broadcast of a kept event runs the servers' append
+script instead of a plain ``PUBLISH``, so it gets an offset and can be
+recovered like any other; :meth:`Emitter.broadcast` returns that offset.
+
 Unlike ``Endpoint.broadcast``, which queues for a greenlet and returns at
 once, every call here is synchronous: it returns once Redis has
 acknowledged the ``PUBLISH``, or raises. It needs no gevent patching and no
@@ -22,6 +27,7 @@ and survives ``fork()`` (redis-py's pool reconnects in the child).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -30,6 +36,7 @@ from typing import Any
 
 from .errors import EmitterError, EmitterUnavailable, PayloadError
 from .pubsub import codec
+from .pubsub import history as _history
 from .pubsub.base import make_node_name
 from .pubsub.local import check_broadcast
 
@@ -79,6 +86,10 @@ class Emitter:
     ``node_name``
         The sender name written in each envelope (default
         ``emitter@host:pid:random``).
+    ``rules_ttl``
+        Seconds the history rules read from Redis are reused before they are
+        read again (a topic pattern the servers start keeping is seen
+        within this time).
 
     Other keyword arguments go to redis-py's connections (``password``,
     ``ssl_ca_certs``, ...). Raises ``ValueError`` for a URL redis-py cannot
@@ -95,6 +106,7 @@ class Emitter:
         socket_timeout: float = 5.0,
         max_connections: int = 16,
         node_name: str | None = None,
+        rules_ttl: float = 60.0,
         **redis_kwargs: Any,
     ) -> None:
         if redis is None:  # pragma: no cover
@@ -109,6 +121,9 @@ class Emitter:
         self.timeout = float(timeout)
         self.node_name = node_name or make_node_name("emitter")
         self._channel = f"{prefix}:b".encode()
+        self.rules_ttl = float(rules_ttl)
+        self._rules: _history.HistoryRules | None = None
+        self._rules_until = 0.0
         self._closed = False
         self._lock = threading.Lock()
         if isinstance(redis_url, str):
@@ -159,13 +174,14 @@ class Emitter:
 
     # -- the API --------------------------------------------------------------------------
 
-    def broadcast(self, topic: str, event: str, payload: dict[str, Any] | bytes) -> int:
+    def broadcast(self, topic: str, event: str, payload: dict[str, Any] | bytes) -> str | None:
         """Send ``event`` with ``payload`` to every subscriber of ``topic`` on every server node.
 
         ``payload`` is a dict (JSON) or ``bytes`` (a binary frame to
-        WebSocket clients). Returns once Redis accepted the message, with the
-        number of server nodes subscribed at that moment (0 is not an
-        error: nobody was listening). Raises
+        WebSocket clients). Returns once Redis accepted the message: the
+        message's offset (``"<epoch>-<seq>"``) on a topic that keeps history
+        of ``event``, else ``None`` (also when no server was listening: Redis
+        accepted it all the same). Raises
         :class:`~phx_gevent.errors.PayloadError` before sending anything when
         the message cannot be encoded,
         :class:`~phx_gevent.errors.EmitterUnavailable` when Redis did not
@@ -187,26 +203,26 @@ class Emitter:
         encoded = [self._encode(topic, event, payload) for topic, event, payload in messages]
         sent = 0
         while sent < len(encoded):
-            chunk: list[bytes] = []
+            chunk: list[tuple[dict[str, Any], bytes]] = []
             size = 0
             while sent + len(chunk) < len(encoded) and len(chunk) < _CHUNK and size < _CHUNK_BYTES:
-                data = encoded[sent + len(chunk)]
-                chunk.append(data)
-                size += len(data)
+                item = encoded[sent + len(chunk)]
+                chunk.append(item)
+                size += len(item[1])
             self._publish(chunk)
             sent += len(chunk)
         return sent
 
-    def disconnect(self, socket_id: str) -> int:
+    def disconnect(self, socket_id: str) -> None:
         """Close every connection and long-poll session whose ``Socket.id`` is ``socket_id``, on every node.
 
         The same message as ``endpoint.broadcast(socket_id, "disconnect", {})``:
         WebSockets close with 1001 and phoenix.js reconnects (running
-        ``connect`` again). Returns and raises like :meth:`broadcast`.
+        ``connect`` again). Raises like :meth:`broadcast`.
         """
         if not isinstance(socket_id, str) or not socket_id:
             raise PayloadError(f"socket_id must be a non-empty string, got {socket_id!r}")
-        return self.broadcast(socket_id, "disconnect", {})
+        self.broadcast(socket_id, "disconnect", {})
 
     def ping(self) -> None:
         """Check that Redis answers (within ``timeout``); raises like :meth:`broadcast`."""
@@ -228,29 +244,57 @@ class Emitter:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _encode(self, topic: Any, event: Any, payload: Any) -> bytes:
+    def _encode(self, topic: Any, event: Any, payload: Any) -> tuple[dict[str, Any], bytes]:
         try:
             check_broadcast(topic, event, payload)
             envelope = {"k": "b", "n": self.node_name, "t": topic, "e": event, "p": payload, "x": None}
-            return codec.encode(envelope, self.node_name)
+            return envelope, codec.encode(envelope, self.node_name)
         except (TypeError, ValueError, OverflowError) as exc:
             raise PayloadError(f"cannot broadcast {event!r} on {topic!r}: {exc}") from None
 
-    def _publish(self, datas: list[bytes]) -> list[int]:
-        channel = self._channel
-        pending = list(datas)
-        results: list[int] = []
-
-        def attempt(conn: Any) -> list[int]:
-            before = len(results)
+    def _history_rules(self, conn: Any) -> _history.HistoryRules:
+        # The patterns the servers published (HGETALL), reused for rules_ttl seconds.
+        now = time.monotonic()
+        rules = self._rules
+        if rules is not None and now < self._rules_until:
+            return rules
+        raw = _roundtrip(conn, [("HGETALL", _history.patterns_key(self.prefix))])[0]
+        rules = _history.HistoryRules()
+        pairs = list(raw.items()) if isinstance(raw, dict) else list(zip(raw[::2], raw[1::2], strict=False))
+        for pattern, config in pairs:
+            name = pattern.decode() if isinstance(pattern, bytes) else str(pattern)
             try:
-                _roundtrip(conn, [(b"PUBLISH", channel, data) for data in pending], results)
+                rules.add(name, _history.HistoryConfig.coerce(json.loads(config)))  # type: ignore[arg-type]
+            except (ValueError, TypeError):
+                log.warning("phx_gevent: emitter ignored an invalid history rule for %r in Redis", name)
+        self._rules, self._rules_until = rules, now + self.rules_ttl
+        return rules
+
+    def _command(self, rules: _history.HistoryRules, envelope: dict[str, Any], data: bytes) -> tuple[Any, ...]:
+        config = rules.for_topic(envelope["t"]) if rules else None
+        if config is None or not config.keeps(envelope["e"]):
+            return (b"PUBLISH", self._channel, data)
+        # The servers' own script: offset, stream append and PUBLISH in one atomic step.
+        args, _ = _history.append_args(self.prefix, self.node_name, envelope, config, False)
+        return (b"EVAL", _history.APPEND_SCRIPT, 2, *args)
+
+    def _publish(self, items: list[tuple[dict[str, Any], bytes]]) -> list[str | None]:
+        pending = list(items)
+        replies: list[Any] = []
+
+        def attempt(conn: Any) -> list[Any]:
+            rules = self._history_rules(conn)
+            commands = [self._command(rules, envelope, data) for envelope, data in pending]
+            before = len(replies)
+            try:
+                _roundtrip(conn, commands, replies)
             finally:
                 # What Redis acknowledged is never sent again, even when a later reply is lost.
-                del pending[: len(results) - before]
-            return results
+                del pending[: len(replies) - before]
+            return replies
 
-        return self._run(attempt)
+        self._run(attempt)
+        return [r.decode() if isinstance(r, bytes) else None for r in replies]
 
     def _run(self, attempt: Any) -> Any:
         if self._closed:

@@ -104,11 +104,11 @@ def test_a_node_receives_the_emitters_broadcasts_as_from_any_other_node(redis_se
     ids = Recorder(node, "user_socket:alice")
     with Emitter(redis_server.url, prefix=prefix) as emitter:
         assert emitter.node_name.startswith("emitter@")
-        # The return value is the number of subscribed nodes (the one in this test).
-        assert emitter.broadcast("room:1", "new_msg", {"body": "é/\u2028", "n": [1, None]}) == 1
-        assert emitter.broadcast("room:1", "blob", b"\x00\xff bytes") == 1
+        # No history on these topics: no offset.
+        assert emitter.broadcast("room:1", "new_msg", {"body": "é/\u2028", "n": [1, None]}) is None
+        assert emitter.broadcast("room:1", "blob", b"\x00\xff bytes") is None
         assert emitter.broadcast_many([("room:1", "seq", {"i": i}) for i in range(2500)]) == 2500
-        assert emitter.disconnect("user_socket:alice") == 1
+        emitter.disconnect("user_socket:alice")
     got = room.wait(2502)
     assert got[0] == ("new_msg", {"body": "é/\u2028", "n": [1, None]})
     assert got[1] == ("blob", b"\x00\xff bytes")
@@ -119,12 +119,36 @@ def test_a_node_receives_the_emitters_broadcasts_as_from_any_other_node(redis_se
 
 def test_the_emitter_writes_exactly_the_adapters_envelope(redis_server, tap, prefix):  # noqa: F811
     with Emitter(redis_server.url, prefix=prefix, node_name="cron@box") as emitter:
-        assert emitter.broadcast("room:1", "ev", {"a": 1}) == 1  # the tap is subscribed
+        emitter.broadcast("room:1", "ev", {"a": 1})
         emitter.broadcast("room:1", "bin", b"\x01\x02")
     first, second = tap.drain()
     env = {"k": "b", "n": "cron@box", "t": "room:1", "e": "ev", "p": {"a": 1}, "x": None}
     assert first == codec.encode(env)
     assert codec.decode(second) == {**env, "e": "bin", "p": b"\x01\x02"}
+
+
+def test_on_a_history_topic_the_emitter_appends_with_the_servers_script(redis_server, tap, prefix):  # noqa: F811
+    from phx_gevent.pubsub.history import HistoryConfig, load_rules, patterns_key
+
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    config = HistoryConfig.coerce({"size": 10, "ttl": 60, "events": ["new_msg"]})
+    client.hset(patterns_key(prefix), "room:*", config.to_json())  # what servers publish at start
+    assert load_rules(client, prefix).for_topic("room:9") == config
+    with Emitter(redis_server.url, prefix=prefix) as emitter:
+        first = emitter.broadcast("room:9", "new_msg", {"n": 1})
+        second = emitter.broadcast("room:9", "new_msg", {"n": 2})
+        assert emitter.broadcast("room:9", "typing", {}) is None  # an event the history does not keep
+        assert emitter.broadcast("lobby", "new_msg", {}) is None  # a topic without history
+    epoch, seq = first.rsplit("-", 1)
+    assert second == f"{epoch}-{int(seq) + 1}"
+    got = [codec.decode(m) for m in tap.drain()]
+    assert [(e["t"], e["e"], e.get("o")) for e in got] == [
+        ("room:9", "new_msg", first),
+        ("room:9", "new_msg", second),
+        ("room:9", "typing", None),
+        ("lobby", "new_msg", None),
+    ]
+    client.close()
 
 
 def test_an_unencodable_message_raises_and_sends_nothing(redis_server, tap, prefix):  # noqa: F811
@@ -157,7 +181,7 @@ def test_with_redis_down_the_emitter_raises_after_its_timeout(redis_server):  # 
     assert "0.5s" in str(info.value)
     # Back up: the same emitter reconnects by itself.
     redis_server.start()
-    assert emitter.broadcast("room:1", "ev", {}) == 0
+    assert emitter.broadcast("room:1", "ev", {}) is None
     emitter.close()
     with pytest.raises(EmitterError, match="closed"):
         emitter.broadcast("room:1", "ev", {})

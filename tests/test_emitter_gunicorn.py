@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from phx_gevent.pubsub.history import history_keys
 from tests.servers import ROOT, Gunicorn, RedisServer, wait_until
 from tests.test_gunicorn import ACCESS, FAST, Client, spread
 
@@ -104,6 +105,10 @@ def test_10000_broadcasts_from_an_unpatched_process_reach_every_client_in_order(
     got = received(js, clients, since, run, 10_000)
     for c in clients:
         assert got[c.cid] == [(0, i) for i in range(10_000)], c.cid
+    # The example keeps new_msg history on room:*: the emitter went through the servers' append
+    # script (offset, stream and PUBLISH in one step), so the topic's counter saw every message.
+    meta, _stream = history_keys("phx", "room:emit")
+    assert int(redis.command("HGET", meta, "s")) == 10_000
 
 
 def test_an_emitter_shared_by_threads_keeps_each_threads_order(stack, js):
