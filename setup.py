@@ -24,6 +24,7 @@ setup(
     extras_require={
         "redis": ["redis>=5.0"],
         "gunicorn": ["gunicorn>=23.0"],
+        "metrics": ["prometheus_client>=0.17"],
     },
     classifiers=[
         "Framework :: Flask",

@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterable, Mapping
+from time import perf_counter
 from typing import Any
 
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
+from . import telemetry
 from .channel_server import ChannelProcess, Partitions
 from .flow import flow
 from .pubsub import Adapter, PubSub
@@ -124,14 +126,43 @@ class SocketMount:
             pubsub_server=self.endpoint.pubsub,
         )
 
-    def log(self, what: str, transport: str, params: Mapping[str, Any]) -> None:
-        """Log a socket action at the mount's ``log`` level (never the params' values)."""
+    def log(
+        self,
+        what: str,
+        transport: str,
+        params: Mapping[str, Any],
+        started: float | None = None,
+        socket: SocketState | None = None,
+    ) -> None:
+        """Log a connect outcome (``"connected"``/``"refused"``) at the mount's ``log`` level, emit the event.
+
+        ``started`` is the ``time.perf_counter()`` before ``connect`` ran. The
+        log shows the params' names, never their values.
+        """
+        duration = 0.0 if started is None else perf_counter() - started
+        if telemetry.socket_connected.receivers:
+            telemetry.emit(
+                telemetry.socket_connected,
+                self.endpoint,
+                {"duration": duration},
+                {
+                    "endpoint": self.endpoint,
+                    "mount": self.path,
+                    "handler": type(self.handler).__name__,
+                    "transport": transport,
+                    "serializer": "{}.{}".format(*socket.serializer.version) if socket is not None else None,
+                    "result": "ok" if what == "connected" else "error",
+                    "socket_id": socket.id if socket is not None else None,
+                    "params": sorted(str(k) for k in params),
+                },
+            )
         if self.log_level is not None and log.isEnabledFor(self.log_level):
             log.log(
                 self.log_level,
-                "%s %s %s via %s (params: %s)",
-                what.upper(),
+                "%s %s in %s (path %s, transport %s, params: %s)",
+                "CONNECTED TO" if what == "connected" else "REFUSED CONNECTION TO",
                 type(self.handler).__name__,
+                telemetry.format_duration(duration),
                 self.path,
                 transport,
                 ", ".join(sorted(str(k) for k in params)),
@@ -194,6 +225,10 @@ class Endpoint:
         self.mounts: list[SocketMount] = []
         self.apps: list[Flask] = []
         self._paths: list[str] = []
+        #: True once a shutdown drain began (readiness answers 503).
+        self.draining = False
+        #: The stats sampler behind metrics and the dashboard (:mod:`phx_gevent.observe`), once enabled.
+        self.observer: Any = None
         endpoints.add(self)
         if app is not None:
             self.init_app(app)

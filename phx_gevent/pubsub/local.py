@@ -33,6 +33,7 @@ from typing import Any
 
 from blinker import ANY, Signal
 
+from .. import telemetry
 from ..flow import flow
 from ..serializers import EncodeError
 from .base import Adapter, make_node_name
@@ -71,12 +72,14 @@ def check_broadcast(topic: Any, event: Any, payload: Any) -> None:
 class Topic:
     """The subscribers of one topic and the loop that delivers to them."""
 
-    __slots__ = ("name", "subs")
+    __slots__ = ("name", "subs", "size")
 
     def __init__(self, name: str) -> None:
         self.name = name
         # An insertion-ordered set: O(1) unsubscribe, delivery in join order.
         self.subs: dict[Any, None] = {}
+        #: Bytes of the last broadcast's first fastlane frame (for telemetry).
+        self.size = 0
 
     def dispatch(self, event: str, payload: Any, from_: Any = None) -> int:
         """Deliver to every subscriber except ``from_``'s; returns the number reached.
@@ -87,13 +90,15 @@ class Topic:
         topic = self.name
         subs = list(self.subs)
         frames: dict[Any, Any] = {}
+        self.size = 0
         # Encode for the first fastlane subscriber before any delivery, so a
         # payload that cannot be encoded fails the whole broadcast, not half of it.
         for sub in subs:
             if event not in sub.intercept:
                 enc = sub.writer.encoder
                 try:
-                    frames[enc] = enc.broadcast(topic, event, payload)
+                    frame = frames[enc] = enc.broadcast(topic, event, payload)
+                    self.size = len(frame) if frame is not None else 0
                 except EncodeError:
                     # The format cannot carry it (binary over V1): skip those connections.
                     frames[enc] = None
@@ -250,7 +255,19 @@ class PubSub:
     def _dispatch(self, topic: str, *, event: str, payload: Any, from_: Any = None) -> None:
         t = self.topics.get(topic)
         if t is not None:
-            t.dispatch(event, payload, from_)
+            n = t.dispatch(event, payload, from_)
+            if telemetry.broadcast.receivers:  # once per broadcast, never per delivery
+                self._emit_broadcast(topic, event, n, t.size)
+        elif telemetry.broadcast.receivers:
+            self._emit_broadcast(topic, event, 0, 0)
+
+    def _emit_broadcast(self, topic: str, event: str, n: int, size: int) -> None:
+        telemetry.emit(
+            telemetry.broadcast,
+            self,
+            {"subscribers": n, "bytes": size},
+            {"topic": topic, "event": event, "node": self.node_name},
+        )
 
     # -- node-to-node -------------------------------------------------------------------
 

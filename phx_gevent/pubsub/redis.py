@@ -60,6 +60,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from .. import telemetry
 from ..errors import BroadcastTimeout
 from ..flow import flow
 from . import codec
@@ -267,6 +268,7 @@ class RedisAdapter(Adapter):
         self._pub_down_since: float | None = None
         self._sub_down_since: float | None = None
         self._in_outage = False
+        self._outage_began = 0.0
         self._subscribers_seen = 0
         self._counters: dict[str, int] = dict.fromkeys(
             (
@@ -589,11 +591,18 @@ class RedisAdapter(Adapter):
         # One outage = from the first side that loses Redis until both are back.
         if not self._in_outage:
             self._in_outage = True
+            self._outage_began = _monotonic()
             self._counters["outages"] += 1
+            if telemetry.pubsub_down.receivers:
+                meta = {"node": self.node_name, "adapter": repr(self), "reason": self._last_error}
+                telemetry.emit(telemetry.pubsub_down, self, {}, meta)
 
     def _outage_over(self) -> None:
         if self._in_outage and self._pub_down_since is None and self._sub_down_since is None:
             self._in_outage = False
+            if telemetry.pubsub_up.receivers:
+                took = {"duration": _monotonic() - self._outage_began}
+                telemetry.emit(telemetry.pubsub_up, self, took, {"node": self.node_name, "adapter": repr(self)})
 
     def _run_publisher(self, gen: int) -> None:
         conn = self._pub_conn
