@@ -118,6 +118,8 @@ class SocketMount:
     def new_socket(self, transport: str, serializer: Serializer) -> SocketState:
         """A fresh socket struct for a connection being established."""
         self.endpoint.pubsub.start()
+        if self.endpoint.observer is not None:
+            self.endpoint.observer.ensure_started()
         return SocketState(
             endpoint=self.endpoint,
             handler=self.handler,
@@ -449,6 +451,47 @@ class Endpoint:
             owner.unsubscribe(topic)
         elif callable(subscriber):
             self.pubsub.disconnect(subscriber, topic)
+
+    # -- observability (docs/observability.md) --------------------------------------------
+
+    def health(self, live: str = "/phx/health", ready: str = "/phx/ready") -> None:
+        """Serve a liveness probe at ``live`` (200 while the process answers) and readiness at ``ready``.
+
+        Ready (200) means accepting connections and connected to the PubSub
+        adapter; 503 while the adapter is down or once a shutdown drain began.
+        Both answer JSON (``status``, ``node``, ...). No authentication: they
+        reveal only the node name and these flags.
+        """
+        from .observe import install_health, observer_of
+
+        observer_of(self)
+        install_health(self, live, ready)
+
+    def metrics(self, path: str = "/metrics", *, auth: Any = None) -> None:
+        """Serve Prometheus metrics at ``path`` (needs ``prometheus_client``: the ``metrics`` extra).
+
+        ``auth(request)`` must return true for a scrape to be served (403
+        otherwise); ``None`` serves everyone. With several gunicorn workers,
+        set ``PROMETHEUS_MULTIPROC_DIR`` (see :mod:`phx_gevent.metrics`).
+        Raises ``ImportError`` without prometheus_client.
+        """
+        from . import metrics
+
+        metrics.install(self, path, auth)
+
+    def dashboard(self, path: str = "/phx/dashboard", *, auth: Any, phoenix_js: str | None = None) -> None:
+        """Serve the live dashboard at ``path``: every node's connections, channels, topics, rates, presence.
+
+        ``auth(request)`` decides who may open it (the page and its socket):
+        a false answer is 403; a string answer names the user in the audit
+        log of the "disconnect" action. ``auth=None`` refuses everyone.
+        ``phoenix_js``: the path of ``phoenix.mjs`` (default: the ``phoenix``
+        npm package under ``node_modules`` of the working directory or the
+        app's root). See :mod:`phx_gevent.dashboard`.
+        """
+        from . import dashboard
+
+        dashboard.install(self, path, auth, phoenix_js)
 
     # -- operations ---------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from typing import Any
 import gevent
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
-from . import telemetry
+from . import metrics, telemetry
 from .pubsub.base import make_node_name
 from .server import WebSocketHandler
 
@@ -156,6 +156,8 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
                 if ensure is not None:
                     ensure()  # started in the master (a broadcast at import): restart it here
                     pubsub.start()
+                if endpoint.observer is not None:
+                    endpoint.observer.ensure_started()  # metrics and dashboard sample from the start
             except Exception:
                 self.log.exception("phx_gevent: could not start the PubSub of endpoint %r", endpoint.name)
             names.append(pubsub.node_name)
@@ -203,6 +205,7 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
             super().run()
         finally:
             self._stop_pubsub()
+            metrics.mark_process_dead()
 
     def _stop_pubsub(self) -> None:
         from .endpoint import endpoints

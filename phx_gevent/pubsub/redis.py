@@ -243,6 +243,8 @@ class RedisAdapter(Adapter):
         self._pub_conn: Any = None
         self._sub_conn: Any = None
         self._stale: list[Any] = []
+        self._ping_conn: Any = None
+        self._ping_pid = 0
         self._owner_pid = os.getpid()
         self._reset_state()
         os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
@@ -411,6 +413,24 @@ class RedisAdapter(Adapter):
         self._pending_bytes = 0
         self._inbox.clear()
         self._inbox_bytes = 0
+
+    def ping(self) -> float | None:
+        """Seconds one ``PING`` takes to Redis on a connection of its own; ``None`` when it fails.
+
+        Blocks the calling greenlet up to ``socket_timeout`` (the dashboard
+        runs it in a greenlet of its own). Never raises for a Redis problem.
+        """
+        if self._ping_conn is None or self._ping_pid != os.getpid():
+            self._ping_conn, self._ping_pid = self._connection("ping"), os.getpid()
+        conn = self._ping_conn
+        try:
+            start = _monotonic()
+            conn.send_command("PING", check_health=False)
+            conn.read_response()
+            return _monotonic() - start
+        except _CONN_ERRORS:
+            conn.disconnect()
+            return None
 
     @property
     def connected(self) -> bool:
