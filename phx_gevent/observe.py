@@ -106,6 +106,7 @@ class Observer:
         self._greenlet: Any = None
         self._pinger: Any = None
         self._last: tuple[float, dict[str, Any]] | None = None
+        self._rates = {"broadcasts": 0.0, "deliveries": 0.0}
         self._receivers: list[tuple[Any, Callable[..., Any]]] = []
         self._handlers: dict[str, Callable[[Any, str], None]] = {}
         self._reset_counters()
@@ -181,6 +182,8 @@ class Observer:
         self.counters["handled_in"] += 1
 
     def _on_broadcast(self, sender: Any, measurements: Any, metadata: Any) -> None:
+        if metadata["topic"].startswith(_INTERNAL):
+            return  # the library's own traffic (presence replication, these stats) is not the app's
         c = self.counters
         c["broadcasts"] += 1
         c["deliveries"] += measurements["subscribers"]
@@ -215,6 +218,7 @@ class Observer:
             self._reset_counters()  # a forked worker counts its own events
             self.nodes = {}
             self._last = None
+            self._rates = {"broadcasts": 0.0, "deliveries": 0.0}
             self.rtt = None
         self._pid = pid
         endpoint = self.endpoint
@@ -283,19 +287,20 @@ class Observer:
     def snapshot(self, advance: bool = True) -> dict[str, Any]:
         """This process now, as JSON-compatible data (see the module docstring).
 
-        Rates are per second since the previous snapshot; ``advance=False``
-        leaves that reference point alone (an extra snapshot for a scrape).
+        Rates are per second between the last two sampler ticks;
+        ``advance=False`` (an extra snapshot for a scrape or a page) reuses
+        the last tick's rates and leaves its reference point alone.
         """
         endpoint = self.endpoint
         pubsub = endpoint.pubsub
         now = time.monotonic()
         counters = {**self.counters, "drops": dict(self.counters["drops"])}
-        rates = {"broadcasts": 0.0, "deliveries": 0.0}
-        if self._last is not None and now > self._last[0]:
-            span = now - self._last[0]
-            rates = {k: max(0.0, (counters[k] - self._last[1][k]) / span) for k in rates}
+        rates = self._rates
         if advance:
-            self._last = (now, counters)
+            if self._last is not None and now > self._last[0]:
+                span = now - self._last[0]
+                rates = {k: max(0.0, (counters[k] - self._last[1][k]) / span) for k in rates}
+            self._last, self._rates = (now, counters), rates
         mounts = []
         channels: dict[str, int] = {}
         conns: list[tuple[int, dict[str, Any]]] = []
