@@ -462,9 +462,8 @@ class Endpoint:
         Both answer JSON (``status``, ``node``, ...). No authentication: they
         reveal only the node name and these flags.
         """
-        from .observe import install_health, observer_of
+        from .observe import install_health
 
-        observer_of(self)
         install_health(self, live, ready)
 
     def metrics(self, path: str = "/metrics", *, auth: Any = None) -> None:

@@ -39,7 +39,7 @@ from blinker import ANY
 from flask import Response
 
 from . import telemetry
-from .observe import add_view, allowed, observer_of
+from .observe import INTERNAL_TOPICS, add_view, allowed, observer_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
@@ -123,6 +123,7 @@ class _Metrics:
         )
         self.outages = prom.Counter("phx_pubsub_outages", "PubSub adapter outages", registry=r)
         self.drained = prom.Counter("phx_socket_drained", "Connections drained at shutdown", registry=r)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.seen_routes: set[str] = set()
         self.seen_mounts: set[tuple[str, str]] = set()
         self._connect()
@@ -143,16 +144,26 @@ class _Metrics:
         for signal, receiver in pairs:
             signal.connect(receiver, sender=ANY, weak=False)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        # labels() takes a lock and builds a key on every call: keep each labelled child.
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def _on_connected(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        self.connects.labels(metadata["transport"], metadata["result"]).inc()
+        self._child(self.connects, metadata["transport"], metadata["result"]).inc()
 
     def _on_joined(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        self.joins.labels(metadata["route"], metadata["result"]).inc()
+        self._child(self.joins, metadata["route"], metadata["result"]).inc()
 
     def _on_handled_in(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        self.handle_in.labels(metadata["channel"]).observe(measurements["duration"])
+        self._child(self.handle_in, metadata["channel"]).observe(measurements["duration"])
 
     def _on_broadcast(self, sender: Any, measurements: Any, metadata: Any) -> None:
+        if metadata["topic"].startswith(INTERNAL_TOPICS):
+            return  # presence replication and the dashboard's stats are not the app's broadcasts
         n = measurements["subscribers"]
         self.broadcasts.inc()
         if n:
@@ -160,7 +171,7 @@ class _Metrics:
             self.broadcast_bytes.inc(n * measurements["bytes"])
 
     def _on_drop(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        self.drops.labels(metadata["reason"], metadata["transport"]).inc()
+        self._child(self.drops, metadata["reason"], metadata["transport"]).inc()
 
     def sample(self, snapshot: dict[str, Any]) -> None:
         """Set the gauges from a sampler snapshot (:meth:`phx_gevent.observe.Observer.snapshot`)."""

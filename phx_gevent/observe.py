@@ -4,7 +4,7 @@ An :class:`Observer` is created the first time ``endpoint.metrics()``,
 ``endpoint.dashboard()`` or ``endpoint.health()`` is called. It
 
 * counts the telemetry events of its endpoint (:mod:`phx_gevent.telemetry`):
-  connects, joins and refusals, handled messages, broadcasts and deliveries,
+  connects, joins and refusals, broadcasts and deliveries,
   slow-client drops, overload waits, PubSub outages;
 * every ``interval`` seconds (1 s) takes a snapshot of this process: its
   connections by mount and transport, joined channels by route, the busiest
@@ -38,11 +38,12 @@ from flask import Response, request
 
 from . import telemetry
 from .flow import flow
+from .pubsub.local import ALL_EVENTS
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
 
-__all__ = ["Observer", "observer_of", "MAX_CONNECTIONS", "TOP_TOPICS", "add_view"]
+__all__ = ["Observer", "observer_of", "MAX_CONNECTIONS", "TOP_TOPICS", "INTERNAL_TOPICS", "add_view"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ TOP_TOPICS = 10
 #: Topics whose presences are listed (by number of keys).
 TOP_PRESENCE = 20
 
-#: Topics of the library's own machinery, left out of "top topics".
-_INTERNAL = ("phx_presence:", "phx:")
+#: Prefixes of the library's own topics (presence replication, these stats, the dashboard),
+#: left out of "top topics" and of the broadcast counts.
+INTERNAL_TOPICS = ("phx_presence:", "phx:")
 
 
 def add_view(endpoint: Endpoint, rule: str, name: str, view: Callable[..., Any], methods: list[str]) -> None:
@@ -130,7 +132,6 @@ class Observer:
             "connects_refused": 0,
             "joins": 0,
             "joins_refused": 0,
-            "handled_in": 0,
             "broadcasts": 0,
             "deliveries": 0,
             "broadcast_bytes": 0,
@@ -151,7 +152,6 @@ class Observer:
         pairs = [
             (telemetry.socket_connected, endpoint, self._on_connected),
             (telemetry.channel_joined, endpoint, self._on_joined),
-            (telemetry.channel_handled_in, endpoint, self._on_handled_in),
             (telemetry.broadcast, endpoint.pubsub, self._on_broadcast),
             (telemetry.overload_wait, ANY, self._on_overload_wait),
             (telemetry.overload_timeout, ANY, self._on_overload_timeout),
@@ -178,11 +178,8 @@ class Observer:
     def _on_joined(self, sender: Any, measurements: Any, metadata: Any) -> None:
         self.counters["joins" if metadata["result"] == "ok" else "joins_refused"] += 1
 
-    def _on_handled_in(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        self.counters["handled_in"] += 1
-
     def _on_broadcast(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        if metadata["topic"].startswith(_INTERNAL):
+        if metadata["topic"].startswith(INTERNAL_TOPICS):
             return  # the library's own traffic (presence replication, these stats) is not the app's
         c = self.counters
         c["broadcasts"] += 1
@@ -224,7 +221,9 @@ class Observer:
         endpoint = self.endpoint
         pubsub = endpoint.pubsub
         pubsub.start()
-        pubsub.connect(self._on_remote_stats, self.stats_topic)
+        # A topic subscriber rather than a blinker receiver: a receiver on the
+        # PubSub's signal would take every broadcast off its fast path.
+        pubsub.subscribe(self.stats_topic, _StatsSubscription(self))
         for name, handler in self._handlers.items():
             pubsub.register(name, handler)
         self._greenlet = gevent.spawn(_run, weakref.ref(self))
@@ -350,6 +349,23 @@ class Observer:
         }
 
 
+class _StatsSubscription:
+    """Receives the other nodes' snapshots (every event of the stats topic goes to :meth:`deliver`)."""
+
+    __slots__ = ("observer", "owner", "intercept", "writer")
+
+    def __init__(self, observer: Observer) -> None:
+        self.observer = weakref.ref(observer)
+        self.owner = self
+        self.intercept = ALL_EVENTS
+        self.writer = None
+
+    def deliver(self, topic: str, event: str, payload: Any) -> None:
+        observer = self.observer()
+        if observer is not None:
+            observer._on_remote_stats(topic, event=event, payload=payload)
+
+
 def _run(ref: weakref.ref[Observer]) -> None:
     # The sampler holds its observer weakly: it ends with its endpoint.
     while True:
@@ -382,7 +398,7 @@ def _top_topics(pubsub: Any) -> list[list[Any]]:
     # topics and the library's own topics are not "hot topics".
     candidates = heapq.nlargest(
         TOP_TOPICS * 5,
-        ((len(t.subs), name, t) for name, t in list(pubsub.topics.items()) if not name.startswith(_INTERNAL)),
+        ((len(t.subs), name, t) for name, t in list(pubsub.topics.items()) if not name.startswith(INTERNAL_TOPICS)),
         key=lambda item: item[0],
     )
     counted = []
