@@ -334,3 +334,23 @@ def test_nothing_is_emitted_without_receivers(monkeypatch):
     room.assert_reply(ref, "ok")
     endpoint.broadcast("room:1", "news", {})
     room.assert_push("news")
+
+
+def test_slow_client_drop_of_a_long_poll_session(live_server, record):
+    from phx_gevent.serializers import Message
+
+    app = Flask(__name__)
+    endpoint = Endpoint(app)
+    mount = endpoint.socket("/socket", UserSocket, websocket=False, longpoll={"max_buffer_bytes": 2000}, log=False)
+    srv = live_server(app)
+    rec = record(telemetry.slow_client_drop)
+    assert http.get(srv.http + "/socket/longpoll?vsn=2.0.0&user=lp").json()["status"] == 410
+    (session,) = mount.longpoll.sessions.values()
+    session.conn.handle(Message("1", "1", "room:lp", "phx_join", {}))
+    wait_until(lambda: endpoint.pubsub.subscriber_count("room:lp") == 1, 5, "the join")
+    for n in range(5):  # nobody polls: the buffer passes max_buffer_bytes
+        endpoint.broadcast("room:lp", "blob", {"n": n, "fill": "x" * 1000})
+    ((sender, measurements, metadata),) = rec.wait(1)
+    assert sender is session
+    assert metadata == {"reason": "buffer_full", "transport": "longpoll"}
+    assert measurements["queued_bytes"] > 2000
