@@ -318,7 +318,7 @@ class Observer:
                         pattern = route_of[topic] = route.pattern if route is not None else topic
                     routes[pattern] = routes.get(pattern, 0) + 1
                 total += 1
-                if len(conns) < MAX_CONNECTIONS * 4:
+                if self.gossip and len(conns) < MAX_CONNECTIONS * 4:  # the list is the dashboard's
                     conns.append((len(topics), _describe(conn, mount.path, topics)))
             for pattern, n in routes.items():
                 channels[pattern] = channels.get(pattern, 0) + n
