@@ -9,10 +9,12 @@ Tunables under evaluation come from the environment (unset: the library's defaul
 ``PHX_DIRECT_BUDGET`` / ``PHX_DIRECT_PERIOD`` (immediate sends allowed per period
 with ``PHX_DIRECT_SEND=1``).
 
-Observability (docs/observability.md): ``PHX_ROOT`` serves the library and
-example app of another tree (e.g. an export of an older commit, to compare
-with it in the same run); ``PHX_OBSERVE=0`` builds the example without its
-health, metrics and dashboard (no telemetry receivers at all);
+``PHX_ROOT`` loads phx_gevent and the example app from another checkout (a
+commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
+``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md).
+
+Observability (docs/observability.md): ``PHX_OBSERVE=0`` builds the example
+without its health, metrics and dashboard (no telemetry receivers at all);
 ``PHX_DASHBOARD_OPEN=1`` keeps one dashboard channel joined (as an open page
 would) for the whole run.
 """
@@ -92,7 +94,11 @@ def main() -> None:
     args = parse_args("phx_gevent benchmark server")
     if os.environ.get("PHX_OBSERVE") == "0" and hasattr(app_example, "add_observability"):
         app_example.add_observability = lambda endpoint: None
+    if os.environ.get("PHX_HISTORY") == "0":
+        for route in app_example.UserSocket.channels:
+            route.history = None
     app, _endpoint = app_example.create_app()
+    print(f"PHX_ROOT {ROOT} ({app_example.__file__})", file=sys.stderr, flush=True)
     settings = configure_from_env()
     settings["root"] = str(ROOT)
     settings["observe"] = hasattr(app_example, "add_observability") and os.environ.get("PHX_OBSERVE") != "0"
