@@ -2,13 +2,16 @@
 
 The dashboard test drives headless Chromium (tests/test_browser.py) against
 the example app and compares what the page shows with the clients the test
-opened on each worker. Its screenshots go to docs/img/.
+opened on each worker. It takes screenshots into the test's temporary
+directory, or into ``$PHX_SCREENSHOTS`` when set (``PHX_SCREENSHOTS=docs/img``
+refreshes the ones docs/observability.md shows).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,6 @@ from tests.test_gunicorn import ACCESS, FAST, pid_of, spread
 from tests.test_telemetry import UserSocket
 
 TOKEN = "s3cret-token"
-IMG = ROOT / "docs" / "img"
 
 prom_parser = pytest.importorskip("prometheus_client.parser")
 
@@ -183,10 +185,12 @@ def presence_shown(b: Browser) -> str | None:
     )
 
 
-def screenshot(b: Browser, name: str) -> Path:
-    IMG.mkdir(parents=True, exist_ok=True)
+def screenshot(b: Browser, directory: Path, name: str) -> Path:
+    target = Path(os.environ.get("PHX_SCREENSHOTS") or directory)
+    target = target if target.is_absolute() else ROOT / target
+    target.mkdir(parents=True, exist_ok=True)
     data = b.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
-    path = IMG / name
+    path = target / name
     path.write_bytes(base64.b64decode(data))
     return path
 
@@ -240,7 +244,7 @@ def test_the_dashboard_shows_both_workers_live_and_disconnects(gunicorn, redis_s
             raise AssertionError(element_text(browser, "JSON.stringify(window.phxDashboard.history)")) from None
         total = element_text(browser, "document.querySelector('[data-total=delivery-rate]').textContent")
         assert float(total.rstrip("k")) > 0
-        screenshot(browser, "dashboard.png")
+        screenshot(browser, tmp_path, "dashboard.png")
     finally:
         sender.kill()
 
@@ -252,7 +256,7 @@ def test_the_dashboard_shows_both_workers_live_and_disconnects(gunicorn, redis_s
     )
     rows = element_text(browser, "document.querySelectorAll('#connections tbody tr').length")
     assert rows == 1
-    screenshot(browser, "dashboard-search.png")
+    screenshot(browser, tmp_path, "dashboard-search.png")
 
     # Disconnect: the client's socket closes (it reconnects by itself), and both nodes audit it.
     mark, since = server.log.mark(), js.mark()
