@@ -20,11 +20,15 @@ or a fake transport in tests. A transport provides:
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
+
+import gevent
 
 from . import memory
 from .channel import CLOSED, DISCONNECTED, DRAINING, DUPLICATE_JOIN
 from .channel_server import ChannelProcess
+from .flow import flow
 from .pubsub.local import ALL_EVENTS
 from .serializers import Message, Serializer
 from .socket import SocketState
@@ -153,12 +157,43 @@ class Connection:
     # -- writing ----------------------------------------------------------------------------
 
     def send_reply(self, join_ref: Any, ref: Any, topic: str, status: str, response: Any) -> None:
-        """Encode and queue a ``phx_reply``; raises when the response cannot be encoded."""
-        self.transport.send(self.serializer.encode_reply(join_ref, ref, topic, status, response))
+        """Encode and queue a ``phx_reply``; raises when the response cannot be encoded.
+
+        Waits (see :meth:`wait_room`) while the connection's output is above its soft cap.
+        """
+        data = self.serializer.encode_reply(join_ref, ref, topic, status, response)
+        if getattr(self.writer, "qbytes", 0) > flow.connection_limit:
+            self.wait_room()
+        self.transport.send(data)
 
     def send_push(self, join_ref: Any, topic: str, event: str, payload: Any) -> None:
-        """Encode and queue a push; raises when the payload cannot be encoded."""
-        self.transport.send(self.serializer.encode_push(join_ref, topic, event, payload))
+        """Encode and queue a push; raises when the payload cannot be encoded.
+
+        Waits (see :meth:`wait_room`) while the connection's output is above its soft cap.
+        """
+        data = self.serializer.encode_push(join_ref, topic, event, payload)
+        if getattr(self.writer, "qbytes", 0) > flow.connection_limit:
+            self.wait_room()
+        self.transport.send(data)
+
+    def wait_room(self) -> None:
+        """Wait until this connection's queued output is back under ``max_connection_queue_bytes``.
+
+        Replies and pushes obey the per-connection limit as broadcasts do: the
+        channel that produces them waits (its mailbox fills, then the reader
+        stops reading and TCP pushes back on the client) instead of queueing
+        up to the hard cap. Gives up after ``slow_client_timeout`` plus a
+        second (the drain timer has dropped a connection that drained nothing
+        by then). Returns at once in a hub callback, where nothing may wait.
+        """
+        writer = self.writer
+        if gevent.getcurrent() is gevent.get_hub():
+            return
+        deadline = time.monotonic() + flow.slow_timeout + 1.0
+        while writer.qbytes > flow.connection_limit and time.monotonic() < deadline:
+            if getattr(writer, "state", 0) or getattr(writer, "closed", False):
+                return
+            gevent.sleep(0.02)
 
     def send_control(self, join_ref: Any, topic: str, event: str) -> None:
         """Queue ``phx_close`` or ``phx_error`` for a channel."""

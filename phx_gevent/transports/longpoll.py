@@ -156,6 +156,7 @@ class LongPollSession:
         "writer",
         "buffer",
         "qbytes",
+        "excess",
         "waiter",
         "closed",
         "last_poll",
@@ -175,6 +176,8 @@ class LongPollSession:
         self.writer = self
         self.buffer: list[str] = []
         self.qbytes = 0
+        # Bytes above flow.connection_limit, not counted in the process total (as for WebSocket writers).
+        self.excess = 0
         self.waiter: Event | None = None
         self.closed = False
         self.last_poll = self.last_drain = _monotonic()
@@ -226,6 +229,10 @@ class LongPollSession:
         self.qbytes += n
         flow.queued += n
         if self.qbytes > flow.connection_limit or self.qbytes > self.lp.max_buffer_bytes:
+            over = self.qbytes - flow.connection_limit
+            if over > self.excess:
+                flow.release(over - self.excess)
+                self.excess = over
             if self._overflowed():
                 return
         waiter = self.waiter
@@ -287,7 +294,8 @@ class LongPollSession:
         if not frames:
             return 204, []
         self.buffer = []
-        n, self.qbytes = self.qbytes, 0
+        n, self.qbytes = self.qbytes - self.excess, 0
+        self.excess = 0
         flow.release(n)
         self.last_drain = _monotonic()
         return 200, frames
@@ -361,6 +369,8 @@ class LongPollSession:
         # Hub callback: nothing here may block.
         if self.closed or self.waiter is not None:
             return
+        if self.qbytes > flow.connection_limit and self._overflowed():
+            return  # the drain policy on a timer, not only on the next write
         if _monotonic() - self.last_poll > self.lp.window * 1.5:
             try:
                 self.end(INACTIVE)
@@ -378,7 +388,8 @@ class LongPollSession:
         self.closed = True
         self.lp.sessions.pop(self.sid, None)
         self.buffer = []
-        n, self.qbytes = self.qbytes, 0
+        n, self.qbytes = self.qbytes - self.excess, 0
+        self.excess = 0
         flow.release(n)
         if self.timer is not None:
             self.timer.stop()

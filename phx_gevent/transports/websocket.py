@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from flask import Response, request
 
-from .. import memory
+from .. import memory, supervise
 from ..connection import Connection
 from ..errors import CallbackReturnError, ConnectionOverloaded
+from ..flow import flow
 from ..serializers import DecodeError, FastlaneEncoder, Serializer, negotiate
 from ..socket import SocketState
 from . import frames
@@ -291,13 +292,20 @@ class _EOF(Exception):
 
 
 class _IdleSweeper:
-    """Closes (1001) the WebSocket connections of this process that received nothing for their ``timeout``.
+    """The timer of this process's WebSocket connections: idle timeout and drain timeout.
 
-    One repeating timer checks every connection's last read, instead of a
-    timeout on each blocking ``recv()`` (which costs a gevent ``Timeout``
-    per read: ~7% of the server's time in the push/reply benchmark). The
-    timer runs only while there are connections, every quarter of the
-    shortest timeout (at most every second).
+    Closes (1001) the connections that received nothing for their
+    ``timeout``, and drops (1008, or a reset) those whose writer drained
+    nothing for ``slow_client_timeout`` while over its soft cap, or while the
+    process is over its high-water mark (:meth:`Writer.stalled`): a client
+    that never reads is dropped even when nothing more is written to it and
+    whatever it sends (unsolicited PONGs included).
+
+    One repeating timer checks every connection, instead of a timeout on each
+    blocking ``recv()`` (which costs a gevent ``Timeout`` per read: ~7% of
+    the server's time in the push/reply benchmark). The timer runs only
+    while there are connections, every quarter of the shortest timeout (at
+    most every second).
     """
 
     _instance: _IdleSweeper | None = None
@@ -318,7 +326,10 @@ class _IdleSweeper:
 
     def add(self, transport: WebSocketTransport) -> None:
         self.transports.add(transport)
-        period = min(1.0, transport.opts.timeout / 4)
+        period = min(1.0, flow.slow_timeout / 4)
+        if transport.opts.timeout is not None:
+            period = min(period, transport.opts.timeout / 4)
+        period = max(period, 0.01)
         if self.timer is None or period < self.period:
             self.period = period
             self._restart()
@@ -339,14 +350,28 @@ class _IdleSweeper:
         self.timer.start(self._sweep)
 
     def _sweep(self) -> None:
-        # A hub callback: it only queues close frames, never blocks.
-        now = _monotonic()
-        for transport in [t for t in self.transports if now - t.last_recv > t.opts.timeout]:
-            self.transports.discard(transport)
-            try:
+        # A hub callback: it only queues close frames, never blocks, never raises.
+        try:
+            now = _monotonic()
+            idle = []
+            stalled = []
+            for t in self.transports:
+                if t.writer.stalled(now):
+                    stalled.append(t)
+                elif t.opts.timeout is not None and now - t.last_recv > t.opts.timeout:
+                    idle.append(t)
+            for transport in stalled:
+                log.warning(
+                    "phx_gevent: dropping a connection that drained nothing for %.1fs with %d bytes queued",
+                    flow.slow_timeout,
+                    transport.writer.qbytes,
+                )
+                transport.writer.abort(frames.CLOSE_POLICY, "slow client")
+            for transport in idle:
+                self.transports.discard(transport)
                 transport.close(frames.CLOSE_GOING_AWAY, "idle timeout")
-            except Exception:  # pragma: no cover - never let the hub die
-                log.exception("phx_gevent: closing an idle connection failed")
+        except Exception:
+            supervise.failed("websocket sweeper")
 
 
 class WebSocketTransport:
@@ -424,9 +449,8 @@ class WebSocketTransport:
         # No timeout on each read (it would cost a gevent Timeout per recv):
         # the process-wide idle sweeper closes connections that went quiet.
         self.sock.settimeout(None)
-        sweeper = _IdleSweeper.get() if self.opts.timeout is not None else None
-        if sweeper is not None:
-            sweeper.add(self)
+        sweeper = _IdleSweeper.get()
+        sweeper.add(self)
         try:
             self._loop()
         except _EOF:
@@ -442,8 +466,7 @@ class WebSocketTransport:
         except Exception:
             log.exception("phx_gevent: WebSocket connection failed")
             code, reason = frames.CLOSE_INTERNAL_ERROR, "internal error"
-        if sweeper is not None:
-            sweeper.discard(self)
+        sweeper.discard(self)
         if code is not None and self.writer.state == WRITER_OPEN:
             self.close(code, reason)
 
@@ -525,8 +548,11 @@ class WebSocketTransport:
                 raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
 
     def _message(self, op: int, payload: bytes) -> None:
-        if self.writer.state != WRITER_OPEN:
+        writer = self.writer
+        if writer.state != WRITER_OPEN:
             return  # closing: the client's late messages are not processed
+        if writer.qbytes > flow.connection_limit:
+            self._wait_drained()
         if op == OP_TEXT:
             try:
                 data: str | bytes = payload.decode("utf-8")
@@ -547,6 +573,15 @@ class WebSocketTransport:
             if self.handled > sweep:
                 self.handled = 0
                 memory.collect()
+
+    def _wait_drained(self) -> None:
+        # Replies obey the limits broadcasts do: while this connection's own
+        # output is above its soft cap, its messages are not read (TCP pushes
+        # back on the client), so a client cannot queue replies faster than it
+        # reads them. The drain timer drops it if it never reads.
+        writer = self.writer
+        while writer.qbytes > flow.connection_limit and writer.state == WRITER_OPEN:
+            gevent.sleep(0.02)
 
     def finish(self) -> None:
         """After the reader ends: let our close frame out (bounded), then release everything."""

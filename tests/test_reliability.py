@@ -1,0 +1,169 @@
+"""Hostile clients and failing parts (issue 17): each attack of the review as a test.
+
+Every test here failed before its fix. They use the raw clients (tests/rawws.py,
+plain sockets) because well-behaved clients never send what they send.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+
+import gevent
+import pytest
+from flask import Flask
+
+from phx_gevent import Channel, Endpoint, Socket, channel, ok
+from phx_gevent.flow import flow
+from tests.rawws import Closed, RawWS
+
+
+class EchoChannel(Channel):
+    def join(self, topic, payload, socket):
+        return ok()
+
+    def handle_in(self, event, payload, socket):
+        return ok(payload)
+
+
+class UserSocket(Socket):
+    channels = [channel("room:*", EchoChannel)]
+
+    def connect(self, params, socket, connect_info):
+        return socket.assign(user=params.get("user"))
+
+    def id(self, socket):
+        return f"user:{socket.assigns['user']}"
+
+
+@pytest.fixture
+def server(live_server):
+    def start(endpoint_opts=None, **socket_opts):
+        app = Flask(__name__)
+        endpoint = Endpoint(app, **(endpoint_opts or {}))
+        mount = endpoint.socket("/socket", UserSocket, **socket_opts)
+        srv = live_server(app)
+        srv.endpoint, srv.mount = endpoint, mount
+        return srv
+
+    return start
+
+
+_FLOW = ("high_water", "low_water", "timeout", "connection_limit", "slow_timeout", "sndbuf", "direct_send")
+
+
+@pytest.fixture
+def restore_flow():
+    saved = {name: getattr(flow, name) for name in _FLOW}
+    yield flow
+    for name, value in saved.items():
+        setattr(flow, name, value)
+
+
+def wait_until(pred, timeout=10.0, what="condition"):
+    with gevent.Timeout(timeout, AssertionError(f"{what} not met within {timeout}s")):
+        while not pred():
+            gevent.sleep(0.01)
+
+
+def join(ws: RawWS, topic: str = "room:1", ref: str = "1") -> None:
+    ws.send_json([ref, ref, topic, "phx_join", {}])
+    reply = ws.recv_until(lambda m: m[1] == ref)
+    assert reply[4]["status"] == "ok", reply
+
+
+def closed_by_server(ws: RawWS) -> bool:
+    """True once the server closed (close frame, FIN or reset); reads without blocking long."""
+    ws.sock.settimeout(2)
+    try:
+        while True:
+            chunk = ws.sock.recv(1 << 20)
+            if not chunk:
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except OSError:
+        return False
+
+
+# -- 1. slow readers cannot hold the process's budget hostage ------------------------------------
+
+
+def test_ten_slow_readers_with_big_replies_do_not_stall_broadcasts(server, restore_flow):
+    """Ten clients that never read each get a reply above the per-connection soft cap and keep
+    sending unsolicited PONGs: broadcasts to the others never wait, and the ten are dropped on a
+    timer (no write to them is needed)."""
+    restore_flow.configure(
+        max_connection_queue_bytes=64 * 1024,
+        max_queued_bytes=1024 * 1024,
+        broadcast_timeout=0.5,
+        slow_client_timeout=0.5,
+        sndbuf=8 * 1024,
+    )
+    srv = server()
+    reader = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=reader")
+    join(reader)
+    hostile = []
+    for i in range(10):
+        ws = RawWS(srv.port, f"/socket/websocket?vsn=2.0.0&user=h{i}")
+        ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        join(ws, "room:h", "1")
+        # ~200 KB reply each: above the 64 KB soft cap, under the 256 KB hard cap.
+        ws.send_json(["1", "2", "room:h", "ping", {"blob": "z" * 200_000}])
+        hostile.append(ws)
+    wait_until(lambda: len(srv.mount.connections) == 11, what="all connected")
+
+    stop = False
+
+    def pong_forever():
+        while not stop:
+            for ws in hostile:
+                try:
+                    ws.send_frame(0xA, b"alive")
+                except OSError:
+                    pass
+            gevent.sleep(0.05)
+
+    ponger = gevent.spawn(pong_forever)
+    try:
+        # The replies were queued: broadcasts must not wait for them (timeout 0.5 s would raise).
+        for n in range(200):
+            srv.endpoint.broadcast("room:1", "tick", {"n": n})
+            assert reader.recv_until(lambda m: m[3] == "tick")[4]["n"] == n
+        # The hostile ones go although nothing more is written to them and they keep PONGing.
+        wait_until(lambda: len(srv.mount.connections) == 1, timeout=10, what="hostile connections dropped")
+    finally:
+        stop = True
+        ponger.join(timeout=2)
+    assert flow.queued < 64 * 1024
+
+
+def test_replies_are_flow_controlled_per_connection(server, restore_flow, caplog):
+    """A client that asks for replies faster than it reads them stops being read (TCP pushes back)
+    instead of piling replies up to the hard cap; it is dropped on the timer if it never drains."""
+    restore_flow.configure(
+        max_connection_queue_bytes=64 * 1024,
+        slow_client_timeout=0.5,
+        sndbuf=8 * 1024,
+    )
+    srv = server()
+    ws = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=greedy")
+    ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    join(ws)
+
+    def send_all():
+        for i in range(40):
+            ws.send_json(["1", str(i + 10), "room:1", "echo", {"blob": "q" * 20_000}])
+
+    sender = gevent.spawn(send_all)
+    try:
+        wait_until(lambda: not srv.mount.connections, timeout=10, what="greedy client dropped")
+    finally:
+        sender.kill()
+    # Without reply flow control all 40 replies (~800 KB) are queued and the hard cap (256 KB)
+    # drops the connection at once; with it, the reader stops at the soft cap and the drain
+    # timer drops the connection.
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "hard cap" in m], messages
+    assert [m for m in messages if "drained nothing" in m], messages
