@@ -412,7 +412,7 @@ class ChannelProcess:
         except GreenletExit:
             raise
         except Exception:
-            log.exception("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
+            self.conn.log_error("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
             if self.state == JOINING:
                 self.state = STOPPED
                 self._notify_down()
@@ -467,7 +467,7 @@ class ChannelProcess:
         except GreenletExit:
             raise
         except Exception as exc:
-            log.exception("phx_gevent: %s crashed on %r", type(instance).__name__, self.topic)
+            self.conn.log_error("phx_gevent: %s crashed on %r", type(instance).__name__, self.topic)
             self._exit(exc, "phx_error")
 
     def _noreply(self, callback: str, result: Any) -> None:

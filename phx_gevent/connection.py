@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 
-from . import memory
+from . import memory, supervise
 from .channel import CLOSED, DISCONNECTED, DRAINING, DUPLICATE_JOIN
 from .channel_server import ChannelProcess
 from .flow import flow
@@ -39,6 +39,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two tracebacks caused by one connection (see :meth:`Connection.log_error`).
+ERROR_LOG_INTERVAL = 10.0
 
 # Close codes (PROTOCOL.md 3.8).
 CLOSE_GOING_AWAY = 1001
@@ -81,6 +84,7 @@ class Connection:
         "close_reason",
         "_id_sub",
         "log_level",
+        "_errlog",
         "__weakref__",
     )
 
@@ -98,6 +102,7 @@ class Connection:
         self.close_reason: Any = CLOSED
         self._id_sub: _IdSubscription | None = None
         self.log_level = mount.log_level
+        self._errlog: supervise.LogLimiter | None = None
         socket.private = self
         socket.transport_pid = self
 
@@ -175,6 +180,17 @@ class Connection:
         if getattr(self.writer, "qbytes", 0) > flow.connection_limit:
             self.wait_room()
         self.transport.send(data)
+
+    def log_error(self, msg: str, *args: Any) -> None:
+        """Log an error with its traceback (call inside ``except``), at most one per 10 s for this connection.
+
+        What a client can trigger at will (a channel crashing on its input)
+        must not become one traceback per message: the rest are counted and
+        the count is logged with the next line.
+        """
+        if self._errlog is None:
+            self._errlog = supervise.LogLimiter(ERROR_LOG_INTERVAL)
+        self._errlog.log(log, logging.ERROR, msg, *args, exc_info=True)
 
     def wait_room(self) -> None:
         """Wait until this connection's queued output is back under ``max_connection_queue_bytes``.

@@ -167,3 +167,129 @@ def test_replies_are_flow_controlled_per_connection(server, restore_flow, caplog
     messages = [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "hard cap" in m], messages
     assert [m for m in messages if "drained nothing" in m], messages
+
+
+# -- 4. JSON that decodes but cannot be re-encoded ------------------------------------------------
+
+_POISON_V2 = [
+    '["1","1","room:1","phx_join",{"a":NaN}]',
+    '[NaN,"1","room:1","phx_join",{}]',
+    '[null,NaN,"phoenix","heartbeat",{}]',
+    '[null,Infinity,"phoenix","heartbeat",{}]',
+    '[null,1e400,"phoenix","heartbeat",{}]',
+    '[null,"1","phoenix","heartbeat",{"x":-1e999}]',
+    '["\\ud800","1","room:1","phx_join",{}]',
+    '["1","1","room:1","phx_join",{"body":"\\udfff"}]',
+]
+
+
+def _no_tracebacks(caplog) -> None:
+    bad = [r for r in caplog.records if r.exc_info or r.levelname in ("ERROR", "CRITICAL")]
+    assert not bad, [r.getMessage() for r in bad]
+
+
+@pytest.mark.parametrize("text", _POISON_V2)
+def test_unencodable_json_is_refused_at_decode_v2(server, caplog, text):
+    srv = server()
+    ws = RawWS(srv.port)
+    ws.send_text(text)
+    # At once (no join timeout), 1011 as for any undecodable frame, and no traceback.
+    ws.sock.settimeout(3)
+    assert ws.expect_close()[0] == 1011
+    _no_tracebacks(caplog)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"topic":"phoenix","event":"heartbeat","payload":{},"ref":NaN}',
+        '{"topic":"room:1","event":"phx_join","payload":{},"ref":"1","join_ref":Infinity}',
+        '{"topic":"room:1","event":"phx_join","payload":{"s":"\\ud800"},"ref":"1"}',
+    ],
+)
+def test_unencodable_json_is_refused_at_decode_v1(server, caplog, text):
+    srv = server()
+    ws = RawWS(srv.port, "/socket/websocket?user=v1")
+    ws.send_text(text)
+    ws.sock.settimeout(3)
+    assert ws.expect_close()[0] == 1011
+    _no_tracebacks(caplog)
+
+
+def test_valid_surrogate_pairs_and_big_finite_numbers_still_pass(server):
+    srv = server()
+    ws = RawWS(srv.port)
+    join(ws)
+    ws.send_text('["1","2","room:1","echo",{"s":"\\ud83d\\ude00","f":1.5e300,"i":123456789012345678901234567890}]')
+    reply = ws.recv_until(lambda m: m[1] == "2")
+    assert reply[4]["response"] == {"s": "\U0001f600", "f": 1.5e300, "i": 123456789012345678901234567890}
+
+
+def test_one_long_poll_clients_data_never_breaks_anothers_delivery(live_server, caplog):
+    from tests.test_longpoll import LP, join_line, make_app
+
+    app, endpoint = make_app(longpoll={"window_ms": 500})
+    srv = live_server(app)
+    alice, bob = LP(srv, {"user": "alice", "vsn": "2.0.0"}), LP(srv, {"user": "bob", "vsn": "2.0.0"})
+    for lp in (alice, bob):
+        lp.open()
+        assert lp.post(join_line()).json() == {"status": 200}
+        assert lp.collect(1)[0][3] == "phx_reply"
+    endpoint.broadcast("room:1", "before", {"n": 1})
+    # Alice's poison is refused at decode (400), so it never reaches bob's buffer.
+    bad = alice.post('["1","2","room:1","echo",{"body":"\\ud800"}]')
+    assert bad.status == 400
+    endpoint.broadcast("room:1", "after", {"n": 2})
+    frames = bob.collect(2)
+    assert [f[3] for f in frames] == ["before", "after"]
+    _no_tracebacks(caplog)
+
+
+def test_a_long_poll_response_survives_a_frame_that_cannot_be_encoded(live_server, caplog):
+    """Defence in depth: server code that pushes a lone surrogate loses that frame, not the others."""
+    from tests.test_longpoll import LP, join_line, make_app
+
+    app, endpoint = make_app(longpoll={"window_ms": 500})
+    srv = live_server(app)
+    bob = LP(srv)
+    bob.open()
+    bob.post(join_line())
+    bob.collect(1)
+    endpoint.broadcast("room:1", "before", {"n": 1})
+    endpoint.broadcast("room:1", "poison", {"s": "\ud800"})
+    endpoint.broadcast("room:1", "after", {"n": 2})
+    data = bob.request("GET", token=bob.token)
+    assert data.status == 200
+    assert [json.loads(m)[3] for m in data.json()["messages"]] == ["before", "after"]
+
+
+class CrashChannel(Channel):
+    def join(self, topic, payload, socket):
+        return ok()
+
+    def handle_in(self, event, payload, socket):
+        raise RuntimeError("crash requested by the client")
+
+
+class CrashSocket(Socket):
+    channels = [channel("crash:*", CrashChannel)]
+
+    def connect(self, params, socket, connect_info):
+        return socket
+
+    def id(self, socket):
+        return None
+
+
+def test_a_client_that_crashes_its_channels_at_will_gets_one_traceback_per_interval(live_server, caplog):
+    app = Flask(__name__)
+    Endpoint(app).socket("/socket", CrashSocket)
+    srv = live_server(app)
+    ws = RawWS(srv.port)
+    for i in range(30):
+        ref = str(i)
+        join(ws, f"crash:{i}", ref)
+        ws.send_json([ref, f"x{i}", f"crash:{i}", "boom", {}])
+        ws.recv_until(lambda m, ref=ref: m[0] == ref and m[3] == "phx_error")
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]

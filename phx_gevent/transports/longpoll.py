@@ -43,6 +43,7 @@ from gevent.event import AsyncResult, Event
 from gevent.queue import Empty, Queue
 from itsdangerous import BadData, URLSafeTimedSerializer
 
+from .. import supervise
 from ..channel import INACTIVE
 from ..connection import Connection
 from ..errors import CallbackReturnError
@@ -93,6 +94,34 @@ _LOST = -1
 def _json(data: dict[str, Any]) -> Response:
     # The envelope is always HTTP 200: phoenix.js reads only the body's status.
     return Response(dumps(data), status=200, content_type="application/json; charset=utf-8", headers=_HEADERS)
+
+
+_log_unencodable = supervise.LogLimiter()
+
+
+def _encodable(messages: list[str]) -> list[str]:
+    """The frames that can go out as UTF-8; the others are dropped (logged, rate-limited).
+
+    Client data is checked at decode, so only server code can buffer such a
+    frame (a lone surrogate in a pushed string): it must cost that frame,
+    never the rest of another client's poll.
+    """
+    good = []
+    for m in messages:
+        try:
+            m.encode("utf-8")
+        except UnicodeEncodeError:
+            _log_unencodable.log(log, logging.ERROR, "phx_gevent: dropped a long-poll frame that is not valid UTF-8")
+            continue
+        good.append(m)
+    return good
+
+
+def _poll_json(status: int, token: Any, messages: list[str]) -> Response:
+    try:
+        return _json({"status": status, "token": token, "messages": messages})
+    except (UnicodeEncodeError, OverflowError, TypeError):
+        return _json({"status": status, "token": token, "messages": _encodable(messages)})
 
 
 def _plain(status: int, body: str = "") -> Response:
@@ -352,7 +381,7 @@ class LongPollSession:
                 try:
                     conn.handle(msg)
                 except Exception:
-                    log.exception("phx_gevent: long-poll session failed handling %r", msg)
+                    conn.log_error("phx_gevent: long-poll session failed handling %r", msg)
                     ack.set(False)
                     self.end()
                     break
@@ -520,7 +549,7 @@ class LongPoll:
         if owner is not None:
             status, messages = self._poll(*owner)
             if status in (200, 204):
-                return _json({"status": status, "token": token, "messages": messages})
+                return _poll_json(status, token, messages)
             if status == GONE:
                 # The session ended while this poll was held: tell the client now.
                 return _json({"status": GONE, "token": None, "messages": []})
@@ -744,7 +773,7 @@ class LongPoll:
         try:
             if payload["op"] == "poll":
                 status, messages = session.poll(self.window, on_wait=ack)
-                self._answer(sender, {"op": "res", "cid": cid, "status": status, "messages": messages})
+                self._answer(sender, {"op": "res", "cid": cid, "status": status, "messages": _encodable(messages)})
                 return
             lines = payload.get("lines")
             if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):

@@ -464,7 +464,10 @@ class WebSocketTransport:
         except OSError:
             pass  # reset by peer, or shut down by our own writer
         except Exception:
-            log.exception("phx_gevent: WebSocket connection failed")
+            if self.conn is not None:
+                self.conn.log_error("phx_gevent: WebSocket connection failed")
+            else:  # pragma: no cover - the connection exists before the reader runs
+                log.exception("phx_gevent: WebSocket connection failed")
             code, reason = frames.CLOSE_INTERNAL_ERROR, "internal error"
         sweeper.discard(self)
         if code is not None and self.writer.state == WRITER_OPEN:
