@@ -156,6 +156,9 @@ class Endpoint:
         ``f(origin, environ) -> bool``.
     ``max_queued_bytes``, ``broadcast_timeout``, ``max_connection_queue_bytes``, ``slow_client_timeout``, ``sndbuf``
         The process-wide overload policy (:mod:`phx_gevent.flow`).
+    ``max_incomplete_input_bytes``, ``input_timeout``
+        The process-wide bound on inputs still arriving: memory and time
+        (:mod:`phx_gevent.flow`, docs/reliability.md).
     ``direct_send``
         ``True`` (default) sends a frame at once while the server is idle
         (lower latency), within a budget, and coalesces in the flusher under
@@ -177,6 +180,8 @@ class Endpoint:
         slow_client_timeout: float | None = None,
         sndbuf: int | None | bool = False,
         direct_send: bool | None = None,
+        max_incomplete_input_bytes: int | None = None,
+        input_timeout: float | None = None,
         name: str = "phx_gevent",
     ) -> None:
         self.name = name
@@ -189,6 +194,8 @@ class Endpoint:
             slow_client_timeout=slow_client_timeout,
             sndbuf=sndbuf,
             direct_send=direct_send,
+            max_incomplete_input_bytes=max_incomplete_input_bytes,
+            input_timeout=input_timeout,
         )
         self.blueprint = Blueprint(name, __name__)
         self.mounts: list[SocketMount] = []

@@ -17,6 +17,7 @@ from typing import Any
 from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 
+from .transports.http import ENVIRON_CLOSE
 from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
 
 __all__ = ["WebSocketHandler", "make_server", "serve"]
@@ -45,6 +46,8 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self.result = self.application(environ, self.start_response)
         upgrade = environ.pop(ENVIRON_UPGRADE, None)
         if upgrade is None or self.code != 101:
+            if environ.get(ENVIRON_CLOSE):
+                self._close_unread()
             try:
                 self.process_result()
             finally:
@@ -59,6 +62,15 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self.close_connection = True
         self._write_upgrade()
         upgrade(self)
+
+    def _close_unread(self) -> None:
+        # The answer went out on the headers (413, a bad token, a slow body):
+        # close after it, and never read or discard what is left of the body.
+        self.close_connection = True
+        wsgi_input = getattr(self, "wsgi_input", None)
+        if wsgi_input is not None:
+            # gevent's Input skips its discard-the-rest step in this state.
+            wsgi_input._chunked_input_error = True
 
     def _close_result(self) -> None:
         close = getattr(self.result, "close", None)

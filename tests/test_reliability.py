@@ -293,3 +293,109 @@ def test_a_client_that_crashes_its_channels_at_will_gets_one_traceback_per_inter
         ws.recv_until(lambda m, ref=ref: m[0] == ref and m[3] == "phx_error")
     tracebacks = [r for r in caplog.records if r.exc_info]
     assert len(tracebacks) == 1, [r.getMessage() for r in tracebacks]
+
+
+# -- 3 and 10. partial uploads: token first, timeouts, a process-wide budget ---------------------
+
+_INPUT = ("input_timeout", "max_incomplete")
+
+
+@pytest.fixture
+def restore_input():
+    saved = {name: getattr(flow, name) for name in _INPUT}
+    yield flow
+    for name, value in saved.items():
+        setattr(flow, name, value)
+    flow.incomplete = 0
+
+
+def raw_http(port: int, head: str, body: bytes = b"", timeout: float = 5.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+    return sock
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """Status and everything up to EOF (the server must close: raises on timeout)."""
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ", 2)[1]), data
+
+
+def lp_app(**longpoll):
+    from tests.test_longpoll import make_app
+
+    return make_app(longpoll={"window_ms": 500, **longpoll})
+
+
+def post_head(port: int, token: str, length: int) -> str:
+    return (
+        f"POST /socket/longpoll?vsn=2.0.0&user=bob&token={token} HTTP/1.1\n"
+        f"Host: 127.0.0.1:{port}\nContent-Type: application/x-ndjson\nContent-Length: {length}\n"
+    )
+
+
+def test_a_post_announcing_too_much_gets_413_and_is_closed_not_read(live_server):
+    app, _ = lp_app()
+    srv = live_server(app)
+    sock = raw_http(srv.port, post_head(srv.port, "x", 1 << 30), b"a" * 1000)
+    status, data = read_response(sock)  # EOF right after the answer: nothing more is read
+    assert status == 413 and b"connection: close" in data.lower()
+
+
+def test_the_long_poll_token_is_checked_before_the_body_is_read(live_server):
+    app, _ = lp_app()
+    srv = live_server(app)
+    # A bad token and a body that never comes: answered at once, connection closed.
+    sock = raw_http(srv.port, post_head(srv.port, "forged", 4 << 20), b"[" * 100)
+    status, data = read_response(sock)
+    assert status == 200 and json.loads(data.split(b"\r\n\r\n", 1)[1]) == {"status": 410}
+
+
+def test_a_slow_long_poll_body_times_out(live_server, restore_input):
+    from tests.test_longpoll import LP
+
+    restore_input.configure(input_timeout=0.5)
+    app, _ = lp_app()
+    srv = live_server(app)
+    lp = LP(srv)
+    token = lp.open()
+    sock = raw_http(srv.port, post_head(srv.port, token, 100_000), b"[")
+    status, _ = read_response(sock)
+    assert status == 408
+    assert flow.incomplete == 0
+
+
+def test_a_slow_websocket_frame_times_out(server, restore_input):
+    restore_input.configure(input_timeout=0.5)
+    srv = server()
+    ws = RawWS(srv.port)
+    join(ws)
+    # A 1 MB frame header, its mask and 100 bytes of payload, then nothing.
+    ws.sock.sendall(struct.pack("!BBQ", 0x81, 0x80 | 127, 1_000_000) + b"\x00\x00\x00\x00" + b"x" * 100)
+    wait_until(lambda: not srv.mount.connections, timeout=5, what="the slow frame's connection dropped")
+    assert closed_by_server(ws)
+    assert flow.incomplete == 0
+
+
+def test_incomplete_inputs_share_a_process_wide_budget(server, live_server, restore_input):
+    restore_input.configure(max_incomplete_input_bytes=1_000_000, input_timeout=30)
+    srv = server(longpoll={"window_ms": 500})
+    first = RawWS(srv.port)
+    join(first)
+    first.sock.sendall(struct.pack("!BBQ", 0x81, 0x80 | 127, 700_000) + b"\x00\x00\x00\x00" + b"x" * 100)
+    wait_until(lambda: flow.incomplete >= 700_000, timeout=5, what="the first frame reserved")
+    second = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=second")
+    join(second)
+    second.sock.sendall(struct.pack("!BBQ", 0x81, 0x80 | 127, 700_000) + b"\x00\x00\x00\x00" + b"x" * 100)
+    second.sock.settimeout(5)
+    assert second.expect_close()[0] == 1013  # try again later
+    # The first completes normally and gives its share back.
+    first.sock.sendall(b"x" * (700_000 - 100))
+    first.sock.settimeout(5)
+    assert first.expect_close()[0] == 1011  # 700 KB of "x" is not JSON: decoded, refused, but read in full
+    wait_until(lambda: flow.incomplete == 0, timeout=5, what="the budget released")

@@ -26,7 +26,28 @@ __all__ = [
     "CONNECT_INFO_KEYS",
     "CSRF_SESSION_KEY",
     "csrf_token",
+    "close_after",
+    "ENVIRON_CLOSE",
 ]
+
+#: Environ key: the WSGI handler closes the connection after this response without reading the rest of the body.
+ENVIRON_CLOSE = "phx_gevent.close_connection"
+
+
+def close_after(response: Any) -> Any:
+    """Mark ``response`` (a Flask response of the current request) as the last one on its connection.
+
+    It carries ``Connection: close``, and phx_gevent's WSGI handler closes
+    the connection after it without reading (or discarding) what is left of
+    the request body: an unwanted upload costs nothing more. Returns
+    ``response``. Outside a request, only the header is set.
+    """
+    from flask import has_request_context, request
+
+    response.headers["Connection"] = "close"
+    if has_request_context():
+        request.environ[ENVIRON_CLOSE] = True
+    return response
 
 #: The subprotocol entry phoenix.js uses to carry ``authToken`` (PROTOCOL.md 3.4).
 AUTH_TOKEN_PREFIX = "base64url.bearer.phx."

@@ -129,6 +129,10 @@ def _plain(status: int, body: str = "") -> Response:
     return Response(body, status=status, mimetype="text/plain", headers=_HEADERS)
 
 
+class _Busy(Exception):
+    """The process-wide budget of incomplete inputs is spent."""
+
+
 class _BinaryLog:
     """Rate-limited warning for binary frames that cannot go to long-poll clients."""
 
@@ -622,16 +626,32 @@ class LongPoll:
     def _post(self, owner: tuple[str, str] | None) -> Response:
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
-            return _plain(413, "long-poll body too large")
-        body = self._read_body()
+            # Answered on the headers; the body is never read: the connection closes.
+            return phx_http.close_after(_plain(413, "long-poll body too large"))
+        if owner is None:
+            # The token is checked before a byte of the body is read (nobody
+            # unauthenticated makes the server hold an upload).
+            return phx_http.close_after(_json({"status": GONE}))
+        reserved = length if length is not None else 0
+        if reserved and not flow.reserve_input(reserved):
+            log.warning("phx_gevent: refused a long-poll POST: max_incomplete_input_bytes reached")
+            return phx_http.close_after(_plain(503, "server busy"))
+        try:
+            body = self._read_body(reserved)
+        except gevent.Timeout:
+            log.info("phx_gevent: a long-poll POST body took over %.1fs to arrive", flow.input_timeout)
+            return phx_http.close_after(_plain(408, "long-poll body too slow"))
+        except _Busy:
+            return phx_http.close_after(_plain(503, "server busy"))
+        finally:
+            if reserved:
+                flow.release_input(reserved)
         if body is None:
-            return _plain(413, "long-poll body too large")
+            return phx_http.close_after(_plain(413, "long-poll body too large"))
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             return _plain(400, "long-poll body is not UTF-8")
-        if owner is None:
-            return _json({"status": GONE})
         ndjson = request.mimetype == "application/x-ndjson"
         if ndjson:
             # Split at most max_lines times: the remainder (dropped, as Phoenix does) is never split.
@@ -658,19 +678,35 @@ class LongPoll:
             return _plain(400, "undecodable long-poll message")
         return _json({"status": status})
 
-    def _read_body(self) -> bytes | None:
-        # Read in bounded chunks (chunked uploads have no Content-Length); None past the limit.
+    def _read_body(self, reserved: int) -> bytes | None:
+        """The body, read in bounded chunks within ``input_timeout``; None past ``max_body_bytes``.
+
+        A body without Content-Length (chunked) reserves its memory in the
+        process-wide budget as it arrives (``reserved`` is what the caller
+        reserved up front). Raises ``gevent.Timeout`` when it is too slow and
+        :class:`_Busy` when the budget is spent.
+        """
         stream = request.stream
         chunks = []
         size = 0
-        while True:
-            chunk = stream.read(65536)
-            if not chunk:
-                return b"".join(chunks)
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
+        extra = 0
+        try:
+            with gevent.Timeout(flow.input_timeout):
+                while True:
+                    chunk = stream.read(65536)
+                    if not chunk:
+                        return b"".join(chunks)
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        return None
+                    if size > reserved + extra:
+                        if not flow.reserve_input(len(chunk)):
+                            raise _Busy
+                        extra += len(chunk)
+                    chunks.append(chunk)
+        finally:
+            if extra:
+                flow.release_input(extra)
 
     # -- tokens -----------------------------------------------------------------------------
 

@@ -62,6 +62,9 @@ _monotonic = time.monotonic
 _unpack_short = struct.Struct("!H").unpack_from
 _unpack_long = struct.Struct("!Q").unpack_from
 
+#: Messages (frames) of this size or more reserve their size in ``flow``'s budget of incomplete inputs.
+RESERVE_MIN = 16 * 1024
+
 #: The environ key our WSGI handler sets; the view leaves the upgrade callable under it.
 ENVIRON_HANDLER = "phx_gevent.handler"
 ENVIRON_UPGRADE = "phx_gevent.upgrade"
@@ -355,9 +358,12 @@ class _IdleSweeper:
             now = _monotonic()
             idle = []
             stalled = []
+            slow = []
             for t in self.transports:
                 if t.writer.stalled(now):
                     stalled.append(t)
+                elif t.input_deadline and now > t.input_deadline:
+                    slow.append(t)
                 elif t.opts.timeout is not None and now - t.last_recv > t.opts.timeout:
                     idle.append(t)
             for transport in stalled:
@@ -367,6 +373,10 @@ class _IdleSweeper:
                     transport.writer.qbytes,
                 )
                 transport.writer.abort(frames.CLOSE_POLICY, "slow client")
+            for transport in slow:
+                log.info("phx_gevent: dropping a WebSocket whose message took over %.1fs to arrive", flow.input_timeout)
+                # The reader is blocked in recv(): shutting the socket down wakes it (EOF).
+                transport.writer.abort(frames.CLOSE_POLICY, "message too slow")
             for transport in idle:
                 self.transports.discard(transport)
                 transport.close(frames.CLOSE_GOING_AWAY, "idle timeout")
@@ -391,6 +401,8 @@ class WebSocketTransport:
         "peer_closed",
         "last_recv",
         "deflate",
+        "input_deadline",
+        "reserved",
     )
 
     def __init__(
@@ -409,6 +421,10 @@ class WebSocketTransport:
         self.peer_closed = False
         #: When data last arrived (``time.monotonic()``), for the idle timeout.
         self.last_recv = _monotonic()
+        #: When the message that is arriving must be complete (``input_timeout``); 0: none started.
+        self.input_deadline = 0.0
+        #: Bytes this connection reserved in the process-wide budget of incomplete inputs.
+        self.reserved = 0
 
     # -- transport interface for Connection ---------------------------------------------
 
@@ -513,6 +529,14 @@ class WebSocketTransport:
                 raise ProtocolError(frames.CLOSE_TOO_BIG, "message too big")
             end = start + 4 + length
             if len(buf) < end:
+                # A message still arriving: bounded in time (the sweeper checks the
+                # deadline) and, when large, in the process's memory budget.
+                if not self.input_deadline:
+                    self.input_deadline = _monotonic() + flow.input_timeout
+                if length >= RESERVE_MIN and op < 8:
+                    if not flow.reserve_input(length):
+                        raise ProtocolError(frames.CLOSE_TRY_AGAIN_LATER, "too many large messages arriving")
+                    self.reserved += length
                 self._fill(end)
             payload = unmask(buf[start + 4 : end], bytes(buf[start : start + 4]))
             del buf[:end]
@@ -522,6 +546,8 @@ class WebSocketTransport:
                     raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
                 if not fin:
                     frag_op, fragments, frag_size, frag_compressed = op, [payload], length, bool(rsv)
+                    if not self.input_deadline:
+                        self.input_deadline = _monotonic() + flow.input_timeout
                     continue
                 if rsv:
                     payload = frames.inflate(payload, max_size)
@@ -549,6 +575,12 @@ class WebSocketTransport:
                 return
             else:
                 raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
+            if not frag_op:
+                # A whole message is in (or a control frame between messages).
+                self.input_deadline = 0.0
+                if self.reserved:
+                    flow.release_input(self.reserved)
+                    self.reserved = 0
 
     def _message(self, op: int, payload: bytes) -> None:
         writer = self.writer
@@ -588,6 +620,10 @@ class WebSocketTransport:
 
     def finish(self) -> None:
         """After the reader ends: let our close frame out (bounded), then release everything."""
+        if self.reserved:
+            flow.release_input(self.reserved)
+            self.reserved = 0
+        self.input_deadline = 0.0
         writer = self.writer
         if writer.state == WRITER_OPEN:
             # The peer vanished without a close frame: nobody is left to read one.
