@@ -432,3 +432,142 @@ def test_a_drain_while_the_server_starts_does_not_break_its_start(monkeypatch):
     finally:
         server.close()
         listener.close()
+
+
+# -- 9. allowed hosts ------------------------------------------------------------------------------
+
+
+def _hello_app(**endpoint_opts):
+    from flask import request
+
+    app = Flask(__name__)
+    endpoint = Endpoint(app, **endpoint_opts)
+    endpoint.socket("/socket", UserSocket, longpoll=True)
+
+    @app.route("/addr")
+    def addr():
+        return request.remote_addr or ""
+
+    return app, endpoint
+
+
+def http_get(port: int, path: str, headers: dict[str, str]) -> tuple[int, bytes]:
+    head = f"GET {path} HTTP/1.1\n" + "".join(f"{k}: {v}\n" for k, v in headers.items()) + "Connection: close\n"
+    status, data = read_response(raw_http(port, head))
+    return status, data.split(b"\r\n\r\n", 1)[1]
+
+
+def test_serve_on_loopback_accepts_only_loopback_host_names(live_server):
+    app, _ = _hello_app()
+    srv = live_server(app)  # make_server on 127.0.0.1, defaults
+    assert http_get(srv.port, "/addr", {"Host": f"127.0.0.1:{srv.port}"})[0] == 200
+    assert http_get(srv.port, "/addr", {"Host": f"localhost:{srv.port}"})[0] == 200
+    assert http_get(srv.port, "/addr", {"Host": "[::1]"})[0] == 200
+    # A DNS-rebinding page reaches the app under its own name: refused before any view runs.
+    assert http_get(srv.port, "/addr", {"Host": "rebind.attacker.example"})[0] == 400
+    # RawWS sends its own Host first: two Host headers are refused too, never guessed from.
+    ws = RawWS(srv.port, headers={"Host": "rebind.attacker.example", "Origin": "http://rebind.attacker.example"})
+    assert ws.status == 400
+
+
+def test_endpoint_allowed_hosts_and_explicit_server_settings():
+    from phx_gevent import make_server
+
+    app, _ = _hello_app(allowed_hosts=["chat.example", "*.chat.example"])
+    server = make_server(app, "127.0.0.1", 0, allowed_hosts=None)  # the server checks nothing itself
+    server.start()
+    try:
+        port = server.server_port
+        assert http_get(port, "/addr", {"Host": "chat.example"})[0] == 200
+        assert http_get(port, "/addr", {"Host": "eu.chat.example:443"})[0] == 200
+        assert http_get(port, "/addr", {"Host": "evil.example"})[0] == 400
+        assert http_get(port, "/addr", {"Host": "127.0.0.1"})[0] == 400
+    finally:
+        server.stop(timeout=1)
+    with pytest.raises(ValueError):
+        Endpoint(allowed_hosts="chat.example")  # a string, not a list: refused, not split into letters
+
+
+# -- 5. slowloris: a request head must arrive in time ------------------------------------------
+
+
+def test_an_incomplete_request_head_is_dropped_after_the_header_timeout():
+    from phx_gevent import make_server
+
+    app, _ = _hello_app()
+    server = make_server(app, "127.0.0.1", 0, header_timeout=0.5)
+    server.start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+        sock.sendall(b"GET /addr HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        sock.sendall(b"X-Slow: 1")  # a few bytes now and then, never the blank line
+        assert sock.recv(1024) == b""  # closed by the server (a recv timeout would raise)
+        # A complete request on a fresh connection is served as usual.
+        assert http_get(server.server_port, "/addr", {"Host": "127.0.0.1"})[0] == 200
+    finally:
+        server.stop(timeout=1)
+
+
+# -- 11. trusted proxies and inbound message rate ------------------------------------------------
+
+
+def test_trusted_proxies_give_the_real_client_address(live_server):
+    app, _ = _hello_app(trusted_proxies=["127.0.0.1"])
+    port = live_server(app).port
+    headers = {"Host": "127.0.0.1", "X-Forwarded-For": "198.51.100.1, 203.0.113.9"}
+    assert http_get(port, "/addr", headers)[1] == b"203.0.113.9"  # the proxy's own view of its client
+    untrusted_app, _ = _hello_app()
+    port = live_server(untrusted_app).port
+    assert http_get(port, "/addr", headers)[1] == b"127.0.0.1"  # not trusted: the header is ignored
+
+
+def test_a_client_pushing_too_fast_is_throttled(server):
+    srv = server(websocket={"max_message_rate": 50, "message_burst": 20})
+    ws = RawWS(srv.port)
+    for i in range(60):
+        ws.send_json([None, str(i), "phoenix", "heartbeat", {}])
+    refs = [ws.recv_json()[1] for _ in range(60)]
+    assert refs == [str(i) for i in range(60)]  # all answered, in order: throttled, not dropped
+    conn = next(iter(srv.mount.connections))
+    assert conn.transport.throttled >= 30
+
+
+# -- 6. long-poll sessions: cheap to evict, per-address creation rate ----------------------------
+
+
+def test_sessions_that_never_polled_are_evicted_first(live_server):
+    from tests.test_longpoll import LP
+
+    app, endpoint = lp_app(max_sessions=5)
+    srv = live_server(app)
+    abandoned = [LP(srv) for _ in range(5)]
+    for lp in abandoned:
+        lp.open()  # created, never polled
+    fresh = LP(srv)
+    fresh.open()  # at the cap: the oldest never-polled session makes room instead of a 503
+    assert fresh.poll()["status"] == 204
+    assert len(longpoll_sessions(endpoint)) == 5
+    assert abandoned[0].poll()["status"] == 410  # evicted: told its session is gone
+
+
+def longpoll_sessions(endpoint):
+    return endpoint.mounts[0].longpoll.sessions
+
+
+def test_session_creation_is_rate_limited_per_address(live_server):
+    from tests.test_longpoll import LP
+
+    app, endpoint = lp_app(address_rate=0.001, address_burst=3)
+    srv = live_server(app)
+    for _ in range(3):
+        LP(srv).open()
+    assert LP(srv).request("GET").status == 429
+
+
+def test_a_thousand_long_poll_clients_from_loopback_pass_the_default_limits(live_server):
+    from tests.test_longpoll import LP
+
+    app, endpoint = lp_app(window_ms=10_000)
+    srv = live_server(app)
+    tokens = {LP(srv).open() for _ in range(1000)}  # each open() asserts a 410 with a new token
+    assert len(tokens) == 1000 and len(longpoll_sessions(endpoint)) == 1000

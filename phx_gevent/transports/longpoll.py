@@ -74,12 +74,29 @@ DEFAULTS: dict[str, Any] = {
     "max_buffer_bytes": 4 * 1024 * 1024,
     "max_body_bytes": 8 * 1024 * 1024,
     "max_lines": 100,
+    "address_rate": 100,
+    "address_burst": 1000,
+    "max_message_rate": 1000,
+    "message_burst": 2000,
     "check_origin": None,
     "connect_info": None,
     "auth_token": None,
 }
 
-_POSITIVE = ("window_ms", "pubsub_timeout_ms", "max_sessions", "max_buffer_bytes", "max_body_bytes", "max_lines")
+_POSITIVE = (
+    "window_ms",
+    "pubsub_timeout_ms",
+    "max_sessions",
+    "max_buffer_bytes",
+    "max_body_bytes",
+    "max_lines",
+    "address_burst",
+    "message_burst",
+)
+# Positive numbers, or None to turn the limit off.
+_RATES = ("address_rate", "max_message_rate")
+# Addresses remembered by the creation rate limit before the full buckets are forgotten.
+_MAX_BUCKETS = 10_000
 _HEADERS = {"Cache-Control": "no-store", "Access-Control-Allow-Origin": "*"}
 _TOKEN_HEADER = "X-Phoenix-Longpoll-Token"
 _MAX_TOKEN = 1024
@@ -197,6 +214,8 @@ class LongPollSession:
         "timer",
         "inbox",
         "dispatcher",
+        "tokens",
+        "refilled",
         "__weakref__",
     )
 
@@ -217,6 +236,8 @@ class LongPollSession:
         self.timer: Any = None
         self.inbox: deque[tuple[Message, AsyncResult]] = deque()
         self.dispatcher: Any = None
+        self.tokens = lp.message_burst
+        self.refilled = self.last_poll
 
     def __repr__(self) -> str:
         return f"<LongPollSession {self.sid[:6]}... buffered={len(self.buffer)} closed={self.closed}>"
@@ -301,6 +322,8 @@ class LongPollSession:
         if self.closed:
             return GONE, []
         self.last_poll = _monotonic()
+        if self.lp._unpolled:
+            self.lp._unpolled.pop(self.sid, None)
         if not self.buffer:
             ev = Event()
             old, self.waiter = self.waiter, ev
@@ -347,6 +370,8 @@ class LongPollSession:
         for line in lines if ndjson else lines[:1]:
             if not line:
                 continue
+            if self.lp.max_message_rate is not None:
+                self._throttle()
             try:
                 if not ndjson or line[0] == "[":
                     msg = serializer.decode(line)
@@ -360,6 +385,17 @@ class LongPollSession:
             if status != 200:
                 return status
         return 200
+
+    def _throttle(self) -> None:
+        # The inbound rate limit (max_message_rate, message_burst): a token bucket; waits, drops nothing.
+        rate = self.lp.max_message_rate
+        now = _monotonic()
+        self.tokens = min(self.lp.message_burst, self.tokens + (now - self.refilled) * rate) - 1.0
+        self.refilled = now
+        if self.tokens < 0.0:
+            gevent.sleep(-self.tokens / rate)
+            self.tokens = 0.0
+            self.refilled = _monotonic()
 
     def _dispatch(self, msg: Message, window: float) -> int:
         if self.closed:
@@ -420,6 +456,7 @@ class LongPollSession:
             return
         self.closed = True
         self.lp.sessions.pop(self.sid, None)
+        self.lp._unpolled.pop(self.sid, None)
         self.buffer = []
         n, self.qbytes = self.qbytes - self.excess, 0
         self.excess = 0
@@ -469,6 +506,19 @@ class LongPoll:
     ``max_lines``
         Messages processed per POST (default 100, as phoenix.js sends at most
         100); extra lines are dropped, as Phoenix does.
+    ``address_rate``, ``address_burst``
+        Sessions one client address may create per second on average
+        (default 100) and at once (default 1000); beyond, HTTP 429 (the
+        client retries with backoff). ``address_rate=None`` turns it off.
+        Every client of a reverse proxy shares its address unless the
+        endpoint's ``trusted_proxies`` names it. At ``max_sessions``, the
+        oldest session that never polled is ended to make room (a client
+        polls right after creating its session; one that did not is
+        abandoned), and only when every session has polled is the answer 503.
+    ``max_message_rate``, ``message_burst``
+        Inbound messages per second one session may send on average (default
+        1000) and at once (default 2000); a faster POST waits (throttled,
+        nothing dropped). ``None`` turns it off.
     ``check_origin``, ``connect_info``, ``auth_token``
         Override the mount's settings for this transport.
     """
@@ -485,6 +535,10 @@ class LongPoll:
             value = opts[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"longpoll {key} must be a positive number, got {value!r}")
+        for key in _RATES:
+            value = opts[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"longpoll {key} must be a positive number or None, got {value!r}")
         max_age = opts["max_age"]
         if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, (int, float)) or max_age <= 0):
             raise ValueError(f"longpoll max_age must be a positive number of seconds or None, got {max_age!r}")
@@ -498,6 +552,14 @@ class LongPoll:
         self.max_buffer_bytes = int(opts["max_buffer_bytes"])
         self.max_body_bytes = int(opts["max_body_bytes"])
         self.max_lines = int(opts["max_lines"])
+        self.address_rate = opts["address_rate"]
+        self.address_burst = float(opts["address_burst"])
+        self.max_message_rate = opts["max_message_rate"]
+        self.message_burst = float(opts["message_burst"])
+        # address -> [tokens, last refill]: the session creation rate limit.
+        self._buckets: dict[str, list[float]] = {}
+        # Sessions that never polled, oldest first: the first to go at max_sessions.
+        self._unpolled: dict[str, None] = {}
         self.check_origin = mount.check_origin
         if opts["check_origin"] is not None:
             self.check_origin = type(mount.endpoint)._compile_origin(opts["check_origin"])
@@ -566,7 +628,9 @@ class LongPoll:
     def _new_session(self, params: dict[str, Any]) -> Response:
         mount = self.mount
         environ = request.environ
-        if len(self.sessions) + self._creating >= self.max_sessions:
+        if not self._address_allowed(environ.get("REMOTE_ADDR") or ""):
+            return _plain(429, "too many long-poll sessions from this address")
+        if len(self.sessions) + self._creating >= self.max_sessions and not self._evict_unpolled():
             log.warning("phx_gevent: refusing a long-poll session: max_sessions (%d) reached", self.max_sessions)
             return _plain(503, "too many long-poll sessions")
         serializer = negotiate(params.get("vsn"))
@@ -600,11 +664,46 @@ class LongPoll:
         conn = Connection(mount, socket, serializer, session)
         session.conn = conn
         self.sessions[session_id] = session
+        self._unpolled[session_id] = None
         conn.start()
         session.start()
         mount.log("connected", "longpoll", params)
         token = self._sign(self.mount.endpoint.node_name, session_id)
         return _json({"status": GONE, "token": token, "messages": []})
+
+    def _address_allowed(self, address: str) -> bool:
+        rate = self.address_rate
+        if rate is None:
+            return True
+        now = _monotonic()
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= _MAX_BUCKETS:
+                # Forget the addresses whose bucket has refilled: they are as good as new.
+                burst = self.address_burst
+                for key in [k for k, (t, at) in self._buckets.items() if t + (now - at) * rate >= burst]:
+                    del self._buckets[key]
+            bucket = self._buckets[address] = [self.address_burst, now]
+        tokens = min(self.address_burst, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            log.warning("phx_gevent: refused a long-poll session: address %s creates them too fast", address)
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _evict_unpolled(self) -> bool:
+        """End the oldest session that never polled; False when there is none."""
+        while self._unpolled:
+            sid = next(iter(self._unpolled))
+            del self._unpolled[sid]
+            session = self.sessions.get(sid)
+            if session is not None and not session.closed:
+                log.info("phx_gevent: max_sessions reached: ended a long-poll session that never polled")
+                session.end()
+                return True
+        return False
 
     def _poll(self, node: str, sid: str) -> tuple[int, list[str]]:
         if node == self.mount.endpoint.node_name:

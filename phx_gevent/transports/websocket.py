@@ -97,9 +97,25 @@ class WebSocketOptions:
         takeover either way, so no zlib state per connection and broadcast
         frames stay shared). Costs CPU per large message; default ``False``
         as in Phoenix. ``max_frame_size`` applies to the inflated size too.
+    ``max_message_rate``, ``message_burst``
+        Inbound messages per second one connection may send on average
+        (default 1000), and how many it may send at once (default 2000). A
+        faster client is throttled: its next message is read only when the
+        rate allows (TCP pushes back on it), nothing is dropped. ``None``
+        turns the limit off.
     """
 
-    __slots__ = ("timeout", "max_frame_size", "fullsweep_after", "subprotocols", "close_timeout", "path", "compress")
+    __slots__ = (
+        "timeout",
+        "max_frame_size",
+        "fullsweep_after",
+        "subprotocols",
+        "close_timeout",
+        "path",
+        "compress",
+        "max_message_rate",
+        "message_burst",
+    )
 
     def __init__(
         self,
@@ -110,6 +126,8 @@ class WebSocketOptions:
         close_timeout: float = 5.0,
         path: str = "/websocket",
         compress: bool = False,
+        max_message_rate: float | None = 1000.0,
+        message_burst: int = 2000,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError("websocket timeout must be positive (seconds)")
@@ -124,6 +142,12 @@ class WebSocketOptions:
         self.close_timeout = close_timeout
         self.path = path
         self.compress = bool(compress)
+        if max_message_rate is not None and (isinstance(max_message_rate, bool) or not max_message_rate > 0):
+            raise ValueError("max_message_rate must be a positive number (messages per second) or None")
+        if isinstance(message_burst, bool) or not isinstance(message_burst, int) or message_burst < 1:
+            raise ValueError("message_burst must be a positive integer")
+        self.max_message_rate = None if max_message_rate is None else float(max_message_rate)
+        self.message_burst = message_burst
 
 
 class WebSocketEncoder(FastlaneEncoder):
@@ -403,6 +427,9 @@ class WebSocketTransport:
         "deflate",
         "input_deadline",
         "reserved",
+        "tokens",
+        "refilled",
+        "throttled",
     )
 
     def __init__(
@@ -425,6 +452,11 @@ class WebSocketTransport:
         self.input_deadline = 0.0
         #: Bytes this connection reserved in the process-wide budget of incomplete inputs.
         self.reserved = 0
+        # The inbound rate limit: a token bucket (``max_message_rate``, ``message_burst``).
+        self.tokens = float(opts.message_burst)
+        self.refilled = self.last_recv
+        #: How many messages had to wait for the rate limit.
+        self.throttled = 0
 
     # -- transport interface for Connection ---------------------------------------------
 
@@ -588,6 +620,11 @@ class WebSocketTransport:
             return  # closing: the client's late messages are not processed
         if writer.qbytes > flow.connection_limit:
             self._wait_drained()
+        rate = self.opts.max_message_rate
+        if rate is not None:
+            self.tokens -= 1.0
+            if self.tokens < 0.0:
+                self._throttle(rate)
         if op == OP_TEXT:
             try:
                 data: str | bytes = payload.decode("utf-8")
@@ -608,6 +645,17 @@ class WebSocketTransport:
             if self.handled > sweep:
                 self.handled = 0
                 memory.collect()
+
+    def _throttle(self, rate: float) -> None:
+        # Refill the bucket for the time that passed; wait for what is missing.
+        now = _monotonic()
+        self.tokens = min(float(self.opts.message_burst), self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        if self.tokens < 0.0:
+            self.throttled += 1
+            gevent.sleep(-self.tokens / rate)
+            self.tokens = 0.0
+            self.refilled = _monotonic()
 
     def _wait_drained(self) -> None:
         # Replies obey the limits broadcasts do: while this connection's own
