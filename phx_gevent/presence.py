@@ -53,7 +53,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import gevent
 from gevent.queue import Empty, Queue
 
 from . import supervise

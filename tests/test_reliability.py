@@ -16,7 +16,7 @@ from flask import Flask
 
 from phx_gevent import Channel, Endpoint, Socket, channel, ok
 from phx_gevent.flow import flow
-from tests.rawws import Closed, RawWS
+from tests.rawws import RawWS
 
 
 class EchoChannel(Channel):
