@@ -191,10 +191,24 @@ class UserSocket(Socket):
         return "user_socket:" + socket.assigns["user"]
 
 
+def _env_list(name: str, default: list[str]) -> list[str]:
+    value = os.environ.get(name)
+    return default if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
 def create_app() -> tuple[Flask, Endpoint]:
     app = Flask(__name__)
     app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY")
-    endpoint = Endpoint(app, pubsub=os.environ.get("REDIS_URL") or None)
+    endpoint = Endpoint(
+        app,
+        pubsub=os.environ.get("REDIS_URL") or None,
+        # Only these Host names are answered (a DNS-rebinding page is refused);
+        # ALLOWED_HOSTS="chat.example.com,..." when served under a real name.
+        allowed_hosts=_env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "::1"]),
+        # TRUSTED_PROXIES="127.0.0.1" behind nginx: the loopback-only endpoints
+        # and per-address limits then see the real client address.
+        trusted_proxies=_env_list("TRUSTED_PROXIES", []),
+    )
     endpoint.socket("/socket", UserSocket(Presence(endpoint)), auth_token=True, longpoll=True)
 
     def loopback_only() -> None:
