@@ -59,7 +59,9 @@ def _count(name: str) -> None:
 
 # -- an independent model of RFC 6455 (server side, no extensions) -------------------------------
 
-_VALID_CLOSE = set(range(1000, 1004)) | set(range(1007, 1012)) | set(range(3000, 5000))
+# RFC 6455 7.4.1 and the IANA registry it created (1012-1014 were registered later): what a
+# peer may send. 1004-1006 and 1015 are reserved, 1016-2999 unassigned.
+_VALID_CLOSE = set(range(1000, 1004)) | set(range(1007, 1015)) | set(range(3000, 5000))
 
 
 def model_read(data: bytes, max_size: int) -> tuple[list[tuple[int, bytes]], set[Any]]:
@@ -534,3 +536,11 @@ def test_fuzz_redis_envelopes(body, poison, node, junk, cut):
         if env["k"] == "b" and isinstance(env["p"], dict):
             V2.encode_broadcast(env["t"], env["e"], env["p"]).encode("utf-8")
         codec.encode(env)
+
+
+def test_fuzz_report(request):
+    """Last in the module: prints how many inputs each target ran (``make fuzz`` reads it)."""
+    if COUNTS:
+        total = sum(COUNTS.values())
+        lines = [f"  {name}: {n}" for name, n in sorted(COUNTS.items())]
+        print("\nFUZZ COUNTS\n" + "\n".join(lines) + f"\n  total: {total}")
