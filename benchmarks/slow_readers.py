@@ -196,7 +196,9 @@ def main() -> None:
         attacker = None
         last = [0] * len(readers)
         last_sent = last_refused = 0
-        print(f"server: {root}  readers {args.readers}  hostile {args.hostile} x {args.reply_mb} MB  rate {args.rate}/s")
+        print(
+            f"server: {root}  readers {args.readers}  hostile {args.hostile} x {args.reply_mb} MB  rate {args.rate}/s"
+        )
         print("   t  phase    sent/s  503/s  recv/s min  recv/s avg  hostile open  queued MB")
         second = 1
         while time.monotonic() - t0 < args.duration:
@@ -204,7 +206,7 @@ def main() -> None:
             if attacker is None and second > args.calm:
                 attacker = gevent.spawn(attack)
             counts = [r.count for r in readers]
-            deltas = [c - p for c, p in zip(counts, last)]
+            deltas = [c - p for c, p in zip(counts, last, strict=True)]
             last = counts
             st = stats(port)
             conns = st.get("connections")
@@ -213,7 +215,8 @@ def main() -> None:
                 hostile_closed_at.append(second - args.calm)
             queued = st.get("queued")
             print(
-                f"{second:4d}  {'calm' if attacker is None else 'attack':7s} {sent - last_sent:7d} {refused - last_refused:6d}"
+                f"{second:4d}  {'calm' if attacker is None else 'attack':7s}"
+                f" {sent - last_sent:7d} {refused - last_refused:6d}"
                 f" {min(deltas):11d} {sum(deltas) / len(deltas):11.1f}  {open_hostile!s:>12}"
                 f"  {'-' if queued is None else f'{queued / 1e6:9.2f}'}",
                 flush=True,

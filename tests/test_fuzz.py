@@ -39,7 +39,7 @@ from phx_gevent.pubsub import codec
 from phx_gevent.serializers import V1, V2, DecodeError, EncodeError, dumps
 from phx_gevent.transports import frames
 from phx_gevent.transports import http as phx_http
-from phx_gevent.transports.websocket import ENVIRON_HANDLER, WebSocketOptions, WebSocketTransport, _EOF
+from phx_gevent.transports.websocket import _EOF, ENVIRON_HANDLER, WebSocketOptions, WebSocketTransport
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
@@ -234,7 +234,7 @@ _frame = st.builds(
 _close = st.builds(
     lambda code, reason, key: ws_frame(8, code + reason, True, 0, True, key, 0),
     code=st.one_of(st.just(b""), st.integers(0, 65535).map(lambda c: c.to_bytes(2, "big")), st.binary(max_size=1)),
-    reason=st.binary(max_size=10) | st.just("bye".encode()),
+    reason=st.binary(max_size=10) | st.just(b"bye"),
     key=st.binary(min_size=4, max_size=4),
 )
 _stream = st.one_of(
@@ -437,15 +437,24 @@ _header_value = st.one_of(
     upgrade=st.sampled_from(["websocket", "WebSocket", "", "h2c"]),
     key=_header_value,
     version=_header_value,
-    protocol=st.none() | _header_value | st.just("phoenix, base64url.bearer.phx.dG9r") | st.just("base64url.bearer.phx.%%"),
+    protocol=st.none()
+    | _header_value
+    | st.just("phoenix, base64url.bearer.phx.dG9r")
+    | st.just("base64url.bearer.phx.%%"),
     origin=st.none() | _header_value,
     extensions=st.none() | _header_value | st.just("permessage-deflate; client_max_window_bits"),
     method=st.sampled_from(["GET", "GET", "POST", "OPTIONS"]),
 )
-def test_fuzz_websocket_handshakes(fuzz_app, tracebacks, query, upgrade, key, version, protocol, origin, extensions, method):
+def test_fuzz_websocket_handshakes(
+    fuzz_app, tracebacks, query, upgrade, key, version, protocol, origin, extensions, method
+):
     _count("handshakes")
     headers = {"Upgrade": upgrade, "Connection": "Upgrade", "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": version}
-    for name, value in (("Sec-WebSocket-Protocol", protocol), ("Origin", origin), ("Sec-WebSocket-Extensions", extensions)):
+    for name, value in (
+        ("Sec-WebSocket-Protocol", protocol),
+        ("Origin", origin),
+        ("Sec-WebSocket-Extensions", extensions),
+    ):
         if value is not None:
             headers[name] = value
     client = fuzz_app.test_client()

@@ -7,7 +7,8 @@ Tunables under evaluation come from the environment (unset: the library's defaul
 ``PHX_DIRECT_SEND`` (0/1), ``PHX_CHUNK`` (writers flushed per hub callback),
 ``PHX_SNDBUF`` (bytes, 0 = OS default), ``PHX_MAX_QUEUED`` (bytes),
 ``PHX_DIRECT_BUDGET`` / ``PHX_DIRECT_PERIOD`` (immediate sends allowed per period
-with ``PHX_DIRECT_SEND=1``).
+with ``PHX_DIRECT_SEND=1``). ``PHX_ROOT`` serves another checkout of the project
+(``--variant main=phx:PHX_ROOT=/tmp/main``).
 """
 
 from gevent import monkey
@@ -18,7 +19,8 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+# PHX_ROOT runs another checkout's library and example (a comparison in one interleaved run).
+ROOT = Path(os.environ.get("PHX_ROOT") or Path(__file__).resolve().parents[2])
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
