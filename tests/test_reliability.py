@@ -571,3 +571,49 @@ def test_a_thousand_long_poll_clients_from_loopback_pass_the_default_limits(live
     srv = live_server(app)
     tokens = {LP(srv).open() for _ in range(1000)}  # each open() asserts a 410 with a new token
     assert len(tokens) == 1000 and len(longpoll_sessions(endpoint)) == 1000
+
+
+# -- 2. hub callbacks survive a failure ------------------------------------------------------------
+
+
+class _BadRaw:
+    """A raw socket whose send() fails with something that is not an OSError (a bug)."""
+
+    def send(self, data):
+        raise RuntimeError("a bug in a send path")
+
+    def fileno(self):
+        return -1
+
+    def shutdown(self, how):
+        pass
+
+    def setsockopt(self, *args):
+        pass
+
+
+class _GoodRaw(_BadRaw):
+    def __init__(self):
+        self.sent = b""
+
+    def send(self, data):
+        self.sent += bytes(data)
+        return len(data)
+
+
+def test_the_flusher_survives_a_failing_writer(restore_flow):
+    from phx_gevent import supervise
+    from phx_gevent.transports.writer import Writer
+
+    restore_flow.configure(direct_send=False)
+    before = supervise.counters.get("writer flusher", {}).get("failures", 0)
+    bad = Writer(_BadRaw(), None)
+    good = Writer(_GoodRaw(), None)
+    bad.write(b"one")
+    good.write(b"two")
+    wait_until(lambda: good.raw.sent == b"two", timeout=5, what="the good writer flushed")
+    # And later bursts still go out: the flusher was not left armed and dead.
+    good.write(b"three")
+    wait_until(lambda: good.raw.sent == b"twothree", timeout=5, what="the next burst flushed")
+    assert bad.state == 2  # CLOSED: only the broken connection paid
+    assert supervise.counters.get("writer flusher", {}).get("failures", 0) == before

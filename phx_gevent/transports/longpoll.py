@@ -435,16 +435,16 @@ class LongPollSession:
     # -- ending -----------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        # Hub callback: nothing here may block.
-        if self.closed or self.waiter is not None:
-            return
-        if self.qbytes > flow.connection_limit and self._overflowed():
-            return  # the drain policy on a timer, not only on the next write
-        if _monotonic() - self.last_poll > self.lp.window * 1.5:
-            try:
+        # Hub callback: nothing here may block or raise.
+        try:
+            if self.closed or self.waiter is not None:
+                return
+            if self.qbytes > flow.connection_limit and self._overflowed():
+                return  # the drain policy on a timer, not only on the next write
+            if _monotonic() - self.last_poll > self.lp.window * 1.5:
                 self.end(INACTIVE)
-            except Exception:  # pragma: no cover - never let the hub die
-                log.exception("phx_gevent: ending an inactive long-poll session failed")
+        except Exception:
+            supervise.failed("long-poll session timer")
 
     def end(self, reason: Any = None) -> None:
         """End the session: a held poll answers 410 now, then ``conn.terminate(reason)`` runs. Idempotent.

@@ -26,6 +26,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from .. import supervise
 from ..flow import flow
 from . import frames
 
@@ -74,6 +75,18 @@ class Flusher:
             self.loop.run_callback(self._run)
 
     def _run(self) -> None:
+        # A hub callback: if it raised, ``armed`` would stay set and no writer
+        # would ever be flushed again. Whatever happens, the next chunk runs.
+        try:
+            self._chunk()
+        except Exception:
+            supervise.failed("writer flusher")
+            if self.dirty:
+                self._timer.start(self._run)
+            else:
+                self.armed = False
+
+    def _chunk(self) -> None:
         dirty = self.dirty
         if len(dirty) <= CHUNK:
             batch = dirty
@@ -102,7 +115,8 @@ class Flusher:
                 sent = writer.raw.send(data)
             except BlockingIOError:
                 sent = 0
-            except OSError:
+            except Exception:
+                # OSError: the peer is gone; anything else is a bug, and only this connection pays.
                 writer.abort()
                 continue
             n = len(data)
