@@ -136,8 +136,9 @@ def main() -> None:
 
     root = Path(args.root)
     server = subprocess.Popen(
-        [sys.executable, str(root / "benchmarks/servers/phx_server.py")],
+        [sys.executable, str(HERE / "servers/phx_server.py")],
         cwd=str(root),
+        env={**os.environ, "PHX_ROOT": str(root)},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
