@@ -607,8 +607,8 @@ class WebSocketTransport:
                 return
             else:
                 raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
-            if not frag_op:
-                # A whole message is in (or a control frame between messages).
+            if self.input_deadline and not frag_op:
+                # A whole message is in (reservations are made only while a deadline is set).
                 self.input_deadline = 0.0
                 if self.reserved:
                     flow.release_input(self.reserved)
