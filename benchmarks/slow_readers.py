@@ -176,14 +176,21 @@ def main() -> None:
 
         hostile: list[socket.socket] = []
         hostile_closed_at: list[float] = []
+        hostile_ready: list[float] = []
+
+        attack_started: list[float] = []
+
+        # Built before the attack, so this process (which also runs the readers) is not busy then.
+        ping = json.dumps(["1", "2", "room:h", "ping", {"blob": "x" * int(args.reply_mb * 1_000_000)}]).encode()
 
         def attack() -> None:
-            blob = "x" * int(args.reply_mb * 1_000_000)
+            attack_started.append(time.monotonic())
             for i in range(args.hostile):
                 sock = ws_connect(port, f"hostile{i}", rcvbuf=4096)
                 send_frame(sock, 1, json.dumps(["1", "1", "room:h", "phx_join", {}]).encode())
-                send_frame(sock, 1, json.dumps(["1", "2", "room:h", "ping", {"blob": blob}]).encode())
+                send_frame(sock, 1, ping)
                 hostile.append(sock)
+            hostile_ready.append(time.monotonic() - attack_started[0])
             while True:
                 gevent.sleep(1.0)
                 for sock in hostile:
@@ -192,7 +199,7 @@ def main() -> None:
                     except OSError:
                         pass
 
-        gevent.spawn(broadcaster)
+        pumper = gevent.spawn(broadcaster)
         t0 = time.monotonic()
         attacker = None
         last = [0] * len(readers)
@@ -213,7 +220,7 @@ def main() -> None:
             conns = st.get("connections")
             open_hostile = "-" if conns is None else max(0, conns - args.readers)
             if conns is not None and attacker is not None and open_hostile == 0 and not hostile_closed_at:
-                hostile_closed_at.append(second - args.calm)
+                hostile_closed_at.append(time.monotonic() - attack_started[0])
             queued = st.get("queued")
             print(
                 f"{second:4d}  {'calm' if attacker is None else 'attack':7s}"
@@ -224,6 +231,11 @@ def main() -> None:
             )
             last_sent, last_refused = sent, refused
             second += 1
+        pumper.kill()
+        if attacker is not None:
+            attacker.kill()
+        if hostile_ready:
+            print(f"the {args.hostile} hostile replies were queued {hostile_ready[0]:.1f} s after the attack began")
         if hostile_closed_at:
             print(f"hostile connections all gone {hostile_closed_at[0]:.0f} s after the attack began (+-1 s)")
         else:
