@@ -167,7 +167,7 @@ class Connection:
         Waits (see :meth:`wait_room`) while the connection's output is above its soft cap.
         """
         data = self.serializer.encode_reply(join_ref, ref, topic, status, response)
-        if getattr(self.writer, "qbytes", 0) > flow.connection_limit:
+        if getattr(self.writer, "qbytes", 0) > flow.connection_limit or flow.queued > flow.high_water:
             self.wait_room()
         self.transport.send(data)
 
@@ -177,7 +177,7 @@ class Connection:
         Waits (see :meth:`wait_room`) while the connection's output is above its soft cap.
         """
         data = self.serializer.encode_push(join_ref, topic, event, payload)
-        if getattr(self.writer, "qbytes", 0) > flow.connection_limit:
+        if getattr(self.writer, "qbytes", 0) > flow.connection_limit or flow.queued > flow.high_water:
             self.wait_room()
         self.transport.send(data)
 
@@ -193,23 +193,34 @@ class Connection:
         self._errlog.log(log, logging.ERROR, msg, *args, exc_info=True)
 
     def wait_room(self) -> None:
-        """Wait until this connection's queued output is back under ``max_connection_queue_bytes``.
+        """Wait until this connection's queued output is back under ``max_connection_queue_bytes``
+        and the process's under ``max_queued_bytes``.
 
-        Replies and pushes obey the per-connection limit as broadcasts do: the
-        channel that produces them waits (its mailbox fills, then the reader
-        stops reading and TCP pushes back on the client) instead of queueing
-        up to the hard cap. Gives up after ``slow_client_timeout`` plus a
-        second (the drain timer has dropped a connection that drained nothing
-        by then). Returns at once in a hub callback, where nothing may wait.
+        Replies and pushes obey the limits broadcasts do: the channel that
+        produces them waits (its mailbox fills, then the reader stops reading
+        and TCP pushes back on the client) instead of queueing up to the hard
+        cap. Gives up (and the message is queued) after ``slow_client_timeout``
+        plus a second for the connection's own limit (the drain timer has
+        dropped a connection that drained nothing by then), after
+        ``broadcast_timeout`` for the process's. Never raises; returns at once
+        in a hub callback, where nothing may wait.
         """
         writer = self.writer
         if gevent.getcurrent() is gevent.get_hub():
             return
-        deadline = time.monotonic() + flow.slow_timeout + 1.0
-        while writer.qbytes > flow.connection_limit and time.monotonic() < deadline:
+        now = time.monotonic()
+        own_deadline = now + flow.slow_timeout + 1.0
+        process_deadline = now + flow.timeout
+        while True:
             if getattr(writer, "state", 0) or getattr(writer, "closed", False):
                 return
-            gevent.sleep(0.02)
+            now = time.monotonic()
+            if getattr(writer, "qbytes", 0) > flow.connection_limit and now < own_deadline:
+                gevent.sleep(0.02)
+            elif flow.queued > flow.high_water and now < process_deadline:
+                gevent.sleep(0.02)
+            else:
+                return
 
     def send_control(self, join_ref: Any, topic: str, event: str) -> None:
         """Queue ``phx_close`` or ``phx_error`` for a channel."""

@@ -617,3 +617,21 @@ def test_the_flusher_survives_a_failing_writer(restore_flow):
     wait_until(lambda: good.raw.sent == b"twothree", timeout=5, what="the next burst flushed")
     assert bad.state == 2  # CLOSED: only the broken connection paid
     assert supervise.counters.get("writer flusher", {}).get("failures", 0) == before
+
+
+def test_replies_wait_while_the_process_is_over_its_high_water_mark(server, restore_flow):
+    restore_flow.configure(broadcast_timeout=30)
+    srv = server()
+    ws = RawWS(srv.port)
+    join(ws)
+    over = flow.high_water + 1
+    flow.queued += over  # as if other connections held more than the high-water mark
+    try:
+        ws.send_json(["1", "7", "room:1", "echo", {"n": 7}])
+        ws.sock.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            ws.recv_frame()  # the reply waits, as a broadcast would
+    finally:
+        flow.release(over)
+    ws.sock.settimeout(5)
+    assert ws.recv_until(lambda m: m[1] == "7")[4]["response"] == {"n": 7}
