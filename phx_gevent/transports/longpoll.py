@@ -114,6 +114,8 @@ def _json(data: dict[str, Any]) -> Response:
 
 
 _log_unencodable = supervise.LogLimiter()
+# One line a minute for refusals a client can cause at will (rate, max_sessions).
+_log_refused = supervise.LogLimiter()
 
 
 def _encodable(messages: list[str]) -> list[str]:
@@ -631,7 +633,12 @@ class LongPoll:
         if not self._address_allowed(environ.get("REMOTE_ADDR") or ""):
             return _plain(429, "too many long-poll sessions from this address")
         if len(self.sessions) + self._creating >= self.max_sessions and not self._evict_unpolled():
-            log.warning("phx_gevent: refusing a long-poll session: max_sessions (%d) reached", self.max_sessions)
+            _log_refused.log(
+                log,
+                logging.WARNING,
+                "phx_gevent: refusing a long-poll session: max_sessions (%d) reached",
+                self.max_sessions,
+            )
             return _plain(503, "too many long-poll sessions")
         serializer = negotiate(params.get("vsn"))
         if serializer is None:
@@ -683,12 +690,17 @@ class LongPoll:
                 burst = self.address_burst
                 for key in [k for k, (t, at) in self._buckets.items() if t + (now - at) * rate >= burst]:
                     del self._buckets[key]
+                if len(self._buckets) >= _MAX_BUCKETS:
+                    # Too many distinct addresses at once: memory first, start over.
+                    self._buckets.clear()
             bucket = self._buckets[address] = [self.address_burst, now]
         tokens = min(self.address_burst, bucket[0] + (now - bucket[1]) * rate)
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
-            log.warning("phx_gevent: refused a long-poll session: address %s creates them too fast", address)
+            _log_refused.log(
+                log, logging.WARNING, "phx_gevent: refused long-poll sessions: an address creates them too fast"
+            )
             return False
         bucket[0] = tokens - 1.0
         return True
