@@ -37,6 +37,13 @@ pub/sub keeps nothing. An envelope whose PUBLISH was written but not
 acknowledged when the connection broke is sent again: rarely (Redis had
 processed it), subscribers see it twice.
 
+A process that ends does not lose what is queued in silence:
+:meth:`RedisAdapter.stop` (``Endpoint.close()``, the gunicorn worker at
+shutdown, and interpreter exit for an adapter still running) sends it first,
+for at most ``close_timeout`` seconds, and logs how many it had to drop.
+Processes that do not serve use :class:`phx_gevent.Emitter` instead, whose
+calls return only once Redis accepted the message.
+
 The adapter needs gevent's monkey-patching (the app's first line, or the
 gunicorn worker); the library never patches. Protect Redis itself (network,
 password, ACL): a client that can publish on the prefix's channels can make
@@ -46,6 +53,7 @@ JSON, see :mod:`phx_gevent.pubsub.codec`).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -55,11 +63,13 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gevent
 from gevent.event import Event
 
+from .. import supervise, telemetry
 from ..errors import BroadcastTimeout
 from ..flow import flow
 from . import codec
@@ -135,6 +145,30 @@ class _Throttle:
         return n
 
 
+#: Adapters started in this process (flushed at interpreter exit).
+_started: weakref.WeakSet[RedisAdapter] = weakref.WeakSet()
+_exit_hook = False
+
+
+def _register_exit_flush(adapter: RedisAdapter) -> None:
+    global _exit_hook
+    _started.add(adapter)
+    if not _exit_hook:
+        _exit_hook = True
+        atexit.register(_flush_at_exit)
+
+
+def _flush_at_exit() -> None:
+    # A script that broadcast and exits: what is queued goes to Redis before the
+    # interpreter ends (bounded by each adapter's close_timeout), or is logged as dropped.
+    for adapter in list(_started):
+        if adapter._running and adapter._owner_pid == os.getpid():
+            try:
+                adapter.stop()
+            except Exception:
+                log.exception("phx_gevent: flushing %r at exit failed", adapter)
+
+
 def _after_fork(ref: weakref.ref[RedisAdapter]) -> None:
     adapter = ref()
     if adapter is not None:
@@ -179,6 +213,9 @@ class RedisAdapter(Adapter):
         ``(first, max)`` reconnection delays in seconds.
     ``batch_size``
         Envelopes per pipelined batch.
+    ``close_timeout``
+        Seconds :meth:`stop` (``Endpoint.close()``, and interpreter exit)
+        keeps sending what is queued before it drops the rest.
     Other keyword arguments go to redis-py's connection (``password``,
     ``ssl_ca_certs``, ...). The RESP2 protocol is always used.
     """
@@ -203,6 +240,7 @@ class RedisAdapter(Adapter):
         health_check_interval: float = 5.0,
         backoff: tuple[float, float] = (0.1, 2.0),
         batch_size: int = 256,
+        close_timeout: float = 5.0,
         **redis_kwargs: Any,
     ) -> None:
         if redis is None:  # pragma: no cover
@@ -239,6 +277,7 @@ class RedisAdapter(Adapter):
         self.health_check_interval = float(health_check_interval)
         self.backoff = (float(backoff[0]), float(backoff[1]))
         self.batch_size = int(batch_size)
+        self.close_timeout = float(close_timeout)
         #: Called with the plain message of a history broadcast that could not be
         #: appended (Redis down, refused, dropped): the local layer delivers it
         #: without an offset. Set by the PubSub.
@@ -258,6 +297,8 @@ class RedisAdapter(Adapter):
         self._pub_conn: Any = None
         self._sub_conn: Any = None
         self._stale: list[Any] = []
+        self._ping_conn: Any = None
+        self._ping_pid = 0
         self._owner_pid = os.getpid()
         self._reset_state()
         os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
@@ -295,6 +336,7 @@ class RedisAdapter(Adapter):
         self._pub_down_since: float | None = None
         self._sub_down_since: float | None = None
         self._in_outage = False
+        self._outage_began = 0.0
         self._subscribers_seen = 0
         self._counters: dict[str, int] = dict.fromkeys(
             (
@@ -310,6 +352,8 @@ class RedisAdapter(Adapter):
                 "receive_dropped",
                 "overload_dropped",
                 "invalid",
+                "delivery_errors",
+                "restarts",
                 "outages",
                 "reconnects",
             ),
@@ -322,6 +366,7 @@ class RedisAdapter(Adapter):
         self._log_drop_in = _Throttle(10.0)
         self._log_overload = _Throttle(10.0)
         self._log_invalid = _Throttle(10.0)
+        self._log_delivery = supervise.LogLimiter(10.0)
         self._log_pub_retry = _Throttle(30.0)
         self._log_sub_retry = _Throttle(30.0)
 
@@ -366,12 +411,24 @@ class RedisAdapter(Adapter):
         self._stop = Event()
         self._pub_conn = self._connection("pub")
         self._sub_conn = self._connection("sub")
+        _register_exit_flush(self)
+        # Supervised: a greenlet that dies anyway (a bug) is restarted and
+        # counted (``stats()["restarts"]``), never left dead behind a
+        # "connected" adapter.
+        alive = partial(self._alive, gen)
         self._greenlets = [
-            gevent.spawn(self._run_publisher, gen),
-            gevent.spawn(self._run_listener, gen),
-            gevent.spawn(self._run_delivery, gen),
+            supervise.spawn("Redis publisher", self._supervised, self._run_publisher, gen, alive=alive),
+            supervise.spawn("Redis listener", self._supervised, self._run_listener, gen, alive=alive),
+            supervise.spawn("Redis delivery", self._supervised, self._run_delivery, gen, alive=alive),
         ]
         log.debug("phx_gevent: Redis adapter %r started", self)
+
+    def _supervised(self, run: Callable[[int], None], gen: int) -> None:
+        try:
+            run(gen)
+        except Exception:
+            self._counters["restarts"] += 1
+            raise
 
     def ensure_started(self) -> None:
         """Restart in a forked child an adapter that was started in its parent."""
@@ -484,17 +541,28 @@ class RedisAdapter(Adapter):
         sha = conn.read_response()
         self._append_sha = sha if isinstance(sha, bytes) else str(sha).encode()
 
-    def stop(self, timeout: float = 1.0) -> None:
-        """Send what is queued (at most ``timeout`` seconds, while connected), then disconnect."""
+    def stop(self, timeout: float | None = None) -> int:
+        """Send what is queued, for at most ``timeout`` seconds, then disconnect; returns how many were dropped.
+
+        ``timeout`` defaults to ``close_timeout``. It stops waiting early
+        once the publisher found Redis unreachable (no point waiting for a
+        reconnection at exit). What is still queued then is dropped, counted
+        (``publish_dropped``) and logged as a warning. Called by
+        ``Endpoint.close()``, by the gunicorn worker at shutdown, and at
+        interpreter exit for an adapter still running.
+        """
         if not self._running:
-            return
+            return 0
+        if timeout is None:
+            timeout = self.close_timeout
         deadline = _monotonic() + timeout
         current = gevent.getcurrent()
-        while (self._outbox or self._inflight) and self._pub_down_since is None and _monotonic() < deadline:
-            if current in self._greenlets:
-                break
-            self._space.clear()
-            self._space.wait(max(0.0, min(0.1, deadline - _monotonic())))
+        if current not in self._greenlets:
+            while (self._outbox or self._inflight) and self._pub_down_since is None and _monotonic() < deadline:
+                # Waiting on a gevent event lets the publisher run, even in a process that never
+                # yields otherwise (a script at exit).
+                self._space.clear()
+                self._space.wait(max(0.0, min(0.1, deadline - _monotonic())))
         self._running = False
         self._gen += 1
         self._stop.set()
@@ -510,12 +578,38 @@ class RedisAdapter(Adapter):
         lost = len(self._outbox) + len(self._inflight)
         if lost:
             self._counters["publish_dropped"] += lost
-            log.warning("phx_gevent: Redis adapter stopped with %d envelopes not forwarded", lost)
+            log.warning(
+                "phx_gevent: Redis adapter stopped with %d envelope(s) not forwarded to other nodes "
+                "(Redis %s %s within %.1fs)",
+                lost,
+                self._where,
+                "unreachable" if self._pub_down_since is not None else "too slow",
+                timeout,
+            )
         self._outbox.clear()
         self._inflight.clear()
         self._pending_bytes = 0
         self._inbox.clear()
         self._inbox_bytes = 0
+        return lost
+
+    def ping(self) -> float | None:
+        """Seconds one ``PING`` takes to Redis on a connection of its own; ``None`` when it fails.
+
+        Blocks the calling greenlet up to ``socket_timeout`` (the dashboard
+        runs it in a greenlet of its own). Never raises for a Redis problem.
+        """
+        if self._ping_conn is None or self._ping_pid != os.getpid():
+            self._ping_conn, self._ping_pid = self._connection("ping"), os.getpid()
+        conn = self._ping_conn
+        try:
+            start = _monotonic()
+            conn.send_command("PING", check_health=False)
+            conn.read_response()
+            return _monotonic() - start
+        except _CONN_ERRORS:
+            conn.disconnect()
+            return None
 
     @property
     def connected(self) -> bool:
@@ -703,11 +797,18 @@ class RedisAdapter(Adapter):
         # One outage = from the first side that loses Redis until both are back.
         if not self._in_outage:
             self._in_outage = True
+            self._outage_began = _monotonic()
             self._counters["outages"] += 1
+            if telemetry.pubsub_down.receivers:
+                meta = {"node": self.node_name, "adapter": repr(self), "reason": self._last_error}
+                telemetry.emit(telemetry.pubsub_down, self, {}, meta)
 
     def _outage_over(self) -> None:
         if self._in_outage and self._pub_down_since is None and self._sub_down_since is None:
             self._in_outage = False
+            if telemetry.pubsub_up.receivers:
+                took = {"duration": _monotonic() - self._outage_began}
+                telemetry.emit(telemetry.pubsub_up, self, took, {"node": self.node_name, "adapter": repr(self)})
 
     def _run_publisher(self, gen: int) -> None:
         conn = self._pub_conn
@@ -751,7 +852,7 @@ class RedisAdapter(Adapter):
                 self._stop.wait(backoff.next())
             except Exception:
                 # A bug must not end the only publish path: log, pause, go on.
-                log.exception("phx_gevent: Redis publisher failed")
+                supervise.failed("Redis publisher")
                 conn.disconnect()
                 self._requeue()
                 self._stop.wait(backoff.next())
@@ -896,7 +997,7 @@ class RedisAdapter(Adapter):
                 self._sub_failed(exc)
                 self._stop.wait(backoff.next())
             except Exception:
-                log.exception("phx_gevent: Redis listener failed")
+                supervise.failed("Redis listener")
                 conn.disconnect()
                 self._stop.wait(backoff.next())
 
@@ -984,7 +1085,8 @@ class RedisAdapter(Adapter):
                 continue
             try:
                 envelope = codec.decode(data)
-            except codec.EnvelopeError as exc:
+            except Exception as exc:
+                # Whatever the data does to the decoder, the next envelope is delivered.
                 counters["invalid"] += 1
                 if self._log_invalid.ready() is not None:
                     log.warning("phx_gevent: ignored an invalid message from Redis: %s", exc)
@@ -1014,7 +1116,14 @@ class RedisAdapter(Adapter):
                 try:
                     receive(envelope)
                 except Exception:
-                    log.exception("phx_gevent: delivering an envelope from node %r failed", envelope["n"])
+                    counters["delivery_errors"] += 1
+                    self._log_delivery.log(
+                        log,
+                        logging.ERROR,
+                        "phx_gevent: delivering an envelope from node %r failed",
+                        envelope["n"],
+                        exc_info=True,
+                    )
             since_yield += 1
             if since_yield >= 64:
                 # A burst from Redis must not starve requests and writers.
