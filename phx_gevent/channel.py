@@ -159,6 +159,7 @@ def socket_ref(socket: SocketState) -> SocketRef:
         raise ChannelError("socket_ref is only available after the join")
     if socket.ref is None:
         raise ChannelError("socket_ref needs a message with a ref (use it inside handle_in)")
+    assert socket.topic is not None  # joined
     return SocketRef(socket.private, socket.topic, socket.join_ref, socket.ref)
 
 

@@ -129,7 +129,7 @@ class Partition:
         elif fn is not None:
             self.pool.spawn(self._work, fn, args)
 
-    def _work(self, fn: Any, args: tuple[Any, ...]) -> None:
+    def _work(self, fn: Any, args: Any) -> None:
         me = gevent.getcurrent()
         park = me.parent.switch
         idle = self.idle

@@ -117,7 +117,7 @@ class Connection:
         if reason is None:
             reason = self.close_reason
         self.mount.connections.discard(self)
-        if self._id_sub is not None:
+        if self._id_sub is not None and self.socket.id is not None:
             self.mount.pubsub.unsubscribe(self.socket.id, self._id_sub)
             self._id_sub = None
         channels = list(self.channels.values())

@@ -358,15 +358,23 @@ class Endpoint:
         # Werkzeug lets WebSocket rules take only GET/HEAD/OPTIONS; the plain
         # twin of the rule takes every other method and answers 400.
         methods = ["GET", "HEAD", "OPTIONS"] if websocket else _ALL_METHODS
-        options = {"methods": methods, "websocket": websocket, "provide_automatic_options": False}
         self._paths.append(rule)
         if not self.apps:
-            self.blueprint.add_url_rule(rule, name, view, **options)
+            self.blueprint.add_url_rule(
+                rule, name, view, methods=methods, websocket=websocket, provide_automatic_options=False
+            )
             return
         # The blueprint is already registered: Flask forbids adding to it, so
         # the rule goes on each app under the blueprint's endpoint name.
         for app in self.apps:
-            app.add_url_rule(rule, f"{self.blueprint.name}.{name}", view, **options)
+            app.add_url_rule(
+                rule,
+                f"{self.blueprint.name}.{name}",
+                view,
+                methods=methods,
+                websocket=websocket,
+                provide_automatic_options=False,
+            )
 
     # -- broadcasting -------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ client: keys and metas are what the server's code passes.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import secrets
@@ -368,7 +369,7 @@ class Presence:
                 merged.setdefault(key, []).extend(metas.values())
         return self.fetch(topic, {key: {"metas": metas} for key, metas in merged.items()})
 
-    def get_by_key(self, topic_or_socket: str | SocketState, key: str) -> dict[str, list[dict[str, Any]]]:
+    def get_by_key(self, topic_or_socket: str | SocketState, key: str) -> dict[str, builtins.list[dict[str, Any]]]:
         """``{"metas": [...]}`` of ``key`` on the topic, or ``{}`` when it is not present."""
         return self.list(topic_or_socket).get(key, {})
 
@@ -526,8 +527,10 @@ class Presence:
 
     def _remote(self, event: str, payload: dict[str, Any]) -> None:
         name = payload.get("n")
+        if not isinstance(name, str):
+            return
         if event == "down":
-            peer = self._nodes.pop(name, None) if isinstance(name, str) else None
+            peer = self._nodes.pop(name, None)
             if peer is not None:
                 self._drop(peer)
             return

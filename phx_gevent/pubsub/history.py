@@ -569,12 +569,12 @@ class RedisHistory:
         state = self._rounds.get(key)
         if state is None:
             state = self._rounds[key] = _Round()
-        rnd = state.next
-        if rnd is not None:
+        pending = state.next
+        if pending is not None:
             self.stats["coalesced"] += 1
             if parsed is not None:
                 state.low = min(state.low, parsed[1])
-            return _answer(rnd.get(), parsed, last, config)
+            return _answer(pending.get(), parsed, last, config)
         rnd = state.next = AsyncResult()
         state.low = parsed[1] if parsed is not None else 0
         raw = None
@@ -614,7 +614,7 @@ class RedisHistory:
             meta, stream = history_keys(self.prefix, topic)
             if low is None:
                 n = max(0, min(int(last or 0), MAX_LAST, config.size))
-                args = ["", n, int(config.ttl * 1000), config.max_replay]
+                args: list[str | int] = ["", n, int(config.ttl * 1000), config.max_replay]
             else:
                 args = [low, 0, int(config.ttl * 1000), config.max_replay]
             return decode_raw(self._fetch(keys=[meta, stream], args=args), config)

@@ -281,8 +281,8 @@ class RedisAdapter(Adapter):
         # Our own history messages come back (the script publishes them): keep those.
         self._echo_history = self._echo + b'{"o":"'
         # Outgoing: (queued at, channel, data); in flight = written, not yet acknowledged.
-        self._outbox: deque[tuple[float, bytes, bytes]] = deque()
-        self._inflight: deque[tuple[float, bytes, bytes]] = deque()
+        self._outbox: deque[tuple[float, bytes | _HistoryCmd, bytes]] = deque()
+        self._inflight: deque[tuple[float, bytes | _HistoryCmd, bytes]] = deque()
         self._pending_bytes = 0
         self._next_direct_scan = 0.0
         self._out_event = Event()
@@ -430,7 +430,7 @@ class RedisAdapter(Adapter):
             if not self._make_room(size):
                 self.history_gap(topic, config)
                 return False
-        self._outbox.append((_monotonic(), _HistoryCmd(args, topic, config), plain))  # type: ignore[arg-type]
+        self._outbox.append((_monotonic(), _HistoryCmd(args, topic, config), plain))
         self._pending_bytes += size
         self._out_event.set()
         return True
@@ -441,7 +441,7 @@ class RedisAdapter(Adapter):
         for key in list(kwargs):
             if key.startswith(("maint_notifications", "oss_cluster_maint")):
                 del kwargs[key]
-        return redis.BlockingConnectionPool(
+        return redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
             connection_class=self._pool.connection_class, max_connections=max_connections, timeout=timeout, **kwargs
         )
 
@@ -826,7 +826,9 @@ class RedisAdapter(Adapter):
             conn.send_packed_command(
                 conn.pack_commands(
                     [
-                        (b"PUBLISH", channel, data) if type(channel) is bytes else (b"EVALSHA", sha, 2, *channel.args)
+                        (b"PUBLISH", channel, data)
+                        if isinstance(channel, bytes)
+                        else (b"EVALSHA", sha, 2, *channel.args)
                         for _, channel, data in inflight
                     ]
                 ),

@@ -131,14 +131,14 @@ class LongPollEncoder(FastlaneEncoder):
     def broadcast(self, topic: str, event: str, payload: Any) -> str | None:
         """The frame every long-poll subscriber gets; ``None`` (skip them) for a binary payload."""
         data = self.serializer.encode_broadcast(topic, event, payload)
-        if type(data) is str:
+        if isinstance(data, str):
             return data
         _binary_log.skipped_one("broadcast")
         return None
 
     def wrap(self, data: str | bytes) -> str | None:
         """The text frame; ``None`` (skip) for binary data."""
-        if type(data) is str:
+        if isinstance(data, str):
             return data
         _binary_log.skipped_one("broadcast")
         return None
@@ -202,7 +202,7 @@ class LongPollSession:
 
     def send(self, data: str | bytes) -> None:
         """Queue one encoded message; binary ones cannot reach a long-poll client (see module doc)."""
-        if type(data) is str:
+        if isinstance(data, str):
             self.write(data)
             return
         data = bytes(data)
@@ -218,7 +218,9 @@ class LongPollSession:
             p += rl
             topic = data[p : p + tl].decode("utf-8")
             log.info("phx_gevent: binary reply on %r replaced by an error reply for a long-poll client", topic)
-            self.write(self.conn.serializer.encode_reply(join_ref, ref, topic, "error", BINARY_REFUSED))
+            refusal = self.conn.serializer.encode_reply(join_ref, ref, topic, "error", BINARY_REFUSED)
+            if isinstance(refusal, str):  # a JSON payload always encodes to text
+                self.write(refusal)
         else:
             _binary_log.skipped_one("push")
 
@@ -541,7 +543,7 @@ class LongPoll:
         socket = mount.new_socket("longpoll", serializer)
         self._creating += 1
         try:
-            result = mount.handler.connect(params, socket, info)
+            result: object = mount.handler.connect(params, socket, info)
         finally:
             self._creating -= 1
         if result is None or result is False:
@@ -611,7 +613,7 @@ class LongPoll:
         node, sid = owner
         if node == self.mount.endpoint.node_name:
             session = self.sessions.get(sid)
-            status = GONE if session is None else session.publish(lines, ndjson, self.window)
+            status: Any = GONE if session is None else session.publish(lines, ndjson, self.window)
         else:
             answer = self._ask(
                 node, {"op": "post", "sid": sid, "lines": lines, "ndjson": ndjson}, self.window * max(1, len(lines))
@@ -628,7 +630,7 @@ class LongPoll:
     def _read_body(self) -> bytes | None:
         # Read in bounded chunks (chunked uploads have no Content-Length); None past the limit.
         stream = request.stream
-        chunks = []
+        chunks: list[bytes] = []
         size = 0
         while True:
             chunk = stream.read(65536)
@@ -664,7 +666,8 @@ class LongPoll:
         if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN:
             return None
         try:
-            data = self._serializer().loads(token, max_age=self.max_age)
+            # itsdangerous annotates max_age as int but only compares it: fractions of a second work.
+            data = self._serializer().loads(token, max_age=self.max_age)  # type: ignore[arg-type]
         except BadData:
             return None
         if not isinstance(data, dict):

@@ -129,12 +129,12 @@ class WebSocketEncoder(FastlaneEncoder):
 
     def broadcast(self, topic: str, event: str, payload: Any) -> bytes:
         data = self.serializer.encode_broadcast(topic, event, payload)
-        if type(data) is str:
+        if isinstance(data, str):
             return text_frame(data)
         return frame(OP_BINARY, data)
 
     def wrap(self, data: str | bytes) -> bytes:
-        if type(data) is str:
+        if isinstance(data, str):
             return text_frame(data)
         return frame(OP_BINARY, data)
 
@@ -153,7 +153,7 @@ class DeflateWebSocketEncoder(FastlaneEncoder):
 
 
 def _deflate_message(data: str | bytes) -> bytes:
-    if type(data) is str:
+    if isinstance(data, str):
         raw = data.encode("utf-8")
         op = OP_TEXT
     else:
@@ -232,7 +232,7 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
     extra = {"auth_token": token} if mount.auth_token else None
     info = mount.build_connect_info(environ, params, mount.connect_info, extra)
     socket = mount.new_socket("websocket", serializer)
-    result = mount.handler.connect(params, socket, info)
+    result: object = mount.handler.connect(params, socket, info)
     if result is None or result is False:
         mount.log("refused", "websocket", params)
         return _empty(403)
@@ -280,6 +280,7 @@ def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflat
         wsgi_input = getattr(wsgi_handler, "wsgi_input", None)
         if wsgi_input is not None:
             wsgi_input.rfile = None
+    assert mount.websocket is not None  # the view is only routed when the mount has WebSocket options
     transport = WebSocketTransport(sock, mount.websocket, serializer, leftover, deflate)
     conn = Connection(mount, socket, serializer, transport)
     transport.conn = conn
@@ -399,7 +400,7 @@ class WebSocketTransport:
         """Queue one encoded message as a text (``str``) or binary (``bytes``) frame."""
         if self.deflate:
             self.writer.write(_deflate_message(data))
-        elif type(data) is str:
+        elif isinstance(data, str):
             self.writer.write(text_frame(data))
         else:
             self.writer.write(frame(OP_BINARY, data))

@@ -194,7 +194,7 @@ class Writer:
 
     # -- queueing -------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Queue one ready frame; it goes out with whatever else is queued, in order.
 
         Never blocks and never switches greenlets. Frames written after
@@ -446,7 +446,7 @@ class GreenletWriter(Writer):
         super().__init__(sock, encoder, on_abort)
         self._greenlet: Any = None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.state:
             return
         if not self.queue:
