@@ -168,7 +168,9 @@ def reply(ref: SocketRef, result: Reply | str) -> None:
 
     ``result`` is ``ok(...)``, ``error(...)``, a :class:`Reply`, or a bare
     status string (response ``{}``). Safe from any greenlet. Raises
-    ``TypeError`` when the response cannot be encoded; nothing is sent then.
+    ``TypeError`` for any other ``result`` or a response JSON cannot hold
+    (bytes inside it), :class:`~phx_gevent.serializers.EncodeError` when the
+    binary layout cannot carry it (a field over 255 bytes); nothing is sent then.
     """
     if isinstance(result, str):
         result = Reply(result, {})
@@ -191,8 +193,11 @@ def _require_joined(socket: SocketState, what: str) -> None:
 def push(socket: SocketState, event: str, payload: Any) -> None:
     """Send ``event`` with ``payload`` (a dict, or bytes for a binary frame) to this client.
 
-    Raises :class:`~phx_gevent.errors.ChannelError` inside ``join`` and
-    ``TypeError`` for a payload that cannot be encoded.
+    Raises :class:`~phx_gevent.errors.ChannelError` inside ``join``,
+    ``TypeError`` for an event that is not a string,
+    :class:`~phx_gevent.serializers.EncodeError` (a ``ValueError``) for a
+    payload that is neither a dict nor bytes, and ``TypeError``/``OverflowError``
+    for values inside it that JSON cannot hold (bytes, NaN); nothing is sent then.
     """
     _require_joined(socket, "push")
     if not isinstance(event, str):

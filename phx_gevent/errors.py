@@ -6,7 +6,13 @@ __all__ = ["PhxError", "BroadcastTimeout", "ChannelError", "CallbackReturnError"
 
 
 class PhxError(Exception):
-    """Base class of every phx_gevent exception."""
+    """Base class of every phx_gevent exception.
+
+    Those that are also ``ValueError``, ``TypeError`` or ``AssertionError``
+    (:class:`~phx_gevent.serializers.EncodeError`, :class:`CallbackReturnError`,
+    :class:`~phx_gevent.testing.ConnectRefused`, ...) keep that base too, so
+    ``except ValueError`` in applications still catches them.
+    """
 
 
 class BroadcastTimeout(PhxError):

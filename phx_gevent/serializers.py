@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import ujson
 
+from .errors import PhxError
+
 __all__ = [
     "FastlaneEncoder",
     "DecodeError",
@@ -30,11 +32,11 @@ __all__ = [
 ]
 
 
-class DecodeError(ValueError):
+class DecodeError(PhxError, ValueError):
     """A client frame could not be decoded (the connection closes with 1011)."""
 
 
-class EncodeError(ValueError):
+class EncodeError(PhxError, ValueError):
     """A server message cannot be put on the wire (wrong payload type, oversize field)."""
 
 

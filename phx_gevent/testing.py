@@ -30,6 +30,7 @@ from gevent.event import Event
 from .channel import Reply
 from .connection import Connection
 from .endpoint import Endpoint, SocketMount
+from .errors import PhxError
 from .serializers import V2, FastlaneEncoder, Message, Serializer, negotiate
 from .socket import SocketState
 
@@ -38,7 +39,7 @@ __all__ = ["ChannelTest", "TestClient", "TestChannel", "MemoryTransport", "Conne
 _MISSING = object()
 
 
-class ConnectRefused(AssertionError):
+class ConnectRefused(PhxError, AssertionError):
     """``connect`` refused the connection (the handshake would have been a 403)."""
 
 

@@ -36,6 +36,8 @@ from typing import Any
 
 import ujson
 
+from ..errors import PhxError
+
 __all__ = ["MAGIC", "EnvelopeError", "decode", "encode", "echo_prefix"]
 
 #: The first bytes of every message; a future format gets a new tag.
@@ -45,7 +47,7 @@ _B64_TAG = "$phx:b64"
 _BINARY = (bytes, bytearray, memoryview)
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(PhxError, ValueError):
     """A message from the bus is not an envelope this version understands."""
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import struct
 import zlib
 
+from ..errors import PhxError
+
 __all__ = [
     "OP_CONT",
     "OP_TEXT",
@@ -61,7 +63,7 @@ _pack_short = struct.Struct("!BBH").pack
 _pack_long = struct.Struct("!BBQ").pack
 
 
-class ProtocolError(Exception):
+class ProtocolError(PhxError):
     """The peer broke RFC 6455; ``code`` is the close code to answer with."""
 
     def __init__(self, code: int, reason: str) -> None:

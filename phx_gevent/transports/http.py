@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
+from ..errors import PhxError
+
 __all__ = [
     "URI",
     "parse_params",
@@ -91,7 +93,7 @@ class URI(NamedTuple):
     query: str
 
 
-class ParamsError(ValueError):
+class ParamsError(PhxError, ValueError):
     """The query string is too big or too deep."""
 
 
