@@ -17,13 +17,15 @@ from typing import Any
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
+from . import options
 from .channel_server import ChannelProcess, Partitions
 from .flow import flow
+from .options import DrainerOptions, LongPollOptions, WebSocketOptions
 from .pubsub import Adapter, PubSub
 from .serializers import Serializer
 from .socket import Socket, SocketState
 from .transports import http as phx_http
-from .transports.websocket import WebSocketOptions, handshake
+from .transports.websocket import handshake
 
 __all__ = ["Endpoint", "SocketMount"]
 
@@ -72,14 +74,14 @@ class SocketMount:
         handler: Socket,
         *,
         websocket: WebSocketOptions | None,
-        longpoll: Mapping[str, Any] | None,
+        longpoll: LongPollOptions | None,
         auth_token: bool,
         check_origin: Any,
         connect_info: list[Any],
         log_level: int | None,
         partitions: int | None,
         join_timeout: float | None,
-        drainer: Mapping[str, Any] | None,
+        drainer: DrainerOptions | None,
         check_csrf: bool = True,
         csrf_token_key: str = "_csrf_token",
     ) -> None:
@@ -256,23 +258,24 @@ class Endpoint:
         path: str,
         handler: type[Socket] | Socket,
         *,
-        websocket: bool | Mapping[str, Any] = True,
-        longpoll: bool | Mapping[str, Any] = False,
+        websocket: bool | Mapping[str, Any] | WebSocketOptions = True,
+        longpoll: bool | Mapping[str, Any] | LongPollOptions = False,
         auth_token: bool = False,
         check_origin: Any = None,
         connect_info: Iterable[Any] = (),
         log: str | int | bool = "info",
         partitions: int | None = None,
         join_timeout: float | None = 10.0,
-        drainer: bool | Mapping[str, Any] = True,
+        drainer: bool | Mapping[str, Any] | DrainerOptions = True,
         check_csrf: bool = True,
         csrf_token_key: str = "_csrf_token",
     ) -> SocketMount:
         """Mount a socket handler at ``path`` (``<path>/websocket``, ``<path>/longpoll``).
 
-        ``websocket``: ``True``, ``False`` or options (see
-        :class:`~phx_gevent.transports.websocket.WebSocketOptions`).
-        ``longpoll``: ``False`` (default), ``True`` or options.
+        ``websocket``: ``True``, ``False`` or options (a dict or
+        :class:`~phx_gevent.options.WebSocketOptions`).
+        ``longpoll``: ``False`` (default), ``True`` or options
+        (:class:`~phx_gevent.options.LongPollOptions`).
         ``auth_token``: expose phoenix.js's ``authToken`` as
         ``connect_info["auth_token"]``. ``check_origin``: overrides the
         endpoint's. ``connect_info``: keys to collect (``"peer_data"``,
@@ -286,9 +289,13 @@ class Endpoint:
         action logs, or ``False``.
         ``partitions``: channel pools (default: usable cores).
         ``join_timeout``: seconds a ``join`` may take. ``drainer``: ``False``
-        or ``{"batch_size", "batch_interval", "shutdown"}`` for shutdown drains.
+        or ``{"batch_size", "batch_interval", "shutdown"}`` for shutdown drains
+        (:class:`~phx_gevent.options.DrainerOptions`). Times are in seconds
+        (long-poll's ``*_ms`` in milliseconds, as in Phoenix).
 
-        Raises ``ValueError``/``TypeError`` for bad options.
+        Raises ``ValueError``/``TypeError`` for bad options: unknown option
+        names and implausible values (a time in milliseconds where seconds are
+        expected) raise :class:`~phx_gevent.options.ConfigurationError`, which is both.
         """
         if isinstance(handler, type):
             if not issubclass(handler, Socket):
@@ -299,26 +306,16 @@ class Endpoint:
         if not path.startswith("/"):
             raise ValueError(f"socket path must start with '/', got {path!r}")
         path = path.rstrip("/") or "/"
-        ws_opts = None
-        if websocket:
-            ws_opts = WebSocketOptions(**(websocket if isinstance(websocket, Mapping) else {}))
-        lp_opts = None
-        if longpoll:
-            lp_opts = dict(longpoll) if isinstance(longpoll, Mapping) else {}
-        keys = list(connect_info)
-        for key in keys:
-            if not isinstance(key, Mapping) and key not in phx_http.CONNECT_INFO_KEYS:
-                raise ValueError(f"unknown connect_info key {key!r}; known: {sorted(phx_http.CONNECT_INFO_KEYS)}")
+        ws_opts = options.parse(WebSocketOptions, websocket, "websocket")
+        lp_opts = options.parse(LongPollOptions, longpoll, "longpoll")
+        drain_opts = options.parse(DrainerOptions, drainer, "drainer")
+        join_timeout = options.check_seconds("join_timeout", join_timeout, optional=True)
+        keys = options.check_connect_info(connect_info)
         origin = self.check_origin if check_origin is None else self._compile_origin(check_origin)
         if origin is False and not check_csrf:
             raise ValueError("check_origin=False and check_csrf=False together leave the socket open to cross-site use")
         if not isinstance(csrf_token_key, str) or not csrf_token_key:
             raise ValueError(f"csrf_token_key must be a non-empty string, got {csrf_token_key!r}")
-        if drainer is True:
-            drainer = {}
-        drain_opts = (
-            None if drainer is False else {"batch_size": 10_000, "batch_interval": 2.0, "shutdown": 30.0, **drainer}
-        )
         mount = SocketMount(
             self,
             path,

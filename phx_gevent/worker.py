@@ -73,9 +73,9 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
             opts = mount.drainer
             if opts is None:
                 continue
-            size = max(1, int(opts["batch_size"]))
-            interval = float(opts["batch_interval"])
-            end = min(deadline, time.monotonic() + float(opts["shutdown"]))
+            size = max(1, int(opts.batch_size))
+            interval = float(opts.batch_interval)
+            end = min(deadline, time.monotonic() + float(opts.shutdown))
             done: set[int] = set()
             while time.monotonic() < end:
                 # Connections already told to close may linger for their close

@@ -55,3 +55,55 @@ def test_push_with_a_list_payload_raises_encode_error_as_documented():
 
     with pytest.raises(EncodeError):
         V2JSONSerializer().encode_push("1", "room:1", "e", [1, 2])
+
+
+# -- options: one shape, checked at socket() --------------------------------------------------
+
+
+class _S(phx_gevent.Socket):
+    def connect(self, params, socket, connect_info):
+        return socket
+
+
+@pytest.mark.parametrize("group", ["websocket", "longpoll", "drainer"])
+def test_unknown_option_names_are_refused_naming_the_known_ones(group):
+    from phx_gevent.options import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=rf"unknown {group} option\(s\) \['nope'\]; known: \["):
+        phx_gevent.Endpoint().socket("/s", _S, **{group: {"nope": 1}})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"websocket": {"timeout": 60_000}}, "websocket timeout is 60000 seconds.*milliseconds"),
+        ({"websocket": {"close_timeout": 5000}}, "websocket close_timeout is 5000 seconds.*milliseconds"),
+        ({"drainer": {"shutdown": 30_000}}, "drainer shutdown is 30000 seconds.*milliseconds"),
+        ({"drainer": {"batch_interval": 2000}}, "drainer batch_interval is 2000 seconds.*milliseconds"),
+        ({"join_timeout": 10_000}, "join_timeout is 10000 seconds.*milliseconds"),
+        ({"longpoll": {"window_ms": 10_000_000}}, "longpoll window_ms is 10000000 milliseconds"),
+        ({"longpoll": {"max_lines": 1.5}}, "longpoll max_lines must be a whole number of messages"),
+        ({"websocket": {"max_frame_size": 0}}, "websocket max_frame_size must be a positive number of bytes"),
+        ({"drainer": {"batch_size": "10"}}, "drainer batch_size must be a number of connections"),
+    ],
+)
+def test_implausible_values_are_refused_with_their_unit(kwargs, message):
+    from phx_gevent.options import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=message) as info:
+        phx_gevent.Endpoint().socket("/s", _S, **kwargs)
+    # Applications written against the older checks catch either builtin.
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+def test_the_mount_holds_typed_options_with_their_defaults():
+    from phx_gevent.options import DrainerOptions, LongPollOptions, WebSocketOptions
+
+    mount = phx_gevent.Endpoint().socket("/s", _S, longpoll=True, drainer={"batch_size": 5})
+    assert mount.websocket == WebSocketOptions() and mount.websocket.subprotocols == ["phoenix"]
+    assert mount.longpoll_options == LongPollOptions()
+    assert mount.drainer == DrainerOptions(batch_size=5)
+    off = phx_gevent.Endpoint().socket(
+        "/t", _S, websocket=False, longpoll=LongPollOptions(window_ms=500), drainer=False
+    )
+    assert off.websocket is None and off.drainer is None and off.longpoll.window == 0.5

@@ -34,7 +34,6 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -47,6 +46,7 @@ from ..channel import INACTIVE
 from ..connection import Connection
 from ..errors import CallbackReturnError
 from ..flow import flow
+from ..options import LongPollOptions, defaults
 from ..serializers import DecodeError, FastlaneEncoder, Message, Serializer, dumps, negotiate
 from ..socket import SocketState
 from . import http as phx_http
@@ -63,22 +63,9 @@ _monotonic = time.monotonic
 #: The error reply a long-poll client gets instead of a binary reply.
 BINARY_REFUSED = {"reason": "binary payloads are not supported over long-poll"}
 
-#: Options of ``endpoint.socket(..., longpoll={...})`` and their defaults.
-DEFAULTS: dict[str, Any] = {
-    "path": "/longpoll",
-    "window_ms": 10_000,
-    "pubsub_timeout_ms": 2_000,
-    "max_age": 1_209_600,
-    "max_sessions": 10_000,
-    "max_buffer_bytes": 4 * 1024 * 1024,
-    "max_body_bytes": 8 * 1024 * 1024,
-    "max_lines": 100,
-    "check_origin": None,
-    "connect_info": None,
-    "auth_token": None,
-}
+#: Options of ``endpoint.socket(..., longpoll={...})`` and their defaults (see :class:`LongPollOptions`).
+DEFAULTS: dict[str, Any] = defaults(LongPollOptions)
 
-_POSITIVE = ("window_ms", "pubsub_timeout_ms", "max_sessions", "max_buffer_bytes", "max_body_bytes", "max_lines")
 _HEADERS = {"Cache-Control": "no-store", "Access-Control-Allow-Origin": "*"}
 _TOKEN_HEADER = "X-Phoenix-Longpoll-Token"
 _MAX_TOKEN = 1024
@@ -407,73 +394,28 @@ class LongPollSession:
 class LongPoll:
     """The long-poll transport of one socket mount: ``<socket path>/longpoll``.
 
-    ``options`` (all optional; ``ValueError`` for unknown names or bad values):
-
-    ``path``
-        URL suffix, default ``"/longpoll"``.
-    ``window_ms``
-        How long a poll is held (default 10000); also the wait for each
-        POSTed message's acknowledgement (then ``408``), and × 1.5 the
-        inactivity check: a session nobody polls ends 15-30 s after its
-        last poll by default.
-    ``pubsub_timeout_ms``
-        How long a request waits for another node to answer for its session
-        (default 2000); silence means the session is gone.
-    ``max_age``
-        Seconds a session token stays valid (default 1209600, 14 days), or ``None``.
-    ``max_sessions``
-        Sessions of this mount per process (default 10000); beyond, new
-        sessions get HTTP 503.
-    ``max_buffer_bytes``
-        Bytes (characters) buffered for one session between polls (default
-        4 MiB); beyond, the session ends (the client reconnects). A session
-        above ``max_connection_queue_bytes`` that did not poll for
-        ``slow_client_timeout`` also ends (the WebSocket policy).
-    ``max_body_bytes``
-        Largest POST body (default 8 MiB); beyond, HTTP 413.
-    ``max_lines``
-        Messages processed per POST (default 100, as phoenix.js sends at most
-        100); extra lines are dropped, as Phoenix does.
-    ``check_origin``, ``connect_info``, ``auth_token``
-        Override the mount's settings for this transport.
+    ``options``: a :class:`~phx_gevent.options.LongPollOptions` (checked when the
+    socket is mounted).
     """
 
-    def __init__(self, mount: SocketMount, options: Mapping[str, Any]) -> None:
-        unknown = set(options) - set(DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown longpoll option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-        opts = {**DEFAULTS, **options}
-        path = opts["path"]
-        if not isinstance(path, str) or not path.startswith("/"):
-            raise ValueError(f"longpoll path must start with '/', got {path!r}")
-        for key in _POSITIVE:
-            value = opts[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"longpoll {key} must be a positive number, got {value!r}")
-        max_age = opts["max_age"]
-        if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, (int, float)) or max_age <= 0):
-            raise ValueError(f"longpoll max_age must be a positive number of seconds or None, got {max_age!r}")
+    def __init__(self, mount: SocketMount, opts: LongPollOptions) -> None:
         self.mount = mount
-        self.path = path
+        self.path = opts.path
         #: Seconds a poll is held.
-        self.window = opts["window_ms"] / 1000.0
-        self.pubsub_timeout = opts["pubsub_timeout_ms"] / 1000.0
-        self.max_age = max_age
-        self.max_sessions = int(opts["max_sessions"])
-        self.max_buffer_bytes = int(opts["max_buffer_bytes"])
-        self.max_body_bytes = int(opts["max_body_bytes"])
-        self.max_lines = int(opts["max_lines"])
+        self.window = opts.window_ms / 1000.0
+        self.pubsub_timeout = opts.pubsub_timeout_ms / 1000.0
+        self.max_age = opts.max_age
+        self.max_sessions = int(opts.max_sessions)
+        self.max_buffer_bytes = int(opts.max_buffer_bytes)
+        self.max_body_bytes = int(opts.max_body_bytes)
+        self.max_lines = int(opts.max_lines)
         self.check_origin = mount.check_origin
-        if opts["check_origin"] is not None:
-            self.check_origin = type(mount.endpoint)._compile_origin(opts["check_origin"])
+        if opts.check_origin is not None:
+            self.check_origin = type(mount.endpoint)._compile_origin(opts.check_origin)
         self.connect_info = mount.connect_info
-        if opts["connect_info"] is not None:
-            keys = list(opts["connect_info"])
-            for key in keys:
-                if not isinstance(key, Mapping) and key not in phx_http.CONNECT_INFO_KEYS:
-                    raise ValueError(f"unknown connect_info key {key!r}; known: {sorted(phx_http.CONNECT_INFO_KEYS)}")
-            self.connect_info = keys
-        self.auth_token = mount.auth_token if opts["auth_token"] is None else bool(opts["auth_token"])
+        if opts.connect_info is not None:
+            self.connect_info = list(opts.connect_info)
+        self.auth_token = mount.auth_token if opts.auth_token is None else bool(opts.auth_token)
         #: Live sessions owned by this process, by session id.
         self.sessions: dict[str, LongPollSession] = {}
         self._creating = 0

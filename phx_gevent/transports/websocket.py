@@ -21,7 +21,7 @@ import logging
 import struct
 import time
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import gevent
 from flask import Response, request
@@ -29,6 +29,7 @@ from flask import Response, request
 from .. import memory
 from ..connection import Connection
 from ..errors import CallbackReturnError, ConnectionOverloaded
+from ..options import WebSocketOptions
 from ..serializers import DecodeError, FastlaneEncoder, Serializer, negotiate
 from ..socket import SocketState
 from . import frames
@@ -64,62 +65,6 @@ _unpack_long = struct.Struct("!Q").unpack_from
 #: The environ key our WSGI handler sets; the view leaves the upgrade callable under it.
 ENVIRON_HANDLER = "phx_gevent.handler"
 ENVIRON_UPGRADE = "phx_gevent.upgrade"
-
-
-class WebSocketOptions:
-    """Options of ``endpoint.socket(..., websocket={...})``.
-
-    ``timeout``
-        Idle timeout in seconds: the connection closes (1001) when nothing was
-        received for this long. Default 60 (phoenix.js heartbeats every 30 s).
-    ``max_frame_size``
-        Largest message in bytes, checked on each frame header before the
-        payload is read and on reassembled fragments (close 1009). Default 8 MiB.
-    ``fullsweep_after``
-        A full ``gc.collect()`` (rate-limited process-wide, see
-        :mod:`phx_gevent.memory`) once a connection has handled N messages
-        since its last one; 0 = after every message. Default ``None`` (off).
-        Costly: a full collection pauses the whole process.
-    ``subprotocols``
-        Extra subprotocols to accept besides ``"phoenix"``.
-    ``close_timeout``
-        Seconds to wait for the client's close frame after ours. Default 5.
-    ``path``
-        URL suffix of the endpoint; default ``"/websocket"``.
-    ``compress``
-        Offer permessage-deflate (RFC 7692) to clients that ask (browsers and
-        ``ws`` do): messages of :data:`~phx_gevent.transports.frames.COMPRESS_THRESHOLD`
-        bytes or more are compressed, each on its own (no context
-        takeover either way, so no zlib state per connection and broadcast
-        frames stay shared). Costs CPU per large message; default ``False``
-        as in Phoenix. ``max_frame_size`` applies to the inflated size too.
-    """
-
-    __slots__ = ("timeout", "max_frame_size", "fullsweep_after", "subprotocols", "close_timeout", "path", "compress")
-
-    def __init__(
-        self,
-        timeout: float = 60.0,
-        max_frame_size: int = 8 * 1024 * 1024,
-        fullsweep_after: int | None = None,
-        subprotocols: list[str] | tuple[str, ...] = (),
-        close_timeout: float = 5.0,
-        path: str = "/websocket",
-        compress: bool = False,
-    ) -> None:
-        if timeout is not None and timeout <= 0:
-            raise ValueError("websocket timeout must be positive (seconds)")
-        if max_frame_size <= 0:
-            raise ValueError("max_frame_size must be positive")
-        if fullsweep_after is not None and fullsweep_after < 0:
-            raise ValueError("fullsweep_after must be >= 0")
-        self.timeout = timeout
-        self.max_frame_size = int(max_frame_size)
-        self.fullsweep_after = fullsweep_after
-        self.subprotocols = ["phoenix", *[p for p in subprotocols if p != "phoenix"]]
-        self.close_timeout = close_timeout
-        self.path = path
-        self.compress = bool(compress)
 
 
 class WebSocketEncoder(FastlaneEncoder):
@@ -327,7 +272,8 @@ class _IdleSweeper:
 
     def add(self, transport: WebSocketTransport) -> None:
         self.transports.add(transport)
-        period = min(1.0, transport.opts.timeout / 4)
+        # Only transports with an idle timeout are added (see WebSocketTransport.run).
+        period = min(1.0, cast(float, transport.opts.timeout) / 4)
         if self.timer is None or period < self.period:
             self.period = period
             self._restart()
@@ -350,7 +296,7 @@ class _IdleSweeper:
     def _sweep(self) -> None:
         # A hub callback: it only queues close frames, never blocks.
         now = _monotonic()
-        for transport in [t for t in self.transports if now - t.last_recv > t.opts.timeout]:
+        for transport in [t for t in self.transports if now - t.last_recv > cast(float, t.opts.timeout)]:
             self.transports.discard(transport)
             try:
                 transport.close(frames.CLOSE_GOING_AWAY, "idle timeout")
