@@ -22,6 +22,7 @@ from .channel_server import ChannelProcess, Partitions
 from .flow import flow
 from .options import DrainerOptions, LongPollOptions, WebSocketOptions
 from .pubsub import Adapter, PubSub
+from .runtime import runtime
 from .serializers import Serializer
 from .socket import Socket, SocketState
 from .transports import http as phx_http
@@ -157,7 +158,11 @@ class Endpoint:
         (``"//example.com"``, ``"https://*.example.com"``), or a callable
         ``f(origin, environ) -> bool``.
     ``max_queued_bytes``, ``broadcast_timeout``, ``max_connection_queue_bytes``, ``slow_client_timeout``, ``sndbuf``
-        The process-wide overload policy (:mod:`phx_gevent.flow`).
+        The process-wide overload policy (:mod:`phx_gevent.flow`). Process-wide
+        means shared: this endpoint owns the values it passes while it lives
+        (:mod:`phx_gevent.runtime`), and a second endpoint passing a different
+        value raises :class:`~phx_gevent.options.ConfigurationError` instead of
+        retuning the first.
     ``direct_send``
         ``True`` (default) sends a frame at once while the server is idle
         (lower latency), within a budget, and coalesces in the flusher under
@@ -184,7 +189,8 @@ class Endpoint:
         self.name = name
         self.pubsub = self._make_pubsub(pubsub, pubsub_prefix)
         self.check_origin = self._compile_origin(check_origin)
-        flow.configure(
+        runtime.claim(
+            self,
             max_queued_bytes=max_queued_bytes,
             broadcast_timeout=broadcast_timeout,
             max_connection_queue_bytes=max_connection_queue_bytes,

@@ -4,7 +4,9 @@ Every writer adds what it queues to :attr:`FlowControl.queued` and subtracts
 what it sends or drops. Broadcasters call :meth:`FlowControl.wait` first, so
 a producer faster than delivery slows down instead of growing memory.
 
-Settings (``Endpoint(...)`` keyword arguments, process-wide):
+Settings (``Endpoint(...)`` keyword arguments, process-wide; owned by
+:data:`phx_gevent.runtime.runtime`: a second endpoint cannot change a value
+another living endpoint set):
 
 ``max_queued_bytes``
     While more bytes than this wait in writers' queues, broadcasts block until
@@ -23,7 +25,7 @@ Settings (``Endpoint(...)`` keyword arguments, process-wide):
 ``direct_send`` (``flow.configure(direct_send=...)``)
     ``True`` (default): while the flusher is idle, a connection's first frame
     is sent at once from the fan-out (or the reply), up to
-    ``writer.DIRECT_BUDGET`` frames per ``writer.DIRECT_PERIOD`` for the whole
+    ``runtime.direct_max`` frames per ``runtime.direct_period`` for the whole
     process; under load everything goes through the flusher, which writes all
     that is queued for a connection in one ``send()``. ``False``: always the
     flusher. Measured with reused channel greenlets (benchmarks/README.md):

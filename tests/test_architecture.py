@@ -107,3 +107,77 @@ def test_the_mount_holds_typed_options_with_their_defaults():
         "/t", _S, websocket=False, longpoll=LongPollOptions(window_ms=500), drainer=False
     )
     assert off.websocket is None and off.drainer is None and off.longpoll.window == 0.5
+
+
+# -- runtime state with one owner -----------------------------------------------------------------
+
+
+def test_a_second_endpoint_cannot_retune_the_first():
+    from phx_gevent.options import ConfigurationError
+    from phx_gevent.runtime import runtime
+
+    default = runtime.flow.slow_timeout
+    first = phx_gevent.Endpoint(slow_client_timeout=default + 7)
+    try:
+        assert runtime.flow.slow_timeout == default + 7 and runtime.owner("slow_client_timeout") is first
+        with pytest.raises(ConfigurationError, match=r"slow_client_timeout=.* \(this one asks"):
+            phx_gevent.Endpoint(slow_client_timeout=default + 8, max_queued_bytes=1234567)
+        # Refused as a whole: nothing of the second endpoint's settings was applied.
+        assert runtime.flow.slow_timeout == default + 7 and runtime.flow.high_water != 1234567
+        # The same value, or none, is fine.
+        same = phx_gevent.Endpoint(slow_client_timeout=default + 7)
+        phx_gevent.Endpoint()
+        assert runtime.owner("slow_client_timeout") is same
+    finally:
+        runtime.release(first)
+        runtime.release(same)
+    # Nobody owns it any more: back to the default.
+    assert runtime.flow.slow_timeout == default and runtime.owner("slow_client_timeout") is None
+
+
+def test_settings_end_with_the_endpoint_that_set_them():
+    import gc
+
+    from phx_gevent.runtime import runtime
+
+    default = runtime.flow.timeout
+    endpoint = phx_gevent.Endpoint(broadcast_timeout=default + 1)
+    assert runtime.flow.timeout == default + 1
+    del endpoint
+    gc.collect()
+    assert runtime.flow.timeout == default and runtime.owner("broadcast_timeout") is None
+    # Now another endpoint may choose freely.
+    other = phx_gevent.Endpoint(broadcast_timeout=default + 2)
+    assert runtime.flow.timeout == default + 2
+    runtime.release(other)
+
+
+def test_runtime_settings_are_checked_like_options():
+    from phx_gevent.options import ConfigurationError
+    from phx_gevent.runtime import runtime
+
+    with pytest.raises(ConfigurationError, match="slow_client_timeout is 5000 seconds.*milliseconds"):
+        phx_gevent.Endpoint(slow_client_timeout=5000)
+    with pytest.raises(ConfigurationError, match="unknown runtime setting"):
+        runtime.claim(_S(), nope=1)
+    assert runtime.owner("slow_client_timeout") is None
+
+
+def test_the_flusher_and_the_sweeper_belong_to_the_runtime_per_hub():
+    from phx_gevent.runtime import runtime
+    from phx_gevent.transports.websocket import IdleSweeper
+    from phx_gevent.transports.writer import Flusher
+
+    assert isinstance(runtime.flusher(), Flusher) and runtime.flusher() is runtime.flusher()
+    assert isinstance(runtime.sweeper(), IdleSweeper) and runtime.sweeper() is runtime.sweeper()
+    # The budget of immediate sends: direct_max per direct_period, then refused until the period ends.
+    saved = runtime.direct_left, runtime.direct_refill
+    try:
+        runtime.direct_left, runtime.direct_refill = 0, -1.0
+        now = 1000.0
+        taken = sum(runtime.direct_budget(now) for _ in range(runtime.direct_max + 5))
+        assert taken == runtime.direct_max
+        assert not runtime.direct_budget(now + runtime.direct_period / 2)
+        assert runtime.direct_budget(now + 2 * runtime.direct_period)
+    finally:
+        runtime.direct_left, runtime.direct_refill = saved

@@ -19,6 +19,7 @@ from phx_gevent import Endpoint
 from phx_gevent.flow import flow
 from phx_gevent.pubsub import PubSub, codec
 from phx_gevent.pubsub.redis import RedisAdapter
+from phx_gevent.runtime import runtime
 from tests.servers import RedisServer, redis_server, wait_until  # noqa: F401
 
 TIMEOUT = 10.0
@@ -306,10 +307,15 @@ def test_a_slow_local_delivery_drops_at_the_inbox_not_the_redis_connection(nodes
     assert stat(b, "receive_dropped") == 19 - kept
 
 
-def test_remote_broadcasts_wait_for_the_high_water_mark_and_drop_on_timeout(nodes, monkeypatch):
+class _SettingsOwner:
+    """Holds runtime settings for one test (an owner must be weakly referenceable)."""
+
+
+def test_remote_broadcasts_wait_for_the_high_water_mark_and_drop_on_timeout(nodes):
     a, b = nodes(2)
     remote = Recorder(b, "flow")
-    monkeypatch.setattr(flow, "timeout", 0.2)
+    owner = _SettingsOwner()
+    runtime.claim(owner, broadcast_timeout=0.2)  # this test's own, until it releases them
     over = flow.high_water + 1
     flow.queued += over  # as if writers held more than the high-water mark
     try:
@@ -318,6 +324,7 @@ def test_remote_broadcasts_wait_for_the_high_water_mark_and_drop_on_timeout(node
         wait_until(lambda: stat(b, "overload_dropped") == 1, TIMEOUT, "an overload drop")
     finally:
         flow.queued -= over
+        runtime.release(owner)
     a.broadcast("flow", "fine", {})
     assert remote.wait(1) == [("fine", {})]
 

@@ -30,6 +30,7 @@ from .. import memory
 from ..connection import Connection
 from ..errors import CallbackReturnError, ConnectionOverloaded
 from ..options import WebSocketOptions
+from ..runtime import runtime
 from ..serializers import DecodeError, FastlaneEncoder, Serializer, negotiate
 from ..socket import SocketState
 from . import frames
@@ -244,7 +245,7 @@ class _EOF(Exception):
     pass
 
 
-class _IdleSweeper:
+class IdleSweeper:
     """Closes (1001) the WebSocket connections of this process that received nothing for their ``timeout``.
 
     One repeating timer checks every connection's last read, instead of a
@@ -254,21 +255,11 @@ class _IdleSweeper:
     shortest timeout (at most every second).
     """
 
-    _instance: _IdleSweeper | None = None
-
     def __init__(self, loop: Any) -> None:
         self.loop = loop
         self.transports: set[WebSocketTransport] = set()
         self.period = 1.0
         self.timer: Any = None
-
-    @classmethod
-    def get(cls) -> _IdleSweeper:
-        """The sweeper of the current hub (a forked worker gets its own)."""
-        loop = gevent.get_hub().loop
-        if cls._instance is None or cls._instance.loop is not loop:
-            cls._instance = cls(loop)
-        return cls._instance
 
     def add(self, transport: WebSocketTransport) -> None:
         self.transports.add(transport)
@@ -379,7 +370,7 @@ class WebSocketTransport:
         # No timeout on each read (it would cost a gevent Timeout per recv):
         # the process-wide idle sweeper closes connections that went quiet.
         self.sock.settimeout(None)
-        sweeper = _IdleSweeper.get() if self.opts.timeout is not None else None
+        sweeper = runtime.sweeper() if self.opts.timeout is not None else None
         if sweeper is not None:
             sweeper.add(self)
         try:

@@ -27,6 +27,7 @@ import gevent
 from gevent.event import Event
 
 from ..flow import flow
+from ..runtime import runtime
 from . import frames
 
 __all__ = ["Writer", "GreenletWriter", "Flusher", "configure_socket", "make_writer"]
@@ -44,16 +45,6 @@ CLOSED = 2
 _WRITE = 2
 # How many writers one hub callback flushes before letting the hub poll again.
 CHUNK = 128
-# With ``flow.direct_send``, at most DIRECT_BUDGET frames per DIRECT_PERIOD
-# seconds are sent at once from the fan-out, and only while the flusher is idle;
-# the rest go through the flusher, coalesced (see Writer.write and
-# benchmarks/README.md). 1,000 per 50 ms is 20k immediate sends/s (~0.15 core):
-# a small fan-out at a modest rate goes out at once, a large or saturated one
-# is coalesced.
-DIRECT_BUDGET = 1000
-DIRECT_PERIOD = 0.05
-_direct_left = 0
-_direct_refill = -1.0
 
 
 class Flusher:
@@ -123,18 +114,6 @@ class Flusher:
             self.armed = False
 
 
-_flusher: Flusher | None = None
-
-
-def get_flusher() -> Flusher:
-    """The flusher of the current hub (a forked worker gets its own)."""
-    global _flusher
-    loop = gevent.get_hub().loop
-    if _flusher is None or _flusher.loop is not loop:
-        _flusher = Flusher(loop)
-    return _flusher
-
-
 def configure_socket(sock: Any) -> None:
     """Set TCP_NODELAY (pitfall 7 of STACK_NOTES.md) and the capped send buffer."""
     try:
@@ -187,7 +166,7 @@ class Writer:
         self.encoder = encoder
         self.last_drain = _monotonic()
         self.on_abort = on_abort
-        self.flusher = get_flusher()
+        self.flusher = runtime.flusher()
         self.sent_bytes = 0
         self.close_code: int | None = None
         self._closed_event: Any = None
@@ -222,7 +201,7 @@ class Writer:
         # The first frame of a burst.
         now = _monotonic()
         self.last_drain = now
-        if flow.direct_send and not self.flusher.armed and self._direct_budget(now):
+        if flow.direct_send and not self.flusher.armed and runtime.direct_budget(now):
             # Idle server: one non-blocking send now (lowest latency); only what
             # the kernel does not take is queued. Under load (flusher busy, or
             # the budget of immediate sends spent) frames go to the flusher,
@@ -254,18 +233,6 @@ class Writer:
         if not flusher.armed:
             flusher.armed = True
             flusher.loop.run_callback(flusher._run)
-
-    @staticmethod
-    def _direct_budget(now: float) -> bool:
-        # Process-wide: DIRECT_BUDGET immediate sends per DIRECT_PERIOD.
-        global _direct_left, _direct_refill
-        if _direct_left <= 0:
-            if now - _direct_refill < DIRECT_PERIOD:
-                return False
-            _direct_left = DIRECT_BUDGET
-            _direct_refill = now
-        _direct_left -= 1
-        return True
 
     def _append(self, data: Any) -> None:
         n = len(data)
