@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import memory
 from .channel import CLOSED, DISCONNECTED, DRAINING, DUPLICATE_JOIN
 from .channel_server import ChannelProcess
+from .contracts import Transport
 from .pubsub.local import ALL_EVENTS
 from .serializers import Message, Serializer
 from .socket import SocketState
@@ -80,7 +81,7 @@ class Connection:
         "__weakref__",
     )
 
-    def __init__(self, mount: SocketMount, socket: SocketState, serializer: Serializer, transport: Any) -> None:
+    def __init__(self, mount: SocketMount, socket: SocketState, serializer: Serializer, transport: Transport) -> None:
         self.mount = mount
         self.handler = mount.handler
         self.socket = socket

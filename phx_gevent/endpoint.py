@@ -19,6 +19,7 @@ from werkzeug.exceptions import MethodNotAllowed
 
 from . import options
 from .channel_server import ChannelProcess, Partitions
+from .contracts import Subscriber
 from .flow import flow
 from .options import DrainerOptions, LongPollOptions, WebSocketOptions
 from .pubsub import Adapter, PubSub
@@ -417,7 +418,7 @@ class Endpoint:
         self.pubsub.start()
         return self.pubsub.history(topic, since, limit)
 
-    def subscribe(self, topic: str, subscriber: Any) -> None:
+    def subscribe(self, topic: str, subscriber: Subscriber) -> None:
         """Subscribe to ``topic`` in this process.
 
         ``subscriber`` is a channel's socket (broadcasts then arrive in its
@@ -433,7 +434,7 @@ class Endpoint:
         else:
             raise TypeError(f"subscribe expects a channel socket or a callable, got {subscriber!r}")
 
-    def unsubscribe(self, topic: str, subscriber: Any) -> None:
+    def unsubscribe(self, topic: str, subscriber: Subscriber) -> None:
         """Undo :meth:`subscribe`."""
         owner = _owner(subscriber)
         if isinstance(owner, ChannelProcess):

@@ -181,3 +181,23 @@ def test_the_flusher_and_the_sweeper_belong_to_the_runtime_per_hub():
         assert runtime.direct_budget(now + 2 * runtime.direct_period)
     finally:
         runtime.direct_left, runtime.direct_refill = saved
+
+
+# -- typed seams -------------------------------------------------------------------------------
+
+
+def test_the_concrete_classes_meet_the_contracts():
+    from phx_gevent import contracts
+    from phx_gevent.pubsub.memory import MemoryAdapter, MemoryBus
+    from phx_gevent.serializers import V2JSONSerializer
+    from phx_gevent.transports.websocket import encoder_for
+
+    adapter = MemoryAdapter(MemoryBus())
+    assert isinstance(adapter, contracts.Adapter)
+    assert isinstance(encoder_for(V2JSONSerializer(), False), contracts.Encoder)
+    # The annotations at the seams name the protocols (mypy checks the rest in `make test`).
+    from phx_gevent.connection import Connection
+    from phx_gevent.pubsub.local import PubSub
+
+    assert "Transport" in Connection.__init__.__annotations__["transport"]
+    assert "Subscriber" in PubSub.subscribe.__annotations__["sub"]

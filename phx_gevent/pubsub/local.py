@@ -39,6 +39,7 @@ from typing import Any
 
 from blinker import ANY, Signal
 
+from ..contracts import Subscriber, Writer
 from ..flow import flow
 from ..serializers import EncodeError
 from . import codec
@@ -101,7 +102,7 @@ class RecoveryBuffer:
         """A frame with its offset."""
         self.items.append((frame, offset))
 
-    def flush_into(self, writer: Any, epoch: str | None, last_seq: int) -> int:
+    def flush_into(self, writer: Writer, epoch: str | None, last_seq: int) -> int:
         """Write the kept frames except those at or before ``last_seq`` of ``epoch``; returns how many."""
         n = 0
         for frame, offset in self.items:
@@ -123,7 +124,7 @@ class Topic:
     def __init__(self, name: str) -> None:
         self.name = name
         # An insertion-ordered set: O(1) unsubscribe, delivery in join order.
-        self.subs: dict[Any, None] = {}
+        self.subs: dict[Subscriber, None] = {}
         #: (epoch, seq) of the last history message delivered here (gap detection).
         self.hist: tuple[str, int] | None = None
 
@@ -140,7 +141,10 @@ class Topic:
         last_offs: Any = None
         last_frame: Any = None
         n = 0
-        for sub in list(self.subs):
+        # Any: past the intercept check a subscriber has a writer (only ALL_EVENTS
+        # subscribers have none), and it may know history (offsets, replayed).
+        subs: list[Any] = list(self.subs)
+        for sub in subs:
             if sub.owner is from_:
                 continue
             if event in sub.intercept:
@@ -193,7 +197,8 @@ class Topic:
         delivering anything when the payload cannot be encoded.
         """
         topic = self.name
-        subs = list(self.subs)
+        # Any: past the intercept check a subscriber has a writer (only ALL_EVENTS subscribers have none).
+        subs: list[Any] = list(self.subs)
         frames: dict[Any, Any] = {}
         # Encode for the first fastlane subscriber before any delivery, so a
         # payload that cannot be encoded fails the whole broadcast, not half of it.
@@ -285,14 +290,14 @@ class PubSub:
 
     # -- subscriptions ------------------------------------------------------------------
 
-    def subscribe(self, topic: str, sub: Any) -> None:
+    def subscribe(self, topic: str, sub: Subscriber) -> None:
         """Add ``sub`` (see the module docstring for its shape) to ``topic``; idempotent."""
         t = self.topics.get(topic)
         if t is None:
             t = self.topics[topic] = Topic(topic)
         t.subs[sub] = None
 
-    def unsubscribe(self, topic: str, sub: Any) -> None:
+    def unsubscribe(self, topic: str, sub: Subscriber) -> None:
         """Remove ``sub`` from ``topic``; the topic is forgotten once empty. Idempotent."""
         t = self.topics.get(topic)
         if t is None:
@@ -470,7 +475,7 @@ class PubSub:
             return
         # Not in the history any more: the clients that track offsets rejoin (phx_error),
         # and their recovery answers ``recovered: false``. Never a silent gap.
-        lost = [sub for sub in t.subs if getattr(sub, "offsets", False)]
+        lost: list[Any] = [sub for sub in t.subs if getattr(sub, "offsets", False)]  # channels that know history
         log.warning(
             "phx_gevent: missed history messages of %r after offset %s-%s that Redis no longer has; "
             "%d channel(s) told to rejoin",
