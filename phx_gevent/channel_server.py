@@ -22,6 +22,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
+from enum import IntEnum
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gevent
@@ -42,18 +43,30 @@ __all__ = ["Broadcast", "ChannelProcess", "Partition", "Partitions", "default_pa
 
 log = logging.getLogger(__name__)
 
-# Mailbox item tags.
-_IN = 0
-_OUT = 1
-_INFO = 2
-_LEAVE = 3
-_DOWN = 4
-_OVERFLOW = 5
 
-# States.
-JOINING = 0
-JOINED = 1
-STOPPED = 2
+class _Tag(IntEnum):
+    """What a mailbox item is (the first element of the tuple)."""
+
+    IN = 0  # a client message
+    OUT = 1  # a broadcast intercepted for handle_out
+    INFO = 2  # a handle_info message
+    LEAVE = 3  # the client left
+    DOWN = 4  # the connection went away
+    OVERFLOW = 5  # the mailbox overflowed
+
+
+_IN, _OUT, _INFO, _LEAVE, _DOWN, _OVERFLOW = _Tag
+
+
+class ChannelState(IntEnum):
+    """Where a channel process is in its life (an IntEnum: compared on every message)."""
+
+    JOINING = 0
+    JOINED = 1
+    STOPPED = 2
+
+
+JOINING, JOINED, STOPPED = ChannelState
 
 #: How long a replaced channel may take to die before it is abandoned (Phoenix: 5 s).
 KILL_TIMEOUT = 5.0

@@ -29,6 +29,7 @@ from .contracts import Transport
 from .pubsub.local import ALL_EVENTS
 from .serializers import Message, Serializer
 from .socket import SocketState
+from .transports.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART  # close codes live in one place
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import SocketMount
@@ -36,10 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
-
-# Close codes (PROTOCOL.md 3.8).
-CLOSE_GOING_AWAY = 1001
-CLOSE_SERVICE_RESTART = 1012
 
 
 class _IdSubscription:

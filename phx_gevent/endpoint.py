@@ -222,7 +222,7 @@ class Endpoint:
         raise TypeError(f"pubsub must be None, a Redis URL, an Adapter or a PubSub; got {pubsub!r}")
 
     @staticmethod
-    def _compile_origin(setting: Any) -> Any:
+    def _compile_origin(setting: Any) -> phx_http.OriginSetting:
         if setting is True or setting is False or callable(setting):
             return setting
         if isinstance(setting, str):

@@ -48,11 +48,9 @@ OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
 
-# Close codes used by the server (PROTOCOL.md 3.8).
-CLOSE_NORMAL = 1000
+# Close codes used by the server (PROTOCOL.md 3.8): the one place they are defined.
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED = 1003
 CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009

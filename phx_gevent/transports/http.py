@@ -159,6 +159,10 @@ class _OriginRule(NamedTuple):
     wildcard: bool
 
 
+#: A compiled ``check_origin``: on/off, allowed origins, or ``f(origin, environ) -> bool``.
+OriginSetting = bool | list[_OriginRule] | Callable[[str, Mapping[str, Any]], bool]
+
+
 def compile_origins(origins: Iterable[str]) -> list[_OriginRule]:
     """Parse a list of allowed origins: ``//example.com``, ``https://*.example.com:8443``.
 
@@ -192,7 +196,7 @@ def _origin_port(parts: Any) -> int | None:
     return port
 
 
-def check_origin(environ: Mapping[str, Any], setting: Any, server_name: str | None = None) -> bool:
+def check_origin(environ: Mapping[str, Any], setting: OriginSetting, server_name: str | None = None) -> bool:
     """Apply ``check_origin`` to a request (PROTOCOL.md 3.3, DESIGN.md security defaults).
 
     * no ``Origin`` header: allowed (native clients);
@@ -316,6 +320,3 @@ def _headers(environ: Mapping[str, Any], kind: str) -> list[tuple[str, str]]:
         elif kind == "sec_websocket_headers" and header.startswith("sec-websocket-"):
             found.append((header, value))
     return found
-
-
-OriginSetting = bool | list[_OriginRule] | Callable[[str, Mapping[str, Any]], bool]

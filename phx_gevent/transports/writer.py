@@ -20,7 +20,7 @@ import logging
 import socket as _pysocket
 import struct
 import time
-from collections.abc import Callable
+from enum import IntEnum
 from typing import Any
 
 import gevent
@@ -30,16 +30,26 @@ from ..flow import flow
 from ..runtime import runtime
 from . import frames
 
-__all__ = ["Writer", "GreenletWriter", "Flusher", "configure_socket", "make_writer"]
+__all__ = ["WriterState", "Writer", "GreenletWriter", "Flusher", "configure_socket", "make_writer"]
 
 log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
 _join = b"".join
 
-OPEN = 0
-CLOSING = 1
-CLOSED = 2
+
+class WriterState(IntEnum):
+    """Where a writer is in its life. An IntEnum: the hot path tests ``if self.state:`` (not open)."""
+
+    OPEN = 0
+    #: A close frame is queued: nothing more is accepted, the queue drains, then the socket closes.
+    CLOSING = 1
+    CLOSED = 2
+
+
+OPEN = WriterState.OPEN
+CLOSING = WriterState.CLOSING
+CLOSED = WriterState.CLOSED
 
 # Watcher flag for "writable" in gevent's loop.io().
 _WRITE = 2
@@ -128,11 +138,7 @@ def configure_socket(sock: Any) -> None:
 
 
 class Writer:
-    """The sending side of one connection: a queue, one ``send()`` per flush.
-
-    ``on_abort`` is called (once) when the writer gives up on the socket:
-    a send error, or the overload policy dropped the connection.
-    """
+    """The sending side of one connection: a queue, one ``send()`` per flush."""
 
     __slots__ = (
         "sock",
@@ -144,7 +150,6 @@ class Writer:
         "state",
         "encoder",
         "last_drain",
-        "on_abort",
         "flusher",
         "sent_bytes",
         "close_code",
@@ -152,7 +157,7 @@ class Writer:
         "__weakref__",
     )
 
-    def __init__(self, sock: Any, encoder: Any, on_abort: Callable[[], None] | None = None) -> None:
+    def __init__(self, sock: Any, encoder: Any) -> None:
         self.sock = sock
         # gevent's socket wraps a non-blocking OS socket; writing to that one
         # directly never switches greenlets, so it is safe from hub callbacks.
@@ -165,7 +170,6 @@ class Writer:
         #: Fastlane key: broadcasts are encoded once per distinct encoder.
         self.encoder = encoder
         self.last_drain = _monotonic()
-        self.on_abort = on_abort
         self.flusher = runtime.flusher()
         self.sent_bytes = 0
         self.close_code: int | None = None
@@ -378,16 +382,12 @@ class Writer:
         except OSError:
             pass
         self._notify_closed()
-        callback, self.on_abort = self.on_abort, None
-        if callback is not None:
-            callback()
 
     def discard(self) -> None:
         """Forget everything queued (the connection is over); idempotent."""
         self.state = CLOSED
         self._release()
         self._stop_watcher()
-        self.on_abort = None
         self._notify_closed()
 
     def _release(self) -> None:
@@ -409,8 +409,8 @@ class GreenletWriter(Writer):
 
     __slots__ = ("_greenlet",)
 
-    def __init__(self, sock: Any, encoder: Any, on_abort: Callable[[], None] | None = None) -> None:
-        super().__init__(sock, encoder, on_abort)
+    def __init__(self, sock: Any, encoder: Any) -> None:
+        super().__init__(sock, encoder)
         self._greenlet: Any = None
 
     def write(self, data: bytes | memoryview) -> None:
@@ -471,13 +471,10 @@ class GreenletWriter(Writer):
         except OSError:
             pass
         self._notify_closed()
-        callback, self.on_abort = self.on_abort, None
-        if callback is not None:
-            callback()
 
 
-def make_writer(sock: Any, encoder: Any, on_abort: Callable[[], None] | None = None) -> Writer:
+def make_writer(sock: Any, encoder: Any) -> Writer:
     """The right writer for ``sock``: raw non-blocking for TCP and unix sockets, greenlet for TLS."""
     if hasattr(sock, "_sslobj") or not hasattr(sock, "_sock"):
-        return GreenletWriter(sock, encoder, on_abort)
-    return Writer(sock, encoder, on_abort)
+        return GreenletWriter(sock, encoder)
+    return Writer(sock, encoder)
