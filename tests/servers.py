@@ -54,8 +54,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``pred`` until it returns something truthy; AssertionError after ``timeout`` seconds."""
+def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition", interval: float = 0.01) -> Any:
+    """Poll ``pred`` until it returns something truthy; AssertionError after ``timeout`` seconds.
+
+    The one polling helper of the suite: every wait has a deadline, none a fixed sleep.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = pred()

@@ -15,6 +15,7 @@ from phx_gevent.flow import flow
 from phx_gevent.runtime import runtime
 from tests import httpclient as http
 from tests.rawws import Closed, RawWS
+from tests.servers import wait_until
 
 
 class EchoChannel(Channel):
@@ -60,12 +61,6 @@ def join(ws: RawWS, topic: str = "room:1", ref: str = "1") -> None:
     ws.send_json([ref, ref, topic, "phx_join", {}])
     reply = ws.recv_until(lambda m: m[1] == ref)
     assert reply[4]["status"] == "ok", reply
-
-
-def wait_until(pred, timeout=5.0):
-    with gevent.Timeout(timeout, AssertionError("condition not met")):
-        while not pred():
-            gevent.sleep(0.01)
 
 
 # -- handshake -------------------------------------------------------------------------------
