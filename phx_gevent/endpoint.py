@@ -18,7 +18,8 @@ from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from . import options
-from .channel_server import ChannelProcess, Partitions
+from .channel_server import ChannelProcess
+from .channels.pool import Partitions
 from .contracts import Subscriber
 from .flow import flow
 from .options import DrainerOptions, LongPollOptions, WebSocketOptions

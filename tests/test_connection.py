@@ -542,9 +542,9 @@ def test_server_side_mailbox_overflow_ends_the_channel_with_phx_error():
 
 
 def test_channel_workers_are_reused_and_idle_ones_let_go(monkeypatch):
-    from phx_gevent import channel_server
+    from phx_gevent.channels import pool
 
-    monkeypatch.setattr(channel_server, "TRIM_PERIOD", 0.05)
+    monkeypatch.setattr(pool, "TRIM_PERIOD", 0.05)
     conn, t, _ = make_connection(UserSocket, partitions=1)
     partition = conn.partition
     for i in range(5):
