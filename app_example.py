@@ -13,6 +13,7 @@ from gevent import monkey
 
 monkey.patch_all()  # first, before anything imports socket or threading
 
+import hmac  # noqa: E402
 import ipaddress  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -215,11 +216,35 @@ class UserSocket(Socket):
         return "user_socket:" + socket.assigns["user"]
 
 
+def dashboard_auth(req: Any) -> str | bool:
+    """Who may open /phx/dashboard: with ``DASHBOARD_TOKEN`` set, whoever passes ``?token=<it>``; else loopback."""
+    token = os.environ.get("DASHBOARD_TOKEN")
+    if token:
+        return hmac.compare_digest(req.args.get("token", ""), token) and "dashboard token holder"
+    try:
+        addr = ipaddress.ip_address(req.remote_addr or "")
+    except ValueError:
+        return False
+    loopback = addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
+    return loopback and f"loopback client {req.remote_addr}"
+
+
+def add_observability(endpoint: Endpoint) -> None:
+    """Health probes, Prometheus metrics (loopback or token, as the dashboard) and the dashboard."""
+    endpoint.health()  # /phx/health and /phx/ready
+    endpoint.dashboard("/phx/dashboard", auth=dashboard_auth)
+    try:
+        endpoint.metrics("/metrics", auth=dashboard_auth)
+    except ImportError:  # prometheus_client is an optional extra
+        logging.getLogger(__name__).info("metrics off: pip install 'phx_gevent[metrics]'")
+
+
 def create_app() -> tuple[Flask, Endpoint]:
     app = Flask(__name__)
     app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY")
     endpoint = Endpoint(app, pubsub=os.environ.get("REDIS_URL") or None)
     endpoint.socket("/socket", UserSocket(Presence(endpoint)), auth_token=True, longpoll=True)
+    add_observability(endpoint)
 
     def loopback_only() -> None:
         # Behind a reverse proxy every request comes from the proxy's address:

@@ -20,9 +20,10 @@ or a fake transport in tests. A transport provides:
 from __future__ import annotations
 
 import logging
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from . import memory
+from . import memory, telemetry
 from .channel import CLOSED, DISCONNECTED, DRAINING, DUPLICATE_JOIN
 from .channel_server import ChannelProcess
 from .contracts import Transport
@@ -220,16 +221,40 @@ class Connection:
             return None
         join_ref = msg.join_ref if msg.join_ref is not None else msg.ref
         proc = ChannelProcess(self, route, topic, join_ref)
+        started = perf_counter()
         joined = proc.join(msg.payload, msg.ref, self.mount.join_timeout)
-        if self.log_level is not None:
-            log.log(
-                self.log_level,
-                "%s %s to %s",
-                "JOINED" if joined else "REFUSED JOIN",
-                topic,
-                route.channel.__name__,
-            )
+        if self.log_level is not None or telemetry.channel_joined.receivers:
+            self._joined(proc, route, joined, perf_counter() - started)
         return proc if joined else None
+
+    def _joined(self, proc: ChannelProcess, route: Any, joined: bool, duration: float) -> None:
+        # Phoenix's log lines (``JOINED room:lobby in 45µs``) and the phoenix.channel_joined event.
+        if telemetry.channel_joined.receivers:
+            telemetry.emit(
+                telemetry.channel_joined,
+                self.mount.endpoint,
+                {"duration": duration},
+                {
+                    "topic": proc.topic,
+                    "route": route.pattern,
+                    "channel": route.channel.__name__,
+                    "result": "ok" if joined else "error",
+                    "socket": proc.socket,
+                },
+            )
+        if self.log_level is not None and log.isEnabledFor(self.log_level):
+            took = telemetry.format_duration(duration)
+            if joined:
+                log.log(self.log_level, "JOINED %s in %s (%s)", proc.topic, took, route.channel.__name__)
+            else:
+                log.log(
+                    self.log_level,
+                    "REFUSED JOIN %s in %s (%s): %r",
+                    proc.topic,
+                    took,
+                    route.channel.__name__,
+                    proc.refusal,
+                )
 
     def _duplicate_join(self, old: ChannelProcess, msg: Message) -> None:
         if not old.leaving:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterable, Mapping
+from time import perf_counter
 from typing import Any
 
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
-from . import options
+from . import options, telemetry
 from .channel_server import ChannelProcess
 from .channels.pool import Partitions
 from .contracts import Subscriber
@@ -121,6 +122,8 @@ class SocketMount:
     def new_socket(self, transport: str, serializer: Serializer) -> SocketState:
         """A fresh socket struct for a connection being established."""
         self.endpoint.pubsub.start()
+        if self.endpoint.observer is not None:
+            self.endpoint.observer.ensure_started()
         return SocketState(
             endpoint=self.endpoint,
             handler=self.handler,
@@ -129,14 +132,43 @@ class SocketMount:
             pubsub_server=self.endpoint.pubsub,
         )
 
-    def log(self, what: str, transport: str, params: Mapping[str, Any]) -> None:
-        """Log a socket action at the mount's ``log`` level (never the params' values)."""
+    def log(
+        self,
+        what: str,
+        transport: str,
+        params: Mapping[str, Any],
+        started: float | None = None,
+        socket: SocketState | None = None,
+    ) -> None:
+        """Log a connect outcome (``"connected"``/``"refused"``) at the mount's ``log`` level, emit the event.
+
+        ``started`` is the ``time.perf_counter()`` before ``connect`` ran. The
+        log shows the params' names, never their values.
+        """
+        duration = 0.0 if started is None else perf_counter() - started
+        if telemetry.socket_connected.receivers:
+            telemetry.emit(
+                telemetry.socket_connected,
+                self.endpoint,
+                {"duration": duration},
+                {
+                    "endpoint": self.endpoint,
+                    "mount": self.path,
+                    "handler": type(self.handler).__name__,
+                    "transport": transport,
+                    "serializer": "{}.{}".format(*socket.serializer.version) if socket is not None else None,
+                    "result": "ok" if what == "connected" else "error",
+                    "socket_id": socket.id if socket is not None else None,
+                    "params": sorted(str(k) for k in params),
+                },
+            )
         if self.log_level is not None and log.isEnabledFor(self.log_level):
             log.log(
                 self.log_level,
-                "%s %s %s via %s (params: %s)",
-                what.upper(),
+                "%s %s in %s (path %s, transport %s, params: %s)",
+                "CONNECTED TO" if what == "connected" else "REFUSED CONNECTION TO",
                 type(self.handler).__name__,
+                telemetry.format_duration(duration),
                 self.path,
                 transport,
                 ", ".join(sorted(str(k) for k in params)),
@@ -204,6 +236,10 @@ class Endpoint:
         self.mounts: list[SocketMount] = []
         self.apps: list[Flask] = []
         self._paths: list[str] = []
+        #: True once a shutdown drain began (readiness answers 503).
+        self.draining = False
+        #: The stats sampler behind metrics and the dashboard (:mod:`phx_gevent.observe`), once enabled.
+        self.observer: Any = None
         endpoints.add(self)
         if app is not None:
             self.init_app(app)
@@ -442,6 +478,46 @@ class Endpoint:
             owner.unsubscribe(topic)
         elif callable(subscriber):
             self.pubsub.disconnect(subscriber, topic)
+
+    # -- observability (docs/observability.md) --------------------------------------------
+
+    def health(self, live: str = "/phx/health", ready: str = "/phx/ready") -> None:
+        """Serve a liveness probe at ``live`` (200 while the process answers) and readiness at ``ready``.
+
+        Ready (200) means accepting connections and connected to the PubSub
+        adapter; 503 while the adapter is down or once a shutdown drain began.
+        Both answer JSON (``status``, ``node``, ...). No authentication: they
+        reveal only the node name and these flags.
+        """
+        from .observe import install_health
+
+        install_health(self, live, ready)
+
+    def metrics(self, path: str = "/metrics", *, auth: Any = None) -> None:
+        """Serve Prometheus metrics at ``path`` (needs ``prometheus_client``: the ``metrics`` extra).
+
+        ``auth(request)`` must return true for a scrape to be served (403
+        otherwise); ``None`` serves everyone. With several gunicorn workers,
+        set ``PROMETHEUS_MULTIPROC_DIR`` (see :mod:`phx_gevent.metrics`).
+        Raises ``ImportError`` without prometheus_client.
+        """
+        from . import metrics
+
+        metrics.install(self, path, auth)
+
+    def dashboard(self, path: str = "/phx/dashboard", *, auth: Any, phoenix_js: str | None = None) -> None:
+        """Serve the live dashboard at ``path``: every node's connections, channels, topics, rates, presence.
+
+        ``auth(request)`` decides who may open it (the page and its socket):
+        a false answer is 403; a string answer names the user in the audit
+        log of the "disconnect" action. ``auth=None`` refuses everyone.
+        ``phoenix_js``: the path of ``phoenix.mjs`` (default: the ``phoenix``
+        npm package under ``node_modules`` of the working directory or the
+        app's root). See :mod:`phx_gevent.dashboard`.
+        """
+        from . import dashboard
+
+        dashboard.install(self, path, auth, phoenix_js)
 
     # -- operations ---------------------------------------------------------------------
 

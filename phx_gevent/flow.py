@@ -39,9 +39,11 @@ another living endpoint set):
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from gevent.event import Event
 
+from . import telemetry
 from .errors import BroadcastTimeout
 
 __all__ = ["FlowControl", "flow"]
@@ -132,11 +134,14 @@ class FlowControl:
             return
         if timeout is None:
             timeout = self.timeout
-        deadline = _monotonic() + timeout
+        began, queued = _monotonic(), self.queued
+        deadline = began + timeout
         while self.queued > self.low_water:
             remaining = deadline - _monotonic()
             if remaining <= 0:
                 self.timeouts += 1
+                if telemetry.overload_timeout.receivers:
+                    self._emit(telemetry.overload_timeout, began, queued)
                 raise BroadcastTimeout(
                     f"{self.queued} bytes queued for delivery (high-water mark {self.high_water}); "
                     f"waited {timeout:.1f}s"
@@ -149,6 +154,13 @@ class FlowControl:
                 self._event.wait(remaining)
             finally:
                 self._waiting -= 1
+        if telemetry.overload_wait.receivers:
+            self._emit(telemetry.overload_wait, began, queued)
+
+    def _emit(self, signal: Any, began: float, queued: int) -> None:
+        telemetry.emit(
+            signal, self, {"duration": _monotonic() - began, "queued": queued}, {"high_water": self.high_water}
+        )
 
     def release(self, n: int) -> None:
         """Give back ``n`` bytes that were sent or dropped, waking broadcasters below the low-water mark."""

@@ -57,6 +57,7 @@ from typing import Any
 import gevent
 from gevent.queue import Empty, Queue
 
+from . import telemetry
 from .channel_server import ChannelProcess
 from .errors import BroadcastTimeout
 from .pubsub.local import PubSub
@@ -495,6 +496,9 @@ class Presence:
                 self.pubsub.local_broadcast(topic, PRESENCE_DIFF, payload)
             except BroadcastTimeout:
                 log.warning("phx_gevent: presence_diff on %r dropped: the process stayed overloaded", topic)
+            if telemetry.presence_change.receivers:
+                counts = {"joins": len(joins), "leaves": len(leaves)}
+                telemetry.emit(telemetry.presence_change, self, counts, {"topic": topic, "presence": self.name})
 
     # -- from other nodes ---------------------------------------------------------------
 

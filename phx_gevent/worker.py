@@ -35,6 +35,7 @@ from typing import Any
 import gevent
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
+from . import metrics, telemetry
 from .pubsub.base import make_node_name
 from .server import WebSocketHandler
 
@@ -69,6 +70,7 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
 
     drained = 0
     for endpoint in list(endpoints):
+        endpoint.draining = True  # readiness probes answer 503 from now on
         for mount in endpoint.mounts:
             opts = mount.drainer
             if opts is None:
@@ -77,6 +79,7 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
             interval = float(opts.batch_interval)
             end = min(deadline, time.monotonic() + float(opts.shutdown))
             done: set[int] = set()
+            total, index = len(mount.connections), 0
             while time.monotonic() < end:
                 # Connections already told to close may linger for their close
                 # handshake: never count them twice.
@@ -87,6 +90,8 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
                     done.add(id(conn))
                     conn.drain()
                 drained += len(batch)
+                _drain_event(endpoint, mount, len(batch), total, index, size, interval)
+                index += 1
                 # Wait for this batch to go (bounded), then for the rest of the interval.
                 pause_end = min(end, time.monotonic() + interval)
                 while time.monotonic() < pause_end and any(c in mount.connections for c in batch):
@@ -95,6 +100,28 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
                 if remaining > 0 and any(id(c) not in done for c in mount.connections):
                     sleep(remaining)
     return drained
+
+
+def _drain_event(endpoint: Any, mount: Any, count: int, total: int, index: int, size: int, interval: float) -> None:
+    # phoenix.socket_drain, once per batch, and Phoenix's log line at the mount's level.
+    rounds = max(1, -(-total // size))
+    if telemetry.socket_drain.receivers:
+        telemetry.emit(
+            telemetry.socket_drain,
+            endpoint,
+            {"count": count, "total": total, "index": index, "rounds": rounds},
+            {"mount": mount.path, "interval": interval},
+        )
+    if mount.log_level is not None:
+        log.log(
+            mount.log_level,
+            "%s shutting down, disconnecting %d of %d connections (round %d of %d)",
+            type(mount.handler).__name__,
+            count,
+            total,
+            index + 1,
+            rounds,
+        )
 
 
 class GeventWebSocketWorker(GeventPyWSGIWorker):
@@ -129,6 +156,8 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
                 if ensure is not None:
                     ensure()  # started in the master (a broadcast at import): restart it here
                     pubsub.start()
+                if endpoint.observer is not None:
+                    endpoint.observer.ensure_started()  # metrics and dashboard sample from the start
             except Exception:
                 self.log.exception("phx_gevent: could not start the PubSub of endpoint %r", endpoint.name)
             names.append(pubsub.node_name)
@@ -176,6 +205,7 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
             super().run()
         finally:
             self._stop_pubsub()
+            metrics.mark_process_dead()
 
     def _stop_pubsub(self) -> None:
         from .endpoint import endpoints

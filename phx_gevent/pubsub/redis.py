@@ -60,6 +60,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from .. import telemetry
 from ..errors import BroadcastTimeout
 from ..flow import flow
 from . import codec
@@ -258,6 +259,8 @@ class RedisAdapter(Adapter):
         self._pub_conn: Any = None
         self._sub_conn: Any = None
         self._stale: list[Any] = []
+        self._ping_conn: Any = None
+        self._ping_pid = 0
         self._owner_pid = os.getpid()
         self._reset_state()
         os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
@@ -295,6 +298,7 @@ class RedisAdapter(Adapter):
         self._pub_down_since: float | None = None
         self._sub_down_since: float | None = None
         self._in_outage = False
+        self._outage_began = 0.0
         self._subscribers_seen = 0
         self._counters: dict[str, int] = dict.fromkeys(
             (
@@ -517,6 +521,24 @@ class RedisAdapter(Adapter):
         self._inbox.clear()
         self._inbox_bytes = 0
 
+    def ping(self) -> float | None:
+        """Seconds one ``PING`` takes to Redis on a connection of its own; ``None`` when it fails.
+
+        Blocks the calling greenlet up to ``socket_timeout`` (the dashboard
+        runs it in a greenlet of its own). Never raises for a Redis problem.
+        """
+        if self._ping_conn is None or self._ping_pid != os.getpid():
+            self._ping_conn, self._ping_pid = self._connection("ping"), os.getpid()
+        conn = self._ping_conn
+        try:
+            start = _monotonic()
+            conn.send_command("PING", check_health=False)
+            conn.read_response()
+            return _monotonic() - start
+        except _CONN_ERRORS:
+            conn.disconnect()
+            return None
+
     @property
     def connected(self) -> bool:
         """True while the listener is subscribed and the publisher has no known connection problem."""
@@ -703,11 +725,18 @@ class RedisAdapter(Adapter):
         # One outage = from the first side that loses Redis until both are back.
         if not self._in_outage:
             self._in_outage = True
+            self._outage_began = _monotonic()
             self._counters["outages"] += 1
+            if telemetry.pubsub_down.receivers:
+                meta = {"node": self.node_name, "adapter": repr(self), "reason": self._last_error}
+                telemetry.emit(telemetry.pubsub_down, self, {}, meta)
 
     def _outage_over(self) -> None:
         if self._in_outage and self._pub_down_since is None and self._sub_down_since is None:
             self._in_outage = False
+            if telemetry.pubsub_up.receivers:
+                took = {"duration": _monotonic() - self._outage_began}
+                telemetry.emit(telemetry.pubsub_up, self, took, {"node": self.node_name, "adapter": repr(self)})
 
     def _run_publisher(self, gen: int) -> None:
         conn = self._pub_conn

@@ -50,6 +50,7 @@ from ..options import LongPollOptions, defaults
 from ..serializers import DecodeError, FastlaneEncoder, Message, Serializer, dumps, negotiate
 from ..socket import SocketState
 from . import http as phx_http
+from .writer import _dropped
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..endpoint import SocketMount
@@ -232,12 +233,13 @@ class LongPollSession:
         # The WebSocket writer's policy: over the hard cap at once; over the
         # soft cap when the client has not polled for slow_client_timeout.
         if self.qbytes > self.lp.max_buffer_bytes:
-            why = f"{self.qbytes} bytes buffered (max_buffer_bytes)"
+            why, reason = f"{self.qbytes} bytes buffered (max_buffer_bytes)", "buffer_full"
         elif _monotonic() - self.last_drain > flow.slow_timeout:
-            why = f"{self.qbytes} bytes buffered and no poll for {flow.slow_timeout:.1f}s"
+            why, reason = f"{self.qbytes} bytes buffered and no poll for {flow.slow_timeout:.1f}s", "stalled"
         else:
             return False
         log.warning("phx_gevent: ending a long-poll session: %s", why)
+        _dropped(self, reason, self.qbytes, "longpoll")
         self.end()
         return True
 
@@ -484,12 +486,13 @@ class LongPoll:
         info = mount.build_connect_info(environ, params, self.connect_info, extra)
         socket = mount.new_socket("longpoll", serializer)
         self._creating += 1
+        started = time.perf_counter()
         try:
             result: object = mount.handler.connect(params, socket, info)
         finally:
             self._creating -= 1
         if result is None or result is False:
-            mount.log("refused", "longpoll", params)
+            mount.log("refused", "longpoll", params, started, socket)
             return _json({"status": 403})
         if not isinstance(result, SocketState):
             raise CallbackReturnError(
@@ -509,7 +512,7 @@ class LongPoll:
         self.sessions[session_id] = session
         conn.start()
         session.start()
-        mount.log("connected", "longpoll", params)
+        mount.log("connected", "longpoll", params, started, socket)
         token = self._sign(self.mount.endpoint.node_name, session_id)
         return _json({"status": GONE, "token": token, "messages": []})
 

@@ -178,9 +178,10 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
     extra = {"auth_token": token} if mount.auth_token else None
     info = mount.build_connect_info(environ, params, mount.connect_info, extra)
     socket = mount.new_socket("websocket", serializer)
+    started = time.perf_counter()
     result: object = mount.handler.connect(params, socket, info)
     if result is None or result is False:
-        mount.log("refused", "websocket", params)
+        mount.log("refused", "websocket", params, started, socket)
         return _empty(403)
     if not isinstance(result, SocketState):
         raise CallbackReturnError(
@@ -192,7 +193,7 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
         log.error("phx_gevent: %s.id must return a str or None, got %r", type(mount.handler).__name__, sid)
         return _empty(403)
     socket.id = sid
-    mount.log("connected", "websocket", params)
+    mount.log("connected", "websocket", params, started, socket)
     accept = base64.b64encode(hashlib.sha1((key + _GUID).encode("latin-1")).digest()).decode("ascii")
     headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
     if chosen is not None:

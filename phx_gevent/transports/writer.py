@@ -26,6 +26,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from .. import telemetry
 from ..flow import flow
 from ..runtime import runtime
 from . import frames
@@ -135,6 +136,14 @@ def configure_socket(sock: Any) -> None:
             sock.setsockopt(_pysocket.SOL_SOCKET, _pysocket.SO_SNDBUF, flow.sndbuf)
         except OSError:
             pass
+
+
+def _dropped(sender: Any, reason: str, queued: int, transport: str = "websocket") -> None:
+    """Emit ``phx_gevent.slow_client_drop`` (when observed) for a connection dropped by the overload policy."""
+    if telemetry.slow_client_drop.receivers:
+        telemetry.emit(
+            telemetry.slow_client_drop, sender, {"queued_bytes": queued}, {"reason": reason, "transport": transport}
+        )
 
 
 class Writer:
@@ -249,6 +258,7 @@ class Writer:
     def _check_slow(self) -> None:
         if self.qbytes > 4 * flow.connection_limit:
             log.warning("phx_gevent: dropping a connection with %d bytes queued (hard cap)", self.qbytes)
+            _dropped(self, "hard_cap", self.qbytes)
             self.abort(frames.CLOSE_POLICY, "slow client")
         elif _monotonic() - self.last_drain > flow.slow_timeout:
             log.warning(
@@ -256,6 +266,7 @@ class Writer:
                 flow.slow_timeout,
                 self.qbytes,
             )
+            _dropped(self, "stalled", self.qbytes)
             self.abort(frames.CLOSE_POLICY, "slow client")
 
     # -- flushing -------------------------------------------------------------------------
