@@ -66,6 +66,7 @@ from ..flow import flow
 from . import codec
 from . import history as _history
 from .base import Adapter, make_node_name
+from .outbox import HistoryCmd, Outbox
 
 try:
     import redis
@@ -102,17 +103,6 @@ class _Backoff:
 
     def reset(self) -> None:
         self.current = self.low
-
-
-class _HistoryCmd:
-    """An outbox entry that runs the history append script instead of a PUBLISH."""
-
-    __slots__ = ("args", "topic", "config")
-
-    def __init__(self, args: tuple[Any, ...], topic: str, config: Any) -> None:
-        self.args = args
-        self.topic = topic
-        self.config = config
 
 
 class _Throttle:
@@ -283,11 +273,8 @@ class RedisAdapter(Adapter):
         self._echo = codec.echo_prefix(node)
         # Our own history messages come back (the script publishes them): keep those.
         self._echo_history = self._echo + b'{"o":"'
-        # Outgoing: (queued at, channel, data); in flight = written, not yet acknowledged.
-        self._outbox: deque[tuple[float, bytes | _HistoryCmd, bytes]] = deque()
-        self._inflight: deque[tuple[float, bytes | _HistoryCmd, bytes]] = deque()
-        self._pending_bytes = 0
-        self._next_direct_scan = 0.0
+        # Outgoing: queued, then in flight (written, not yet acknowledged); its rules are pure (outbox.py).
+        self._out = Outbox(self.max_pending, self.max_pending_bytes, self._bchan)
         self._out_event = Event()
         self._space = Event()
         self._inbox: deque[bytes] = deque()
@@ -400,13 +387,9 @@ class RedisAdapter(Adapter):
             self._counters["publish_errors"] += 1
             log.error("phx_gevent: dropped a %d-byte envelope for %r: larger than max_pending_bytes", size, channel)
             return
-        if len(self._outbox) + len(self._inflight) >= self.max_pending or (
-            self._pending_bytes + size > self.max_pending_bytes
-        ):
-            if not self._make_room(size):
-                return
-        self._outbox.append((_monotonic(), channel, data))
-        self._pending_bytes += size
+        if self._out.full(size) and not self._make_room(size):
+            return
+        self._out.add((_monotonic(), channel, data))
         self._out_event.set()
 
     def publish_history(self, envelope: dict[str, Any], config: Any) -> bool:
@@ -428,14 +411,10 @@ class RedisAdapter(Adapter):
         # A gap recorded earlier is marked (_reset_gaps) before this append is sent.
         args, plain = _history.append_args(self.prefix, self.node_name, envelope, config, False)
         size = len(plain)
-        if len(self._outbox) + len(self._inflight) >= self.max_pending or (
-            self._pending_bytes + size > self.max_pending_bytes
-        ):
-            if not self._make_room(size):
-                self.history_gap(topic, config)
-                return False
-        self._outbox.append((_monotonic(), _HistoryCmd(args, topic, config), plain))
-        self._pending_bytes += size
+        if self._out.full(size) and not self._make_room(size):
+            self.history_gap(topic, config)
+            return False
+        self._out.add((_monotonic(), HistoryCmd(args, topic, config), plain))
         self._out_event.set()
         return True
 
@@ -469,10 +448,7 @@ class RedisAdapter(Adapter):
     def _convert_history(self) -> None:
         # Redis is unreachable: queued history appends become plain broadcasts
         # (kept for replay like any other), delivered here at once without offset.
-        if any(type(item[1]) is _HistoryCmd for item in self._outbox):
-            converted = [self._history_fallback(it) if type(it[1]) is _HistoryCmd else it for it in self._outbox]
-            self._outbox.clear()
-            self._outbox.extend(converted)
+        self._out.convert_history(self._history_fallback)
 
     def _reset_gaps(self, conn: Any) -> None:
         # Back after an outage: mark a gap in the history of every topic that had
@@ -494,7 +470,7 @@ class RedisAdapter(Adapter):
             return
         deadline = _monotonic() + timeout
         current = gevent.getcurrent()
-        while (self._outbox or self._inflight) and self._pub_down_since is None and _monotonic() < deadline:
+        while self._out and self._pub_down_since is None and _monotonic() < deadline:
             if current in self._greenlets:
                 break
             self._space.clear()
@@ -511,13 +487,10 @@ class RedisAdapter(Adapter):
             if conn is not None:
                 conn.disconnect()
         self._pub_ok = self._sub_ok = False
-        lost = len(self._outbox) + len(self._inflight)
+        lost = self._out.clear()
         if lost:
             self._counters["publish_dropped"] += lost
             log.warning("phx_gevent: Redis adapter stopped with %d envelopes not forwarded", lost)
-        self._outbox.clear()
-        self._inflight.clear()
-        self._pending_bytes = 0
         self._inbox.clear()
         self._inbox_bytes = 0
 
@@ -564,8 +537,8 @@ class RedisAdapter(Adapter):
             "connected": self.connected,
             "publisher_connected": self._pub_ok,
             "listener_connected": self._sub_ok,
-            "publish_pending": len(self._outbox) + len(self._inflight),
-            "publish_pending_bytes": self._pending_bytes,
+            "publish_pending": len(self._out),
+            "publish_pending_bytes": self._out.pending_bytes,
             "receive_pending": len(self._inbox),
             "subscribers": self._subscribers_seen,
             "last_error": self._last_error,
@@ -613,31 +586,18 @@ class RedisAdapter(Adapter):
 
     # -- publishing -----------------------------------------------------------------------
 
-    def _full(self, size: int) -> bool:
-        return (
-            len(self._outbox) + len(self._inflight) >= self.max_pending
-            or self._pending_bytes + size > self.max_pending_bytes
-        )
-
     def _make_room(self, size: int) -> bool:
         current = gevent.getcurrent()
         if self._pub_down_since is None and self.publish_timeout > 0 and current not in self._greenlets:
             # Redis is there but slower than we publish: slow the caller down a little.
             deadline = _monotonic() + self.publish_timeout
-            while self._full(size) and self._pub_down_since is None:
+            while self._out.full(size) and self._pub_down_since is None:
                 remaining = deadline - _monotonic()
                 if remaining <= 0:
                     break
                 self._space.clear()
                 self._space.wait(remaining)
-        dropped = 0
-        while self._full(size) and self._outbox:
-            old = self._outbox.popleft()
-            self._pending_bytes -= len(old[2])
-            if type(old[1]) is _HistoryCmd:
-                self._history_fallback(old)
-            dropped += 1
-        accepted = not self._full(size)
+        dropped, accepted = self._out.drop_oldest(size, self._history_fallback)
         if not accepted:
             dropped += 1  # everything left is being written: the new envelope is the one dropped
         if dropped:
@@ -647,8 +607,8 @@ class RedisAdapter(Adapter):
                 log.warning(
                     "phx_gevent: Redis publish queue full (%d envelopes, %d bytes; Redis %s): dropped %d "
                     "envelope(s) not forwarded to other nodes (%d total)",
-                    len(self._outbox) + len(self._inflight),
-                    self._pending_bytes,
+                    len(self._out),
+                    self._out.pending_bytes,
                     "connected" if self._pub_ok else "unreachable",
                     dropped + suppressed,
                     self._counters["publish_dropped"],
@@ -656,29 +616,7 @@ class RedisAdapter(Adapter):
         return accepted
 
     def _expire(self) -> None:
-        now = _monotonic()
-        limit = now - self.replay_window
-        expired = 0
-        queue = self._outbox
-        while queue and queue[0][0] < limit:
-            old = queue.popleft()
-            self._pending_bytes -= len(old[2])
-            if type(old[1]) is _HistoryCmd:
-                self._history_fallback(old)
-            expired += 1
-        direct_limit = now - self.direct_ttl
-        if queue and queue[0][0] < direct_limit and now >= self._next_direct_scan:
-            # Direct messages may sit among younger broadcasts: a scan, at most ten a second.
-            self._next_direct_scan = now + 0.1
-            bchan = self._bchan
-            kept = [
-                item for item in queue if item[1] == bchan or type(item[1]) is _HistoryCmd or item[0] >= direct_limit
-            ]
-            if len(kept) != len(queue):
-                expired += len(queue) - len(kept)
-                self._pending_bytes = sum(len(item[2]) for item in kept) + sum(len(item[2]) for item in self._inflight)
-                queue.clear()
-                queue.extend(kept)
+        expired = self._out.expire(_monotonic(), self.replay_window, self.direct_ttl, self._history_fallback)
         if expired:
             self._counters["publish_expired"] += expired
             self._expired_unlogged += expired
@@ -717,7 +655,7 @@ class RedisAdapter(Adapter):
                 self._where,
                 now - self._pub_down_since,
                 self._last_error,
-                len(self._outbox) + len(self._inflight),
+                len(self._out),
             )
         self._space.set()  # publishers waiting for room stop waiting: the queue is now the replay buffer
 
@@ -758,9 +696,9 @@ class RedisAdapter(Adapter):
                     if not self._alive(gen):
                         return
                 self._pub_ok = True
-                if not self._outbox and not self._inflight:
+                if not self._out:
                     self._out_event.clear()
-                    if not self._outbox and not self._out_event.wait(self.health_check_interval):
+                    if not self._out.queue and not self._out_event.wait(self.health_check_interval):
                         if self._alive(gen):
                             # Idle: check the connection, and count the nodes for the next replay.
                             self._probe(conn)
@@ -773,7 +711,7 @@ class RedisAdapter(Adapter):
                 last_io = _monotonic()
             except _CONN_ERRORS as exc:
                 conn.disconnect()
-                self._requeue()
+                self._out.requeue()
                 if not self._alive(gen):
                     return
                 self._pub_failed(exc)
@@ -782,15 +720,8 @@ class RedisAdapter(Adapter):
                 # A bug must not end the only publish path: log, pause, go on.
                 log.exception("phx_gevent: Redis publisher failed")
                 conn.disconnect()
-                self._requeue()
+                self._out.requeue()
                 self._stop.wait(backoff.next())
-
-    def _requeue(self) -> None:
-        # Unacknowledged envelopes go back to the head of the queue, in order:
-        # sent again after reconnecting, or dropped first if the queue overflows.
-        if self._inflight:
-            self._outbox.extendleft(reversed(self._inflight))
-            self._inflight.clear()
 
     def _probe(self, conn: Any) -> None:
         conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
@@ -801,7 +732,7 @@ class RedisAdapter(Adapter):
         # other nodes to resubscribe, so the replay is not published to nobody.
         self._expire()
         self._reset_gaps(conn)
-        pending = len(self._outbox) + len(self._inflight)
+        pending = len(self._out)
         waited = 0.0
         if pending and self._subscribers_seen > 1:
             start = _monotonic()
@@ -815,7 +746,7 @@ class RedisAdapter(Adapter):
                 self._stop.wait(0.05)
             waited = _monotonic() - start
             self._expire()
-            pending = len(self._outbox) + len(self._inflight)
+            pending = len(self._out)
         down_since = self._pub_down_since if self._pub_down_since is not None else _monotonic()
         log.warning(
             "phx_gevent: Redis %s reachable again for publishing after %.1fs; replaying %d envelopes%s",
@@ -831,18 +762,14 @@ class RedisAdapter(Adapter):
         self._outage_over()
 
     def _send_batch(self, conn: Any) -> None:
-        inflight = self._inflight
-        if not inflight:
-            outbox = self._outbox
-            if outbox and outbox[0][0] < _monotonic() - self.direct_ttl:
+        out = self._out
+        if not out.inflight:
+            queue = out.queue
+            if queue and queue[0][0] < _monotonic() - self.direct_ttl:
                 self._expire()  # a backlog: stale direct messages are not worth sending
-            budget = 1024 * 1024
-            while outbox and len(inflight) < self.batch_size and budget > 0:
-                item = outbox.popleft()
-                budget -= len(item[2])
-                inflight.append(item)
-            if not inflight:
-                return
+        inflight = out.take(self.batch_size)
+        if not inflight:
+            return
         bchan = self._bchan
         counters = self._counters
         try:
@@ -874,7 +801,7 @@ class RedisAdapter(Adapter):
                 # Refused by Redis (ACL, ...): this one is lost, the connection is fine.
                 receivers = None
                 counters["publish_errors"] += 1
-                if type(inflight[0][1]) is _HistoryCmd:
+                if type(inflight[0][1]) is HistoryCmd:
                     log.error("phx_gevent: Redis refused a history append on %r: %s", inflight[0][1].topic, exc)
                     self._history_fallback(inflight[0])
                     if b"NOSCRIPT" in str(exc).encode():
@@ -884,8 +811,7 @@ class RedisAdapter(Adapter):
             except _CONN_ERRORS:
                 counters["resent"] += len(inflight)
                 raise
-            _, channel, data = inflight.popleft()
-            self._pending_bytes -= len(data)
+            _, channel, _data = out.acknowledged()
             counters["published"] += 1
             if receivers is not None:
                 if channel == bchan:
