@@ -216,6 +216,11 @@ class UserSocket(Socket):
         return "user_socket:" + socket.assigns["user"]
 
 
+def _env_list(name: str, default: list[str] | None) -> list[str] | None:
+    value = os.environ.get(name)
+    return default if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
 def dashboard_auth(req: Any) -> str | bool:
     """Who may open /phx/dashboard: with ``DASHBOARD_TOKEN`` set, whoever passes ``?token=<it>``; else loopback."""
     token = os.environ.get("DASHBOARD_TOKEN")
@@ -242,7 +247,18 @@ def add_observability(endpoint: Endpoint) -> None:
 def create_app() -> tuple[Flask, Endpoint]:
     app = Flask(__name__)
     app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY")
-    endpoint = Endpoint(app, pubsub=os.environ.get("REDIS_URL") or None)
+    endpoint = Endpoint(
+        app,
+        pubsub=os.environ.get("REDIS_URL") or None,
+        # ALLOWED_HOSTS="chat.example.com,...": only these Host names are
+        # answered (a DNS-rebinding page is refused). Unset, `python
+        # app_example.py` on loopback still answers only loopback names (serve()'s
+        # default); under gunicorn, set it for the names the app is served under.
+        allowed_hosts=_env_list("ALLOWED_HOSTS", None),
+        # TRUSTED_PROXIES="127.0.0.1" behind nginx: the loopback-only endpoints
+        # and per-address limits then see the real client address.
+        trusted_proxies=_env_list("TRUSTED_PROXIES", []),
+    )
     endpoint.socket("/socket", UserSocket(Presence(endpoint)), auth_token=True, longpoll=True)
     add_observability(endpoint)
 

@@ -339,7 +339,7 @@ class ChannelProcess:
         except GreenletExit:
             raise
         except Exception:
-            log.exception("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
+            self.conn.log_error("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
             if self.state == JOINING:
                 self.state = STOPPED
                 self._notify_down()
@@ -491,7 +491,7 @@ class ChannelProcess:
         except GreenletExit:
             raise
         except Exception as exc:
-            log.exception("phx_gevent: %s crashed on %r", type(instance).__name__, self.topic)
+            self.conn.log_error("phx_gevent: %s crashed on %r", type(instance).__name__, self.topic)
             self._exit(exc, "phx_error")
 
     def _handled_in(self, msg: Any, duration: float) -> None:

@@ -197,6 +197,23 @@ class Endpoint:
         (:mod:`phx_gevent.runtime`), and a second endpoint passing a different
         value raises :class:`~phx_gevent.options.ConfigurationError` instead of
         retuning the first.
+    ``max_incomplete_input_bytes``, ``input_timeout``
+        The process-wide bound on inputs still arriving: memory and time
+        (:mod:`phx_gevent.flow`, docs/reliability.md); owned the same way.
+    ``allowed_hosts``
+        ``None`` (default: any ``Host``) or the host names the app answers;
+        any other ``Host`` gets 400 before a view runs, sockets included
+        (``"*.example.com"`` for subdomains, ports ignored). The default
+        origin check compares ``Origin`` with ``Host``: without this list, a
+        page on a DNS-rebinding domain passes it.
+    ``trusted_proxies``
+        Addresses or networks of reverse proxies (``["127.0.0.1",
+        "10.0.0.0/8"]``). A request from one of them gets its client's
+        address from ``X-Forwarded-For`` (read from the right, skipping
+        trusted hops) in ``REMOTE_ADDR``, so ``request.remote_addr``,
+        ``peer_data`` and the per-address limits see the real client (the
+        proxy's own address stays in ``environ["phx_gevent.peer_addr"]``).
+        Default: none (the header is ignored).
     ``direct_send``
         ``True`` (default) sends a frame at once while the server is idle
         (lower latency), within a budget, and coalesces in the flusher under
@@ -218,6 +235,10 @@ class Endpoint:
         slow_client_timeout: float | None = None,
         sndbuf: int | None | bool = False,
         direct_send: bool | None = None,
+        max_incomplete_input_bytes: int | None = None,
+        input_timeout: float | None = None,
+        allowed_hosts: Iterable[str] | None = None,
+        trusted_proxies: Iterable[str] | None = None,
         name: str = "phx_gevent",
     ) -> None:
         self.name = name
@@ -231,7 +252,11 @@ class Endpoint:
             slow_client_timeout=slow_client_timeout,
             sndbuf=sndbuf,
             direct_send=direct_send,
+            max_incomplete_input_bytes=max_incomplete_input_bytes,
+            input_timeout=input_timeout,
         )
+        self.allowed_hosts = phx_http.compile_hosts(allowed_hosts)
+        self.trusted_proxies = phx_http.compile_proxies(trusted_proxies)
         self.blueprint = Blueprint(name, __name__)
         self.mounts: list[SocketMount] = []
         self.apps: list[Flask] = []
@@ -273,7 +298,22 @@ class Endpoint:
         app.register_blueprint(self.blueprint)
         app.extensions[self.name] = self
         app.register_error_handler(MethodNotAllowed, self._method_not_allowed)
+        if self.allowed_hosts is not None or self.trusted_proxies:
+            app.before_request(self._check_request)
         self.apps.append(app)
+
+    def _check_request(self) -> Any:
+        # Before any view (sockets included): the real client address, then the Host.
+        environ = request.environ
+        if self.trusted_proxies and phx_http.ENVIRON_PEER not in environ:
+            client = phx_http.client_address(environ, self.trusted_proxies)
+            if client is not None:
+                environ[phx_http.ENVIRON_PEER] = environ.get("REMOTE_ADDR")
+                environ["REMOTE_ADDR"] = client
+                request.remote_addr = client  # Werkzeug copied it when it made the request
+        if not phx_http.host_allowed(environ, self.allowed_hosts):
+            return phx_http.close_after(Response("Host not allowed", status=400, mimetype="text/plain"))
+        return None
 
     def _method_not_allowed(self, exc: MethodNotAllowed) -> Any:
         # A non-GET upgrade request to a socket path is routed to the

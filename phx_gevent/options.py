@@ -111,6 +111,12 @@ class WebSocketOptions:
         takeover either way, so no zlib state per connection and broadcast
         frames stay shared). Costs CPU per large message; default ``False``
         as in Phoenix. ``max_frame_size`` applies to the inflated size too.
+    ``max_message_rate``, ``message_burst``
+        Inbound messages per second one connection may send on average
+        (default 1000), and how many it may send at once (default 2000). A
+        faster client is throttled: its next message is read only when the
+        rate allows (TCP pushes back on it), nothing is dropped. ``None``
+        turns the limit off.
 
     Raises :class:`ConfigurationError` for a bad value.
     """
@@ -124,6 +130,8 @@ class WebSocketOptions:
     close_timeout: float = field(default=5.0, metadata=_number("seconds", maximum=MAX_SECONDS))
     path: str = "/websocket"
     compress: bool = False
+    max_message_rate: float | None = field(default=1000.0, metadata=_number("messages per second", optional=True))
+    message_burst: int = field(default=2000, metadata=_number("messages", integer=True))
 
     def __post_init__(self) -> None:
         _check("websocket", self)
@@ -131,6 +139,7 @@ class WebSocketOptions:
         if isinstance(self.subprotocols, str) or not all(isinstance(p, str) for p in self.subprotocols):
             raise ConfigurationError(f"websocket subprotocols must be a list of strings, got {self.subprotocols!r}")
         self.max_frame_size = int(self.max_frame_size)
+        self.max_message_rate = None if self.max_message_rate is None else float(self.max_message_rate)
         self.subprotocols = ["phoenix", *[p for p in self.subprotocols if p != "phoenix"]]
         self.compress = bool(self.compress)
 
@@ -164,6 +173,19 @@ class LongPollOptions:
     ``max_lines``
         Messages processed per POST (default 100, as phoenix.js sends at most
         100); extra lines are dropped, as Phoenix does.
+    ``address_rate``, ``address_burst``
+        Sessions one client address may create per second on average
+        (default 100) and at once (default 1000); beyond, HTTP 429 (the
+        client retries with backoff). ``address_rate=None`` turns it off.
+        Every client of a reverse proxy shares its address unless the
+        endpoint's ``trusted_proxies`` names it. At ``max_sessions``, the
+        oldest session that never polled is ended to make room (a client
+        polls right after creating its session; one that did not is
+        abandoned), and only when every session has polled is the answer 503.
+    ``max_message_rate``, ``message_burst``
+        Inbound messages per second one session may send on average (default
+        1000) and at once (default 2000); a faster POST waits (throttled,
+        nothing dropped). ``None`` turns it off.
     ``check_origin``, ``connect_info``, ``auth_token``
         Override the mount's settings for this transport (``None``: the mount's).
 
@@ -178,6 +200,10 @@ class LongPollOptions:
     max_buffer_bytes: int = field(default=4 * 1024 * 1024, metadata=_number("bytes", integer=True))
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata=_number("bytes", integer=True))
     max_lines: int = field(default=100, metadata=_number("messages", integer=True))
+    address_rate: float | None = field(default=100, metadata=_number("sessions per second", optional=True))
+    address_burst: float = field(default=1000, metadata=_number("sessions"))
+    max_message_rate: float | None = field(default=1000, metadata=_number("messages per second", optional=True))
+    message_burst: float = field(default=2000, metadata=_number("messages"))
     check_origin: Any = None
     connect_info: Any = None
     auth_token: bool | None = None

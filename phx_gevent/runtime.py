@@ -51,8 +51,10 @@ SETTINGS = (
     "slow_client_timeout",
     "sndbuf",
     "direct_send",
+    "max_incomplete_input_bytes",
+    "input_timeout",
 )
-_SECONDS = ("broadcast_timeout", "slow_client_timeout")
+_SECONDS = ("broadcast_timeout", "slow_client_timeout", "input_timeout")
 
 
 class Runtime:
@@ -193,6 +195,8 @@ class Runtime:
             "slow_client_timeout": f.slow_timeout,
             "sndbuf": f.sndbuf,
             "direct_send": f.direct_send,
+            "max_incomplete_input_bytes": f.max_incomplete,
+            "input_timeout": f.input_timeout,
         }
 
 

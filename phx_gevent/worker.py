@@ -48,16 +48,23 @@ class GunicornWebSocketHandler(WebSocketHandler, PyWSGIHandler):
     """phx_gevent's handler with gunicorn's access log and environ keys (``gunicorn.sock``, ``RAW_URI``)."""
 
 
-#: The listening servers of this worker process (closed first when draining).
+#: The listening servers of this worker process that have started (closed first when draining).
 _servers: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Set once the drain began: a server that finishes starting afterwards closes at once.
+_stopping = False
 
 
 class _Server(PyWSGIServer):
-    """gunicorn's pywsgi server, remembered so the drain can stop accepting first."""
+    """gunicorn's pywsgi server, remembered once started so the drain can stop accepting first."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def start(self) -> None:
+        # Registered only once start() is over: gevent's start() can switch
+        # greenlets half-way, and a drain (SIGTERM during boot) that closed
+        # the server then made start() fail ("no attribute 'socket'").
+        super().start()
         _servers.add(self)
+        if _stopping:
+            self.close()
 
 
 def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
@@ -185,6 +192,8 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
             gevent.spawn(self._drain)
 
     def _drain(self) -> None:
+        global _stopping
+        _stopping = True
         # Stop accepting first, so drained clients reconnect to the other workers, not here.
         for server in list(_servers):
             try:

@@ -113,7 +113,13 @@ def main() -> None:
     @app.get("/_bench/stats")
     def bench_stats() -> dict:
         # For watching a run by hand: the overload policy's counters.
-        return {"queued": flow.queued, "waiting": flow._waiting, "timeouts": flow.timeouts, **settings}
+        return {
+            "queued": flow.queued,
+            "waiting": flow._waiting,
+            "timeouts": flow.timeouts,
+            "connections": _endpoint.connection_count(),
+            **settings,
+        }
 
     print(f"SETTINGS {settings}", file=sys.stderr, flush=True)
     server = make_server(app, args.host, args.port, log=None)

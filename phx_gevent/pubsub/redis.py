@@ -55,12 +55,13 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gevent
 from gevent.event import Event
 
-from .. import telemetry
+from .. import supervise, telemetry
 from ..errors import BroadcastTimeout
 from ..flow import flow
 from . import codec
@@ -301,6 +302,8 @@ class RedisAdapter(Adapter):
                 "receive_dropped",
                 "overload_dropped",
                 "invalid",
+                "delivery_errors",
+                "restarts",
                 "outages",
                 "reconnects",
             ),
@@ -313,6 +316,7 @@ class RedisAdapter(Adapter):
         self._log_drop_in = _Throttle(10.0)
         self._log_overload = _Throttle(10.0)
         self._log_invalid = _Throttle(10.0)
+        self._log_delivery = supervise.LogLimiter(10.0)
         self._log_pub_retry = _Throttle(30.0)
         self._log_sub_retry = _Throttle(30.0)
 
@@ -357,12 +361,23 @@ class RedisAdapter(Adapter):
         self._stop = Event()
         self._pub_conn = self._connection("pub")
         self._sub_conn = self._connection("sub")
+        # Supervised: a greenlet that dies anyway (a bug) is restarted and
+        # counted (``stats()["restarts"]``), never left dead behind a
+        # "connected" adapter.
+        alive = partial(self._alive, gen)
         self._greenlets = [
-            gevent.spawn(self._run_publisher, gen),
-            gevent.spawn(self._run_listener, gen),
-            gevent.spawn(self._run_delivery, gen),
+            supervise.spawn("Redis publisher", self._supervised, self._run_publisher, gen, alive=alive),
+            supervise.spawn("Redis listener", self._supervised, self._run_listener, gen, alive=alive),
+            supervise.spawn("Redis delivery", self._supervised, self._run_delivery, gen, alive=alive),
         ]
         log.debug("phx_gevent: Redis adapter %r started", self)
+
+    def _supervised(self, run: Callable[[int], None], gen: int) -> None:
+        try:
+            run(gen)
+        except Exception:
+            self._counters["restarts"] += 1
+            raise
 
     def ensure_started(self) -> None:
         """Restart in a forked child an adapter that was started in its parent."""
@@ -718,7 +733,7 @@ class RedisAdapter(Adapter):
                 self._stop.wait(backoff.next())
             except Exception:
                 # A bug must not end the only publish path: log, pause, go on.
-                log.exception("phx_gevent: Redis publisher failed")
+                supervise.failed("Redis publisher")
                 conn.disconnect()
                 self._out.requeue()
                 self._stop.wait(backoff.next())
@@ -853,7 +868,7 @@ class RedisAdapter(Adapter):
                 self._sub_failed(exc)
                 self._stop.wait(backoff.next())
             except Exception:
-                log.exception("phx_gevent: Redis listener failed")
+                supervise.failed("Redis listener")
                 conn.disconnect()
                 self._stop.wait(backoff.next())
 
@@ -941,7 +956,8 @@ class RedisAdapter(Adapter):
                 continue
             try:
                 envelope = codec.decode(data)
-            except codec.EnvelopeError as exc:
+            except Exception as exc:
+                # Whatever the data does to the decoder, the next envelope is delivered.
                 counters["invalid"] += 1
                 if self._log_invalid.ready() is not None:
                     log.warning("phx_gevent: ignored an invalid message from Redis: %s", exc)
@@ -971,7 +987,14 @@ class RedisAdapter(Adapter):
                 try:
                     receive(envelope)
                 except Exception:
-                    log.exception("phx_gevent: delivering an envelope from node %r failed", envelope["n"])
+                    counters["delivery_errors"] += 1
+                    self._log_delivery.log(
+                        log,
+                        logging.ERROR,
+                        "phx_gevent: delivering an envelope from node %r failed",
+                        envelope["n"],
+                        exc_info=True,
+                    )
             since_yield += 1
             if since_yield >= 64:
                 # A burst from Redis must not starve requests and writers.
