@@ -285,11 +285,7 @@ class Endpoint:
 
     @staticmethod
     def _compile_origin(setting: Any) -> phx_http.OriginSetting:
-        if setting is True or setting is False or callable(setting):
-            return setting
-        if isinstance(setting, str):
-            setting = [setting]
-        return phx_http.compile_origins(setting)
+        return phx_http.compile_check_origin(setting)
 
     # -- Flask integration --------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from .channel import Reply
 from .connection import Connection
 from .endpoint import Endpoint, SocketMount
 from .errors import PhxError
-from .serializers import V2, FastlaneEncoder, Message, Serializer, negotiate
+from .serializers import V2, FastlaneEncoder, Message, Serializer, decode_server_frame, negotiate
 from .socket import SocketState
 
 __all__ = ["ChannelTest", "TestClient", "TestChannel", "MemoryTransport", "ConnectRefused"]
@@ -94,7 +94,7 @@ class MemoryTransport:
 
     def messages(self) -> list[Message]:
         """Every frame so far, decoded (V2 JSON and binary frames)."""
-        return [_decode_server_frame(f) for f in self.frames]
+        return [decode_server_frame(f) for f in self.frames]
 
     def wait_for(self, pred: Any, timeout: float) -> Any:
         """Wait until ``pred(messages)`` returns something truthy and return it; AssertionError on timeout."""
@@ -107,41 +107,6 @@ class MemoryTransport:
                 # Re-check now and then: some conditions write no frame.
                 self._changed.wait(0.01)
         raise AssertionError(f"timed out after {timeout}s; frames so far: {self.messages()!r}")
-
-
-def _decode_server_frame(frame: Any) -> Message:
-    if isinstance(frame, str):
-        import json
-
-        data = json.loads(frame)
-        if isinstance(data, list):
-            return Message(*data[:5])
-        return Message(None, data.get("ref"), data["topic"], data["event"], data["payload"])
-    kind = frame[0]
-    if kind == 0:  # push: kind, jr, topic, event
-        jl, tl, el = frame[1], frame[2], frame[3]
-        p = 4
-        jr = frame[p : p + jl].decode()
-        p += jl
-        topic = frame[p : p + tl].decode()
-        p += tl
-        event = frame[p : p + el].decode()
-        return Message(jr or None, None, topic, event, bytes(frame[p + el :]))
-    if kind == 1:  # reply: kind, jr, ref, topic, status
-        jl, rl, tl, sl = frame[1], frame[2], frame[3], frame[4]
-        p = 5
-        jr = frame[p : p + jl].decode()
-        p += jl
-        ref = frame[p : p + rl].decode()
-        p += rl
-        topic = frame[p : p + tl].decode()
-        p += tl
-        status = frame[p : p + sl].decode()
-        return Message(jr or None, ref, topic, "phx_reply", {"status": status, "response": bytes(frame[p + sl :])})
-    tl, el = frame[1], frame[2]
-    topic = frame[3 : 3 + tl].decode()
-    event = frame[3 + tl : 3 + tl + el].decode()
-    return Message(None, None, topic, event, bytes(frame[3 + tl + el :]))
 
 
 class ChannelTest:

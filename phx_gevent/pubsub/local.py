@@ -46,6 +46,7 @@ from ..serializers import EncodeError
 from . import codec
 from .base import Adapter, make_node_name
 from .history import HistoryConfig, HistoryEntry, HistoryRules, MemoryHistory, Recovery, parse_offset
+from .request import NodeRequests, Responder
 
 __all__ = ["PubSub", "Topic", "ALL_EVENTS"]
 
@@ -627,6 +628,14 @@ class PubSub:
             return
         self.start()
         self.adapter.publish({"k": "d", "n": self.node_name, "to": node, "t": name, "e": "", "p": payload, "x": None})
+
+    def requests(self, name: str, serve: Callable[[dict[str, Any], Responder], None], timeout: float) -> NodeRequests:
+        """Request/response with other nodes under handler ``name`` (see :mod:`phx_gevent.pubsub.request`).
+
+        ``serve(request, responder)`` gets the requests other nodes send here;
+        the returned object's ``ask(node, message, work)`` sends one.
+        """
+        return NodeRequests(self, name, serve, timeout)
 
     def _receive(self, envelope: dict[str, Any]) -> None:
         """Entry point for envelopes from other nodes (called by the adapter)."""

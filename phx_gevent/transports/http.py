@@ -296,6 +296,20 @@ class _OriginRule(NamedTuple):
 OriginSetting = bool | list[_OriginRule] | Callable[[str, Mapping[str, Any]], bool]
 
 
+def compile_check_origin(setting: Any) -> OriginSetting:
+    """A ``check_origin`` option as the endpoint, a mount or a transport takes it, compiled once.
+
+    ``True``/``False``/a callable are kept; a string or a list of origins
+    becomes rules (:func:`compile_origins`, which raises ``ValueError`` for a
+    malformed origin).
+    """
+    if setting is True or setting is False or callable(setting):
+        return setting
+    if isinstance(setting, str):
+        setting = [setting]
+    return compile_origins(setting)
+
+
 def compile_origins(origins: Iterable[str]) -> list[_OriginRule]:
     """Parse a list of allowed origins: ``//example.com``, ``https://*.example.com:8443``.
 
