@@ -280,25 +280,20 @@ class Writer:
         # Above the soft cap: the excess leaves the process total (one connection
         # must not be able to hold the budget of every broadcast hostage), then
         # the usual checks.
-        over = self.qbytes - flow.connection_limit
-        if over > self.excess:
-            flow.release(over - self.excess)
-            self.excess = over
-        self._check_slow()
-
-    def _check_slow(self) -> None:
-        if self.qbytes > 4 * flow.connection_limit:
+        self.excess = flow.exclude_excess(self.qbytes, self.excess)
+        reason = flow.slow_reason(self.qbytes, self.last_drain, 4 * flow.connection_limit)
+        if reason is None:
+            return
+        if reason == "hard_cap":
             log.warning("phx_gevent: dropping a connection with %d bytes queued (hard cap)", self.qbytes)
-            _dropped(self, "hard_cap", self.qbytes)
-            self.abort(frames.CLOSE_POLICY, "slow client")
-        elif _monotonic() - self.last_drain > flow.slow_timeout:
+        else:
             log.warning(
                 "phx_gevent: dropping a connection that drained nothing for %.1fs with %d bytes queued",
                 flow.slow_timeout,
                 self.qbytes,
             )
-            _dropped(self, "stalled", self.qbytes)
-            self.abort(frames.CLOSE_POLICY, "slow client")
+        _dropped(self, reason, self.qbytes)
+        self.abort(frames.CLOSE_POLICY, "slow client")
 
     # -- flushing -------------------------------------------------------------------------
 
@@ -352,9 +347,7 @@ class Writer:
         while above its soft cap, or while holding anything at all when the
         process is above its high-water mark.
         """
-        if not self.qbytes or self.state == CLOSED or now - self.last_drain <= flow.slow_timeout:
-            return False
-        return self.qbytes > flow.connection_limit or flow.queued > flow.high_water
+        return self.state != CLOSED and flow.stalled(self.qbytes, self.last_drain, now)
 
     def _send(self, data: Any) -> int | None:
         """One non-blocking ``send()``: the bytes the kernel took, or None when the socket is dead (aborted)."""

@@ -177,10 +177,7 @@ class LongPollSession:
         self.qbytes += n
         flow.queued += n
         if self.qbytes > flow.connection_limit or self.qbytes > self.lp.max_buffer_bytes:
-            over = self.qbytes - flow.connection_limit
-            if over > self.excess:
-                flow.release(over - self.excess)
-                self.excess = over
+            self.excess = flow.exclude_excess(self.qbytes, self.excess)
             if self._overflowed():
                 return
         waiter = self.waiter
@@ -188,14 +185,14 @@ class LongPollSession:
             waiter.set()
 
     def _overflowed(self) -> bool:
-        # The WebSocket writer's policy: over the hard cap at once; over the
-        # soft cap when the client has not polled for slow_client_timeout.
-        if self.qbytes > self.lp.max_buffer_bytes:
-            why, reason = f"{self.qbytes} bytes buffered (max_buffer_bytes)", "buffer_full"
-        elif _monotonic() - self.last_drain > flow.slow_timeout:
-            why, reason = f"{self.qbytes} bytes buffered and no poll for {flow.slow_timeout:.1f}s", "stalled"
-        else:
+        # The WebSocket writer's policy (flow.slow_reason), with max_buffer_bytes as the hard cap.
+        reason = flow.slow_reason(self.qbytes, self.last_drain, self.lp.max_buffer_bytes)
+        if reason is None:
             return False
+        if reason == "hard_cap":
+            why, reason = f"{self.qbytes} bytes buffered (max_buffer_bytes)", "buffer_full"
+        else:
+            why = f"{self.qbytes} bytes buffered and no poll for {flow.slow_timeout:.1f}s"
         log.warning("phx_gevent: ending a long-poll session: %s", why)
         _dropped(self, reason, self.qbytes, "longpoll")
         self.end()
