@@ -59,6 +59,16 @@ from gevent.queue import Empty, Queue
 from . import supervise, telemetry
 from .channel_server import ChannelProcess
 from .errors import BroadcastTimeout
+from .presence_state import (
+    Diff,
+    Entries,
+    Item,
+    LocalChange,
+    RemoteEvent,
+    Replica,
+    StateRequest,
+    StateTransfer,
+)
 from .pubsub.local import PubSub
 from .serializers import dumps
 from .socket import SocketState
@@ -78,62 +88,9 @@ PRESENCE_DIFF = "presence_diff"
 #: Local changes merged into one delta and one diff per topic, at most.
 _BATCH = 1000
 
-# {topic: {key: {phx_ref: meta}}}
-_Entries = dict[str, dict[str, dict[str, dict[str, Any]]]]
-
-
-class _Node:
-    """What this node knows of another node's presences."""
-
-    __slots__ = ("version", "entries", "last_seen", "sync_asked")
-
-    def __init__(self, now: float) -> None:
-        self.version = -1  # unknown until its state arrives
-        self.entries: _Entries = {}
-        self.last_seen = now
-        self.sync_asked = 0.0
-
 
 def _new_ref() -> str:
     return secrets.token_urlsafe(12)
-
-
-def _put(entries: _Entries, topic: str, key: str, meta: dict[str, Any]) -> None:
-    entries.setdefault(topic, {}).setdefault(key, {})[meta["phx_ref"]] = meta
-
-
-def _pop(entries: _Entries, topic: str, key: str, ref: str) -> dict[str, Any] | None:
-    keys = entries.get(topic)
-    if keys is None:
-        return None
-    metas = keys.get(key)
-    if metas is None:
-        return None
-    meta = metas.pop(ref, None)
-    if not metas:
-        del keys[key]
-        if not keys:
-            del entries[topic]
-    return meta
-
-
-def _flatten(entries: _Entries) -> list[list[Any]]:
-    return [[t, k, m] for t, keys in entries.items() for k, metas in keys.items() for m in metas.values()]
-
-
-class _Diff:
-    """Joins and leaves collected per topic, then broadcast as one ``presence_diff`` per topic."""
-
-    __slots__ = ("topics",)
-
-    def __init__(self) -> None:
-        self.topics: dict[str, tuple[dict[str, list[Any]], dict[str, list[Any]]]] = {}
-
-    def join(self, topic: str, key: str, meta: dict[str, Any]) -> None:
-        self.topics.setdefault(topic, ({}, {}))[0].setdefault(key, []).append(meta)
-
-    def leave(self, topic: str, key: str, meta: dict[str, Any]) -> None:
-        self.topics.setdefault(topic, ({}, {}))[1].setdefault(key, []).append(meta)
 
 
 class Presence:
@@ -177,13 +134,13 @@ class Presence:
         trackers.add(self)
 
     def _reset(self) -> None:
-        self._local: _Entries = {}
+        self._local = Entries()
         # channel process -> {(topic, key): phx_ref}
         self._owned: dict[Any, dict[tuple[str, str], str]] = {}
         # Versions start from the clock (ms), so a tracker restarted under the
         # same node name is ahead of what its peers remember and they resync.
         self._version = time.time_ns() // 1_000_000
-        self._nodes: dict[str, _Node] = {}
+        self._nodes: dict[str, Replica] = {}
         self._queue: Queue = Queue()
         self._greenlet: Any = None
         self._node = ""
@@ -281,7 +238,7 @@ class Presence:
             owned = self._owned[proc] = {}
             proc.monitor(self._channel_down)
         owned[(topic, key)] = ref
-        _put(self._local, topic, key, meta)
+        self._local.put(topic, key, meta)
         self._changed([[topic, key, meta]], [])
         return ref
 
@@ -293,7 +250,7 @@ class Presence:
         ref = owned.pop((topic, key), None) if owned else None
         if ref is None:
             return False
-        meta = _pop(self._local, topic, key, ref)
+        meta = self._local.pop(topic, key, ref)
         if not owned:
             del self._owned[proc]
             proc.demonitor(self._channel_down)
@@ -320,7 +277,7 @@ class Presence:
         key = self._key(key)
         owned = self._owned.get(proc)
         old_ref = owned.get((topic, key)) if owned else None
-        old = self._local.get(topic, {}).get(key, {}).get(old_ref) if old_ref else None
+        old = self._local.get(topic, key, old_ref) if old_ref else None
         if owned is None or old_ref is None or old is None:
             raise ValueError(f"{key!r} is not tracked on {topic!r} by this channel")
         if callable(meta):
@@ -329,8 +286,8 @@ class Presence:
         new = self._check(meta)
         new["phx_ref"] = ref = _new_ref()
         new["phx_ref_prev"] = old_ref
-        _pop(self._local, topic, key, old_ref)
-        _put(self._local, topic, key, new)
+        self._local.pop(topic, key, old_ref)
+        self._local.put(topic, key, new)
         owned[(topic, key)] = ref
         self._changed([[topic, key, new]], [[topic, key, old]])
         return ref
@@ -341,7 +298,7 @@ class Presence:
             return
         leaves = []
         for (topic, key), ref in owned.items():
-            meta = _pop(self._local, topic, key, ref)
+            meta = self._local.pop(topic, key, ref)
             if meta is not None:
                 leaves.append([topic, key, meta])
         if leaves:
@@ -349,7 +306,7 @@ class Presence:
 
     def _changed(self, joins: list[list[Any]], leaves: list[list[Any]]) -> None:
         self._version += 1
-        self._enqueue(("local", self._version, joins, leaves))
+        self._enqueue(LocalChange(self._version, joins, leaves))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -366,7 +323,7 @@ class Presence:
         self._ensure_started()
         merged: dict[str, list[dict[str, Any]]] = {}
         for entries in [self._local, *(n.entries for n in self._nodes.values())]:
-            for key, metas in entries.get(topic, {}).items():
+            for key, metas in entries.keys_on(topic).items():
                 merged.setdefault(key, []).extend(metas.values())
         return self.fetch(topic, {key: {"metas": metas} for key, metas in merged.items()})
 
@@ -386,7 +343,7 @@ class Presence:
 
     def stats(self) -> dict[str, Any]:
         """Counters: local presences, known nodes, version, queued and dropped updates."""
-        local = sum(len(metas) for keys in self._local.values() for metas in keys.values())
+        local = self._local.count()
         return {
             "node": self._node,
             "version": self._version,
@@ -398,8 +355,8 @@ class Presence:
 
     # -- the replication greenlet -------------------------------------------------------
 
-    def _enqueue(self, item: tuple[Any, ...]) -> None:
-        if item[0] != "local" and self._queue.qsize() >= self.max_queue:
+    def _enqueue(self, item: Item) -> None:
+        if not isinstance(item, LocalChange) and self._queue.qsize() >= self.max_queue:
             # Only remote input is dropped (local changes are bounded by the
             # channels): the gap is seen at the next heartbeat and resynced.
             self.dropped += 1
@@ -417,28 +374,28 @@ class Presence:
                 try:
                     self._process(item)
                 except Exception:
-                    supervise.failed(f"presence {self.name!r} handling {item[0]!r}")
+                    supervise.failed(f"presence {self.name!r} handling {type(item).__name__}")
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + self.broadcast_period
                 self._publish("hb", {"v": self._version})
                 self._expire(now)
 
-    def _local_batch(self, first: tuple[Any, ...]) -> None:
+    def _local_batch(self, first: LocalChange) -> None:
         """Publish ``first`` and the local changes queued right behind it as one delta and one diff per topic.
 
         A worker draining thousands of channels then sends a handful of
         diffs instead of one per channel to every subscriber. Net effect
         only: a presence tracked and untracked within the batch never shows.
         """
-        from_version = first[1]
+        from_version = first.version
         version = from_version
         joins: dict[str, list[Any]] = {}
         leaves: dict[str, list[Any]] = {}
-        item: tuple[Any, ...] | None = first
+        item: LocalChange | None = first
         n = 0
         while item is not None:
-            _, version, joined, left = item
+            version, joined, left = item.version, item.joins, item.leaves
             for row in left:
                 ref = row[2]["phx_ref"]
                 if joins.pop(ref, None) is None:
@@ -447,7 +404,7 @@ class Presence:
                 joins[row[2]["phx_ref"]] = row
             n += 1
             item = None
-            if n < _BATCH and not self._queue.empty() and self._queue.peek(block=False)[0] == "local":
+            if n < _BATCH and not self._queue.empty() and isinstance(self._queue.peek(block=False), LocalChange):
                 item = self._queue.get(block=False)
         self._publish(
             "delta",
@@ -458,23 +415,22 @@ class Presence:
                 "l": [[t, k, r] for r, (t, k, _) in leaves.items()],
             },
         )
-        diff = _Diff()
+        diff = Diff()
         for t, k, m in leaves.values():
             diff.leave(t, k, m)
         for t, k, m in joins.values():
             diff.join(t, k, m)
         self._broadcast(diff)
 
-    def _process(self, item: tuple[Any, ...]) -> None:
-        kind = item[0]
-        if kind == "local":
+    def _process(self, item: Item) -> None:
+        if isinstance(item, LocalChange):
             self._local_batch(item)
-        elif kind == "remote":
-            self._remote(item[1], item[2])
-        elif kind == "req":
-            self.pubsub.send_direct(item[1], self._state, {"v": self._version, "s": _flatten(self._local)})
-        elif kind == "state":
-            self._apply_state(item[1], item[2])
+        elif isinstance(item, RemoteEvent):
+            self._remote(item.event, item.payload)
+        elif isinstance(item, StateRequest):
+            self.pubsub.send_direct(item.node, self._state, {"v": self._version, "s": self._local.rows()})
+        else:
+            self._apply_state(item.node, item.payload)
 
     def _publish(self, event: str, payload: dict[str, Any]) -> None:
         adapter = self.pubsub.adapter
@@ -486,7 +442,7 @@ class Presence:
         except Exception:
             log.exception("phx_gevent: presence %r could not publish %s", self.name, event)
 
-    def _broadcast(self, diff: _Diff) -> None:
+    def _broadcast(self, diff: Diff) -> None:
         for topic, (joins, leaves) in diff.topics.items():
             payload = {
                 "joins": self.fetch(topic, {k: {"metas": m} for k, m in joins.items()}),
@@ -505,25 +461,25 @@ class Presence:
     def _on_broadcast(self, topic: str, *, event: str, payload: Any, from_: Any = None) -> None:
         # Runs in the adapter's listener greenlet: hand over, never block.
         if isinstance(payload, dict) and payload.get("n") != self._node:
-            self._enqueue(("remote", event, payload))
+            self._enqueue(RemoteEvent(event, payload))
 
     def _on_sync_request(self, payload: Any, node: str) -> None:
         if node != self._node:
-            self._enqueue(("req", node))
+            self._enqueue(StateRequest(node))
 
     def _on_state(self, payload: Any, node: str) -> None:
         if node != self._node and isinstance(payload, dict):
-            self._enqueue(("state", node, payload))
+            self._enqueue(StateTransfer(node, payload))
 
-    def _peer(self, name: Any) -> _Node | None:
+    def _peer(self, name: Any) -> Replica | None:
         if not isinstance(name, str) or not name:
             return None
         peer = self._nodes.get(name)
         if peer is None:
-            peer = self._nodes[name] = _Node(time.monotonic())
+            peer = self._nodes[name] = Replica(time.monotonic())
         return peer
 
-    def _ask_state(self, name: str, peer: _Node) -> None:
+    def _ask_state(self, name: str, peer: Replica) -> None:
         now = time.monotonic()
         if now - peer.sync_asked >= self.broadcast_period:
             peer.sync_asked = now
@@ -575,15 +531,15 @@ class Presence:
                 peer.version = version
                 self._apply_delta(peer, payload)
 
-    def _apply_delta(self, peer: _Node, payload: dict[str, Any]) -> None:
-        diff = _Diff()
+    def _apply_delta(self, peer: Replica, payload: dict[str, Any]) -> None:
+        diff = Diff()
         for t, k, ref in _rows(payload.get("l"), 3):
-            meta = _pop(peer.entries, t, k, ref) if isinstance(ref, str) else None
+            meta = peer.entries.pop(t, k, ref) if isinstance(ref, str) else None
             if meta is not None:
                 diff.leave(t, k, meta)
         for t, k, meta in _rows(payload.get("j"), 3):
             if isinstance(meta, dict) and isinstance(meta.get("phx_ref"), str):
-                _put(peer.entries, t, k, meta)
+                peer.entries.put(t, k, meta)
                 diff.join(t, k, meta)
         self._broadcast(diff)
 
@@ -592,21 +548,11 @@ class Presence:
         peer = self._peer(name)
         if peer is None or not isinstance(version, int) or (version <= peer.version and peer.version >= 0):
             return
-        new: _Entries = {}
+        new = Entries()
         for t, k, meta in _rows(payload.get("s"), 3):
             if isinstance(meta, dict) and isinstance(meta.get("phx_ref"), str):
-                _put(new, t, k, meta)
-        diff = _Diff()
-        for t, keys in peer.entries.items():
-            for k, metas in keys.items():
-                for ref, meta in metas.items():
-                    if ref not in new.get(t, {}).get(k, {}):
-                        diff.leave(t, k, meta)
-        for t, keys in new.items():
-            for k, metas in keys.items():
-                for ref, meta in metas.items():
-                    if ref not in peer.entries.get(t, {}).get(k, {}):
-                        diff.join(t, k, meta)
+                new.put(t, k, meta)
+        diff = peer.entries.changes_to(new)
         peer.entries = new
         peer.version = version
         peer.last_seen = time.monotonic()
@@ -622,13 +568,8 @@ class Presence:
             )
             self._drop(self._nodes.pop(name))
 
-    def _drop(self, peer: _Node) -> None:
-        diff = _Diff()
-        for t, keys in peer.entries.items():
-            for k, metas in keys.items():
-                for meta in metas.values():
-                    diff.leave(t, k, meta)
-        self._broadcast(diff)
+    def _drop(self, peer: Replica) -> None:
+        self._broadcast(peer.entries.all_leave())
 
 
 def _rows(value: Any, width: int) -> list[list[Any]]:
