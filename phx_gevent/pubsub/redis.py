@@ -106,27 +106,6 @@ class _Backoff:
         self.current = self.low
 
 
-class _Throttle:
-    """At most one log line per ``interval`` seconds; counts what it suppressed."""
-
-    __slots__ = ("interval", "next_at", "suppressed")
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.next_at = 0.0
-        self.suppressed = 0
-
-    def ready(self) -> int | None:
-        """``None`` when a line was logged recently, else how many were suppressed since."""
-        now = _monotonic()
-        if now < self.next_at:
-            self.suppressed += 1
-            return None
-        self.next_at = now + self.interval
-        n, self.suppressed = self.suppressed, 0
-        return n
-
-
 def _after_fork(ref: weakref.ref[RedisAdapter]) -> None:
     adapter = ref()
     if adapter is not None:
@@ -310,15 +289,15 @@ class RedisAdapter(Adapter):
             0,
         )
         self._last_error: str | None = None
-        self._log_drop_out = _Throttle(10.0)
-        self._log_expired = _Throttle(10.0)
+        self._log_drop_out = supervise.LogLimiter(10.0)
+        self._log_expired = supervise.LogLimiter(10.0)
         self._expired_unlogged = 0
-        self._log_drop_in = _Throttle(10.0)
-        self._log_overload = _Throttle(10.0)
-        self._log_invalid = _Throttle(10.0)
+        self._log_drop_in = supervise.LogLimiter(10.0)
+        self._log_overload = supervise.LogLimiter(10.0)
+        self._log_invalid = supervise.LogLimiter(10.0)
         self._log_delivery = supervise.LogLimiter(10.0)
-        self._log_pub_retry = _Throttle(30.0)
-        self._log_sub_retry = _Throttle(30.0)
+        self._log_pub_retry = supervise.LogLimiter(30.0)
+        self._log_sub_retry = supervise.LogLimiter(30.0)
 
     def __repr__(self) -> str:
         return f"<RedisAdapter {self._where} prefix={self.prefix!r} node={self.node_name!r}>"
