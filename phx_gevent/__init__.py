@@ -29,7 +29,7 @@ from .channel import (
     socket_ref,
     stop,
 )
-from .channel_server import Broadcast
+from .channels.process import Broadcast
 from .endpoint import Endpoint
 from .errors import BroadcastTimeout, CallbackReturnError, ChannelError, PhxError
 from .presence import Presence

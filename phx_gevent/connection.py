@@ -28,7 +28,7 @@ import gevent
 
 from . import memory, supervise, telemetry
 from .channel import CLOSED, DISCONNECTED, DRAINING, DUPLICATE_JOIN
-from .channel_server import ChannelProcess
+from .channels.process import ChannelProcess
 from .contracts import Transport
 from .flow import flow
 from .pubsub.local import ALL_EVENTS

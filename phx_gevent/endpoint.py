@@ -19,8 +19,8 @@ from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import MethodNotAllowed
 
 from . import options, telemetry
-from .channel_server import ChannelProcess
 from .channels.pool import Partitions
+from .channels.process import ChannelProcess
 from .contracts import Subscriber
 from .flow import flow
 from .options import DrainerOptions, LongPollOptions, WebSocketOptions
@@ -495,7 +495,7 @@ class Endpoint:
         """Subscribe to ``topic`` in this process.
 
         ``subscriber`` is a channel's socket (broadcasts then arrive in its
-        ``handle_info`` as :class:`~phx_gevent.channel_server.Broadcast`), or
+        ``handle_info`` as :class:`~phx_gevent.channels.process.Broadcast`), or
         a callable ``f(topic, event=..., payload=..., from_=...)`` run in the
         broadcaster's greenlet (keep it short).
         """

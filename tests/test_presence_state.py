@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from phx_gevent.presence_state import Entries, Replica
+from phx_gevent.presence.state import Entries, Replica
 
 
 def meta(ref, **extra):

@@ -121,7 +121,7 @@ def test_a_background_greenlet_that_dies_is_restarted_and_counted(nodes):
 
 @pytest.mark.parametrize("kind", ["delta", "state"])
 def test_a_forged_huge_presence_version_does_not_silence_a_node_for_good(kind):
-    from phx_gevent.presence_state import StateTransfer
+    from phx_gevent.presence.state import StateTransfer
     from phx_gevent.pubsub.memory import MemoryBus
     from tests.test_presence import Node
 

@@ -3,7 +3,7 @@
 Generic (it knows nothing of channels): :class:`Partition` runs a function in a
 worker greenlet and parks the worker afterwards for the next run;
 :class:`Partitions` spreads connections over several of them. The channel
-runtime (:mod:`phx_gevent.channel_server`) takes a worker per mailbox run.
+runtime (:mod:`phx_gevent.channels.process`) takes a worker per mailbox run.
 """
 
 from __future__ import annotations

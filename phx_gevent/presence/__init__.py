@@ -56,10 +56,13 @@ from typing import Any
 
 from gevent.queue import Empty, Queue
 
-from . import supervise, telemetry
-from .channel_server import ChannelProcess
-from .errors import BroadcastTimeout
-from .presence_state import (
+from .. import supervise, telemetry
+from ..channels.process import ChannelProcess
+from ..errors import BroadcastTimeout
+from ..pubsub.local import PubSub
+from ..serializers import dumps
+from ..socket import SocketState
+from .state import (
     Diff,
     Entries,
     Item,
@@ -69,9 +72,6 @@ from .presence_state import (
     StateRequest,
     StateTransfer,
 )
-from .pubsub.local import PubSub
-from .serializers import dumps
-from .socket import SocketState
 
 __all__ = ["Presence", "PRESENCE_STATE", "PRESENCE_DIFF", "trackers"]
 

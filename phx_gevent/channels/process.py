@@ -30,16 +30,16 @@ import gevent
 from gevent import GreenletExit
 from gevent.event import AsyncResult, Event
 
-from .channel import DUPLICATE_JOIN, LEFT, Channel, Reply, Stop, is_graceful
-from .channels.pool import Partition, Partitions, default_partitions
-from .errors import CallbackReturnError, ConnectionOverloaded
-from .pubsub.history import MAX_LAST, parse_offset
-from .pubsub.local import ALL_EVENTS, RecoveryBuffer
-from .telemetry import channel_handled_in, emit, format_duration
+from ..channel import DUPLICATE_JOIN, LEFT, Channel, Reply, Stop, is_graceful
+from ..errors import CallbackReturnError, ConnectionOverloaded
+from ..pubsub.history import MAX_LAST, parse_offset
+from ..pubsub.local import ALL_EVENTS, RecoveryBuffer
+from ..telemetry import channel_handled_in, emit, format_duration
+from .pool import Partition, Partitions, default_partitions
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .connection import Connection
-    from .socket import Route
+    from ..connection import Connection
+    from ..socket import Route
 
 __all__ = ["Broadcast", "ChannelProcess", "Partition", "Partitions", "default_partitions"]
 
