@@ -37,7 +37,8 @@ from .socket import SocketState
 from .transports.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART  # close codes live in one place
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .endpoint import SocketMount
+    from .endpoint import Endpoint, SocketMount
+    from .pubsub.local import PubSub
 
 __all__ = ["Connection"]
 
@@ -83,6 +84,8 @@ class Connection:
         "close_reason",
         "_id_sub",
         "log_level",
+        "max_mailbox",
+        "mailbox_timeout",
         "_errlog",
         "__weakref__",
     )
@@ -101,12 +104,31 @@ class Connection:
         self.close_reason: Any = CLOSED
         self._id_sub: _IdSubscription | None = None
         self.log_level = mount.log_level
+        #: The socket handler's mailbox limits, for this connection's channels (read once).
+        self.max_mailbox = self.handler.max_mailbox
+        self.mailbox_timeout = self.handler.mailbox_timeout
         self._errlog: supervise.LogLimiter | None = None
         socket.private = self
         socket.transport_pid = self
 
     def __repr__(self) -> str:
         return f"<Connection id={self.socket.id!r} transport={self.transport.name} channels={len(self.channels)}>"
+
+    # -- what the channel runtime uses ------------------------------------------------------
+
+    @property
+    def pubsub(self) -> PubSub:
+        """The PubSub this connection's channels subscribe through (its mount's)."""
+        return self.mount.pubsub
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint this connection came through."""
+        return self.mount.endpoint
+
+    def send_encoded(self, data: str | bytes) -> None:
+        """Queue one message the serializer already encoded."""
+        self.transport.send(data)
 
     # -- lifecycle --------------------------------------------------------------------------
 

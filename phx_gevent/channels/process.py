@@ -191,7 +191,7 @@ class ChannelProcess:
     def send(self, message: Any) -> None:
         """Deliver ``message`` to ``handle_info`` (after the messages already queued)."""
         if self.state != STOPPED:
-            if len(self.mailbox) >= self.conn.handler.max_mailbox:
+            if len(self.mailbox) >= self.conn.max_mailbox:
                 self._overflow()
                 return
             self.mailbox.append((_INFO, message))
@@ -200,7 +200,7 @@ class ChannelProcess:
     def deliver(self, topic: str, event: str, payload: Any) -> None:
         """An intercepted broadcast: queued for ``handle_out``."""
         if self.state == JOINED:
-            if len(self.mailbox) >= self.conn.handler.max_mailbox:
+            if len(self.mailbox) >= self.conn.max_mailbox:
                 self._overflow()
                 return
             self.mailbox.append((_OUT, event, payload))
@@ -220,11 +220,11 @@ class ChannelProcess:
         mailbox = self.mailbox
         mailbox.append((_IN, msg))
         self._activate()
-        limit = self.conn.handler.max_mailbox
+        limit = self.conn.max_mailbox
         if len(mailbox) >= limit:
             drained = self._drained = Event()
             try:
-                if not drained.wait(self.conn.handler.mailbox_timeout) and len(mailbox) >= limit // 2:
+                if not drained.wait(self.conn.mailbox_timeout) and len(mailbox) >= limit // 2:
                     raise ConnectionOverloaded(
                         f"channel {self.topic!r} has {len(mailbox)} messages waiting; the client sends too fast"
                     )
@@ -270,7 +270,7 @@ class ChannelProcess:
             while mailbox and self.state == JOINED:
                 self._handle(mailbox.popleft())
                 drained = self._drained
-                if drained is not None and len(mailbox) <= self.conn.handler.max_mailbox // 2:
+                if drained is not None and len(mailbox) <= self.conn.max_mailbox // 2:
                     drained.set()
         finally:
             self.greenlet = None
@@ -330,10 +330,10 @@ class ChannelProcess:
                 # From here to the write: no greenlet switch, so nothing of this
                 # channel can reach the socket before its join reply.
                 conn.channel_joined(self)
-                conn.mount.pubsub.subscribe(self.topic, self)
+                conn.pubsub.subscribe(self.topic, self)
                 self.state = JOINED
                 self.socket.joined = True
-                conn.transport.send(data)
+                conn.send_encoded(data)
             self.partition.joined += 1
             result.set(True)
         except GreenletExit:
@@ -362,7 +362,7 @@ class ChannelProcess:
         # live meanwhile minus what the replay covered: every message once, in
         # offset order, nothing of this channel before its join reply.
         conn = self.conn
-        pubsub = conn.mount.pubsub
+        pubsub = conn.pubsub
         has_since = "since" in payload
         since = payload.get("since")
         last = payload.get("last")
@@ -398,7 +398,7 @@ class ChannelProcess:
         conn.channel_joined(self)
         self.state = JOINED
         self.socket.joined = True
-        conn.transport.send(data)
+        conn.send_encoded(data)
         epoch, last_seq = None, 0
         if recovery is not None and (recovery.recovered or not has_since):
             epoch, last_seq = recovery.epoch, _since_seq(since) if has_since else 0
@@ -499,7 +499,7 @@ class ChannelProcess:
         if channel_handled_in.receivers:
             emit(
                 channel_handled_in,
-                self.conn.mount.endpoint,
+                self.conn.endpoint,
                 {"duration": duration},
                 {"event": msg.event, "topic": self.topic, "channel": name, "ref": msg.ref, "socket": self.socket},
             )
@@ -579,7 +579,7 @@ class ChannelProcess:
             log.exception("phx_gevent: monitor %r of %r raised", callback, self)
 
     def _unsubscribe(self) -> None:
-        pubsub = self.conn.mount.pubsub
+        pubsub = self.conn.pubsub
         pubsub.unsubscribe(self.topic, self)
         if self.extra:
             for sub in self.extra:
@@ -627,12 +627,12 @@ class ChannelProcess:
             return
         sub = _InfoSubscription(self, topic)
         self.extra.append(sub)
-        self.conn.mount.pubsub.subscribe(topic, sub)
+        self.conn.pubsub.subscribe(topic, sub)
 
     def unsubscribe(self, topic: str) -> None:
         """Undo :meth:`subscribe` for ``topic``."""
         if not self.extra:
             return
         for sub in [s for s in self.extra if s.topic == topic]:
-            self.conn.mount.pubsub.unsubscribe(topic, sub)
+            self.conn.pubsub.unsubscribe(topic, sub)
             self.extra.remove(sub)
