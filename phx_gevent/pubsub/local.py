@@ -358,7 +358,7 @@ class PubSub:
         if adapter is None:
             return MemoryHistory()
         if getattr(adapter, "supports_history", False):
-            from .history import RedisHistory
+            from .history_redis import RedisHistory
 
             return RedisHistory(adapter.history_pool(), adapter.prefix)  # type: ignore[attr-defined]
         log.warning(

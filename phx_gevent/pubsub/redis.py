@@ -65,7 +65,7 @@ from .. import supervise, telemetry
 from ..errors import BroadcastTimeout
 from ..flow import flow
 from . import codec
-from . import history as _history
+from . import history_redis as _history
 from .base import Adapter, make_node_name
 from .outbox import HistoryCmd, Outbox
 
