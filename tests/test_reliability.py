@@ -6,6 +6,7 @@ plain sockets) because well-behaved clients never send what they send.
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import struct
@@ -17,7 +18,7 @@ from flask import Flask
 from phx_gevent import Channel, Endpoint, Socket, channel, ok
 from phx_gevent.flow import flow
 from phx_gevent.runtime import runtime
-from tests.rawws import RawWS
+from tests.rawws import RawWS, join
 from tests.servers import wait_until
 
 
@@ -40,32 +41,13 @@ class UserSocket(Socket):
 
 
 @pytest.fixture
-def server(live_server):
-    endpoints = []
-
-    def start(endpoint_opts=None, **socket_opts):
-        app = Flask(__name__)
-        # Overload settings are the endpoint's own while it lives (phx_gevent.runtime).
-        endpoint = Endpoint(app, **(endpoint_opts or {}))
-        endpoints.append(endpoint)
-        mount = endpoint.socket("/socket", UserSocket, **socket_opts)
-        srv = live_server(app)
-        srv.endpoint, srv.mount = endpoint, mount
-        return srv
-
-    yield start
-    for endpoint in endpoints:
-        runtime.release(endpoint)  # as if the endpoint were gone: its settings end with it
+def server(mounted):
+    """``server(endpoint_opts=None, **socket_opts)``: this module's UserSocket on a fresh app."""
+    return functools.partial(mounted, UserSocket)
 
 
 class _SettingsOwner:
     """Holds runtime settings for a test without an endpoint (an owner must be weakly referenceable)."""
-
-
-def join(ws: RawWS, topic: str = "room:1", ref: str = "1") -> None:
-    ws.send_json([ref, ref, topic, "phx_join", {}])
-    reply = ws.recv_until(lambda m: m[1] == ref)
-    assert reply[4]["status"] == "ok", reply
 
 
 def closed_by_server(ws: RawWS) -> bool:

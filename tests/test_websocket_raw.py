@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import struct
 
 import gevent
 import pytest
-from flask import Flask
 
-from phx_gevent import BroadcastTimeout, Channel, Endpoint, Socket, channel, ok
+from phx_gevent import BroadcastTimeout, Channel, Socket, channel, ok
 from phx_gevent.flow import flow
-from phx_gevent.runtime import runtime
 from tests import httpclient as http
-from tests.rawws import Closed, RawWS
+from tests.rawws import Closed, RawWS, join
 from tests.servers import wait_until
 
 
@@ -39,28 +38,9 @@ class UserSocket(Socket):
 
 
 @pytest.fixture
-def server(live_server):
-    endpoints = []
-
-    def start(endpoint_opts=None, **socket_opts):
-        app = Flask(__name__)
-        # Overload settings are the endpoint's own while it lives (phx_gevent.runtime).
-        endpoint = Endpoint(app, **(endpoint_opts or {}))
-        endpoints.append(endpoint)
-        mount = endpoint.socket("/socket", UserSocket, **socket_opts)
-        srv = live_server(app)
-        srv.endpoint, srv.mount = endpoint, mount
-        return srv
-
-    yield start
-    for endpoint in endpoints:
-        runtime.release(endpoint)  # as if the endpoint were gone: its settings end with it
-
-
-def join(ws: RawWS, topic: str = "room:1", ref: str = "1") -> None:
-    ws.send_json([ref, ref, topic, "phx_join", {}])
-    reply = ws.recv_until(lambda m: m[1] == ref)
-    assert reply[4]["status"] == "ok", reply
+def server(mounted):
+    """``server(endpoint_opts=None, **socket_opts)``: this module's UserSocket on a fresh app."""
+    return functools.partial(mounted, UserSocket)
 
 
 # -- handshake -------------------------------------------------------------------------------

@@ -394,10 +394,14 @@ class Writer:
             self.flusher.schedule(self)
 
     def _finish_close(self) -> None:
-        self.state = CLOSED
         self._stop_watcher()
+        self._closed(self.raw, _pysocket.SHUT_WR)
+
+    def _closed(self, sock: Any, how: int) -> None:
+        # The end of every path to CLOSED: shut the socket down (``how``), wake wait_closed().
+        self.state = CLOSED
         try:
-            self.raw.shutdown(_pysocket.SHUT_WR)
+            sock.shutdown(how)
         except OSError:
             pass
         self._notify_closed()
@@ -509,25 +513,15 @@ class GreenletWriter(Writer):
                 self._account_sent(n)
                 self.last_drain = _monotonic()
             if self.state == CLOSING and not self.queue:
-                self.state = CLOSED
-                try:
-                    self.sock.shutdown(_pysocket.SHUT_WR)
-                except OSError:
-                    pass
-                self._notify_closed()
+                self._closed(self.sock, _pysocket.SHUT_WR)
         finally:
             self._greenlet = None
 
     def abort(self, code: int | None = None, reason: str = "") -> None:
         if self.state == CLOSED:
             return
-        self.state = CLOSED
         self._release()
-        try:
-            self.sock.shutdown(_pysocket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._notify_closed()
+        self._closed(self.sock, _pysocket.SHUT_RDWR)
 
 
 def make_writer(sock: Any, encoder: Any) -> Writer:
