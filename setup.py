@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["phx_gevent", "phx_gevent.*"]),
-    package_data={"phx_gevent": ["static/*.html"]},
+    package_data={"phx_gevent": ["py.typed", "static/*.html"]},
     python_requires=">=3.11",
     install_requires=[
         "gevent>=24.10.1",
