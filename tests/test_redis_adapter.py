@@ -215,6 +215,7 @@ def test_direct_messages_are_not_replayed_late(nodes, redis_server, monkeypatch)
     import time
 
     import phx_gevent.pubsub.redis as redis_module
+    import phx_gevent.pubsub.redis_loops as redis_loops
 
     a, b = nodes(2)
     remote = Recorder(b, "late")
@@ -228,7 +229,8 @@ def test_direct_messages_are_not_replayed_late(nodes, redis_server, monkeypatch)
     a.broadcast("late", "replayed", {})
     # Five seconds pass for the adapter: past direct_ttl (1 s), within replay_window (10 s).
     offset = 5.0
-    monkeypatch.setattr(redis_module, "_monotonic", lambda: time.monotonic() + offset)
+    for module in (redis_module, redis_loops):  # the adapter and its connection loops
+        monkeypatch.setattr(module, "_monotonic", lambda: time.monotonic() + offset)
     redis_server.start()
     remote.wait(2)
     a.send_direct(b.node_name, "svc", {"fresh": True})
