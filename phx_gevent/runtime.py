@@ -29,7 +29,7 @@ from .flow import FlowControl, flow
 from .options import ConfigurationError, check_seconds
 
 if TYPE_CHECKING:
-    from .transports.websocket import IdleSweeper
+    from .transports.sweeper import IdleSweeper
     from .transports.writer import Flusher
 
 __all__ = ["Runtime", "runtime", "DIRECT_BUDGET", "DIRECT_PERIOD"]
@@ -108,7 +108,7 @@ class Runtime:
         loop = gevent.get_hub().loop
         sweeper = self._sweeper
         if sweeper is None or sweeper.loop is not loop:
-            from .transports.websocket import IdleSweeper
+            from .transports.sweeper import IdleSweeper
 
             sweeper = self._sweeper = IdleSweeper(loop)
         return sweeper

@@ -165,7 +165,7 @@ def test_runtime_settings_are_checked_like_options():
 
 def test_the_flusher_and_the_sweeper_belong_to_the_runtime_per_hub():
     from phx_gevent.runtime import runtime
-    from phx_gevent.transports.websocket import IdleSweeper
+    from phx_gevent.transports.sweeper import IdleSweeper
     from phx_gevent.transports.writer import Flusher
 
     assert isinstance(runtime.flusher(), Flusher) and runtime.flusher() is runtime.flusher()

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from flask import Response, request
 
-from .. import memory, supervise
+from .. import memory
 from ..connection import Connection
 from ..errors import CallbackReturnError, ConnectionOverloaded
 from ..flow import flow
 from ..options import WebSocketOptions
 from ..runtime import runtime
-from ..serializers import DecodeError, FastlaneEncoder, Serializer, negotiate
+from ..serializers import DecodeError, Serializer, negotiate
 from ..socket import SocketState
 from . import frames
 from . import http as phx_http
@@ -51,6 +51,7 @@ from .frames import (
 from .writer import CLOSED as WRITER_CLOSED
 from .writer import OPEN as WRITER_OPEN
 from .writer import configure_socket, make_writer
+from .ws_encoders import DeflateWebSocketEncoder, _deflate_message, encoder_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..endpoint import SocketMount
@@ -70,56 +71,6 @@ RESERVE_MIN = 16 * 1024
 #: The environ key our WSGI handler sets; the view leaves the upgrade callable under it.
 ENVIRON_HANDLER = "phx_gevent.handler"
 ENVIRON_UPGRADE = "phx_gevent.upgrade"
-
-
-class WebSocketEncoder(FastlaneEncoder):
-    """Fastlane encoder: a broadcast becomes one ready WebSocket frame, shared by all connections."""
-
-    __slots__ = ()
-
-    def broadcast(self, topic: str, event: str, payload: Any) -> bytes:
-        data = self.serializer.encode_broadcast(topic, event, payload)
-        if isinstance(data, str):
-            return text_frame(data)
-        return frame(OP_BINARY, data)
-
-    def wrap(self, data: str | bytes) -> bytes:
-        if isinstance(data, str):
-            return text_frame(data)
-        return frame(OP_BINARY, data)
-
-
-class DeflateWebSocketEncoder(FastlaneEncoder):
-    """Fastlane encoder of connections that negotiated permessage-deflate: large broadcasts compressed once."""
-
-    __slots__ = ()
-
-    def broadcast(self, topic: str, event: str, payload: Any) -> bytes:
-        data = self.serializer.encode_broadcast(topic, event, payload)
-        return _deflate_message(data)
-
-    def wrap(self, data: str | bytes) -> bytes:
-        return _deflate_message(data)
-
-
-def _deflate_message(data: str | bytes) -> bytes:
-    if isinstance(data, str):
-        raw = data.encode("utf-8")
-        op = OP_TEXT
-    else:
-        raw = bytes(data)
-        op = OP_BINARY
-    if len(raw) >= frames.COMPRESS_THRESHOLD:
-        return frames.deflate_frame(op, raw)
-    return frame(op, raw)
-
-
-def encoder_for(serializer: Serializer, deflate: bool = False) -> FastlaneEncoder:
-    """The shared WebSocket encoder of ``serializer`` (one per serializer and compression, per process)."""
-    return (DeflateWebSocketEncoder if deflate else WebSocketEncoder).of(serializer)
-
-
-# -- the handshake -------------------------------------------------------------------------
 
 
 def _empty(status: int, body: str = "") -> Response:
@@ -248,86 +199,6 @@ def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflat
 
 class _EOF(Exception):
     pass
-
-
-class IdleSweeper:
-    """The timer of this process's WebSocket connections: idle timeout and drain timeout.
-
-    Closes (1001) the connections that received nothing for their
-    ``timeout``, and drops (1008, or a reset) those whose writer drained
-    nothing for ``slow_client_timeout`` while over its soft cap, or while the
-    process is over its high-water mark (:meth:`Writer.stalled`): a client
-    that never reads is dropped even when nothing more is written to it and
-    whatever it sends (unsolicited PONGs included).
-
-    One repeating timer checks every connection, instead of a timeout on each
-    blocking ``recv()`` (which costs a gevent ``Timeout`` per read: ~7% of
-    the server's time in the push/reply benchmark). The timer runs only
-    while there are connections, every quarter of the shortest timeout (at
-    most every second).
-    """
-
-    def __init__(self, loop: Any) -> None:
-        self.loop = loop
-        self.transports: set[WebSocketTransport] = set()
-        self.period = 1.0
-        self.timer: Any = None
-
-    def add(self, transport: WebSocketTransport) -> None:
-        self.transports.add(transport)
-        period = min(1.0, flow.slow_timeout / 4)
-        if transport.opts.timeout is not None:
-            period = min(period, transport.opts.timeout / 4)
-        period = max(period, 0.01)
-        if self.timer is None or period < self.period:
-            self.period = period
-            self._restart()
-
-    def discard(self, transport: WebSocketTransport) -> None:
-        self.transports.discard(transport)
-        if not self.transports and self.timer is not None:
-            self.timer.stop()
-            self.timer.close()
-            self.timer = None
-            self.period = 1.0
-
-    def _restart(self) -> None:
-        if self.timer is not None:
-            self.timer.stop()
-            self.timer.close()
-        self.timer = self.loop.timer(self.period, self.period)
-        self.timer.start(self._sweep)
-
-    def _sweep(self) -> None:
-        # A hub callback: it only queues close frames, never blocks, never raises.
-        try:
-            now = _monotonic()
-            idle = []
-            stalled = []
-            slow = []
-            for t in self.transports:
-                if t.writer.stalled(now):
-                    stalled.append(t)
-                elif t.input_deadline and now > t.input_deadline:
-                    slow.append(t)
-                elif t.opts.timeout is not None and now - t.last_recv > t.opts.timeout:
-                    idle.append(t)
-            for transport in stalled:
-                log.warning(
-                    "phx_gevent: dropping a connection that drained nothing for %.1fs with %d bytes queued",
-                    flow.slow_timeout,
-                    transport.writer.qbytes,
-                )
-                transport.writer.abort(frames.CLOSE_POLICY, "slow client")
-            for transport in slow:
-                log.info("phx_gevent: dropping a WebSocket whose message took over %.1fs to arrive", flow.input_timeout)
-                # The reader is blocked in recv(): shutting the socket down wakes it (EOF).
-                transport.writer.abort(frames.CLOSE_POLICY, "message too slow")
-            for transport in idle:
-                self.transports.discard(transport)
-                transport.close(frames.CLOSE_GOING_AWAY, "idle timeout")
-        except Exception:
-            supervise.failed("websocket sweeper")
 
 
 class WebSocketTransport:
