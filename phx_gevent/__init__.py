@@ -30,8 +30,17 @@ from .channel import (
     stop,
 )
 from .channels.process import Broadcast
+from .emitter import Emitter
 from .endpoint import Endpoint
-from .errors import BroadcastTimeout, CallbackReturnError, ChannelError, PhxError
+from .errors import (
+    BroadcastTimeout,
+    CallbackReturnError,
+    ChannelError,
+    EmitterError,
+    EmitterUnavailable,
+    PayloadError,
+    PhxError,
+)
 from .presence import Presence
 from .server import make_server, serve
 from .socket import Socket, SocketState, channel
@@ -49,10 +58,14 @@ __all__ = [
     "DISCONNECTED",
     "DRAINING",
     "DUPLICATE_JOIN",
+    "Emitter",
+    "EmitterError",
+    "EmitterUnavailable",
     "Endpoint",
     "INACTIVE",
     "LEFT",
     "NORMAL",
+    "PayloadError",
     "PhxError",
     "Presence",
     "Reply",
