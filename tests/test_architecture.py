@@ -201,3 +201,26 @@ def test_the_concrete_classes_meet_the_contracts():
 
     assert "Transport" in Connection.__init__.__annotations__["transport"]
     assert "Subscriber" in PubSub.subscribe.__annotations__["sub"]
+
+
+def test_the_core_layers_do_not_import_flask():
+    import pathlib
+    import re
+
+    root = pathlib.Path(phx_gevent.__file__).parent
+    core = [
+        root / "connection.py",
+        root / "serializers.py",
+        root / "runtime.py",
+        root / "flow.py",
+        root / "options.py",
+        root / "contracts.py",
+        *(root / "channels").glob("*.py"),
+        *(root / "pubsub").glob("*.py"),
+        *(root / "presence").glob("*.py"),
+        root / "transports" / "writer.py",
+        root / "transports" / "longpoll" / "session.py",
+    ]
+    for path in core:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"^\s*(from|import) (flask|werkzeug)\b", text, re.M), f"{path.name} imports Flask"
