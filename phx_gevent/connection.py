@@ -153,7 +153,12 @@ class Connection:
     # -- writing ----------------------------------------------------------------------------
 
     def send_reply(self, join_ref: Any, ref: Any, topic: str, status: str, response: Any) -> None:
-        """Encode and queue a ``phx_reply``; raises when the response cannot be encoded."""
+        """Encode and queue a ``phx_reply``; raises when the response cannot be encoded.
+
+        A ``None`` response (a bare status, ``Reply("noop")``) goes out as ``{}``, as in Phoenix.
+        """
+        if response is None:
+            response = {}
         self.transport.send(self.serializer.encode_reply(join_ref, ref, topic, status, response))
 
     def send_push(self, join_ref: Any, topic: str, event: str, payload: Any) -> None:

@@ -31,7 +31,7 @@ from .channel import Reply
 from .connection import Connection
 from .endpoint import Endpoint, SocketMount
 from .serializers import V2, FastlaneEncoder, Message, Serializer, negotiate
-from .socket import SocketState
+from .socket import Refuse, SocketState
 
 __all__ = ["ChannelTest", "TestClient", "TestChannel", "MemoryTransport", "ConnectRefused"]
 
@@ -39,7 +39,15 @@ _MISSING = object()
 
 
 class ConnectRefused(AssertionError):
-    """``connect`` refused the connection (the handshake would have been a 403)."""
+    """``connect`` refused the connection.
+
+    ``reason`` is what ``refuse(reason)`` gave (the error handler's input), or
+    ``None`` for a plain refusal (the handshake would have been a 403).
+    """
+
+    def __init__(self, message: str, reason: Any = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class _Encoder(FastlaneEncoder):
@@ -154,16 +162,31 @@ class ChannelTest:
     ) -> TestClient:
         """Run the real ``connect`` and ``id``; raises :class:`ConnectRefused` when refused."""
         params = {**(params or {}), "vsn": vsn}
-        serializer = negotiate(vsn)
+        result = self.mount.connect("websocket", params, dict(connect_info or {}))
+        if isinstance(result, Refuse):
+            raise ConnectRefused(f"connect refused the connection with reason {result.reason!r}", result.reason)
+        if result is None:
+            raise ConnectRefused("connect refused the connection (403)")
+        return self._client(result)
+
+    def socket(self, id: str | None = None, assigns: dict[str, Any] | None = None, vsn: str = "2.0.0") -> TestClient:
+        """A client whose socket has ``id`` and ``assigns``, without running ``connect`` (Phoenix's ``socket/3``).
+
+        For testing channels alone: ``ChannelTest(endpoint).socket("user:1",
+        {"user": "ann"}).join("room:1")``. Raises ``ValueError`` for a ``vsn``
+        the mount does not serve.
+        """
+        serializer = negotiate(vsn, self.mount.serializers)
         if serializer is None:
-            raise ConnectRefused(f"unsupported vsn {vsn!r}")
+            raise ValueError(f"unsupported vsn {vsn!r}")
         socket = self.mount.new_socket("websocket", serializer)
-        result = self.mount.handler.connect(params, socket, dict(connect_info or {}))
-        if not isinstance(result, SocketState):
-            raise ConnectRefused(f"connect refused the connection (returned {result!r})")
-        result.id = self.mount.handler.id(result)
-        transport = MemoryTransport(serializer)
-        conn = Connection(self.mount, result, serializer, transport)
+        socket.assign(dict(assigns or {}))
+        socket.id = id
+        return self._client(socket)
+
+    def _client(self, socket: SocketState) -> TestClient:
+        transport = MemoryTransport(socket.serializer)
+        conn = Connection(self.mount, socket, socket.serializer, transport)
         conn.start()
         return TestClient(conn, transport)
 
