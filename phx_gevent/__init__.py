@@ -15,7 +15,9 @@ from .channel import (
     LEFT,
     NORMAL,
     SHUTDOWN,
+    TIMEOUT,
     Channel,
+    NoReply,
     Reply,
     SocketRef,
     Stop,
@@ -23,18 +25,30 @@ from .channel import (
     broadcast_from,
     error,
     is_graceful,
+    noreply,
     ok,
     push,
     reply,
     socket_ref,
     stop,
 )
-from .channel_server import Broadcast
+from .channel_server import Broadcast, CallFrom
 from .endpoint import Endpoint
-from .errors import BroadcastTimeout, CallbackReturnError, ChannelError, PhxError
+from .errors import (
+    BroadcastTimeout,
+    CallbackReturnError,
+    CallTimeout,
+    ChannelError,
+    ChannelExited,
+    PhxError,
+    TokenError,
+    TokenExpired,
+    TokenInvalid,
+    TokenMissing,
+)
 from .presence import Presence
 from .server import make_server, serve
-from .socket import Socket, SocketState, channel
+from .socket import Refuse, Socket, SocketState, channel, refuse
 from .transports.http import csrf_token
 
 __version__ = "0.1.0"
@@ -43,9 +57,12 @@ __all__ = [
     "Broadcast",
     "BroadcastTimeout",
     "CLOSED",
+    "CallFrom",
+    "CallTimeout",
     "CallbackReturnError",
     "Channel",
     "ChannelError",
+    "ChannelExited",
     "DISCONNECTED",
     "DRAINING",
     "DUPLICATE_JOIN",
@@ -53,14 +70,21 @@ __all__ = [
     "INACTIVE",
     "LEFT",
     "NORMAL",
+    "NoReply",
     "PhxError",
     "Presence",
+    "Refuse",
     "Reply",
     "SHUTDOWN",
     "Socket",
     "SocketRef",
     "SocketState",
     "Stop",
+    "TIMEOUT",
+    "TokenError",
+    "TokenExpired",
+    "TokenInvalid",
+    "TokenMissing",
     "broadcast",
     "broadcast_from",
     "channel",
@@ -68,8 +92,10 @@ __all__ = [
     "error",
     "is_graceful",
     "make_server",
+    "noreply",
     "ok",
     "push",
+    "refuse",
     "reply",
     "serve",
     "socket_ref",

@@ -11,15 +11,19 @@ the request context is gone.
 from __future__ import annotations
 
 import logging
+import signal
 import socket as _pysocket
+import threading
+import time
 from typing import Any
 
+import gevent
 from gevent import pywsgi
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 
 from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
 
-__all__ = ["WebSocketHandler", "make_server", "serve"]
+__all__ = ["WebSocketHandler", "Server", "drain_all", "make_server", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -86,29 +90,118 @@ class WebSocketHandler(_GeventWebSocketHandler):
         super(_GeventWebSocketHandler, self).log_request()
 
 
-def make_server(app: Any, host: str = "127.0.0.1", port: int = 4000, **kwargs: Any) -> pywsgi.WSGIServer:
+def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
+    """Close every connection holding channels, of every endpoint in this process, with 1012, in batches.
+
+    As Phoenix drains channel processes at shutdown, connections without a
+    joined channel are left alone (they end with the server). Batches follow
+    each mount's ``drainer`` options; the whole drain stops at ``deadline``
+    (a ``time.monotonic()`` value). Returns how many were drained. Used by
+    the gunicorn worker on SIGTERM and by :class:`Server` (``serve()``).
+    """
+    from .endpoint import endpoints
+
+    drained = 0
+    for endpoint in list(endpoints):
+        for mount in endpoint.mounts:
+            opts = mount.drainer
+            if opts is None:
+                continue
+            size = max(1, int(opts["batch_size"]))
+            interval = float(opts["batch_interval"])
+            end = min(deadline, time.monotonic() + float(opts["shutdown"]))
+            done: set[int] = set()
+            while time.monotonic() < end:
+                # Connections already told to close may linger for their close
+                # handshake: never count them twice.
+                batch = [c for c in list(mount.connections) if c.channels and id(c) not in done][:size]
+                if not batch:
+                    break
+                for conn in batch:
+                    done.add(id(conn))
+                    conn.drain()
+                drained += len(batch)
+                # Wait for this batch to go (bounded), then for the rest of the interval.
+                pause_end = min(end, time.monotonic() + interval)
+                while time.monotonic() < pause_end and any(c in mount.connections for c in batch):
+                    sleep(0.05)
+                remaining = pause_end - time.monotonic()
+                if remaining > 0 and any(c.channels and id(c) not in done for c in mount.connections):
+                    sleep(remaining)
+    return drained
+
+
+class Server(pywsgi.WSGIServer):
+    """gevent's WSGI server that drains channel-holding connections (close 1012) before it stops.
+
+    :meth:`serve_forever` (so :func:`serve`) handles SIGTERM as the gunicorn
+    worker does: stop accepting, :func:`drain_all` within ``drain_timeout``
+    seconds (default 30), then stop; Ctrl-C drains too. :meth:`drain` does
+    the same on demand. :meth:`stop` alone does not drain.
+    """
+
+    #: Seconds the drain on SIGTERM may take in all.
+    drain_timeout = 30.0
+
+    def drain(self, timeout: float | None = None) -> int:
+        """Stop accepting, then close the connections holding channels with 1012; returns how many."""
+        self.close()
+        limit = self.drain_timeout if timeout is None else timeout
+        count = drain_all(time.monotonic() + limit)
+        if count:
+            log.info("phx_gevent: drained %d connections (close 1012)", count)
+        return count
+
+    def _drain_and_stop(self) -> None:
+        try:
+            self.drain()
+        except Exception:
+            log.exception("phx_gevent: drain failed")
+        finally:
+            self.stop(timeout=1)
+
+    def serve_forever(self, stop_timeout: float | None = None) -> None:
+        """Serve until stopped. SIGTERM (when called in the main thread) and Ctrl-C drain first."""
+        handler = None
+        if threading.current_thread() is threading.main_thread():
+            handler = gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self._drain_and_stop))
+        if not self.started:
+            self.start()
+        try:
+            self._stop_event.wait()
+        except KeyboardInterrupt:
+            self.drain()
+            raise
+        finally:
+            if handler is not None:
+                handler.cancel()
+            gevent.spawn(self.stop, timeout=stop_timeout).join()
+
+
+def make_server(app: Any, host: str = "127.0.0.1", port: int = 4000, **kwargs: Any) -> Server:
     """A gevent WSGI server with phx_gevent's handler, bound and ready to ``serve_forever()``.
 
     ``port=0`` picks a free port: read it back from ``server.server_port``.
-    Extra keyword arguments go to :class:`gevent.pywsgi.WSGIServer`.
+    Extra keyword arguments go to :class:`gevent.pywsgi.WSGIServer`. The
+    :class:`Server` drains channel-holding connections on SIGTERM.
     """
     kwargs.setdefault("handler_class", WebSocketHandler)
-    server = pywsgi.WSGIServer((host, port), app, **kwargs)
+    server = Server((host, port), app, **kwargs)
     server.init_socket()
     return server
 
 
 def serve(app: Any, host: str = "127.0.0.1", port: int = 4000, **kwargs: Any) -> None:
-    """Serve ``app`` until interrupted (development; use gunicorn in production).
+    """Serve ``app`` until SIGTERM or Ctrl-C (development; use gunicorn in production).
 
+    Either way the connections holding channels are drained first (close
+    1012, so phoenix.js clients reconnect), as under the gunicorn worker.
     The caller must have run ``gevent.monkey.patch_all()`` first if the app
     uses blocking libraries.
     """
     server = make_server(app, host, port, **kwargs)
     log.info("phx_gevent: serving on http://%s:%s", host, server.server_port)
     try:
-        server.serve_forever()
+        server.serve_forever(stop_timeout=1)
     except KeyboardInterrupt:
         pass
-    finally:
-        server.stop(timeout=1)

@@ -11,8 +11,8 @@ On top of gunicorn's gevent worker (which monkey-patches first thing):
   ``phx_gevent: worker <pid> ready (node <name>)``;
 * a worker started among several siblings with no cross-process PubSub
   adapter logs a warning: broadcasts would stay inside each worker;
-* on SIGTERM the worker stops accepting, then drains its connections with
-  close code 1012 in batches (each mount's ``drainer`` options:
+* on SIGTERM the worker stops accepting, then drains its connections that
+  hold channels (as Phoenix does) with close code 1012 in batches (each mount's ``drainer`` options:
   ``batch_size``, ``batch_interval``, ``shutdown``) inside gunicorn's
   ``--graceful-timeout``, so phoenix.js clients reconnect to the other
   workers without a thundering herd; last, the PubSub adapter forwards what
@@ -36,7 +36,7 @@ import gevent
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
 from .pubsub.base import make_node_name
-from .server import WebSocketHandler
+from .server import WebSocketHandler, drain_all
 
 __all__ = ["GeventWebSocketWorker", "GunicornWebSocketHandler", "drain_all"]
 
@@ -57,44 +57,6 @@ class _Server(PyWSGIServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         _servers.add(self)
-
-
-def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
-    """Close every connection of every endpoint in this process with 1012, in batches.
-
-    Batches follow each mount's ``drainer`` options; the whole drain stops at
-    ``deadline`` (a ``time.monotonic()`` value). Returns how many were drained.
-    """
-    from .endpoint import endpoints
-
-    drained = 0
-    for endpoint in list(endpoints):
-        for mount in endpoint.mounts:
-            opts = mount.drainer
-            if opts is None:
-                continue
-            size = max(1, int(opts["batch_size"]))
-            interval = float(opts["batch_interval"])
-            end = min(deadline, time.monotonic() + float(opts["shutdown"]))
-            done: set[int] = set()
-            while time.monotonic() < end:
-                # Connections already told to close may linger for their close
-                # handshake: never count them twice.
-                batch = [c for c in list(mount.connections) if id(c) not in done][:size]
-                if not batch:
-                    break
-                for conn in batch:
-                    done.add(id(conn))
-                    conn.drain()
-                drained += len(batch)
-                # Wait for this batch to go (bounded), then for the rest of the interval.
-                pause_end = min(end, time.monotonic() + interval)
-                while time.monotonic() < pause_end and any(c in mount.connections for c in batch):
-                    sleep(0.05)
-                remaining = pause_end - time.monotonic()
-                if remaining > 0 and any(id(c) not in done for c in mount.connections):
-                    sleep(remaining)
-    return drained
 
 
 class GeventWebSocketWorker(GeventPyWSGIWorker):
