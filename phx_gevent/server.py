@@ -160,15 +160,23 @@ class Server(pywsgi.WSGIServer):
         finally:
             self.stop(timeout=1)
 
+    def _on_sigterm(self) -> None:
+        if getattr(self, "_draining", None) is None:
+            self._draining = gevent.spawn(self._drain_and_stop)
+
     def serve_forever(self, stop_timeout: float | None = None) -> None:
         """Serve until stopped. SIGTERM (when called in the main thread) and Ctrl-C drain first."""
         handler = None
         if threading.current_thread() is threading.main_thread():
-            handler = gevent.signal_handler(signal.SIGTERM, lambda: gevent.spawn(self._drain_and_stop))
+            handler = gevent.signal_handler(signal.SIGTERM, self._on_sigterm)
         if not self.started:
             self.start()
         try:
             self._stop_event.wait()
+            # Closing the listener (the drain's first step) sets the stop event: let the drain finish.
+            draining = getattr(self, "_draining", None)
+            if draining is not None:
+                draining.join()
         except KeyboardInterrupt:
             self.drain()
             raise
