@@ -549,8 +549,6 @@ class ChannelProcess:
             if expired:
                 item = (_INFO, TIMEOUT)
                 tag = _INFO
-        if tag == _TIMEOUT:
-            return  # a timeout cancelled by a message that overtook it
         instance = self.instance
         socket = self.socket
         try:
@@ -604,6 +602,7 @@ class ChannelProcess:
                 self._exit(item[1], None)
             elif tag == _OVERFLOW:
                 raise ConnectionOverloaded(f"mailbox of {self.topic!r} overflowed")
+            # _TIMEOUT left here was cancelled by a message that overtook it: nothing to do.
         except GreenletExit:
             raise
         except Exception as exc:
