@@ -47,7 +47,8 @@ class SocketState:
         The Channel class serving this topic (``None`` on the connection's socket).
     ``channel_pid``
         The channel process: ``socket.channel_pid.send(msg)`` delivers ``msg``
-        to ``handle_info``.
+        to ``handle_info``; ``.call(msg, timeout=...)`` asks ``handle_call``
+        and returns its reply; ``.cast(msg)`` goes to ``handle_cast``.
     ``endpoint``
         The :class:`~phx_gevent.Endpoint`.
     ``handler``
@@ -249,7 +250,12 @@ class Socket:
         Most messages waiting for one channel (default 10,000). Past it, the
         connection stops reading the client until half is handled (for at
         most ``mailbox_timeout`` seconds, default 5, then it is closed with
-        1008), and server-side messages end the channel with ``phx_error``.
+        1008), and server-side messages (``send``, ``call``, ``cast``,
+        intercepted broadcasts) end the channel with ``phx_error``.
+
+    Methods to override: :meth:`connect` (accept, refuse, or
+    :func:`refuse` with a reason), :meth:`id`, and :meth:`handle_error`
+    (the HTTP answer to a refusal with a reason).
     """
 
     channels: Sequence[Route] = ()
