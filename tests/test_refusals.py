@@ -108,6 +108,8 @@ class ReasonSocket(Socket):
             return error("via error()")
         if how == "opaque":
             return refuse(object())  # not JSON: long-poll sends the bare 403
+        if how == "nan":
+            return refuse(float("nan"))  # not JSON either
         if how == "garbage":
             return {"not": "a socket"}
         if how == "none":
@@ -178,6 +180,7 @@ def test_long_poll_answers_403_with_the_reason_when_json_can_carry_it(live_serve
     assert lp("refuse") == {"status": 403, "reason": {"code": "rate_limited", "retry_in": 5}}
     assert lp("error") == {"status": 403, "reason": "via error()"}
     assert lp("opaque") == {"status": 403}
+    assert lp("nan") == {"status": 403}
     assert lp("none") == {"status": 403}
     assert lp("ok")["status"] == 410
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
-import json
 import logging
 import secrets
 import time
@@ -106,8 +105,8 @@ def _refusal(refusal: Refuse | None) -> dict[str, Any]:
     body: dict[str, Any] = {"status": 403}
     if refusal is not None:
         try:
-            json.dumps(refusal.reason)
-        except (TypeError, ValueError):
+            dumps(refusal.reason)
+        except (TypeError, ValueError, OverflowError):
             log.warning("phx_gevent: long-poll refusal reason %r is not JSON; sent without it", refusal.reason)
         else:
             body["reason"] = refusal.reason
