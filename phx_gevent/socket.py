@@ -279,6 +279,12 @@ class Socket:
 
         Anything else raises :class:`~phx_gevent.errors.CallbackReturnError`
         (HTTP 500). The default accepts everyone.
+
+        To authenticate with a signed token handed to the page (phoenix.js
+        ``authToken``, with ``endpoint.socket(..., auth_token=True)``), see
+        :mod:`phx_gevent.token`: ``token.verify(socket, "user socket",
+        connect_info.get("auth_token"), max_age=86400)`` returns the signed data
+        or raises ``TokenMissing``/``TokenInvalid``/``TokenExpired``.
         """
         return socket
 
