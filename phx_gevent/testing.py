@@ -166,7 +166,12 @@ class ChannelTest:
     def connect(
         self, params: dict[str, Any] | None = None, connect_info: dict[str, Any] | None = None, vsn: str = "2.0.0"
     ) -> TestClient:
-        """Run the real ``connect`` and ``id``; raises :class:`ConnectRefused` when refused."""
+        """Run the real ``connect`` and ``id`` (the transports' connect path).
+
+        Raises :class:`ConnectRefused` when refused (its ``reason`` is what
+        ``refuse(reason)`` gave, ``None`` for a plain refusal) and
+        :class:`~phx_gevent.errors.CallbackReturnError` for a wrong return value.
+        """
         params = {**(params or {}), "vsn": vsn}
         result = self.mount.connect("websocket", params, dict(connect_info or {}))
         if isinstance(result, Refuse):
