@@ -179,11 +179,19 @@ class SocketMount:
 
         A plain refusal is an empty 403; ``refuse(reason)`` goes through the
         mount's error handler, whose return value may be anything a Flask
-        view returns.
+        view returns. Raises :class:`~phx_gevent.errors.CallbackReturnError`
+        (HTTP 500) when it returns something else.
         """
         if refusal is None:
             return Response("", status=403, mimetype="text/plain")
-        return make_response(self.error_handler(refusal.reason))
+        answer = self.error_handler(refusal.reason)
+        try:
+            return make_response(answer)
+        except TypeError as exc:
+            raise CallbackReturnError(
+                f"the error handler of {self.path!r} must return a Flask response, (body, status) or "
+                f"(body, status, headers), got {answer!r}"
+            ) from exc
 
     def log(self, what: str, transport: str, params: Mapping[str, Any]) -> None:
         """Log a socket action at the mount's ``log`` level (never the params' values)."""

@@ -185,6 +185,13 @@ def test_long_poll_answers_403_with_the_reason_when_json_can_carry_it(live_serve
     assert lp("ok")["status"] == 410
 
 
+def test_an_error_handler_returning_nothing_names_what_was_expected(live_server, caplog):
+    server = serve(live_server, ReasonSocket, error_handler=lambda reason: None)
+    assert handshake(server, "refuse").status == 500
+    errors = [r.exc_info[1] for r in caplog.records if r.exc_info]
+    assert any(isinstance(e, CallbackReturnError) and "must return a Flask response" in str(e) for e in errors)
+
+
 def test_a_wrong_connect_return_names_what_was_expected(live_server):
     server = serve(live_server, ReasonSocket)
     assert handshake(server, "garbage").status == 500
