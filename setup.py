@@ -12,6 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["phx_gevent", "phx_gevent.*"]),
+    package_data={"phx_gevent": ["static/*.html"]},
     python_requires=">=3.11",
     install_requires=[
         "gevent>=24.10.1",
@@ -24,6 +25,7 @@ setup(
     extras_require={
         "redis": ["redis>=5.0"],
         "gunicorn": ["gunicorn>=23.0"],
+        "metrics": ["prometheus_client>=0.17"],
     },
     classifiers=[
         "Framework :: Flask",

@@ -10,6 +10,7 @@ the request context is gone.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import socket as _pysocket
@@ -18,9 +19,12 @@ import time
 from typing import Any
 
 import gevent
-from gevent import pywsgi
+from gevent import Timeout, pywsgi
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 
+from . import telemetry
+from .transports import http as phx_http
+from .transports.http import ENVIRON_CLOSE
 from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
 
 __all__ = ["WebSocketHandler", "Server", "drain_all", "make_server", "serve"]
@@ -30,9 +34,51 @@ log = logging.getLogger(__name__)
 # Headers a 101 response must not carry.
 _DROP_ON_UPGRADE = {b"content-type", b"content-length", b"transfer-encoding"}
 
+#: Seconds a request head (request line and headers) may take to arrive, also the longest an idle
+#: keep-alive connection waits for its next request. Servers made by :func:`make_server` take a
+#: ``header_timeout`` argument; this is the default, and the value under gunicorn.
+DEFAULT_HEADER_TIMEOUT = 20.0
+
+
+def _bad_host(environ: Any, start_response: Any) -> list[bytes]:
+    start_response("400 Bad Request", [("Content-Type", "text/plain"), ("Connection", "close")])
+    return [b"Host not allowed"]
+
 
 class WebSocketHandler(_GeventWebSocketHandler):
-    """A gevent-websocket handler that lets the WSGI application decide the handshake."""
+    """A gevent-websocket handler that lets the WSGI application decide the handshake.
+
+    It also bounds the time a request head may take (``header_timeout``,
+    against slowloris) and refuses (400) a ``Host`` its server does not
+    allow (``allowed_hosts`` of :func:`make_server`).
+    """
+
+    _head_timer: Any = None
+
+    def handle_one_request(self) -> Any:
+        timeout = getattr(self.server, "phx_header_timeout", DEFAULT_HEADER_TIMEOUT)
+        if not timeout:
+            return super().handle_one_request()
+        timer = self._head_timer = Timeout(timeout)
+        timer.start()
+        try:
+            return super().handle_one_request()
+        except Timeout as exc:
+            if exc is not timer:
+                raise
+            # The head did not arrive in time (or an idle keep-alive connection
+            # sent nothing): close without an answer, as nginx does.
+            self.close_connection = True
+            return None
+        finally:
+            timer.close()
+            self._head_timer = None
+
+    def handle_one_response(self) -> None:
+        # The head is in: the timeout covers reading it, never the application.
+        if self._head_timer is not None:
+            self._head_timer.close()
+        super().handle_one_response()
 
     def handle(self) -> None:
         # TCP_NODELAY for every connection: a long-poll answer is written as
@@ -46,9 +92,21 @@ class WebSocketHandler(_GeventWebSocketHandler):
     def run_application(self) -> None:
         environ = self.environ
         environ[ENVIRON_HANDLER] = self
+        rules = getattr(self.server, "phx_allowed_hosts", None)
+        if rules is not None and not phx_http.host_allowed(environ, rules):
+            environ[ENVIRON_CLOSE] = True
+            self._close_unread()
+            self.result = _bad_host(environ, self.start_response)
+            try:
+                self.process_result()
+            finally:
+                self._close_result()
+            return
         self.result = self.application(environ, self.start_response)
         upgrade = environ.pop(ENVIRON_UPGRADE, None)
         if upgrade is None or self.code != 101:
+            if environ.get(ENVIRON_CLOSE):
+                self._close_unread()
             try:
                 self.process_result()
             finally:
@@ -63,6 +121,15 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self.close_connection = True
         self._write_upgrade()
         upgrade(self)
+
+    def _close_unread(self) -> None:
+        # The answer went out on the headers (413, a bad token, a slow body):
+        # close after it, and never read or discard what is left of the body.
+        self.close_connection = True
+        wsgi_input = getattr(self, "wsgi_input", None)
+        if wsgi_input is not None:
+            # gevent's Input skips its discard-the-rest step in this state.
+            wsgi_input._chunked_input_error = True
 
     def _close_result(self) -> None:
         close = getattr(self.result, "close", None)
@@ -103,6 +170,7 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
 
     drained = 0
     for endpoint in list(endpoints):
+        endpoint.draining = True  # readiness probes answer 503 from now on
         for mount in endpoint.mounts:
             opts = mount.drainer
             if opts is None:
@@ -111,6 +179,7 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
             interval = float(opts["batch_interval"])
             end = min(deadline, time.monotonic() + float(opts["shutdown"]))
             done: set[int] = set()
+            total, index = sum(1 for c in mount.connections if c.channels), 0
             while time.monotonic() < end:
                 # Connections already told to close may linger for their close
                 # handshake: never count them twice.
@@ -121,6 +190,8 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
                     done.add(id(conn))
                     conn.drain()
                 drained += len(batch)
+                _drain_event(endpoint, mount, len(batch), total, index, size, interval)
+                index += 1
                 # Wait for this batch to go (bounded), then for the rest of the interval.
                 pause_end = min(end, time.monotonic() + interval)
                 while time.monotonic() < pause_end and any(c in mount.connections for c in batch):
@@ -129,6 +200,28 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
                 if remaining > 0 and any(c.channels and id(c) not in done for c in mount.connections):
                     sleep(remaining)
     return drained
+
+
+def _drain_event(endpoint: Any, mount: Any, count: int, total: int, index: int, size: int, interval: float) -> None:
+    # phoenix.socket_drain, once per batch, and Phoenix's log line at the mount's level.
+    rounds = max(1, -(-total // size))
+    if telemetry.socket_drain.receivers:
+        telemetry.emit(
+            telemetry.socket_drain,
+            endpoint,
+            {"count": count, "total": total, "index": index, "rounds": rounds},
+            {"mount": mount.path, "interval": interval},
+        )
+    if mount.log_level is not None:
+        log.log(
+            mount.log_level,
+            "%s shutting down, disconnecting %d of %d connections (round %d of %d)",
+            type(mount.handler).__name__,
+            count,
+            total,
+            index + 1,
+            rounds,
+        )
 
 
 class Server(pywsgi.WSGIServer):
@@ -186,15 +279,47 @@ class Server(pywsgi.WSGIServer):
             gevent.spawn(self.stop, timeout=stop_timeout).join()
 
 
-def make_server(app: Any, host: str = "127.0.0.1", port: int = 4000, **kwargs: Any) -> Server:
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 4000,
+    *,
+    allowed_hosts: Any = "auto",
+    header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+    **kwargs: Any,
+) -> Server:
     """A gevent WSGI server with phx_gevent's handler, bound and ready to ``serve_forever()``.
 
     ``port=0`` picks a free port: read it back from ``server.server_port``.
-    Extra keyword arguments go to :class:`gevent.pywsgi.WSGIServer`. The
-    :class:`Server` drains channel-holding connections on SIGTERM.
+    ``allowed_hosts``: the ``Host`` names the server answers (others get
+    400 before the application runs; see
+    :func:`~phx_gevent.transports.http.compile_hosts`); ``"auto"`` (default)
+    means ``localhost``, ``127.0.0.1`` and ``::1`` when bound to a loopback
+    address, no check otherwise; ``None`` turns the check off. A page on a
+    DNS-rebinding domain then cannot reach a server run locally.
+    ``header_timeout``: seconds a request head may take (``None``/0: no
+    limit). Extra keyword arguments go to :class:`gevent.pywsgi.WSGIServer`.
+    The :class:`Server` drains channel-holding connections on SIGTERM and
+    Ctrl-C in ``serve_forever()``. Raises ``ValueError`` for bad settings.
     """
+    if allowed_hosts == "auto":
+        allowed_hosts = list(phx_http.LOOPBACK_HOSTS) if _is_loopback(host) else None
+    rules = phx_http.compile_hosts(allowed_hosts)
+    if header_timeout is not None and header_timeout < 0:
+        raise ValueError("header_timeout must be positive (seconds) or None")
     kwargs.setdefault("handler_class", WebSocketHandler)
     server = Server((host, port), app, **kwargs)
+    server.phx_allowed_hosts = rules
+    server.phx_header_timeout = header_timeout
     server.init_socket()
     return server
 
@@ -205,7 +330,8 @@ def serve(app: Any, host: str = "127.0.0.1", port: int = 4000, **kwargs: Any) ->
     Either way the connections holding channels are drained first (close
     1012, so phoenix.js clients reconnect), as under the gunicorn worker.
     The caller must have run ``gevent.monkey.patch_all()`` first if the app
-    uses blocking libraries.
+    uses blocking libraries. Keyword arguments as for :func:`make_server`
+    (on loopback, only loopback host names are answered by default).
     """
     server = make_server(app, host, port, **kwargs)
     log.info("phx_gevent: serving on http://%s:%s", host, server.server_port)

@@ -35,6 +35,7 @@ from typing import Any
 import gevent
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
+from . import metrics
 from .pubsub.base import make_node_name
 from .server import WebSocketHandler, drain_all
 
@@ -47,16 +48,23 @@ class GunicornWebSocketHandler(WebSocketHandler, PyWSGIHandler):
     """phx_gevent's handler with gunicorn's access log and environ keys (``gunicorn.sock``, ``RAW_URI``)."""
 
 
-#: The listening servers of this worker process (closed first when draining).
+#: The listening servers of this worker process that have started (closed first when draining).
 _servers: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Set once the drain began: a server that finishes starting afterwards closes at once.
+_stopping = False
 
 
 class _Server(PyWSGIServer):
-    """gunicorn's pywsgi server, remembered so the drain can stop accepting first."""
+    """gunicorn's pywsgi server, remembered once started so the drain can stop accepting first."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def start(self) -> None:
+        # Registered only once start() is over: gevent's start() can switch
+        # greenlets half-way, and a drain (SIGTERM during boot) that closed
+        # the server then made start() fail ("no attribute 'socket'").
+        super().start()
         _servers.add(self)
+        if _stopping:
+            self.close()
 
 
 class GeventWebSocketWorker(GeventPyWSGIWorker):
@@ -91,6 +99,8 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
                 if ensure is not None:
                     ensure()  # started in the master (a broadcast at import): restart it here
                     pubsub.start()
+                if endpoint.observer is not None:
+                    endpoint.observer.ensure_started()  # metrics and dashboard sample from the start
             except Exception:
                 self.log.exception("phx_gevent: could not start the PubSub of endpoint %r", endpoint.name)
             names.append(pubsub.node_name)
@@ -118,6 +128,8 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
             gevent.spawn(self._drain)
 
     def _drain(self) -> None:
+        global _stopping
+        _stopping = True
         # Stop accepting first, so drained clients reconnect to the other workers, not here.
         for server in list(_servers):
             try:
@@ -138,6 +150,7 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
             super().run()
         finally:
             self._stop_pubsub()
+            metrics.mark_process_dead()
 
     def _stop_pubsub(self) -> None:
         from .endpoint import endpoints
