@@ -25,6 +25,7 @@ setup(
     extras_require={
         "redis": ["redis>=5.0"],
         "gunicorn": ["gunicorn>=23.0"],
+        "client": ["websocket-client>=1.6"],
         "metrics": ["prometheus_client>=0.17"],
     },
     classifiers=[

@@ -33,6 +33,7 @@ from .channel import (
     stop,
 )
 from .channel_server import Broadcast, CallFrom
+from .emitter import Emitter
 from .endpoint import Endpoint
 from .errors import (
     BroadcastTimeout,
@@ -40,6 +41,9 @@ from .errors import (
     CallTimeout,
     ChannelError,
     ChannelExited,
+    EmitterError,
+    EmitterUnavailable,
+    PayloadError,
     PhxError,
     TokenError,
     TokenExpired,
@@ -66,11 +70,15 @@ __all__ = [
     "DISCONNECTED",
     "DRAINING",
     "DUPLICATE_JOIN",
+    "Emitter",
+    "EmitterError",
+    "EmitterUnavailable",
     "Endpoint",
     "INACTIVE",
     "LEFT",
     "NORMAL",
     "NoReply",
+    "PayloadError",
     "PhxError",
     "Presence",
     "Refuse",

@@ -14,6 +14,9 @@ __all__ = [
     "TokenExpired",
     "TokenInvalid",
     "TokenMissing",
+    "EmitterError",
+    "EmitterUnavailable",
+    "PayloadError",
 ]
 
 
@@ -78,3 +81,24 @@ class TokenInvalid(TokenError):
 
 class TokenExpired(TokenError):
     """The token's signature is valid but it is older than ``max_age``: ``{:error, :expired}``."""
+
+
+class EmitterError(PhxError):
+    """An :class:`~phx_gevent.Emitter` could not hand a message to Redis; nothing is pending.
+
+    The base of :class:`EmitterUnavailable` (Redis unreachable or silent) and
+    :class:`PayloadError` (the message cannot be encoded). Raised as itself
+    when Redis refused the command (authentication, ACL) or the emitter is closed.
+    """
+
+
+class EmitterUnavailable(EmitterError, ConnectionError):
+    """Redis did not accept the message within the emitter's ``timeout`` (down, unreachable, too slow).
+
+    The message may still have reached Redis when the last attempt timed out
+    while waiting for the answer; it was not retried after the deadline.
+    """
+
+
+class PayloadError(EmitterError, TypeError):
+    """The topic, event or payload cannot be carried (not a dict or bytes, not JSON, NaN); nothing was sent."""
