@@ -37,7 +37,8 @@ from .socket import SocketState
 from .transports.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART  # close codes live in one place
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .endpoint import Endpoint, SocketMount
+    from .endpoint import Endpoint
+    from .mount import SocketMount
     from .pubsub.local import PubSub
 
 __all__ = ["Connection"]

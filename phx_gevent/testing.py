@@ -35,8 +35,9 @@ from gevent.event import Event
 
 from .channel import CLOSED, Reply
 from .connection import Connection
-from .endpoint import Endpoint, SocketMount
+from .endpoint import Endpoint
 from .errors import PhxError
+from .mount import SocketMount
 from .serializers import V2, FastlaneEncoder, Message, Serializer, decode_server_frame, negotiate
 from .socket import Refuse, SocketState
 

@@ -210,6 +210,7 @@ def test_the_core_layers_do_not_import_flask():
     root = pathlib.Path(phx_gevent.__file__).parent
     core = [
         root / "connection.py",
+        root / "mount.py",
         root / "serializers.py",
         root / "runtime.py",
         root / "flow.py",

@@ -25,16 +25,16 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import gevent
-from flask import Response, request
+from flask import Response, make_response, request
 
 from .. import memory
 from ..connection import Connection
-from ..errors import ConnectionOverloaded
+from ..errors import CallbackReturnError, ConnectionOverloaded
 from ..flow import flow
 from ..options import WebSocketOptions
 from ..runtime import runtime
 from ..serializers import DecodeError, Serializer
-from ..socket import SocketState
+from ..socket import Refuse, SocketState
 from . import frames
 from . import http as phx_http
 from .frames import (
@@ -55,7 +55,7 @@ from .writer import configure_socket, make_writer
 from .ws_encoders import DeflateWebSocketEncoder, _deflate_message, encoder_for
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..endpoint import SocketMount
+    from ..mount import SocketMount
 
 __all__ = ["WebSocketOptions", "WebSocketTransport", "handshake", "encoder_for", "DeflateWebSocketEncoder"]
 
@@ -76,6 +76,26 @@ ENVIRON_UPGRADE = "phx_gevent.upgrade"
 
 def _empty(status: int, body: str = "") -> Response:
     return Response(body, status=status, mimetype="text/plain")
+
+
+def refusal_response(mount: SocketMount, refusal: Refuse | None) -> Response:
+    """The WebSocket handshake's answer to a refused connect (inside its Flask request).
+
+    A plain refusal is an empty 403; ``refuse(reason)`` goes through the
+    mount's error handler, whose return value may be anything a Flask
+    view returns. Raises :class:`~phx_gevent.errors.CallbackReturnError`
+    (HTTP 500) when it returns something else.
+    """
+    if refusal is None:
+        return Response("", status=403, mimetype="text/plain")
+    answer = mount.error_handler(refusal.reason)
+    try:
+        return make_response(answer)
+    except TypeError as exc:
+        raise CallbackReturnError(
+            f"the error handler of {mount.path!r} must return a Flask response, (body, status) or "
+            f"(body, status, headers), got {answer!r}"
+        ) from exc
 
 
 def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
@@ -131,7 +151,7 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
     info = mount.build_connect_info(environ, params, mount.connect_info, extra)
     socket = mount.connect("websocket", params, info)
     if not isinstance(socket, SocketState):
-        return mount.refusal_response(socket)
+        return refusal_response(mount, socket)
     serializer = socket.serializer
     accept = base64.b64encode(hashlib.sha1((key + _GUID).encode("latin-1")).digest()).decode("ascii")
     headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]

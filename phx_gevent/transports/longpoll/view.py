@@ -27,7 +27,7 @@ from .session import GONE, MISSING, LongPollSession
 from .tokens import SessionTokens
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ...endpoint import SocketMount
+    from ...mount import SocketMount
 
 __all__ = ["DEFAULTS", "LongPoll"]
 
