@@ -22,7 +22,6 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Callable
-from enum import IntEnum
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -32,10 +31,12 @@ from gevent.event import AsyncResult, Event
 
 from ..channel import DUPLICATE_JOIN, LEFT, SHUTDOWN, TIMEOUT, Channel, NoReply, Reply, Stop, is_graceful
 from ..errors import CallbackReturnError, CallTimeout, ChannelError, ChannelExited, ConnectionOverloaded
-from ..pubsub.history import MAX_LAST, parse_offset
-from ..pubsub.local import ALL_EVENTS, RecoveryBuffer
+from ..pubsub.local import ALL_EVENTS
 from ..telemetry import channel_handled_in, emit, format_duration
 from .pool import Partition, Partitions, default_partitions
+from .recovery import join_recovering
+from .states import _CALL, _CAST, _DOWN, _IN, _INFO, _LEAVE, _OUT, _OVERFLOW, _TIMEOUT, JOINED, JOINING, STOPPED
+from .states import ChannelState as ChannelState
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..connection import Connection
@@ -46,33 +47,6 @@ __all__ = ["Broadcast", "CallFrom", "ChannelProcess", "Partition", "Partitions",
 log = logging.getLogger(__name__)
 _debug = functools.partial(log.isEnabledFor, logging.DEBUG)
 
-
-class _Tag(IntEnum):
-    """What a mailbox item is (the first element of the tuple)."""
-
-    IN = 0  # a client message
-    OUT = 1  # a broadcast intercepted for handle_out
-    INFO = 2  # a handle_info message
-    LEAVE = 3  # the client left
-    DOWN = 4  # the connection went away
-    OVERFLOW = 5  # the mailbox overflowed
-    CALL = 6  # a handle_call request (a caller waits for the answer)
-    CAST = 7  # a handle_cast message
-    TIMEOUT = 8  # a timeout the channel asked for fired
-
-
-_IN, _OUT, _INFO, _LEAVE, _DOWN, _OVERFLOW, _CALL, _CAST, _TIMEOUT = _Tag
-
-
-class ChannelState(IntEnum):
-    """Where a channel process is in its life (an IntEnum: compared on every message)."""
-
-    JOINING = 0
-    JOINED = 1
-    STOPPED = 2
-
-
-JOINING, JOINED, STOPPED = ChannelState
 
 #: How long a replaced channel may take to die before it is abandoned (Phoenix: 5 s).
 KILL_TIMEOUT = 5.0
@@ -99,21 +73,6 @@ class _InfoSubscription:
 
     def deliver(self, topic: str, event: str, payload: Any) -> None:
         self.owner.send(Broadcast(topic, event, payload))
-
-
-# Encoded replay frames: (encoder, with offset, topic, offset) -> frame. Offsets are
-# unique per topic (the epoch changes when a history restarts), so entries never go stale.
-_replay_frames: dict[tuple[Any, ...], Any] = {}
-_REPLAY_CACHE_SIZE = 20_000
-
-
-class _GaveUp(Exception):
-    """The join was given up while it read the history."""
-
-
-def _since_seq(since: Any) -> int:
-    parsed = parse_offset(since)
-    return 0 if parsed is None else parsed[1]
 
 
 def _expected(callback: str) -> str:
@@ -467,82 +426,8 @@ class ChannelProcess:
             self._run()
 
     def _join_recovering(self, payload: dict[str, Any], ref: Any, outcome: Reply) -> bool:
-        # A join with ``since`` (or a ``last`` backlog) on a history topic.
-        # Subscribe first, into a buffer, then read the history (this may wait
-        # for Redis), then send the join reply, the replay, and what arrived
-        # live meanwhile minus what the replay covered: every message once, in
-        # offset order, nothing of this channel before its join reply.
-        conn = self.conn
-        pubsub = conn.pubsub
-        has_since = "since" in payload
-        since = payload.get("since")
-        last = payload.get("last")
-        if type(last) is not int or last < 0:
-            last = None
-        else:
-            last = min(last, MAX_LAST)
-        self.offsets = has_since
-        real_writer = self.writer
-        buffer = RecoveryBuffer(real_writer.encoder)
-        self.writer = buffer
-        pubsub.subscribe(self.topic, self)
-        try:
-            try:
-                recovery = pubsub.fetch_history(self.topic, since, last, has_since=has_since)
-            except Exception:
-                log.exception("phx_gevent: history recovery of %r failed", self.topic)
-                recovery = None
-            if self.state != JOINING:
-                raise _GaveUp
-            response = outcome.response
-            if has_since:
-                recovered = recovery is not None and recovery.recovered
-                response = {**response, "recovered": recovered} if isinstance(response, dict) else response
-            data = conn.serializer.encode_reply(self.join_ref, ref, self.topic, "ok", response)
-        except BaseException as exc:
-            pubsub.unsubscribe(self.topic, self)
-            self.writer = real_writer
-            if isinstance(exc, _GaveUp):
-                return False
-            raise
-        # From here to the end: no greenlet switch.
-        conn.channel_joined(self)
-        self.state = JOINED
-        self.socket.joined = True
-        conn.send_encoded(data)
-        epoch, last_seq = None, 0
-        if recovery is not None and (recovery.recovered or not has_since):
-            epoch, last_seq = recovery.epoch, _since_seq(since) if has_since else 0
-            enc = real_writer.encoder
-            cache = _replay_frames
-            if len(cache) > _REPLAY_CACHE_SIZE:
-                cache.clear()
-            for entry in recovery.entries:
-                # A reconnect storm replays the same messages to thousands of
-                # clients: each frame is encoded once per encoder and variant.
-                key = (enc, has_since, self.topic, entry.offset)
-                frame = cache.get(key, cache)
-                if frame is cache:
-                    try:
-                        if has_since:
-                            frame = enc.broadcast_ref(self.topic, entry.event, entry.payload, entry.offset)
-                        else:
-                            frame = enc.broadcast(self.topic, entry.event, entry.payload)
-                    except Exception:
-                        log.exception("phx_gevent: could not encode a replayed message of %r", self.topic)
-                        continue
-                    cache[key] = frame
-                if frame is not None:
-                    real_writer.write(frame)
-            if recovery.entries:
-                parsed = parse_offset(recovery.entries[-1].offset)
-                if parsed is not None:
-                    epoch, last_seq = parsed
-        buffer.flush_into(real_writer, epoch, last_seq)
-        if epoch is not None and last_seq > 0:
-            self.replayed = (epoch, last_seq)
-        self.writer = real_writer
-        return True
+        # A join with ``since`` (or a ``last`` backlog) on a history topic: channels/recovery.py.
+        return join_recovering(self, payload, ref, outcome)
 
     def history_lost(self) -> None:
         """This node missed history messages it cannot fetch: end the channel with ``phx_error``.
