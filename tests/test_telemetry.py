@@ -117,7 +117,7 @@ def test_socket_connected_accepted_and_refused_over_both_transports(live_server,
     assert (lp["result"], lp["socket_id"], lp["transport"]) == ("ok", "user:bob", "longpoll")
     for m in (m1, m2, m3):
         assert set(m) == {"duration"} and 0 <= m["duration"] < 5
-    lines = [r.getMessage() for r in caplog.records if r.name == "phx_gevent.endpoint"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "phx_gevent.mount"]  # SocketMount.connect logs
     assert any(line.startswith("CONNECTED TO UserSocket in ") and "transport websocket" in line for line in lines)
     assert any(line.startswith("REFUSED CONNECTION TO UserSocket in ") for line in lines)
     assert not any("alice" in line for line in lines)  # param names only, never values
