@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flask import Blueprint, Flask, Response, request
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from .channel_server import ChannelProcess, Partitions
 from .flow import flow
@@ -124,18 +124,29 @@ class SocketMount:
             pubsub_server=self.endpoint.pubsub,
         )
 
-    def log(self, what: str, transport: str, params: Mapping[str, Any]) -> None:
+    def log(self, what: str, transport: str, params: Mapping[str, Any], note: str = "") -> None:
         """Log a socket action at the mount's ``log`` level (never the params' values)."""
         if self.log_level is not None and log.isEnabledFor(self.log_level):
             log.log(
                 self.log_level,
-                "%s %s %s via %s (params: %s)",
+                "%s %s %s via %s (params: %s)%s",
                 what.upper(),
                 type(self.handler).__name__,
                 self.path,
                 transport,
                 ", ".join(sorted(str(k) for k in params)),
+                note,
             )
+
+    def log_refused(self, transport: str, params: Mapping[str, Any], result: Any) -> None:
+        """Log a refused ``connect`` at the mount's level, with the handler's name and what it returned."""
+        self.log(
+            "refused",
+            transport,
+            params,
+            f": {type(self.handler).__name__}.connect returned {result!r}, so the client got HTTP 403 "
+            "(phoenix.js retries with backoff); return the socket to accept",
+        )
 
 
 class Endpoint:
@@ -194,6 +205,7 @@ class Endpoint:
         self.mounts: list[SocketMount] = []
         self.apps: list[Flask] = []
         self._paths: list[str] = []
+        self._missed: set[str] = set()
         endpoints.add(self)
         if app is not None:
             self.init_app(app)
@@ -227,6 +239,11 @@ class Endpoint:
         app.register_blueprint(self.blueprint)
         app.extensions[self.name] = self
         app.register_error_handler(MethodNotAllowed, self._method_not_allowed)
+        # A misspelled socket URL otherwise gives a bare 404 and phoenix.js
+        # retries forever. An app's own 404 handler is left alone (one
+        # registered later replaces this one anyway).
+        if not any(404 in handlers for handlers in app.error_handler_spec.get(None, {}).values()):
+            app.register_error_handler(NotFound, self._not_found)
         self.apps.append(app)
 
     def _method_not_allowed(self, exc: MethodNotAllowed) -> Any:
@@ -235,6 +252,32 @@ class Endpoint:
         if request.path in self._paths:
             return Response(status=400)
         return exc
+
+    def _not_found(self, exc: NotFound) -> Any:
+        path = request.path
+        hint = self.socket_path_hint(path)
+        if hint is None:
+            return exc
+        if len(self._missed) < 100 and path not in self._missed:
+            self._missed.add(path)  # once per path: phoenix.js retries it every few seconds
+            log.warning("%s", hint)
+        return Response(hint + "\n", status=404, mimetype="text/plain")
+
+    def socket_path_hint(self, path: str) -> str | None:
+        """For a 404 on a path that looks like a socket URL, a message listing the mounted socket URLs.
+
+        ``None`` when ``path`` does not look like one (it neither ends with
+        ``/websocket`` or ``/longpoll`` nor lies under a mounted socket's path).
+        """
+        prefixes = [m.path.split("/:", 1)[0].rstrip("/") + "/" for m in self.mounts]
+        if not (path.endswith(("/websocket", "/longpoll")) or any(path.startswith(p) for p in prefixes)):
+            return None
+        urls = ", ".join(dict.fromkeys(self._paths)) or "none"
+        return (
+            f"phx_gevent: no socket at {path}. Mounted socket URLs: {urls}. phoenix.js adds /websocket or "
+            '/longpoll itself: give new Socket() the mount path (new Socket("/socket") for '
+            'endpoint.socket("/socket", ...)), not the full URL'
+        )
 
     def server_name(self) -> str | None:
         """The ``SERVER_NAME`` of the first app, used by the default origin check."""

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["PhxError", "BroadcastTimeout", "ChannelError", "CallbackReturnError", "ConnectionOverloaded"]
+__all__ = [
+    "PhxError",
+    "BroadcastTimeout",
+    "ChannelError",
+    "CallbackReturnError",
+    "ConnectionOverloaded",
+    "NotMonkeyPatchedError",
+]
 
 
 class PhxError(Exception):
@@ -30,4 +37,14 @@ class ConnectionOverloaded(PhxError):
     """A client sends faster than its channel handles messages (``Socket.max_mailbox``).
 
     The transport closes the connection with 1008 (policy violation).
+    """
+
+
+class NotMonkeyPatchedError(PhxError, RuntimeError):
+    """Something that needs gevent's monkey-patching was started in a process that is not patched.
+
+    Raised by the Redis adapter (and by :func:`~phx_gevent.serve` /
+    :func:`~phx_gevent.make_server` when an endpoint uses it): without
+    patching, its greenlets would wait for Redis on blocking sockets and
+    stall the whole process. The message names the fix.
     """

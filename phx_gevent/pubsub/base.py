@@ -44,6 +44,10 @@ class Adapter:
 
     node_name: str
 
+    #: True for adapters whose greenlets do blocking I/O through the standard
+    #: library (Redis): :func:`~phx_gevent.serve` then refuses an unpatched process.
+    requires_monkey_patching: bool = False
+
     def start(self, receive: Callable[[dict[str, Any]], None]) -> None:
         """Begin receiving: call ``receive(envelope)`` for every envelope from another node.
 

@@ -485,7 +485,7 @@ class LongPoll:
         environ = request.environ
         # Phoenix checks the origin before anything, preflights included.
         if not phx_http.check_origin(environ, self.check_origin, mount.endpoint.server_name()):
-            log.warning("phx_gevent: refused long-poll request from origin %r", environ.get("HTTP_ORIGIN"))
+            log.warning("%s", phx_http.origin_refusal(environ, self.check_origin, "long-poll request", mount.path))
             return _json({"status": 403})
         # Idempotent; also brings a forked worker's node name up to date before tokens are compared.
         mount.pubsub.start()
@@ -527,7 +527,11 @@ class LongPoll:
             return _plain(503, "too many long-poll sessions")
         serializer = negotiate(params.get("vsn"))
         if serializer is None:
-            log.warning("phx_gevent: refused long-poll session with unsupported vsn %r", params.get("vsn"))
+            log.warning(
+                "phx_gevent: refused long-poll session with unsupported vsn %r (phoenix.js sends "
+                "2.0.0; 1.0.x and 2.0.x are supported)",
+                params.get("vsn"),
+            )
             return _json({"status": 403})
         extra = {"auth_token": environ.get("HTTP_X_PHOENIX_AUTHTOKEN")} if self.auth_token else None
         info = mount.build_connect_info(environ, params, self.connect_info, extra)
@@ -538,7 +542,7 @@ class LongPoll:
         finally:
             self._creating -= 1
         if result is None or result is False:
-            mount.log("refused", "longpoll", params)
+            mount.log_refused("longpoll", params, result)
             return _json({"status": 403})
         if not isinstance(result, SocketState):
             raise CallbackReturnError(

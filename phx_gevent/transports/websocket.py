@@ -190,7 +190,7 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
         return _empty(400, "bad query string")
     params.update(path_params)
     if not phx_http.check_origin(environ, mount.check_origin, mount.endpoint.server_name()):
-        log.warning("phx_gevent: refused WebSocket from origin %r", environ.get("HTTP_ORIGIN"))
+        log.warning("%s", phx_http.origin_refusal(environ, mount.check_origin, "WebSocket connection", mount.path))
         return _empty(403)
     protocols = phx_http.split_protocols(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
     token = None
@@ -219,14 +219,18 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
         return _empty(400, "invalid Sec-WebSocket-Key")
     serializer = negotiate(params.get("vsn"))
     if serializer is None:
-        log.warning("phx_gevent: refused WebSocket with unsupported vsn %r", params.get("vsn"))
+        log.warning(
+            "phx_gevent: refused WebSocket with unsupported vsn %r (phoenix.js sends "
+            "2.0.0; 1.0.x and 2.0.x are supported)",
+            params.get("vsn"),
+        )
         return _empty(403)
     extra = {"auth_token": token} if mount.auth_token else None
     info = mount.build_connect_info(environ, params, mount.connect_info, extra)
     socket = mount.new_socket("websocket", serializer)
     result = mount.handler.connect(params, socket, info)
     if result is None or result is False:
-        mount.log("refused", "websocket", params)
+        mount.log_refused("websocket", params, result)
         return _empty(403)
     if not isinstance(result, SocketState):
         raise CallbackReturnError(
