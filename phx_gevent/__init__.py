@@ -31,7 +31,7 @@ from .channel import (
 )
 from .channel_server import Broadcast
 from .endpoint import Endpoint
-from .errors import BroadcastTimeout, CallbackReturnError, ChannelError, PhxError
+from .errors import BroadcastTimeout, CallbackReturnError, ChannelError, NotMonkeyPatchedError, PhxError
 from .presence import Presence
 from .server import make_server, serve
 from .socket import Socket, SocketState, channel
@@ -53,6 +53,7 @@ __all__ = [
     "INACTIVE",
     "LEFT",
     "NORMAL",
+    "NotMonkeyPatchedError",
     "PhxError",
     "Presence",
     "Reply",
