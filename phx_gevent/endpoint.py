@@ -242,7 +242,7 @@ class Endpoint:
         # A misspelled socket URL otherwise gives a bare 404 and phoenix.js
         # retries forever. An app's own 404 handler is left alone (one
         # registered later replaces this one anyway).
-        if not any(404 in handlers for handlers in app.error_handler_spec.get(None, {}).values()):
+        if not app.error_handler_spec.get(None, {}).get(404):
             app.register_error_handler(NotFound, self._not_found)
         self.apps.append(app)
 
