@@ -26,6 +26,7 @@ from flask import Flask
 from phx_gevent import Endpoint, Socket
 from tests import httpclient as http
 from tests.servers import ROOT, OutputLog, wait_until
+from tests.test_browser import browser  # noqa: F401  (the headless Chromium fixture)
 
 QUICKSTART = ROOT / "examples" / "quickstart.py"
 SERVING = r"phx_gevent: serving on http://127\.0\.0\.1:(\d+)"
@@ -136,6 +137,16 @@ def test_the_quickstart_runs_as_written_and_phoenix_js_chats_through_it(program,
     assert node.returncode == 0, node.stderr
     assert node.stdout.strip() == "node: hello from Node"
     js.wait(ev="chan", channel=ann, event="new_msg", since=since, payload={"user": "node", "body": "hello from Node"})
+
+
+def test_the_quickstart_page_loads_phoenix_js_without_a_bundler(program, browser, js):  # noqa: F811
+    app = program([sys.executable, "examples/quickstart.py"], env={"PORT": "0"})
+    port = app.port()
+    browser.goto(f"http://127.0.0.1:{port}/?user=ann")
+    browser.wait_text("#messages", lambda t: "joined as ann" in t)
+    _, bob = js.join_room(f"ws://127.0.0.1:{port}/socket", "bob", "room:lobby")
+    assert js.push(bob, "new_msg", {"body": "hello ann"})["status"] == "ok"
+    browser.wait_text("#messages", lambda t: "bob: hello ann" in t)
 
 
 def test_the_quickstart_says_how_to_get_phoenix_js_when_it_is_missing(program, tmp_path):
