@@ -325,3 +325,15 @@ def test_a_misspelled_socket_path_gets_a_404_that_lists_the_socket_urls(live_ser
     app.register_error_handler(404, lambda exc: ("mine", 404))
     Endpoint(app).socket("/socket", NamedSocket)
     assert http.get(live_server(app).http + "/sockets/websocket").body == b"mine"
+
+
+def test_a_websocket_served_by_another_server_gets_a_500_that_names_the_fix(caplog):
+    # Flask's test client stands for `flask run` or any WSGI server without phx_gevent's handler.
+    client = socket_app().test_client()
+    with caplog.at_level(logging.ERROR, logger="phx_gevent"):
+        resp = client.get(
+            "/socket/websocket?vsn=2.0.0&user=a", headers={"Upgrade": "websocket", "Connection": "Upgrade"}
+        )
+    assert resp.status_code == 500
+    assert b"phx_gevent.serve(app)" in resp.data and b"phx_gevent.worker.GeventWebSocketWorker" in resp.data
+    assert any("served without phx_gevent's WSGI handler" in r.getMessage() for r in caplog.records)

@@ -178,10 +178,15 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
     wsgi_handler = environ.get(ENVIRON_HANDLER)
     if wsgi_handler is None:
         log.error(
-            "phx_gevent: WebSocket request served without phx_gevent's WSGI handler; "
-            "run with phx_gevent.serve(app) or gunicorn -k phx_gevent.worker.GeventWebSocketWorker"
+            "phx_gevent: WebSocket request served without phx_gevent's WSGI handler (flask run, a plain "
+            "gevent WSGIServer and gunicorn's own workers cannot hand the socket over); run with "
+            "phx_gevent.serve(app) (reload=True for development) or gunicorn -k phx_gevent.worker.GeventWebSocketWorker"
         )
-        return _empty(500, "WebSocket support needs phx_gevent's server or gunicorn worker")
+        return _empty(
+            500,
+            "WebSocket support needs phx_gevent's server or gunicorn worker: phx_gevent.serve(app), "
+            "or gunicorn -k phx_gevent.worker.GeventWebSocketWorker (not flask run)",
+        )
     opts = mount.websocket
     assert opts is not None
     try:
