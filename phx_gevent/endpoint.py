@@ -244,6 +244,11 @@ class Endpoint:
         # registered later replaces this one anyway).
         if not app.error_handler_spec.get(None, {}).get(404):
             app.register_error_handler(NotFound, self._not_found)
+        # `flask phx run`: Flask's own `flask run` cannot serve our WebSockets.
+        from .cli import phx
+
+        if "phx" not in app.cli.commands:
+            app.cli.add_command(phx)
         self.apps.append(app)
 
     def _method_not_allowed(self, exc: MethodNotAllowed) -> Any:

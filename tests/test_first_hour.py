@@ -177,9 +177,10 @@ monkey.patch_all()
 
 from flask import Flask
 
-from phx_gevent import serve
+from phx_gevent import Endpoint, serve
 
 app = Flask(__name__)
+Endpoint(app)
 
 
 @app.get("/")
@@ -192,10 +193,15 @@ if __name__ == "__main__":
 """
 
 
-def test_serve_reload_restarts_on_a_code_change_and_keeps_the_port(program, tmp_path):
+@pytest.mark.parametrize("how", ["serve", "flask phx run"])
+def test_the_reloader_restarts_on_a_code_change_and_keeps_the_port(program, tmp_path, how):
     source = tmp_path / "app.py"
     source.write_text(RELOADING_APP.format(version=1))
-    app = program([sys.executable, "app.py"], cwd=tmp_path)
+    if how == "serve":  # python app.py, whose __main__ calls serve(..., reload=True)
+        app = program([sys.executable, "app.py"], cwd=tmp_path)
+    else:  # Flask's command line; the Endpoint adds the `phx` group
+        command = ["-m", "flask", "--app", "app", "phx", "run", "--port", "0", "--reload"]
+        app = program([sys.executable, *command], cwd=tmp_path)
     port = app.port()
     app.log.wait(r"reloader on")
     url = f"http://127.0.0.1:{port}/"
@@ -335,5 +341,6 @@ def test_a_websocket_served_by_another_server_gets_a_500_that_names_the_fix(capl
             "/socket/websocket?vsn=2.0.0&user=a", headers={"Upgrade": "websocket", "Connection": "Upgrade"}
         )
     assert resp.status_code == 500
-    assert b"phx_gevent.serve(app)" in resp.data and b"phx_gevent.worker.GeventWebSocketWorker" in resp.data
+    assert b"phx_gevent.serve(app)" in resp.data and b"flask phx run" in resp.data
+    assert b"phx_gevent.worker.GeventWebSocketWorker" in resp.data
     assert any("served without phx_gevent's WSGI handler" in r.getMessage() for r in caplog.records)

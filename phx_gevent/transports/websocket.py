@@ -180,12 +180,13 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
         log.error(
             "phx_gevent: WebSocket request served without phx_gevent's WSGI handler (flask run, a plain "
             "gevent WSGIServer and gunicorn's own workers cannot hand the socket over); run with "
-            "phx_gevent.serve(app) (reload=True for development) or gunicorn -k phx_gevent.worker.GeventWebSocketWorker"
+            "phx_gevent.serve(app) (reload=True for development), flask phx run, or gunicorn -k "
+            "phx_gevent.worker.GeventWebSocketWorker"
         )
         return _empty(
             500,
             "WebSocket support needs phx_gevent's server or gunicorn worker: phx_gevent.serve(app), "
-            "or gunicorn -k phx_gevent.worker.GeventWebSocketWorker (not flask run)",
+            "flask phx run (not flask run), or gunicorn -k phx_gevent.worker.GeventWebSocketWorker",
         )
     opts = mount.websocket
     assert opts is not None
