@@ -119,18 +119,36 @@ document.getElementById("join").addEventListener("submit", (e) => {
   socket.onError(() => say("connection error", "err"));
   watchConnection(socket);
   socket.connect();
-  channel = socket.channel(room, { presence: true });
+  // Recovery (docs/recovery.md): the params function runs on every (re)join, so a rejoin
+  // sends the offset of the last message seen; the first join asks for a backlog.
+  let lastOffset = null, recovering = null;
+  channel = socket.channel(room, () => lastOffset === null
+    ? { presence: true, since: null, last: 50 } : { presence: true, since: lastOffset });
   const presence = new Presence(channel);
   presence.onSync(() => {
     const names = presence.list((user, { metas }) => metas.length > 1 ? `${user} (${metas.length})` : user);
     document.getElementById("online").textContent = "online: " + names.join(", ");
     explainDuplicates(presence.list((user, { metas }) => [user, metas.length]).filter(([, n]) => n > 1));
   });
-  channel.on("welcome", (m) => say(`welcome ${m.user} (served by ${m.node})`, "sys"));
-  channel.on("new_msg", (m) => say(`${m.user}: ${m.body}`));
+  channel.on("welcome", (m) => {
+    // The replay comes between the join reply and this push.
+    if (recovering !== null) say(`recovered ${recovering} messages`, "sys");
+    recovering = null;
+    say(`welcome ${m.user} (served by ${m.node})`, "sys");
+  });
+  channel.on("new_msg", (m, ref) => {
+    if (ref) lastOffset = ref;  // the offset, in the ref slot of history messages
+    if (recovering !== null) recovering++;
+    say(`${m.user}: ${m.body}`);
+  });
   channel.on("announce", (m) => say(`announcement for ${m.to}: ${JSON.stringify(m)}`, "sys"));
   channel.join()
-    .receive("ok", () => { say(`joined ${room}`, "sys"); document.getElementById("body").disabled = false; })
+    .receive("ok", (r) => {
+      say(`joined ${room}`, "sys");
+      document.getElementById("body").disabled = false;
+      if (r.recovered === false) say("missed messages could not be recovered: reload for the latest", "err");
+      recovering = lastOffset !== null && r.recovered ? 0 : null;
+    })
     .receive("error", (r) => say(`join refused: ${r.reason}`, "err"));
 });
 // ?user=alice&room=lobby[&longpoll=1][&send=hello] joins (and sends) at once: handy for demos and tests.
@@ -162,9 +180,15 @@ class RoomChannel(Channel):
     Presence is opt-in (join payload ``{"presence": true}``, as the page
     does), so clients that did not ask see exactly the frames they would
     without it.
+
+    History (docs/recovery.md): the last 100 ``new_msg`` of each room, for
+    300 s. A join with ``since`` (null or an offset) gets offsets in the ref
+    of ``new_msg`` frames, ``recovered`` in the reply and the missed
+    messages; ``last: N`` (at most 100) asks for a backlog.
     """
 
     intercept = ["announce", "presence_diff"]
+    history = {"size": 100, "ttl": 300, "events": ["new_msg"]}
 
     def join(self, topic: str, payload: Any, socket: SocketState):
         if topic == "room:secret":

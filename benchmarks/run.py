@@ -169,7 +169,7 @@ def start_gunicorn(workers: int, worker_connections: int, env: dict[str, str], c
             "warning",
             "-b",
             f"127.0.0.1:{port}",
-            "app_example:app",
+            env.get("APP", "app_example:app"),
         ],
         core,
     )
@@ -462,6 +462,7 @@ def fanout_cfg(args: argparse.Namespace, subs: int) -> dict[str, Any]:
         "concurrency": args.concurrency,
         "drainSeconds": args.drain_seconds,
         "heartbeatMs": 30000,
+        "joinPayload": args.join_payload,
     }
 
 
@@ -660,6 +661,13 @@ def cmd_workers(args: argparse.Namespace) -> None:
         Contender("1 worker + Redis", "gunicorn", {"WORKERS": "1", "REDIS": "1"}),
         Contender("2 workers + Redis", "gunicorn", {"WORKERS": "2", "REDIS": "1"}),
     ]
+    if args.history:
+        # The cost of history under Redis: room:lobby without and with it (docs/recovery.md).
+        nohist = {"APP": "benchmarks.servers.nohistory_app:app"}
+        contenders = [
+            Contender("2 workers + Redis, plain topic", "gunicorn", {"WORKERS": "2", "REDIS": "1", **nohist}),
+            Contender("2 workers + Redis, history topic", "gunicorn", {"WORKERS": "2", "REDIS": "1"}),
+        ]
     timeout = 120 + args.lat_seconds + args.sat_seconds + 2 * args.drain_seconds
 
     with redis_server() as url:
@@ -714,6 +722,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--warm-seconds", type=float, default=2.0)
         p.add_argument("--drain-seconds", type=float, default=20.0, help="longest wait for the backlog")
         p.add_argument("--concurrency", type=int, default=32, help="concurrent POST /broadcast producers")
+        p.add_argument(
+            "--join-payload", default="{}", help="JSON join payload of the phx subscribers (e.g. '{\"since\":null}')"
+        )
 
     p = sub.add_parser("fanout", help="workload 1: broadcast fan-out latency and saturation")
     common(p)
@@ -743,6 +754,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("workers", help="workload 4: 2 gunicorn workers + Redis next to one worker")
     common(p, reps=2)
     fanout_opts(p)
+    p.add_argument("--history", action="store_true", help="compare room:lobby without and with history (2 workers)")
     p.set_defaults(func=cmd_workers)
 
     args = parser.parse_args(argv)

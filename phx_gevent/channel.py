@@ -223,6 +223,11 @@ class Channel:
 
     intercept: Iterable[str] = ()
     _intercept_set: frozenset[str] = frozenset()
+    #: Keep history of this channel's topics for recovery on rejoin, e.g.
+    #: ``{"size": 1000, "ttl": 300, "events": ["new_msg"]}`` (docs/recovery.md).
+    #: A join payload with ``since`` (an offset or null) then recovers what was
+    #: missed; ``last: N`` asks for a backlog.
+    history: dict[str, Any] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -31,7 +31,8 @@ from gevent.pool import Pool
 
 from .channel import DUPLICATE_JOIN, LEFT, Channel, Reply, Stop, is_graceful
 from .errors import CallbackReturnError, ConnectionOverloaded
-from .pubsub.local import ALL_EVENTS
+from .pubsub.history import MAX_LAST, parse_offset
+from .pubsub.local import ALL_EVENTS, RecoveryBuffer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .connection import Connection
@@ -204,6 +205,21 @@ class _InfoSubscription:
         self.owner.send(Broadcast(topic, event, payload))
 
 
+# Encoded replay frames: (encoder, with offset, topic, offset) -> frame. Offsets are
+# unique per topic (the epoch changes when a history restarts), so entries never go stale.
+_replay_frames: dict[tuple[Any, ...], Any] = {}
+_REPLAY_CACHE_SIZE = 20_000
+
+
+class _GaveUp(Exception):
+    """The join was given up while it read the history."""
+
+
+def _since_seq(since: Any) -> int:
+    parsed = parse_offset(since)
+    return 0 if parsed is None else parsed[1]
+
+
 def _expected(callback: str) -> str:
     if callback == "handle_in":
         return "None, ok(...)/error(...)/Reply(status, response), or stop(...)"
@@ -233,6 +249,9 @@ class ChannelProcess:
         "leaving",
         "extra",
         "monitors",
+        "offsets",
+        "history",
+        "replayed",
         "_drained",
         "__weakref__",
     )
@@ -255,6 +274,12 @@ class ChannelProcess:
         self.leaving = False
         self.extra: list[_InfoSubscription] | None = None
         self.monitors: list[Callable[[ChannelProcess], None]] | None = None
+        #: True when the client joined with ``since``: history broadcasts carry their offset in the ref.
+        self.offsets = False
+        #: The route's history config (None: the topic keeps no history).
+        self.history = route.history
+        #: (epoch, seq) of the last message a recovery replayed: later live copies of it are dropped.
+        self.replayed: tuple[str, int] | None = None
         self._drained: Event | None = None
 
     def __repr__(self) -> str:
@@ -398,15 +423,19 @@ class ChannelProcess:
                 conn.send_reply(self.join_ref, ref, self.topic, "error", outcome.response)
                 result.set(False)
                 return
-            # Encode first: a join reply that cannot be encoded is a crashed join.
-            data = conn.serializer.encode_reply(self.join_ref, ref, self.topic, "ok", outcome.response)
-            # From here to the write: no greenlet switch, so nothing of this
-            # channel can reach the socket before its join reply.
-            conn.channel_joined(self)
-            conn.mount.pubsub.subscribe(self.topic, self)
-            self.state = JOINED
-            self.socket.joined = True
-            conn.transport.send(data)
+            if self.history is not None and isinstance(payload, dict) and ("since" in payload or "last" in payload):
+                if not self._join_recovering(payload, ref, outcome):
+                    return  # given up while reading the history (join timeout, connection gone)
+            else:
+                # Encode first: a join reply that cannot be encoded is a crashed join.
+                data = conn.serializer.encode_reply(self.join_ref, ref, self.topic, "ok", outcome.response)
+                # From here to the write: no greenlet switch, so nothing of this
+                # channel can reach the socket before its join reply.
+                conn.channel_joined(self)
+                conn.mount.pubsub.subscribe(self.topic, self)
+                self.state = JOINED
+                self.socket.joined = True
+                conn.transport.send(data)
             self.partition.joined += 1
             result.set(True)
         except GreenletExit:
@@ -426,6 +455,96 @@ class ChannelProcess:
         if self.mailbox:
             self.greenlet = gevent.getcurrent()
             self._run()
+
+    def _join_recovering(self, payload: dict[str, Any], ref: Any, outcome: Reply) -> bool:
+        # A join with ``since`` (or a ``last`` backlog) on a history topic.
+        # Subscribe first, into a buffer, then read the history (this may wait
+        # for Redis), then send the join reply, the replay, and what arrived
+        # live meanwhile minus what the replay covered: every message once, in
+        # offset order, nothing of this channel before its join reply.
+        conn = self.conn
+        pubsub = conn.mount.pubsub
+        has_since = "since" in payload
+        since = payload.get("since")
+        last = payload.get("last")
+        if type(last) is not int or last < 0:
+            last = None
+        else:
+            last = min(last, MAX_LAST)
+        self.offsets = has_since
+        real_writer = self.writer
+        buffer = RecoveryBuffer(real_writer.encoder)
+        self.writer = buffer
+        pubsub.subscribe(self.topic, self)
+        try:
+            try:
+                recovery = pubsub.fetch_history(self.topic, since, last, has_since=has_since)
+            except Exception:
+                log.exception("phx_gevent: history recovery of %r failed", self.topic)
+                recovery = None
+            if self.state != JOINING:
+                raise _GaveUp
+            response = outcome.response
+            if has_since:
+                recovered = recovery is not None and recovery.recovered
+                response = {**response, "recovered": recovered} if isinstance(response, dict) else response
+            data = conn.serializer.encode_reply(self.join_ref, ref, self.topic, "ok", response)
+        except BaseException as exc:
+            pubsub.unsubscribe(self.topic, self)
+            self.writer = real_writer
+            if isinstance(exc, _GaveUp):
+                return False
+            raise
+        # From here to the end: no greenlet switch.
+        conn.channel_joined(self)
+        self.state = JOINED
+        self.socket.joined = True
+        conn.transport.send(data)
+        epoch, last_seq = None, 0
+        if recovery is not None and (recovery.recovered or not has_since):
+            epoch, last_seq = recovery.epoch, _since_seq(since) if has_since else 0
+            enc = real_writer.encoder
+            cache = _replay_frames
+            if len(cache) > _REPLAY_CACHE_SIZE:
+                cache.clear()
+            for entry in recovery.entries:
+                # A reconnect storm replays the same messages to thousands of
+                # clients: each frame is encoded once per encoder and variant.
+                key = (enc, has_since, self.topic, entry.offset)
+                frame = cache.get(key, cache)
+                if frame is cache:
+                    try:
+                        if has_since:
+                            frame = enc.broadcast_ref(self.topic, entry.event, entry.payload, entry.offset)
+                        else:
+                            frame = enc.broadcast(self.topic, entry.event, entry.payload)
+                    except Exception:
+                        log.exception("phx_gevent: could not encode a replayed message of %r", self.topic)
+                        continue
+                    cache[key] = frame
+                if frame is not None:
+                    real_writer.write(frame)
+            if recovery.entries:
+                parsed = parse_offset(recovery.entries[-1].offset)
+                if parsed is not None:
+                    epoch, last_seq = parsed
+        buffer.flush_into(real_writer, epoch, last_seq)
+        if epoch is not None and last_seq > 0:
+            self.replayed = (epoch, last_seq)
+        self.writer = real_writer
+        return True
+
+    def history_lost(self) -> None:
+        """This node missed history messages it cannot fetch: end the channel with ``phx_error``.
+
+        phoenix.js rejoins with the offset it last saw, and that recovery
+        answers ``recovered: false``: the client knows it must refetch.
+        """
+        if self.state != JOINED:
+            return
+        conn, join_ref, topic = self.conn, self.join_ref, self.topic
+        self.kill(("shutdown", "history_gap"))
+        conn.send_control(join_ref, topic, "phx_error")
 
     # -- callbacks --------------------------------------------------------------------------
 

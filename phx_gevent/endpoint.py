@@ -383,6 +383,9 @@ class Endpoint:
             check_csrf=bool(check_csrf),
             csrf_token_key=csrf_token_key,
         )
+        for route in getattr(handler, "channels", ()):
+            if getattr(route, "history", None) is not None:
+                self.pubsub.keep_history(route.pattern, route.history)
         index = len(self.mounts)
         self.mounts.append(mount)
         base, names = _flask_path("" if path == "/" else path)
@@ -438,6 +441,18 @@ class Endpoint:
     def local_broadcast_from(self, from_: Any, topic: str, event: str, payload: dict[str, Any] | bytes) -> None:
         """Like :meth:`broadcast_from`, but only in this process."""
         self.pubsub.local_broadcast(topic, event, payload, _owner(from_))
+
+    def history(self, topic: str, since: str | None = None, limit: int = 100) -> list[Any] | None:
+        """The kept messages of a history topic, as ``HistoryEntry(offset, event, payload)``.
+
+        After offset ``since`` (at most ``limit``), or the last ``limit`` (at
+        most 100) when ``since`` is None. ``None`` when the messages after
+        ``since`` are no longer all kept (or the offset is unknown, malformed,
+        of another topic, or Redis cannot answer): refetch from your own
+        storage then. May wait for Redis. See docs/recovery.md.
+        """
+        self.pubsub.start()
+        return self.pubsub.history(topic, since, limit)
 
     def subscribe(self, topic: str, subscriber: Any) -> None:
         """Subscribe to ``topic`` in this process.

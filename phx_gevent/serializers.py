@@ -139,6 +139,14 @@ class Serializer:
         """Encode a fastlane broadcast ``[null, null, topic, event, payload]``."""
         raise NotImplementedError
 
+    def encode_broadcast_ref(self, topic: str, event: str, payload: Any, ref: str) -> str | bytes:
+        """A broadcast carrying ``ref`` (a history offset) in its ref slot.
+
+        Binary V2 broadcasts have no ref slot: they come out as
+        :meth:`encode_broadcast` makes them (no offset).
+        """
+        raise NotImplementedError
+
     def encode_control(self, join_ref: Any, topic: str, event: str) -> str:
         """Encode ``phx_close``/``phx_error``: ``[join_ref, join_ref, topic, event, payload]``."""
         raise NotImplementedError
@@ -224,6 +232,11 @@ class V2JSONSerializer(Serializer):
         e = _field_bytes(event, "event")
         return b"".join((bytes((2, len(t), len(e))), t, e, payload))
 
+    def encode_broadcast_ref(self, topic: str, event: str, payload: Any, ref: str) -> str | bytes:
+        if type(payload) is dict or isinstance(payload, dict):
+            return dumps([None, ref, topic, event, payload])
+        return self.encode_broadcast(topic, event, payload)
+
     def encode_control(self, join_ref: Any, topic: str, event: str) -> str:
         return dumps([join_ref, join_ref, topic, event, _CONTROL_PAYLOADS.get(event, {})])
 
@@ -265,6 +278,12 @@ class V1JSONSerializer(Serializer):
 
     def encode_broadcast(self, topic: str, event: str, payload: Any) -> str | bytes:
         return self.encode_push(None, topic, event, payload)
+
+    def encode_broadcast_ref(self, topic: str, event: str, payload: Any, ref: str) -> str | bytes:
+        if not isinstance(payload, dict):
+            _check_payload(payload)
+            raise EncodeError("the V1 serializer cannot send binary payloads")
+        return dumps({"topic": topic, "event": event, "payload": payload, "ref": ref})
 
     def encode_control(self, join_ref: Any, topic: str, event: str) -> str:
         return dumps({"topic": topic, "event": event, "payload": _CONTROL_PAYLOADS.get(event, {}), "ref": join_ref})
@@ -332,6 +351,17 @@ class FastlaneEncoder:
 
         Raises what the serializer raises for a payload it cannot encode.
         """
+        raise NotImplementedError
+
+    def broadcast_ref(self, topic: str, event: str, payload: Any, ref: str) -> Any:
+        """The frame for ``[null, ref, topic, event, payload]`` (a history offset in the ref slot).
+
+        Used only on history topics, for connections that asked for offsets.
+        """
+        return self.wrap(self.serializer.encode_broadcast_ref(topic, event, payload, ref))
+
+    def wrap(self, data: str | bytes) -> Any:
+        """Turn serialized data into this transport's ready frame (``None`` to skip)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

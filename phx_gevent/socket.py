@@ -157,9 +157,15 @@ class SocketState:
 class Route:
     """One ``channel(pattern, ChannelClass, assigns=...)`` declaration."""
 
-    __slots__ = ("pattern", "channel", "assigns", "_prefix")
+    __slots__ = ("pattern", "channel", "assigns", "_prefix", "history")
 
-    def __init__(self, pattern: str, channel_cls: type[Channel], assigns: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        pattern: str,
+        channel_cls: type[Channel],
+        assigns: Mapping[str, Any] | None = None,
+        history: Mapping[str, Any] | bool | None = None,
+    ) -> None:
         if not isinstance(pattern, str) or not pattern:
             raise ValueError("a channel pattern must be a non-empty string")
         star = pattern.find("*")
@@ -173,6 +179,13 @@ class Route:
         self.channel = channel_cls
         self.assigns = dict(assigns or {})
         self._prefix = pattern[:-1] if star != -1 else None
+        from .pubsub.history import HistoryConfig
+
+        #: The route's history config (the route's own, else the Channel class's), or None.
+        #: ``history=False`` turns off the class's history for this route.
+        self.history = (
+            None if history is False else HistoryConfig.coerce(history if history is not None else channel_cls.history)
+        )
 
     def matches(self, topic: str) -> bool:
         """True when ``topic`` is routed here (exact match, or prefix before a trailing ``*``)."""
@@ -184,14 +197,24 @@ class Route:
         return f"channel({self.pattern!r}, {self.channel.__name__})"
 
 
-def channel(pattern: str, channel_cls: type[Channel], *, assigns: Mapping[str, Any] | None = None) -> Route:
+def channel(
+    pattern: str,
+    channel_cls: type[Channel],
+    *,
+    assigns: Mapping[str, Any] | None = None,
+    history: Mapping[str, Any] | bool | None = None,
+) -> Route:
     """Declare a channel route: ``"room:*"`` matches every topic starting with ``room:``.
 
     ``*`` is allowed only as the last character. ``assigns`` are merged into
-    the channel's socket at join. Routes are tried in order; the first match
-    wins. Raises ``ValueError``/``TypeError`` for a bad pattern or class.
+    the channel's socket at join. ``history`` (``{"size", "ttl", "events",
+    "max_replay"}``) keeps the topics' messages for recovery on rejoin
+    (docs/recovery.md); it overrides the Channel class's ``history``
+    (``False``: none for this route).
+    Routes are tried in order; the first match wins. Raises
+    ``ValueError``/``TypeError`` for a bad pattern, class or history config.
     """
-    return Route(pattern, channel_cls, assigns)
+    return Route(pattern, channel_cls, assigns, history)
 
 
 class Socket:

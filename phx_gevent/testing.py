@@ -48,6 +48,9 @@ class _Encoder(FastlaneEncoder):
     def broadcast(self, topic: str, event: str, payload: Any) -> Any:
         return self.serializer.encode_broadcast(topic, event, payload)
 
+    def wrap(self, data: Any) -> Any:
+        return data
+
 
 class _Writer:
     __slots__ = ("transport", "encoder")

@@ -153,10 +153,11 @@ class JSClient:
         self.wait(ev="open", socket=sid, since=since, timeout=timeout)
         return sid
 
-    def channel(self, sid: str, topic: str, params: dict[str, Any] | None = None) -> str:
+    def channel(self, sid: str, topic: str, params: dict[str, Any] | None = None, track: str | None = None) -> str:
+        """A phoenix.js channel; ``track``: rejoin with ``since`` = the ref of the last ``track`` event seen."""
         cid = self.next_id("c")
         self.topics[cid] = topic
-        self.send(cmd="channel", id=cid, socket=sid, topic=topic, params=params or {})
+        self.send(cmd="channel", id=cid, socket=sid, topic=topic, params=params or {}, track=track)
         return cid
 
     def _replied(self, cid: str, req: str, timeout: float) -> dict[str, Any]:

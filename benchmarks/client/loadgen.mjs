@@ -224,7 +224,7 @@ class PhxConn {
   }
 
   async join(topic) {
-    const p = this.request("", topic, "phx_join", "{}");
+    const p = this.request("", topic, "phx_join", cfg.joinPayload || "{}");
     this.joinRef = String(this.ref);
     const reply = await p;
     if (reply.status !== "ok") throw new Error(`join refused: ${JSON.stringify(reply)}`);
@@ -235,8 +235,10 @@ class PhxConn {
   }
 
   onMessage(data) {
-    // Broadcasts are `[null,null,...`: counted without parsing the JSON.
-    if (data[1] === 0x6e && data[6] === 0x6e) {
+    // Broadcasts are `[null,null,...` (or `[null,"<offset>",...` on a history topic joined with
+    // `since`; an offset starts with a letter, a heartbeat reply's ref with a digit): counted
+    // without parsing the JSON.
+    if (data[1] === 0x6e && (data[6] === 0x6e || (data[6] === 0x22 && data[7] >= 0x61 && data[7] <= 0x7a))) {
       this.count++;
       stats.delivered++;
       if (stats.latency !== null) {

@@ -8,6 +8,10 @@ Tunables under evaluation come from the environment (unset: the library's defaul
 ``PHX_SNDBUF`` (bytes, 0 = OS default), ``PHX_MAX_QUEUED`` (bytes),
 ``PHX_DIRECT_BUDGET`` / ``PHX_DIRECT_PERIOD`` (immediate sends allowed per period
 with ``PHX_DIRECT_SEND=1``).
+
+``PHX_ROOT`` loads phx_gevent and the example app from another checkout (a
+commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
+``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md).
 """
 
 from gevent import monkey
@@ -18,7 +22,7 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(os.environ.get("PHX_ROOT") or Path(__file__).resolve().parents[2])
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -58,7 +62,11 @@ def configure_from_env() -> dict:
 
 def main() -> None:
     args = parse_args("phx_gevent benchmark server")
+    if os.environ.get("PHX_HISTORY") == "0":
+        for route in app_example.UserSocket.channels:
+            route.history = None
     app, _endpoint = app_example.create_app()
+    print(f"PHX_ROOT {ROOT} ({app_example.__file__})", file=sys.stderr, flush=True)
     settings = configure_from_env()
 
     @app.get("/_bench/stats")

@@ -16,6 +16,7 @@ executes nothing when decoded (never pickle). Keys:
 ``p``  payload
 ``x``  identifier of the ``broadcast_from`` sender, or ``None``
 ``to`` destination node (direct messages only)
+``o``  offset of a broadcast on a history topic (received envelopes only)
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Adapter:
     """
 
     node_name: str
+    #: True when the adapter implements :meth:`publish_history` (shared offsets).
+    supports_history: bool = False
 
     #: True for adapters whose greenlets do blocking I/O through the standard
     #: library (Redis): :func:`~phx_gevent.serve` then refuses an unpatched process.
@@ -63,6 +66,16 @@ class Adapter:
         is down: what cannot be forwarded is counted and logged.
         """
         raise NotImplementedError
+
+    def publish_history(self, envelope: dict[str, Any], config: Any) -> bool:
+        """Append a broadcast to its topic's shared history and publish it to every node, this one included.
+
+        The local layer then delivers it when it comes back, with its offset
+        (so every node delivers in offset order). Returns False when that
+        cannot be done now (the bus is down): the caller delivers locally
+        without an offset. Only adapters with ``supports_history``.
+        """
+        return False
 
     def stop(self) -> None:
         """Stop receiving and release connections."""

@@ -14,6 +14,9 @@ envelope keys of :mod:`phx_gevent.pubsub.base` except ``n``:
     The payload when it is JSON (a dict for broadcasts).
 ``pb``
     Instead of ``p``: a ``bytes`` payload, base64-encoded (binary survives).
+``o``
+    The offset of a broadcast on a history topic (:mod:`phx_gevent.pubsub.history`).
+    Written first, by the Redis script that assigns it, never by :func:`encode`.
 ``nb``
     Present when ``bytes`` are nested inside ``p`` (direct messages only):
     they are written as ``{"$phx:b64": "<base64>"}`` and turned back into
@@ -138,6 +141,13 @@ def decode(data: bytes) -> dict[str, Any]:
     if kind == "b" and not isinstance(payload, (dict, bytes)):
         raise EnvelopeError("a broadcast payload must be an object or bytes")
     envelope = {"k": kind, "n": node, "t": topic, "e": event, "p": payload, "x": exclude}
+    offset = body.get("o")
+    if offset is not None:
+        if kind != "b" or not isinstance(offset, str):
+            raise EnvelopeError("an offset must be a string, on a broadcast")
+        envelope["o"] = offset
+        if body.get("g"):
+            envelope["g"] = 1  # a gap marker: takes an offset, carries no message
     if kind == "d":
         to = body.get("to")
         if not isinstance(to, str):

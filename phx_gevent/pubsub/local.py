@@ -23,6 +23,12 @@ A subscriber is any object with:
 
 The fastlane encodes a broadcast once per distinct encoder (serializer and
 framing) and hands the same bytes to every connection (PROTOCOL.md 5.7).
+
+On a topic that keeps history (:mod:`phx_gevent.pubsub.history`), a
+broadcast of a kept event carries an offset; subscribers with a true
+``offsets`` attribute get a second variant of the frame with the offset in
+the ref slot (:meth:`Topic.dispatch_offset`); every other subscriber gets
+the plain frame. Topics without history take the unchanged :meth:`Topic.dispatch`.
 """
 
 from __future__ import annotations
@@ -35,11 +41,16 @@ from blinker import ANY, Signal
 
 from ..flow import flow
 from ..serializers import EncodeError
+from . import codec
 from .base import Adapter, make_node_name
+from .history import HistoryConfig, HistoryEntry, HistoryRules, MemoryHistory, Recovery, parse_offset
 
 __all__ = ["PubSub", "Topic", "ALL_EVENTS"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two publications of the history topic patterns in Redis.
+RULES_REFRESH = 60.0
 
 
 class _AllEvents:
@@ -68,15 +79,112 @@ def check_broadcast(topic: Any, event: Any, payload: Any) -> None:
         raise TypeError(f"a broadcast payload must be a dict or bytes, got {type(payload).__name__}")
 
 
+class RecoveryBuffer:
+    """Stands in for a channel's writer while its join recovers history.
+
+    Live frames of the topic are kept here, each with its offset (``None``
+    for messages without one), until the join reply and the replay are out;
+    then :meth:`flush_into` writes those the replay did not already cover.
+    """
+
+    __slots__ = ("encoder", "items")
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+        self.items: list[tuple[Any, str | None]] = []
+
+    def write(self, frame: Any) -> None:
+        """A frame without offset (from the plain fan-out)."""
+        self.items.append((frame, None))
+
+    def add(self, frame: Any, offset: str) -> None:
+        """A frame with its offset."""
+        self.items.append((frame, offset))
+
+    def flush_into(self, writer: Any, epoch: str | None, last_seq: int) -> int:
+        """Write the kept frames except those at or before ``last_seq`` of ``epoch``; returns how many."""
+        n = 0
+        for frame, offset in self.items:
+            if offset is not None and epoch is not None:
+                parsed = parse_offset(offset)
+                if parsed is not None and parsed[0] == epoch and parsed[1] <= last_seq:
+                    continue  # already sent by the replay
+            writer.write(frame)
+            n += 1
+        self.items = []
+        return n
+
+
 class Topic:
     """The subscribers of one topic and the loop that delivers to them."""
 
-    __slots__ = ("name", "subs")
+    __slots__ = ("name", "subs", "hist")
 
     def __init__(self, name: str) -> None:
         self.name = name
         # An insertion-ordered set: O(1) unsubscribe, delivery in join order.
         self.subs: dict[Any, None] = {}
+        #: (epoch, seq) of the last history message delivered here (gap detection).
+        self.hist: tuple[str, int] | None = None
+
+    def dispatch_offset(self, event: str, payload: Any, from_: Any, offset: str) -> int:
+        """Deliver a history broadcast: the offset goes in the ref of subscribers that asked for it.
+
+        At most two frames per encoder (with and without the offset). The
+        payload was already encoded once on its way here, so it is valid.
+        """
+        topic = self.name
+        frames: dict[Any, Any] = {}
+        parsed: Any = None
+        last_enc: Any = None
+        last_offs: Any = None
+        last_frame: Any = None
+        n = 0
+        for sub in list(self.subs):
+            if sub.owner is from_:
+                continue
+            if event in sub.intercept:
+                sub.deliver(topic, event, payload)
+                n += 1
+                continue
+            try:
+                offs = sub.offsets
+                replayed = sub.replayed
+            except AttributeError:  # a subscriber that knows nothing of history
+                offs = False
+                replayed = None
+            if replayed is not None:
+                # This subscriber's recovery already sent messages up to ``replayed``
+                # (epoch, seq); copies still in flight from Redis are dropped once.
+                if parsed is None:
+                    parsed = parse_offset(offset) or ("", 0)
+                if parsed[0] == replayed[0] and parsed[1] <= replayed[1]:
+                    continue
+                sub.replayed = None
+            writer = sub.writer
+            enc = writer.encoder
+            if enc is not last_enc or offs is not last_offs:
+                key = (enc, offs)
+                last_frame = frames.get(key, frames)
+                if last_frame is frames:
+                    try:
+                        if offs:
+                            last_frame = enc.broadcast_ref(topic, event, payload, offset)
+                        else:
+                            last_frame = enc.broadcast(topic, event, payload)
+                    except EncodeError:
+                        last_frame = None
+                    frames[key] = last_frame
+                last_enc = enc
+                last_offs = offs
+            if last_frame is None:
+                continue
+            if writer.__class__ is RecoveryBuffer:
+                writer.add(last_frame, offset)
+            else:
+                writer.write(last_frame)
+            n += 1
+        return n
 
     def dispatch(self, event: str, payload: Any, from_: Any = None) -> int:
         """Deliver to every subscriber except ``from_``'s; returns the number reached.
@@ -142,6 +250,15 @@ class PubSub:
         self.signal.connect(self._dispatch, weak=False)
         self._handlers: dict[str, Callable[[Any, str], None]] = {}
         self._started = False
+        #: Topic patterns that keep history, and where it is kept.
+        self.history_rules = HistoryRules()
+        self.history_store: Any = None
+        # broadcast_from senders of history broadcasts, until their echo comes back.
+        self._history_from: dict[int, Any] = {}
+        self._rules_publisher: Any = None
+        self._history_token = 0
+        if adapter is not None and getattr(adapter, "supports_history", False):
+            adapter.on_history_fallback = self._history_fallback  # type: ignore[attr-defined]
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -152,6 +269,8 @@ class PubSub:
                 # Marked started only once the adapter is: one that refused
                 # (e.g. an unpatched process) is tried again, never skipped.
                 self.adapter.start(self._receive)
+                if self.history_rules:
+                    self._publish_history_rules()
             self._started = True
         if self.adapter is not None:
             # The adapter renames itself in a forked child (gunicorn --preload): follow it.
@@ -159,6 +278,9 @@ class PubSub:
 
     def stop(self) -> None:
         """Stop the adapter."""
+        if self._rules_publisher is not None:
+            self._rules_publisher.kill(block=False)
+            self._rules_publisher = None
         if self._started and self.adapter is not None:
             self.adapter.stop()
         self._started = False
@@ -200,6 +322,197 @@ class PubSub:
         """Undo :meth:`connect`."""
         self.signal.disconnect(receiver, sender=topic)
 
+    # -- history ------------------------------------------------------------------------
+
+    def keep_history(self, pattern: str, config: HistoryConfig | dict[str, Any]) -> None:
+        """Keep history for topics matching ``pattern`` (``"room:*"`` or an exact topic).
+
+        Raises ``ValueError`` when the pattern already keeps history with
+        another config. With an adapter that cannot share offsets (not Redis),
+        history topics are broadcast as plain ones and recoveries answer
+        ``recovered: false``, with a warning.
+        """
+        cfg = HistoryConfig.coerce(config)
+        if cfg is None:
+            return
+        self.history_rules.add(pattern, cfg)
+        if self.history_store is None:
+            self.history_store = self._make_history_store()
+        if self._started and self.adapter is not None:
+            self._publish_history_rules()
+
+    def _make_history_store(self) -> Any:
+        adapter = self.adapter
+        if adapter is None:
+            return MemoryHistory()
+        if getattr(adapter, "supports_history", False):
+            from .history import RedisHistory
+
+            return RedisHistory(adapter.history_pool(), adapter.prefix)  # type: ignore[attr-defined]
+        log.warning(
+            "phx_gevent: %s cannot share history offsets between nodes; history topics are broadcast without them",
+            type(adapter).__name__,
+        )
+        return False
+
+    def _publish_history_rules(self) -> None:
+        store = self.history_store
+        if not store or not hasattr(store, "publish_rules"):
+            return
+
+        if self._rules_publisher is not None and not self._rules_publisher.dead:
+            self._rules_publisher.kill(block=False)
+
+        def publish() -> None:
+            # Again every minute: a flushed or restarted Redis must not leave
+            # emitters publishing history topics without offsets for long.
+            failed = False
+            while True:
+                try:
+                    store.publish_rules(self.history_rules)
+                    failed = False
+                except Exception as exc:
+                    if not failed:  # Redis down: emitters publish plain meanwhile
+                        log.warning("phx_gevent: could not publish the history topic patterns to Redis: %s", exc)
+                    failed = True
+                gevent.sleep(RULES_REFRESH)
+
+        import gevent
+
+        self._rules_publisher = gevent.spawn(publish)
+
+    def history_config(self, topic: str, event: str | None = None) -> HistoryConfig | None:
+        """The history config of ``topic`` (and ``event``, if given), or ``None`` when not kept."""
+        if not self.history_rules:
+            return None
+        cfg = self.history_rules.for_topic(topic)
+        if cfg is None or (event is not None and not cfg.keeps(event)):
+            return None
+        return cfg
+
+    def fetch_history(
+        self, topic: str, since: Any = None, last: int | None = None, *, has_since: bool = True
+    ) -> Recovery:
+        """What a recovery of ``topic`` from offset ``since`` replays (may wait for Redis).
+
+        ``has_since=False`` with ``last``: the last ``last`` messages (a
+        backlog). Never raises: a bad, unknown, other-topic or too-old offset,
+        or Redis failing, gives ``recovered`` False and no entries.
+        """
+        cfg = self.history_config(topic)
+        store = self.history_store
+        if cfg is None or not store:
+            return Recovery(has_since and since is None, [])
+        return store.fetch(topic, since, last, cfg, has_since=has_since)
+
+    def history(self, topic: str, since: str | None = None, limit: int = 100) -> list[HistoryEntry] | None:
+        """The kept messages of ``topic``: after offset ``since``, or the last ``limit`` when ``since`` is None.
+
+        Returns ``None`` when the messages after ``since`` are not all kept
+        any more (or ``since`` is unknown): the caller must refetch from its
+        own storage. ``limit`` is capped at 100 for a backlog.
+        """
+        if since is None:
+            result = self.fetch_history(topic, None, limit, has_since=False)
+        else:
+            result = self.fetch_history(topic, since, None, has_since=True)
+        if not result.recovered:
+            return None
+        return result.entries[:limit] if since is not None else result.entries
+
+    def _history_fallback(self, plain: bytes) -> None:
+        # The adapter could not append a history broadcast: deliver it here
+        # without offset (the adapter marked the gap and forwards it plain).
+        envelope = codec.decode(plain)
+        from_ = self._history_from.pop(envelope["x"], None) if envelope["x"] is not None else None
+        self.local_deliver(envelope["t"], envelope["e"], envelope["p"], from_)
+
+    def _in_sequence(self, topic: str, offset: str) -> bool:
+        """Gap detection for a received history message: False to skip it (already delivered).
+
+        Messages of a topic arrive in offset order; a jump means this node
+        missed some (its Redis listener was down, or its inbox overflowed):
+        they are fetched from the history and delivered first.
+        """
+        t = self.topics.get(topic)
+        if t is None:
+            return True
+        parsed = parse_offset(offset)
+        if parsed is None:
+            return True
+        prev = t.hist
+        if prev is not None and prev[0] == parsed[0]:
+            if parsed[1] <= prev[1]:
+                return False
+            if parsed[1] > prev[1] + 1 and self.history_store:
+                self._fill_gap(t, topic, prev, parsed[1])
+        if t is self.topics.get(topic):
+            t.hist = parsed
+        return True
+
+    def _fill_gap(self, t: Topic, topic: str, prev: tuple[str, int], upto: int | None) -> None:
+        cfg = self.history_config(topic)
+        if cfg is None:
+            return
+        rec = self.history_store.fetch(topic, f"{prev[0]}-{prev[1]}", None, cfg, has_since=True)
+        if upto is None and rec.epoch == "":
+            # Catching up after an outage, and Redis has no history of the topic (it
+            # restarted empty): nobody published since, so nothing was missed here.
+            # The offsets clients hold will answer ``recovered: false``.
+            return
+        if rec.recovered:
+            for entry in rec.entries:
+                seq = parse_offset(entry.offset)
+                if seq is None or (upto is not None and seq[1] >= upto):
+                    break
+                if entry.event is None:
+                    continue  # never reached when a recovery would see one; kept for safety
+                self.local_deliver(topic, entry.event, entry.payload, None, entry.offset)
+                t.hist = seq
+            return
+        # Not in the history any more: the clients that track offsets rejoin (phx_error),
+        # and their recovery answers ``recovered: false``. Never a silent gap.
+        lost = [sub for sub in t.subs if getattr(sub, "offsets", False)]
+        log.warning(
+            "phx_gevent: missed history messages of %r after offset %s-%s that Redis no longer has; "
+            "%d channel(s) told to rejoin",
+            topic,
+            prev[0],
+            prev[1],
+            len(lost),
+        )
+        for sub in lost:
+            try:
+                sub.history_lost()
+            except Exception:
+                log.exception("phx_gevent: could not end %r after a history gap", sub)
+
+    def _broadcast_history(self, topic: str, event: str, payload: Any, from_: Any, cfg: HistoryConfig) -> None:
+        store = self.history_store
+        adapter = self.adapter
+        if adapter is None:
+            offset = store.append(topic, event, payload, cfg)
+            self.local_deliver(topic, event, payload, from_, offset)
+            return
+        self.start()
+        token = None
+        if from_ is not None:
+            self._history_token += 1
+            token = self._history_token
+            self._history_from[token] = from_
+            if len(self._history_from) > 100_000:
+                # Echoes that never came back (an outage): forget the oldest.
+                for key in list(self._history_from)[:50_000]:
+                    del self._history_from[key]
+        envelope = {"k": "b", "n": self.node_name, "t": topic, "e": event, "p": payload, "x": token}
+        if adapter.publish_history(envelope, cfg):
+            return  # delivered here too, with its offset, when Redis echoes it
+        if token is not None:
+            self._history_from.pop(token, None)
+        envelope["x"] = None if from_ is None else id(from_)
+        self.local_deliver(topic, event, payload, from_)
+        adapter.publish(envelope)
+
     # -- broadcasting -------------------------------------------------------------------
 
     def broadcast(self, topic: str, event: str, payload: Any, from_: Any = None) -> None:
@@ -212,6 +525,11 @@ class PubSub:
         """
         check_broadcast(topic, event, payload)
         flow.wait()
+        if self.history_rules and self.history_store is not False:
+            cfg = self.history_config(topic, event)
+            if cfg is not None:
+                self._broadcast_history(topic, event, payload, from_, cfg)
+                return
         if self.adapter is not None:
             self.start()
             envelope = {
@@ -233,16 +551,22 @@ class PubSub:
         flow.wait()
         self.local_deliver(topic, event, payload, from_)
 
-    def local_deliver(self, topic: str, event: str, payload: Any, from_: Any = None) -> None:
+    def local_deliver(self, topic: str, event: str, payload: Any, from_: Any = None, offset: str | None = None) -> None:
         """Send the blinker signal for ``topic`` now, with no flow control (internal)."""
         receivers = self.signal.receivers
         if len(receivers) == 1:
             # Only our dispatcher is connected: skip blinker's set arithmetic.
-            self._dispatch(topic, event=event, payload=payload, from_=from_)
+            if offset is None:
+                self._dispatch(topic, event=event, payload=payload, from_=from_)
+            else:
+                self._dispatch_offset(topic, event, payload, from_, offset)
             return
         dispatch = self._dispatch
         others = [r for r in self.signal.receivers_for(topic) if r != dispatch]
-        dispatch(topic, event=event, payload=payload, from_=from_)
+        if offset is None:
+            dispatch(topic, event=event, payload=payload, from_=from_)
+        else:
+            self._dispatch_offset(topic, event, payload, from_, offset)
         for receiver in others:
             try:
                 receiver(topic, event=event, payload=payload, from_=from_)
@@ -253,6 +577,11 @@ class PubSub:
         t = self.topics.get(topic)
         if t is not None:
             t.dispatch(event, payload, from_)
+
+    def _dispatch_offset(self, topic: str, event: str, payload: Any, from_: Any, offset: str) -> None:
+        t = self.topics.get(topic)
+        if t is not None:
+            t.dispatch_offset(event, payload, from_, offset)
 
     # -- node-to-node -------------------------------------------------------------------
 
@@ -277,7 +606,21 @@ class PubSub:
         try:
             kind = envelope.get("k")
             if kind == "b":
-                self.local_deliver(envelope["t"], envelope["e"], envelope["p"])
+                offset = envelope.get("o")
+                if offset is None:
+                    self.local_deliver(envelope["t"], envelope["e"], envelope["p"])
+                else:
+                    from_ = None
+                    if envelope["n"] == self.node_name and envelope["x"] is not None:
+                        from_ = self._history_from.pop(envelope["x"], None)
+                    if self._in_sequence(envelope["t"], offset) and not envelope.get("g"):
+                        self.local_deliver(envelope["t"], envelope["e"], envelope["p"], from_, offset)
+            elif kind == "sync":
+                # The adapter's listener is back after an outage: catch up on every
+                # history topic with subscribers here from what Redis kept.
+                for name, t in list(self.topics.items()):
+                    if t.hist is not None:
+                        self._fill_gap(t, name, t.hist, None)
             elif kind == "d" and envelope.get("to") == self.node_name:
                 handler = self._handlers.get(envelope["t"])
                 if handler is not None:

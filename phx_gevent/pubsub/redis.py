@@ -63,6 +63,7 @@ from gevent.event import Event
 from ..errors import BroadcastTimeout, NotMonkeyPatchedError
 from ..flow import flow
 from . import codec
+from . import history as _history
 from .base import Adapter, make_node_name
 
 try:
@@ -111,6 +112,17 @@ class _Backoff:
 
     def reset(self) -> None:
         self.current = self.low
+
+
+class _HistoryCmd:
+    """An outbox entry that runs the history append script instead of a PUBLISH."""
+
+    __slots__ = ("args", "topic", "config")
+
+    def __init__(self, args: tuple[Any, ...], topic: str, config: Any) -> None:
+        self.args = args
+        self.topic = topic
+        self.config = config
 
 
 class _Throttle:
@@ -241,6 +253,10 @@ class RedisAdapter(Adapter):
         self.health_check_interval = float(health_check_interval)
         self.backoff = (float(backoff[0]), float(backoff[1]))
         self.batch_size = int(batch_size)
+        #: Called with the plain message of a history broadcast that could not be
+        #: appended (Redis down, refused, dropped): the local layer delivers it
+        #: without an offset. Set by the PubSub.
+        self.on_history_fallback: Callable[[bytes], None] | None = None
         redis_kwargs.setdefault("socket_timeout", self.socket_timeout)
         redis_kwargs.setdefault("socket_connect_timeout", float(connect_timeout))
         redis_kwargs["protocol"] = 2
@@ -260,12 +276,24 @@ class RedisAdapter(Adapter):
         self._reset_state()
         os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
 
+    supports_history = True
+
     def _reset_state(self) -> None:
         node = self.node_name
+        # Topics whose history missed a message (delivered without offset): a
+        # new epoch is started before their next append, so no recovery spans the gap.
+        self._gaps: dict[str, Any] = {}
+        self._append_sha: bytes | None = None
+        self._reload_scripts = False
+        # Set once the listener is first subscribed: history broadcasts reach this
+        # node through Redis, so the first ones wait for it (bounded).
+        self._sub_ready = Event()
         self._bchan = f"{self.prefix}:b".encode()
         self._dprefix = f"{self.prefix}:d:"
         self._dchan = (self._dprefix + node).encode()
         self._echo = codec.echo_prefix(node)
+        # Our own history messages come back (the script publishes them): keep those.
+        self._echo_history = self._echo + b'{"o":"'
         # Outgoing: (queued at, channel, data); in flight = written, not yet acknowledged.
         self._outbox: deque[tuple[float, bytes, bytes]] = deque()
         self._inflight: deque[tuple[float, bytes, bytes]] = deque()
@@ -393,6 +421,85 @@ class RedisAdapter(Adapter):
         self._pending_bytes += size
         self._out_event.set()
 
+    def publish_history(self, envelope: dict[str, Any], config: Any) -> bool:
+        """Queue the history append of a broadcast (see :meth:`Adapter.publish_history`).
+
+        Returns False while Redis is known to be unreachable: the caller then
+        delivers locally without an offset (:meth:`history_gap` is recorded).
+        Raises ``TypeError``/``OverflowError`` when the payload cannot be encoded.
+        """
+        if self._owner_pid != os.getpid():
+            self.ensure_started()
+        topic = envelope["t"]
+        if not self._sub_ready.is_set() and self._running and self._pub_down_since is None:
+            # Just started: our own echo would be lost before the listener subscribed.
+            self._sub_ready.wait(self.socket_timeout)
+        if self._pub_down_since is not None or not self._running or not self._sub_ready.is_set():
+            self.history_gap(topic, config)
+            return False
+        # A gap recorded earlier is marked (_reset_gaps) before this append is sent.
+        args, plain = _history.append_args(self.prefix, self.node_name, envelope, config, False)
+        size = len(plain)
+        if len(self._outbox) + len(self._inflight) >= self.max_pending or (
+            self._pending_bytes + size > self.max_pending_bytes
+        ):
+            if not self._make_room(size):
+                self.history_gap(topic, config)
+                return False
+        self._outbox.append((_monotonic(), _HistoryCmd(args, topic, config), plain))  # type: ignore[arg-type]
+        self._pending_bytes += size
+        self._out_event.set()
+        return True
+
+    def history_pool(self, max_connections: int = 8, timeout: float = 5.0) -> Any:
+        """A blocking connection pool to the same Redis (same options), for history reads."""
+        kwargs = dict(self._pool.connection_kwargs)
+        for key in list(kwargs):
+            if key.startswith(("maint_notifications", "oss_cluster_maint")):
+                del kwargs[key]
+        return redis.BlockingConnectionPool(
+            connection_class=self._pool.connection_class, max_connections=max_connections, timeout=timeout, **kwargs
+        )
+
+    def history_gap(self, topic: str, config: Any) -> None:
+        """Record that ``topic``'s history missed a message: its epoch changes before the next append."""
+        self._gaps[topic] = config
+
+    def _history_fallback(self, item: tuple[Any, Any, bytes]) -> tuple[Any, Any, bytes]:
+        # A history append that will not run: deliver here without offset, mark the
+        # gap, and forward it to the other nodes as a plain broadcast instead.
+        cmd = item[1]
+        self.history_gap(cmd.topic, cmd.config)
+        callback = self.on_history_fallback
+        if callback is not None:
+            try:
+                callback(item[2])
+            except Exception:
+                log.exception("phx_gevent: local delivery of a history broadcast failed")
+        return (item[0], self._bchan, item[2])
+
+    def _convert_history(self) -> None:
+        # Redis is unreachable: queued history appends become plain broadcasts
+        # (kept for replay like any other), delivered here at once without offset.
+        if any(type(item[1]) is _HistoryCmd for item in self._outbox):
+            converted = [self._history_fallback(it) if type(it[1]) is _HistoryCmd else it for it in self._outbox]
+            self._outbox.clear()
+            self._outbox.extend(converted)
+
+    def _reset_gaps(self, conn: Any) -> None:
+        # Back after an outage: mark a gap in the history of every topic that had
+        # messages delivered without offsets, before anything else is published.
+        for topic, config in list(self._gaps.items()):
+            args = _history.gap_args(self.prefix, self.node_name, topic, config)
+            conn.send_command("EVAL", _history.GAP_SCRIPT, 2, *args)
+            conn.read_response()
+            self._gaps.pop(topic, None)
+
+    def _load_scripts(self, conn: Any) -> None:
+        conn.send_command("SCRIPT", "LOAD", _history.APPEND_SCRIPT, check_health=False)
+        sha = conn.read_response()
+        self._append_sha = sha if isinstance(sha, bytes) else str(sha).encode()
+
     def stop(self, timeout: float = 1.0) -> None:
         """Send what is queued (at most ``timeout`` seconds, while connected), then disconnect."""
         if not self._running:
@@ -518,8 +625,10 @@ class RedisAdapter(Adapter):
                 self._space.wait(remaining)
         dropped = 0
         while self._full(size) and self._outbox:
-            _, _, old = self._outbox.popleft()
-            self._pending_bytes -= len(old)
+            old = self._outbox.popleft()
+            self._pending_bytes -= len(old[2])
+            if type(old[1]) is _HistoryCmd:
+                self._history_fallback(old)
             dropped += 1
         accepted = not self._full(size)
         if not accepted:
@@ -545,15 +654,19 @@ class RedisAdapter(Adapter):
         expired = 0
         queue = self._outbox
         while queue and queue[0][0] < limit:
-            _, _, data = queue.popleft()
-            self._pending_bytes -= len(data)
+            old = queue.popleft()
+            self._pending_bytes -= len(old[2])
+            if type(old[1]) is _HistoryCmd:
+                self._history_fallback(old)
             expired += 1
         direct_limit = now - self.direct_ttl
         if queue and queue[0][0] < direct_limit and now >= self._next_direct_scan:
             # Direct messages may sit among younger broadcasts: a scan, at most ten a second.
             self._next_direct_scan = now + 0.1
             bchan = self._bchan
-            kept = [item for item in queue if item[1] == bchan or item[0] >= direct_limit]
+            kept = [
+                item for item in queue if item[1] == bchan or type(item[1]) is _HistoryCmd or item[0] >= direct_limit
+            ]
             if len(kept) != len(queue):
                 expired += len(queue) - len(kept)
                 self._pending_bytes = sum(len(item[2]) for item in kept) + sum(len(item[2]) for item in self._inflight)
@@ -576,6 +689,7 @@ class RedisAdapter(Adapter):
 
     def _pub_failed(self, exc: BaseException) -> None:
         self._last_error = f"{type(exc).__name__}: {exc}"
+        self._convert_history()
         now = _monotonic()
         if self._pub_ok or self._pub_down_since is None:
             self._pub_ok = False
@@ -621,6 +735,7 @@ class RedisAdapter(Adapter):
                         self._expire()
                     conn.connect()
                     last_io = _monotonic()
+                    self._load_scripts(conn)
                     if self._pub_down_since is None:
                         self._probe(conn)
                 if self._pub_down_since is not None:
@@ -671,6 +786,7 @@ class RedisAdapter(Adapter):
         # Back after an outage: drop what is too old, wait (bounded) for the
         # other nodes to resubscribe, so the replay is not published to nobody.
         self._expire()
+        self._reset_gaps(conn)
         pending = len(self._outbox) + len(self._inflight)
         waited = 0.0
         if pending and self._subscribers_seen > 1:
@@ -716,8 +832,20 @@ class RedisAdapter(Adapter):
         bchan = self._bchan
         counters = self._counters
         try:
+            if self._reload_scripts:
+                self._reload_scripts = False
+                self._load_scripts(conn)
+            if self._gaps:
+                self._reset_gaps(conn)
+            sha = self._append_sha
             conn.send_packed_command(
-                conn.pack_commands([(b"PUBLISH", channel, data) for _, channel, data in inflight]), check_health=False
+                conn.pack_commands(
+                    [
+                        (b"PUBLISH", channel, data) if type(channel) is bytes else (b"EVALSHA", sha, 2, *channel.args)
+                        for _, channel, data in inflight
+                    ]
+                ),
+                check_health=False,
             )
         except _CONN_ERRORS:
             # Possibly partly written: what Redis did not acknowledge is sent again.
@@ -730,7 +858,13 @@ class RedisAdapter(Adapter):
                 # Refused by Redis (ACL, ...): this one is lost, the connection is fine.
                 receivers = None
                 counters["publish_errors"] += 1
-                log.error("phx_gevent: Redis refused to publish on %r: %s", inflight[0][1], exc)
+                if type(inflight[0][1]) is _HistoryCmd:
+                    log.error("phx_gevent: Redis refused a history append on %r: %s", inflight[0][1].topic, exc)
+                    self._history_fallback(inflight[0])
+                    if b"NOSCRIPT" in str(exc).encode():
+                        self._reload_scripts = True
+                else:
+                    log.error("phx_gevent: Redis refused to publish on %r: %s", inflight[0][1], exc)
             except _CONN_ERRORS:
                 counters["resent"] += len(inflight)
                 raise
@@ -812,12 +946,16 @@ class RedisAdapter(Adapter):
             )
             self._counters["reconnects"] += 1
             self._sub_down_since = None
+            # Tell the local layer (in order, through the inbox) to catch up on history topics.
+            self._inbox.append(b"")
+            self._in_event.set()
         self._sub_ok = True
+        self._sub_ready.set()
         self._outage_over()
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         # The listener's only work: drop our echo, queue the rest; never wait.
-        if channel == self._bchan and data.startswith(self._echo):
+        if channel == self._bchan and data.startswith(self._echo) and not data.startswith(self._echo_history):
             self._counters["echo_dropped"] += 1
             return
         if len(self._inbox) >= self.max_inbox or self._inbox_bytes + len(data) > self.max_inbox_bytes:
@@ -851,6 +989,14 @@ class RedisAdapter(Adapter):
                 continue
             data = inbox.popleft()
             self._inbox_bytes -= len(data)
+            if not data:
+                receive = self._receive
+                if receive is not None:
+                    try:
+                        receive({"k": "sync", "n": node, "t": "", "e": "", "p": None, "x": None})
+                    except Exception:
+                        log.exception("phx_gevent: catching up on history topics failed")
+                continue
             try:
                 envelope = codec.decode(data)
             except codec.EnvelopeError as exc:

@@ -136,6 +136,13 @@ class LongPollEncoder(FastlaneEncoder):
         _binary_log.skipped_one("broadcast")
         return None
 
+    def wrap(self, data: str | bytes) -> str | None:
+        """The text frame; ``None`` (skip) for binary data."""
+        if type(data) is str:
+            return data
+        _binary_log.skipped_one("broadcast")
+        return None
+
 
 class LongPollSession:
     """One long-poll session: the transport (and fastlane writer) of its :class:`Connection`.

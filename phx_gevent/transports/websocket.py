@@ -133,6 +133,11 @@ class WebSocketEncoder(FastlaneEncoder):
             return text_frame(data)
         return frame(OP_BINARY, data)
 
+    def wrap(self, data: str | bytes) -> bytes:
+        if type(data) is str:
+            return text_frame(data)
+        return frame(OP_BINARY, data)
+
 
 class DeflateWebSocketEncoder(FastlaneEncoder):
     """Fastlane encoder of connections that negotiated permessage-deflate: large broadcasts compressed once."""
@@ -141,6 +146,9 @@ class DeflateWebSocketEncoder(FastlaneEncoder):
 
     def broadcast(self, topic: str, event: str, payload: Any) -> bytes:
         data = self.serializer.encode_broadcast(topic, event, payload)
+        return _deflate_message(data)
+
+    def wrap(self, data: str | bytes) -> bytes:
         return _deflate_message(data)
 
 

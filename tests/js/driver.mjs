@@ -80,13 +80,18 @@ function makeSocket(cmd) {
 
 function makeChannel(cmd) {
   const socket = sockets.get(cmd.socket);
-  const channel = socket.channel(cmd.topic, cmd.params || {});
+  // track: an event name whose ref (a history offset) is remembered and sent back as
+  // `since` on every (re)join, through phoenix.js's params function (docs/recovery.md).
+  let last = cmd.params && cmd.params.since !== undefined ? cmd.params.since : null;
+  const params = cmd.track ? () => ({ ...(cmd.params || {}), since: last }) : cmd.params || {};
+  const channel = socket.channel(cmd.topic, params);
   const id = cmd.id;
   const original = channel.onMessage.bind(channel);
   channel.onMessage = (event, payload, ref, joinRef) => {
     emit({ ev: "chan", channel: id, event, payload: fromWire(payload), ref: ref === undefined ? null : ref });
     return original(event, payload, ref, joinRef);
   };
+  if (cmd.track) channel.on(cmd.track, (_payload, ref) => { if (ref) last = ref; });
   channel.onClose(() => emit({ ev: "chan_close", channel: id }));
   channel.onError((reason) => emit({ ev: "chan_error", channel: id, reason: fromWire(reason) }));
   channels.set(id, channel);
