@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup example test lint bench-smoke clean
+.PHONY: setup example test lint bench-smoke clean fuzz fuzz-decoders fuzz-floods
 
 $(VENV)/.installed: requirements.txt setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,18 @@ test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
+
+# The long part of the reliability suite (docs/reliability.md): ~100,000 generated inputs through
+# every decoder (FUZZ_EXAMPLES per target), then floods and faults against real servers.
+FUZZ_EXAMPLES ?= 15000
+
+fuzz: fuzz-decoders fuzz-floods
+
+fuzz-decoders: setup
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_fuzz.py -q -s --timeout=0
+
+fuzz-floods: setup
+	$(PY) benchmarks/reliability.py
 
 clean:
 	rm -rf $(VENV) node_modules

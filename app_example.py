@@ -14,6 +14,7 @@ from gevent import monkey
 
 monkey.patch_all()  # first, before anything imports socket or threading
 
+import hmac  # noqa: E402
 import ipaddress  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -249,6 +250,34 @@ class UserSocket(Socket):
         return "user_socket:" + socket.assigns["user"]
 
 
+def _env_list(name: str, default: list[str] | None) -> list[str] | None:
+    value = os.environ.get(name)
+    return default if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def dashboard_auth(req: Any) -> str | bool:
+    """Who may open /phx/dashboard: with ``DASHBOARD_TOKEN`` set, whoever passes ``?token=<it>``; else loopback."""
+    token = os.environ.get("DASHBOARD_TOKEN")
+    if token:
+        return hmac.compare_digest(req.args.get("token", ""), token) and "dashboard token holder"
+    try:
+        addr = ipaddress.ip_address(req.remote_addr or "")
+    except ValueError:
+        return False
+    loopback = addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
+    return loopback and f"loopback client {req.remote_addr}"
+
+
+def add_observability(endpoint: Endpoint) -> None:
+    """Health probes, Prometheus metrics (loopback or token, as the dashboard) and the dashboard."""
+    endpoint.health()  # /phx/health and /phx/ready
+    endpoint.dashboard("/phx/dashboard", auth=dashboard_auth)
+    try:
+        endpoint.metrics("/metrics", auth=dashboard_auth)
+    except ImportError:  # prometheus_client is an optional extra
+        logging.getLogger(__name__).info("metrics off: pip install 'phx_gevent[metrics]'")
+
+
 # Signs long-poll session tokens (and the Flask session). A development value, so that `make example`
 # (and gunicorn -w 2 without SECRET_KEY) works out of the box: set SECRET_KEY for anything public.
 DEV_SECRET_KEY = "phx-gevent-example-development-key-not-secret"
@@ -257,8 +286,20 @@ DEV_SECRET_KEY = "phx-gevent-example-development-key-not-secret"
 def create_app() -> tuple[Flask, Endpoint]:
     app = Flask(__name__)
     app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY") or DEV_SECRET_KEY
-    endpoint = Endpoint(app, pubsub=os.environ.get("REDIS_URL") or None)
+    endpoint = Endpoint(
+        app,
+        pubsub=os.environ.get("REDIS_URL") or None,
+        # ALLOWED_HOSTS="chat.example.com,...": only these Host names are
+        # answered (a DNS-rebinding page is refused). Unset, `python
+        # app_example.py` on loopback still answers only loopback names (serve()'s
+        # default); under gunicorn, set it for the names the app is served under.
+        allowed_hosts=_env_list("ALLOWED_HOSTS", None),
+        # TRUSTED_PROXIES="127.0.0.1" behind nginx: the loopback-only endpoints
+        # and per-address limits then see the real client address.
+        trusted_proxies=_env_list("TRUSTED_PROXIES", []),
+    )
     endpoint.socket("/socket", UserSocket(Presence(endpoint)), auth_token=True, longpoll=True)
+    add_observability(endpoint)
 
     def loopback_only() -> None:
         # Behind a reverse proxy every request comes from the proxy's address:

@@ -12,8 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["phx_gevent", "phx_gevent.*"]),
-    # PEP 561: the public API is typed.
-    package_data={"phx_gevent": ["py.typed"]},
+    # PEP 561 (the public API is typed), and the dashboard's page.
+    package_data={"phx_gevent": ["py.typed", "static/*.html"]},
     python_requires=">=3.11",
     install_requires=[
         "gevent>=24.10.1",
@@ -28,6 +28,7 @@ setup(
         # gunicorn's gevent worker (our worker's base) needs gunicorn's own
         # "gevent" extra (it imports `packaging`).
         "gunicorn": ["gunicorn[gevent]>=23.0"],
+        "metrics": ["prometheus_client>=0.17"],
     },
     classifiers=[
         "Framework :: Flask",

@@ -18,10 +18,12 @@ overtake the reply, and no broadcast published after it is missed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections import deque
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gevent
@@ -33,6 +35,7 @@ from .channel import DUPLICATE_JOIN, LEFT, Channel, Reply, Stop, is_graceful
 from .errors import CallbackReturnError, ConnectionOverloaded
 from .pubsub.history import MAX_LAST, parse_offset
 from .pubsub.local import ALL_EVENTS, RecoveryBuffer
+from .telemetry import channel_handled_in, emit, format_duration
 
 if TYPE_CHECKING:  # pragma: no cover
     from .connection import Connection
@@ -41,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Broadcast", "ChannelProcess", "Partition", "Partitions", "default_partitions"]
 
 log = logging.getLogger(__name__)
+_debug = functools.partial(log.isEnabledFor, logging.DEBUG)
 
 # Mailbox item tags.
 _IN = 0
@@ -253,6 +257,7 @@ class ChannelProcess:
         "history",
         "replayed",
         "_drained",
+        "refusal",
         "__weakref__",
     )
 
@@ -281,6 +286,8 @@ class ChannelProcess:
         #: (epoch, seq) of the last message a recovery replayed: later live copies of it are dropped.
         self.replayed: tuple[str, int] | None = None
         self._drained: Event | None = None
+        #: The error response of a refused (or failed) join, for logs and telemetry.
+        self.refusal: Any = None
 
     def __repr__(self) -> str:
         return f"<ChannelProcess {self.topic!r} join_ref={self.join_ref!r} state={self.state}>"
@@ -402,7 +409,8 @@ class ChannelProcess:
             greenlet, self.greenlet = self.greenlet, None
             if greenlet is not None:
                 greenlet.kill(block=False)
-            self.conn.send_reply(self.join_ref, ref, self.topic, "error", {"reason": "join timeout"})
+            self.refusal = {"reason": "join timeout"}
+            self.conn.send_reply(self.join_ref, ref, self.topic, "error", self.refusal)
             return False
 
     def _join(self, payload: Any, ref: Any, result: AsyncResult) -> None:
@@ -420,6 +428,7 @@ class ChannelProcess:
             if outcome.status == "error":
                 self.state = STOPPED
                 self._notify_down()
+                self.refusal = outcome.response
                 conn.send_reply(self.join_ref, ref, self.topic, "error", outcome.response)
                 result.set(False)
                 return
@@ -441,12 +450,13 @@ class ChannelProcess:
         except GreenletExit:
             raise
         except Exception:
-            log.exception("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
+            self.conn.log_error("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
             if self.state == JOINING:
                 self.state = STOPPED
                 self._notify_down()
                 conn.channel_exited(self)
-                conn.send_reply(self.join_ref, ref, self.topic, "error", {"reason": "join crashed"})
+                self.refusal = {"reason": "join crashed"}
+                conn.send_reply(self.join_ref, ref, self.topic, "error", self.refusal)
             result.set(False)
             return
         finally:
@@ -556,10 +566,16 @@ class ChannelProcess:
             if tag == _IN:
                 msg = item[1]
                 socket.ref = msg.ref
+                # Timed only when observed: a telemetry receiver, or debug logs of this mount.
+                timed = channel_handled_in.receivers or (self.conn.log_level is not None and _debug())
+                if timed:
+                    started = perf_counter()
                 try:
                     result = instance.handle_in(msg.event, msg.payload, socket)
                 finally:
                     socket.ref = None
+                if timed:
+                    self._handled_in(msg, perf_counter() - started)
                 if result is None:
                     return
                 if isinstance(result, Reply):
@@ -586,8 +602,20 @@ class ChannelProcess:
         except GreenletExit:
             raise
         except Exception as exc:
-            log.exception("phx_gevent: %s crashed on %r", type(instance).__name__, self.topic)
+            self.conn.log_error("phx_gevent: %s crashed on %r", type(instance).__name__, self.topic)
             self._exit(exc, "phx_error")
+
+    def _handled_in(self, msg: Any, duration: float) -> None:
+        name = type(self.instance).__name__
+        if channel_handled_in.receivers:
+            emit(
+                channel_handled_in,
+                self.conn.mount.endpoint,
+                {"duration": duration},
+                {"event": msg.event, "topic": self.topic, "channel": name, "ref": msg.ref, "socket": self.socket},
+            )
+        if self.conn.log_level is not None and _debug():
+            log.debug("HANDLED %s INCOMING ON %s (%s) in %s", msg.event, self.topic, name, format_duration(duration))
 
     def _noreply(self, callback: str, result: Any) -> None:
         if result is None:

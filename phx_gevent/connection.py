@@ -20,11 +20,16 @@ or a fake transport in tests. A transport provides:
 from __future__ import annotations
 
 import logging
+import time
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-from . import memory
+import gevent
+
+from . import memory, supervise, telemetry
 from .channel import CLOSED, DISCONNECTED, DRAINING, DUPLICATE_JOIN
 from .channel_server import ChannelProcess
+from .flow import flow
 from .pubsub.local import ALL_EVENTS
 from .serializers import Message, Serializer
 from .socket import SocketState
@@ -35,6 +40,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Connection"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two tracebacks caused by one connection (see :meth:`Connection.log_error`).
+ERROR_LOG_INTERVAL = 10.0
 
 # Close codes (PROTOCOL.md 3.8).
 CLOSE_GOING_AWAY = 1001
@@ -77,6 +85,7 @@ class Connection:
         "close_reason",
         "_id_sub",
         "log_level",
+        "_errlog",
         "__weakref__",
     )
 
@@ -94,6 +103,7 @@ class Connection:
         self.close_reason: Any = CLOSED
         self._id_sub: _IdSubscription | None = None
         self.log_level = mount.log_level
+        self._errlog: supervise.LogLimiter | None = None
         socket.private = self
         socket.transport_pid = self
 
@@ -153,12 +163,65 @@ class Connection:
     # -- writing ----------------------------------------------------------------------------
 
     def send_reply(self, join_ref: Any, ref: Any, topic: str, status: str, response: Any) -> None:
-        """Encode and queue a ``phx_reply``; raises when the response cannot be encoded."""
-        self.transport.send(self.serializer.encode_reply(join_ref, ref, topic, status, response))
+        """Encode and queue a ``phx_reply``; raises when the response cannot be encoded.
+
+        Waits (see :meth:`wait_room`) while the connection's output is above its soft cap.
+        """
+        data = self.serializer.encode_reply(join_ref, ref, topic, status, response)
+        if getattr(self.writer, "qbytes", 0) > flow.connection_limit or flow.queued > flow.high_water:
+            self.wait_room()
+        self.transport.send(data)
 
     def send_push(self, join_ref: Any, topic: str, event: str, payload: Any) -> None:
-        """Encode and queue a push; raises when the payload cannot be encoded."""
-        self.transport.send(self.serializer.encode_push(join_ref, topic, event, payload))
+        """Encode and queue a push; raises when the payload cannot be encoded.
+
+        Waits (see :meth:`wait_room`) while the connection's output is above its soft cap.
+        """
+        data = self.serializer.encode_push(join_ref, topic, event, payload)
+        if getattr(self.writer, "qbytes", 0) > flow.connection_limit or flow.queued > flow.high_water:
+            self.wait_room()
+        self.transport.send(data)
+
+    def log_error(self, msg: str, *args: Any) -> None:
+        """Log an error with its traceback (call inside ``except``), at most one per 10 s for this connection.
+
+        What a client can trigger at will (a channel crashing on its input)
+        must not become one traceback per message: the rest are counted and
+        the count is logged with the next line.
+        """
+        if self._errlog is None:
+            self._errlog = supervise.LogLimiter(ERROR_LOG_INTERVAL)
+        self._errlog.log(log, logging.ERROR, msg, *args, exc_info=True)
+
+    def wait_room(self) -> None:
+        """Wait until this connection's queued output is back under ``max_connection_queue_bytes``
+        and the process's under ``max_queued_bytes``.
+
+        Replies and pushes obey the limits broadcasts do: the channel that
+        produces them waits (its mailbox fills, then the reader stops reading
+        and TCP pushes back on the client) instead of queueing up to the hard
+        cap. Gives up (and the message is queued) after ``slow_client_timeout``
+        plus a second for the connection's own limit (the drain timer has
+        dropped a connection that drained nothing by then), after
+        ``broadcast_timeout`` for the process's. Never raises; returns at once
+        in a hub callback, where nothing may wait.
+        """
+        writer = self.writer
+        if gevent.getcurrent() is gevent.get_hub():
+            return
+        now = time.monotonic()
+        own_deadline = now + flow.slow_timeout + 1.0
+        process_deadline = now + flow.timeout
+        while True:
+            if getattr(writer, "state", 0) or getattr(writer, "closed", False):
+                return
+            now = time.monotonic()
+            if getattr(writer, "qbytes", 0) > flow.connection_limit and now < own_deadline:
+                gevent.sleep(0.02)
+            elif flow.queued > flow.high_water and now < process_deadline:
+                gevent.sleep(0.02)
+            else:
+                return
 
     def send_control(self, join_ref: Any, topic: str, event: str) -> None:
         """Queue ``phx_close`` or ``phx_error`` for a channel."""
@@ -222,16 +285,40 @@ class Connection:
             return None
         join_ref = msg.join_ref if msg.join_ref is not None else msg.ref
         proc = ChannelProcess(self, route, topic, join_ref)
+        started = perf_counter()
         joined = proc.join(msg.payload, msg.ref, self.mount.join_timeout)
-        if self.log_level is not None:
-            log.log(
-                self.log_level,
-                "%s %s to %s",
-                "JOINED" if joined else "REFUSED JOIN",
-                topic,
-                route.channel.__name__,
-            )
+        if self.log_level is not None or telemetry.channel_joined.receivers:
+            self._joined(proc, route, joined, perf_counter() - started)
         return proc if joined else None
+
+    def _joined(self, proc: ChannelProcess, route: Any, joined: bool, duration: float) -> None:
+        # Phoenix's log lines (``JOINED room:lobby in 45µs``) and the phoenix.channel_joined event.
+        if telemetry.channel_joined.receivers:
+            telemetry.emit(
+                telemetry.channel_joined,
+                self.mount.endpoint,
+                {"duration": duration},
+                {
+                    "topic": proc.topic,
+                    "route": route.pattern,
+                    "channel": route.channel.__name__,
+                    "result": "ok" if joined else "error",
+                    "socket": proc.socket,
+                },
+            )
+        if self.log_level is not None and log.isEnabledFor(self.log_level):
+            took = telemetry.format_duration(duration)
+            if joined:
+                log.log(self.log_level, "JOINED %s in %s (%s)", proc.topic, took, route.channel.__name__)
+            else:
+                log.log(
+                    self.log_level,
+                    "REFUSED JOIN %s in %s (%s): %r",
+                    proc.topic,
+                    took,
+                    route.channel.__name__,
+                    proc.refusal,
+                )
 
     def _duplicate_join(self, old: ChannelProcess, msg: Message) -> None:
         if not old.leaving:

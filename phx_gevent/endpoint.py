@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterable, Mapping
+from time import perf_counter
 from typing import Any
 
 from flask import Blueprint, Flask, Response, request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from . import telemetry
 from .channel_server import ChannelProcess, Partitions
 from .flow import flow
 from .pubsub import Adapter, PubSub
@@ -116,6 +118,8 @@ class SocketMount:
     def new_socket(self, transport: str, serializer: Serializer) -> SocketState:
         """A fresh socket struct for a connection being established."""
         self.endpoint.pubsub.start()
+        if self.endpoint.observer is not None:
+            self.endpoint.observer.ensure_started()
         return SocketState(
             endpoint=self.endpoint,
             handler=self.handler,
@@ -124,27 +128,66 @@ class SocketMount:
             pubsub_server=self.endpoint.pubsub,
         )
 
-    def log(self, what: str, transport: str, params: Mapping[str, Any], note: str = "") -> None:
-        """Log a socket action at the mount's ``log`` level (never the params' values)."""
+    def log(
+        self,
+        what: str,
+        transport: str,
+        params: Mapping[str, Any],
+        started: float | None = None,
+        socket: SocketState | None = None,
+        note: str = "",
+    ) -> None:
+        """Log a connect outcome (``"connected"``/``"refused"``) at the mount's ``log`` level, emit the event.
+
+        ``started`` is the ``time.perf_counter()`` before ``connect`` ran. The
+        log shows the params' names, never their values; ``note`` is appended.
+        """
+        duration = 0.0 if started is None else perf_counter() - started
+        if telemetry.socket_connected.receivers:
+            telemetry.emit(
+                telemetry.socket_connected,
+                self.endpoint,
+                {"duration": duration},
+                {
+                    "endpoint": self.endpoint,
+                    "mount": self.path,
+                    "handler": type(self.handler).__name__,
+                    "transport": transport,
+                    "serializer": "{}.{}".format(*socket.serializer.version) if socket is not None else None,
+                    "result": "ok" if what == "connected" else "error",
+                    "socket_id": socket.id if socket is not None else None,
+                    "params": sorted(str(k) for k in params),
+                },
+            )
         if self.log_level is not None and log.isEnabledFor(self.log_level):
             log.log(
                 self.log_level,
-                "%s %s %s via %s (params: %s)%s",
-                what.upper(),
+                "%s %s in %s (path %s, transport %s, params: %s)%s",
+                "CONNECTED TO" if what == "connected" else "REFUSED CONNECTION TO",
                 type(self.handler).__name__,
+                telemetry.format_duration(duration),
                 self.path,
                 transport,
                 ", ".join(sorted(str(k) for k in params)),
                 note,
             )
 
-    def log_refused(self, transport: str, params: Mapping[str, Any], result: Any) -> None:
+    def log_refused(
+        self,
+        transport: str,
+        params: Mapping[str, Any],
+        result: Any,
+        started: float | None = None,
+        socket: SocketState | None = None,
+    ) -> None:
         """Log a refused ``connect`` at the mount's level, with the handler's name and what it returned."""
         self.log(
             "refused",
             transport,
             params,
-            f": {type(self.handler).__name__}.connect returned {result!r}, so the client got HTTP 403 "
+            started,
+            socket,
+            note=f": {type(self.handler).__name__}.connect returned {result!r}, so the client got HTTP 403 "
             "(phoenix.js retries with backoff); return the socket to accept",
         )
 
@@ -167,6 +210,23 @@ class Endpoint:
         ``f(origin, environ) -> bool``.
     ``max_queued_bytes``, ``broadcast_timeout``, ``max_connection_queue_bytes``, ``slow_client_timeout``, ``sndbuf``
         The process-wide overload policy (:mod:`phx_gevent.flow`).
+    ``max_incomplete_input_bytes``, ``input_timeout``
+        The process-wide bound on inputs still arriving: memory and time
+        (:mod:`phx_gevent.flow`, docs/reliability.md).
+    ``allowed_hosts``
+        ``None`` (default: any ``Host``) or the host names the app answers;
+        any other ``Host`` gets 400 before a view runs, sockets included
+        (``"*.example.com"`` for subdomains, ports ignored). The default
+        origin check compares ``Origin`` with ``Host``: without this list, a
+        page on a DNS-rebinding domain passes it.
+    ``trusted_proxies``
+        Addresses or networks of reverse proxies (``["127.0.0.1",
+        "10.0.0.0/8"]``). A request from one of them gets its client's
+        address from ``X-Forwarded-For`` (read from the right, skipping
+        trusted hops) in ``REMOTE_ADDR``, so ``request.remote_addr``,
+        ``peer_data`` and the per-address limits see the real client (the
+        proxy's own address stays in ``environ["phx_gevent.peer_addr"]``).
+        Default: none (the header is ignored).
     ``direct_send``
         ``True`` (default) sends a frame at once while the server is idle
         (lower latency), within a budget, and coalesces in the flusher under
@@ -188,6 +248,10 @@ class Endpoint:
         slow_client_timeout: float | None = None,
         sndbuf: int | None | bool = False,
         direct_send: bool | None = None,
+        max_incomplete_input_bytes: int | None = None,
+        input_timeout: float | None = None,
+        allowed_hosts: Iterable[str] | None = None,
+        trusted_proxies: Iterable[str] | None = None,
         name: str = "phx_gevent",
     ) -> None:
         self.name = name
@@ -200,12 +264,20 @@ class Endpoint:
             slow_client_timeout=slow_client_timeout,
             sndbuf=sndbuf,
             direct_send=direct_send,
+            max_incomplete_input_bytes=max_incomplete_input_bytes,
+            input_timeout=input_timeout,
         )
+        self.allowed_hosts = phx_http.compile_hosts(allowed_hosts)
+        self.trusted_proxies = phx_http.compile_proxies(trusted_proxies)
         self.blueprint = Blueprint(name, __name__)
         self.mounts: list[SocketMount] = []
         self.apps: list[Flask] = []
         self._paths: list[str] = []
         self._missed: set[str] = set()
+        #: True once a shutdown drain began (readiness answers 503).
+        self.draining = False
+        #: The stats sampler behind metrics and the dashboard (:mod:`phx_gevent.observe`), once enabled.
+        self.observer: Any = None
         endpoints.add(self)
         if app is not None:
             self.init_app(app)
@@ -239,6 +311,8 @@ class Endpoint:
         app.register_blueprint(self.blueprint)
         app.extensions[self.name] = self
         app.register_error_handler(MethodNotAllowed, self._method_not_allowed)
+        if self.allowed_hosts is not None or self.trusted_proxies:
+            app.before_request(self._check_request)
         # A misspelled socket URL otherwise gives a bare 404 and phoenix.js
         # retries forever. An app's own 404 handler is left alone (one
         # registered later replaces this one anyway).
@@ -250,6 +324,19 @@ class Endpoint:
         if "phx" not in app.cli.commands:
             app.cli.add_command(phx)
         self.apps.append(app)
+
+    def _check_request(self) -> Any:
+        # Before any view (sockets included): the real client address, then the Host.
+        environ = request.environ
+        if self.trusted_proxies and phx_http.ENVIRON_PEER not in environ:
+            client = phx_http.client_address(environ, self.trusted_proxies)
+            if client is not None:
+                environ[phx_http.ENVIRON_PEER] = environ.get("REMOTE_ADDR")
+                environ["REMOTE_ADDR"] = client
+                request.remote_addr = client  # Werkzeug copied it when it made the request
+        if not phx_http.host_allowed(environ, self.allowed_hosts):
+            return phx_http.close_after(Response("Host not allowed", status=400, mimetype="text/plain"))
+        return None
 
     def _method_not_allowed(self, exc: MethodNotAllowed) -> Any:
         # A non-GET upgrade request to a socket path is routed to the
@@ -477,6 +564,46 @@ class Endpoint:
             owner.unsubscribe(topic)
         elif callable(subscriber):
             self.pubsub.disconnect(subscriber, topic)
+
+    # -- observability (docs/observability.md) --------------------------------------------
+
+    def health(self, live: str = "/phx/health", ready: str = "/phx/ready") -> None:
+        """Serve a liveness probe at ``live`` (200 while the process answers) and readiness at ``ready``.
+
+        Ready (200) means accepting connections and connected to the PubSub
+        adapter; 503 while the adapter is down or once a shutdown drain began.
+        Both answer JSON (``status``, ``node``, ...). No authentication: they
+        reveal only the node name and these flags.
+        """
+        from .observe import install_health
+
+        install_health(self, live, ready)
+
+    def metrics(self, path: str = "/metrics", *, auth: Any = None) -> None:
+        """Serve Prometheus metrics at ``path`` (needs ``prometheus_client``: the ``metrics`` extra).
+
+        ``auth(request)`` must return true for a scrape to be served (403
+        otherwise); ``None`` serves everyone. With several gunicorn workers,
+        set ``PROMETHEUS_MULTIPROC_DIR`` (see :mod:`phx_gevent.metrics`).
+        Raises ``ImportError`` without prometheus_client.
+        """
+        from . import metrics
+
+        metrics.install(self, path, auth)
+
+    def dashboard(self, path: str = "/phx/dashboard", *, auth: Any, phoenix_js: str | None = None) -> None:
+        """Serve the live dashboard at ``path``: every node's connections, channels, topics, rates, presence.
+
+        ``auth(request)`` decides who may open it (the page and its socket):
+        a false answer is 403; a string answer names the user in the audit
+        log of the "disconnect" action. ``auth=None`` refuses everyone.
+        ``phoenix_js``: the path of ``phoenix.mjs`` (default: the ``phoenix``
+        npm package under ``node_modules`` of the working directory or the
+        app's root). See :mod:`phx_gevent.dashboard`.
+        """
+        from . import dashboard
+
+        dashboard.install(self, path, auth, phoenix_js)
 
     # -- operations ---------------------------------------------------------------------
 

@@ -17,6 +17,26 @@ Settings (``Endpoint(...)`` keyword arguments, process-wide):
     seconds is dropped with 1008 (or reset when even the close frame cannot
     get out); one above four times this is dropped at once. A connection that
     reads is never dropped because another one is slow.
+    A connection's bytes above ``max_connection_queue_bytes`` do not count
+    towards ``max_queued_bytes``: one connection holds at most its soft cap
+    of the process's budget, so a few clients that never read cannot make
+    every broadcast wait. The drain timer (every quarter of
+    ``slow_client_timeout``, at most every second) drops a connection that
+    drained nothing for ``slow_client_timeout`` while above its soft cap, or
+    while holding anything when the process is above ``max_queued_bytes``,
+    whatever the client sends meanwhile. Replies and pushes wait for room
+    like broadcasts: while a connection is above its soft cap, its channels
+    wait before queueing more and its reader stops reading.
+``max_incomplete_input_bytes``
+    Bytes the whole process may hold in inputs that have started but not
+    finished arriving (WebSocket messages of 16 KiB or more, long-poll POST
+    bodies). Each such input reserves its announced size first; when the
+    budget is spent, a new one is refused (WebSocket close 1013 "try again
+    later", long-poll HTTP 503). Default 64 MiB.
+``input_timeout``
+    Seconds a started input (a WebSocket message, fragments included, or a
+    long-poll POST body) may take to arrive in full; past it the WebSocket is
+    dropped (1008) and the POST answered 408. Default 30.
 ``sndbuf``
     ``SO_SNDBUF`` of each connection, so the kernel cannot hide megabytes of
     backlog from the high-water mark (``None``: the OS default).
@@ -37,9 +57,11 @@ Settings (``Endpoint(...)`` keyword arguments, process-wide):
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from gevent.event import Event
 
+from . import telemetry
 from .errors import BroadcastTimeout
 
 __all__ = ["FlowControl", "flow"]
@@ -66,6 +88,10 @@ class FlowControl:
         "_event",
         "_waiting",
         "timeouts",
+        "incomplete",
+        "max_incomplete",
+        "input_timeout",
+        "input_refused",
     )
 
     def __init__(self) -> None:
@@ -90,6 +116,14 @@ class FlowControl:
         self._waiting = 0
         #: How many broadcasts gave up with BroadcastTimeout.
         self.timeouts = 0
+        #: Bytes reserved by inputs that started but did not finish arriving.
+        self.incomplete = 0
+        #: Budget for :attr:`incomplete` (``max_incomplete_input_bytes``).
+        self.max_incomplete = 64 * 1024 * 1024
+        #: Seconds a started input may take (``input_timeout``).
+        self.input_timeout = 30.0
+        #: How many inputs were refused because the budget was spent.
+        self.input_refused = 0
 
     def configure(
         self,
@@ -100,8 +134,13 @@ class FlowControl:
         slow_client_timeout: float | None = None,
         sndbuf: int | None | bool = False,
         direct_send: bool | None = None,
+        max_incomplete_input_bytes: int | None = None,
+        input_timeout: float | None = None,
     ) -> None:
-        """Change the overload settings for the whole process (``None`` keeps a value)."""
+        """Change the overload settings for the whole process (``None`` keeps a value).
+
+        Raises ``ValueError`` for a size or a time that is not positive.
+        """
         if max_queued_bytes is not None:
             if max_queued_bytes <= 0:
                 raise ValueError("max_queued_bytes must be positive")
@@ -114,7 +153,17 @@ class FlowControl:
                 raise ValueError("max_connection_queue_bytes must be positive")
             self.connection_limit = int(max_connection_queue_bytes)
         if slow_client_timeout is not None:
+            if slow_client_timeout <= 0:
+                raise ValueError("slow_client_timeout must be positive")
             self.slow_timeout = float(slow_client_timeout)
+        if max_incomplete_input_bytes is not None:
+            if max_incomplete_input_bytes <= 0:
+                raise ValueError("max_incomplete_input_bytes must be positive")
+            self.max_incomplete = int(max_incomplete_input_bytes)
+        if input_timeout is not None:
+            if input_timeout <= 0:
+                raise ValueError("input_timeout must be positive")
+            self.input_timeout = float(input_timeout)
         if sndbuf is not False:
             self.sndbuf = None if sndbuf is None else int(sndbuf)
         if direct_send is not None:
@@ -130,11 +179,14 @@ class FlowControl:
             return
         if timeout is None:
             timeout = self.timeout
-        deadline = _monotonic() + timeout
+        began, queued = _monotonic(), self.queued
+        deadline = began + timeout
         while self.queued > self.low_water:
             remaining = deadline - _monotonic()
             if remaining <= 0:
                 self.timeouts += 1
+                if telemetry.overload_timeout.receivers:
+                    self._emit(telemetry.overload_timeout, began, queued)
                 raise BroadcastTimeout(
                     f"{self.queued} bytes queued for delivery (high-water mark {self.high_water}); "
                     f"waited {timeout:.1f}s"
@@ -147,6 +199,25 @@ class FlowControl:
                 self._event.wait(remaining)
             finally:
                 self._waiting -= 1
+        if telemetry.overload_wait.receivers:
+            self._emit(telemetry.overload_wait, began, queued)
+
+    def _emit(self, signal: Any, began: float, queued: int) -> None:
+        telemetry.emit(
+            signal, self, {"duration": _monotonic() - began, "queued": queued}, {"high_water": self.high_water}
+        )
+
+    def reserve_input(self, n: int) -> bool:
+        """Reserve ``n`` bytes for an input that is arriving; False (nothing reserved) when the budget is spent."""
+        if self.incomplete + n > self.max_incomplete:
+            self.input_refused += 1
+            return False
+        self.incomplete += n
+        return True
+
+    def release_input(self, n: int) -> None:
+        """Give back what :meth:`reserve_input` reserved."""
+        self.incomplete -= n
 
     def release(self, n: int) -> None:
         """Give back ``n`` bytes that were sent or dropped, waking broadcasters below the low-water mark."""

@@ -53,9 +53,9 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import gevent
 from gevent.queue import Empty, Queue
 
+from . import supervise, telemetry
 from .channel_server import ChannelProcess
 from .errors import BroadcastTimeout
 from .pubsub.local import PubSub
@@ -203,7 +203,8 @@ class Presence:
         self.pubsub.connect(self._on_broadcast, self._topic)
         self.pubsub.register(self._req, self._on_sync_request)
         self.pubsub.register(self._state, self._on_state)
-        self._greenlet = gevent.spawn(self._loop)
+        # Supervised: restarted (and counted) if it ever dies.
+        self._greenlet = supervise.spawn(f"presence {self.name!r}", self._loop)
         # Peers learn of this node from its heartbeats; send one now, not in a period.
         self._publish("hb", {"v": self._version})
 
@@ -415,7 +416,7 @@ class Presence:
                 try:
                     self._process(item)
                 except Exception:
-                    log.exception("phx_gevent: presence %r failed on %r", self.name, item[0])
+                    supervise.failed(f"presence {self.name!r} handling {item[0]!r}")
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + self.broadcast_period
@@ -494,6 +495,9 @@ class Presence:
                 self.pubsub.local_broadcast(topic, PRESENCE_DIFF, payload)
             except BroadcastTimeout:
                 log.warning("phx_gevent: presence_diff on %r dropped: the process stayed overloaded", topic)
+            if telemetry.presence_change.receivers:
+                counts = {"joins": len(joins), "leaves": len(leaves)}
+                telemetry.emit(telemetry.presence_change, self, counts, {"topic": topic, "presence": self.name})
 
     # -- from other nodes ---------------------------------------------------------------
 
@@ -539,10 +543,29 @@ class Presence:
         if event == "hb":
             if version > peer.version:
                 self._ask_state(name, peer)
+            elif version < peer.version:
+                # The owner's own heartbeat is the truth about its version: a
+                # replica ahead of it was poisoned (a forged or corrupted
+                # message). Forget the version and take the owner's state.
+                log.warning(
+                    "phx_gevent: presence %r: replica of node %s claims version %d, the node says %d; resyncing",
+                    self.name,
+                    name,
+                    peer.version,
+                    version,
+                )
+                peer.version = -1
+                peer.sync_asked = 0.0
+                self._ask_state(name, peer)
         elif event == "delta":
             first = payload.get("v0", version)
             if not isinstance(first, int) or version <= peer.version:
                 return  # already applied (a state transfer covered it)
+            if version - first >= _BATCH or first > version:
+                # One delta covers at most _BATCH local changes: an implausible jump. Never
+                # adopt its version; ask the owner for its state instead.
+                self._ask_state(name, peer)
+                return
             if peer.version < 0 or first != peer.version + 1:
                 self._ask_state(name, peer)  # a gap (lost messages) or a peer we never synced with
             else:
@@ -564,7 +587,7 @@ class Presence:
     def _apply_state(self, name: str, payload: dict[str, Any]) -> None:
         version = payload.get("v")
         peer = self._peer(name)
-        if peer is None or not isinstance(version, int) or version <= peer.version:
+        if peer is None or not isinstance(version, int) or (version <= peer.version and peer.version >= 0):
             return
         new: _Entries = {}
         for t, k, meta in _rows(payload.get("s"), 3):

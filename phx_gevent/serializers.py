@@ -27,6 +27,8 @@ __all__ = [
     "V2",
     "negotiate",
     "dumps",
+    "loads",
+    "check_encodable",
 ]
 
 
@@ -51,6 +53,34 @@ def dumps(obj: Any) -> str:
 
 _dumps = ujson.dumps
 _loads = ujson.loads
+
+
+def check_encodable(obj: Any, text: str | bytes) -> None:
+    """Raise ``ValueError`` unless ``obj`` (just decoded from the JSON ``text``) can be encoded again.
+
+    JSON decoders accept what no encoder of ours may write: ``NaN``,
+    ``Infinity``, numbers too large for a float (``1e400`` becomes infinity)
+    and escaped lone surrogates (``"\\ud800"``). Let in, such a value breaks
+    whoever encodes it later: another client's delivery, a long-poll
+    response. Encoding once is the exact test and runs at C speed; the
+    surrogate test (UTF-8 encoding) runs only when the text has an escape.
+    """
+    try:
+        out = _dumps(obj, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
+        if (b"\\u" if type(text) is bytes else "\\u") in text:
+            out.encode("utf-8")
+    except (OverflowError, UnicodeEncodeError, ValueError, TypeError, RecursionError) as exc:
+        raise ValueError(f"not re-encodable JSON ({type(exc).__name__}: {exc})") from None
+
+
+def loads(text: str | bytes) -> Any:
+    """Decode JSON, refusing (``ValueError``) what cannot be encoded again (see :func:`check_encodable`)."""
+    try:
+        obj = _loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+    check_encodable(obj, text)
+    return obj
 
 
 class Message:
@@ -174,7 +204,8 @@ class V2JSONSerializer(Serializer):
             return self._decode_binary(bytes(data))
         try:
             frame = _loads(data)
-        except (ValueError, OverflowError) as exc:
+            check_encodable(frame, data)
+        except (ValueError, OverflowError, RecursionError) as exc:
             raise DecodeError(f"invalid JSON: {exc}") from None
         if type(frame) is not list or len(frame) < 5:
             raise DecodeError("a V2 frame must be a JSON array of at least five elements")
@@ -252,7 +283,8 @@ class V1JSONSerializer(Serializer):
             raise DecodeError("the V1 serializer has no binary frames")
         try:
             frame = _loads(data)
-        except (ValueError, OverflowError) as exc:
+            check_encodable(frame, data)
+        except (ValueError, OverflowError, RecursionError) as exc:
             raise DecodeError(f"invalid JSON: {exc}") from None
         if type(frame) is not dict:
             raise DecodeError("a V1 frame must be a JSON object")

@@ -10,16 +10,19 @@ the request context is gone.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket as _pysocket
 import sys
 from typing import Any
 
-from gevent import pywsgi
+from gevent import Timeout, pywsgi
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 
 from .errors import NotMonkeyPatchedError
+from .transports import http as phx_http
+from .transports.http import ENVIRON_CLOSE
 from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
 
 __all__ = ["WebSocketHandler", "check_patched", "make_server", "serve", "unpatched_modules"]
@@ -29,9 +32,51 @@ log = logging.getLogger(__name__)
 # Headers a 101 response must not carry.
 _DROP_ON_UPGRADE = {b"content-type", b"content-length", b"transfer-encoding"}
 
+#: Seconds a request head (request line and headers) may take to arrive, also the longest an idle
+#: keep-alive connection waits for its next request. Servers made by :func:`make_server` take a
+#: ``header_timeout`` argument; this is the default, and the value under gunicorn.
+DEFAULT_HEADER_TIMEOUT = 20.0
+
+
+def _bad_host(environ: Any, start_response: Any) -> list[bytes]:
+    start_response("400 Bad Request", [("Content-Type", "text/plain"), ("Connection", "close")])
+    return [b"Host not allowed"]
+
 
 class WebSocketHandler(_GeventWebSocketHandler):
-    """A gevent-websocket handler that lets the WSGI application decide the handshake."""
+    """A gevent-websocket handler that lets the WSGI application decide the handshake.
+
+    It also bounds the time a request head may take (``header_timeout``,
+    against slowloris) and refuses (400) a ``Host`` its server does not
+    allow (``allowed_hosts`` of :func:`make_server`).
+    """
+
+    _head_timer: Any = None
+
+    def handle_one_request(self) -> Any:
+        timeout = getattr(self.server, "phx_header_timeout", DEFAULT_HEADER_TIMEOUT)
+        if not timeout:
+            return super().handle_one_request()
+        timer = self._head_timer = Timeout(timeout)
+        timer.start()
+        try:
+            return super().handle_one_request()
+        except Timeout as exc:
+            if exc is not timer:
+                raise
+            # The head did not arrive in time (or an idle keep-alive connection
+            # sent nothing): close without an answer, as nginx does.
+            self.close_connection = True
+            return None
+        finally:
+            timer.close()
+            self._head_timer = None
+
+    def handle_one_response(self) -> None:
+        # The head is in: the timeout covers reading it, never the application.
+        if self._head_timer is not None:
+            self._head_timer.close()
+        super().handle_one_response()
 
     def handle(self) -> None:
         # TCP_NODELAY for every connection: a long-poll answer is written as
@@ -45,9 +90,21 @@ class WebSocketHandler(_GeventWebSocketHandler):
     def run_application(self) -> None:
         environ = self.environ
         environ[ENVIRON_HANDLER] = self
+        rules = getattr(self.server, "phx_allowed_hosts", None)
+        if rules is not None and not phx_http.host_allowed(environ, rules):
+            environ[ENVIRON_CLOSE] = True
+            self._close_unread()
+            self.result = _bad_host(environ, self.start_response)
+            try:
+                self.process_result()
+            finally:
+                self._close_result()
+            return
         self.result = self.application(environ, self.start_response)
         upgrade = environ.pop(ENVIRON_UPGRADE, None)
         if upgrade is None or self.code != 101:
+            if environ.get(ENVIRON_CLOSE):
+                self._close_unread()
             try:
                 self.process_result()
             finally:
@@ -62,6 +119,15 @@ class WebSocketHandler(_GeventWebSocketHandler):
         self.close_connection = True
         self._write_upgrade()
         upgrade(self)
+
+    def _close_unread(self) -> None:
+        # The answer went out on the headers (413, a bad token, a slow body):
+        # close after it, and never read or discard what is left of the body.
+        self.close_connection = True
+        wsgi_input = getattr(self, "wsgi_input", None)
+        if wsgi_input is not None:
+            # gevent's Input skips its discard-the-rest step in this state.
+            wsgi_input._chunked_input_error = True
 
     def _close_result(self) -> None:
         close = getattr(self.result, "close", None)
@@ -136,22 +202,63 @@ def check_patched() -> None:
     )
 
 
-def make_server(app: Any, host: str = "127.0.0.1", port: int = 4000, **kwargs: Any) -> pywsgi.WSGIServer:
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def make_server(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 4000,
+    *,
+    allowed_hosts: Any = "auto",
+    header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+    **kwargs: Any,
+) -> pywsgi.WSGIServer:
     """A gevent WSGI server with phx_gevent's handler, bound and ready to ``serve_forever()``.
 
     ``port=0`` picks a free port: read it back from ``server.server_port``.
-    Extra keyword arguments go to :class:`gevent.pywsgi.WSGIServer`. Logs
-    a warning when the process is not monkey-patched, and raises
+    ``allowed_hosts``: the ``Host`` names the server answers (others get
+    400 before the application runs; see
+    :func:`~phx_gevent.transports.http.compile_hosts`); ``"auto"`` (default)
+    means ``localhost``, ``127.0.0.1`` and ``::1`` when bound to a loopback
+    address, no check otherwise; ``None`` turns the check off. A page on a
+    DNS-rebinding domain then cannot reach a server run locally.
+    ``header_timeout``: seconds a request head may take (``None``/0: no
+    limit). Extra keyword arguments go to :class:`gevent.pywsgi.WSGIServer`.
+    Raises ``ValueError`` for bad settings. Logs a warning when the process
+    is not monkey-patched, and raises
     :class:`~phx_gevent.errors.NotMonkeyPatchedError` when it is not and an
     endpoint uses the Redis adapter (see :func:`check_patched`).
     """
     check_patched()
-    return _make_server(app, (host, port), **kwargs)
+    return _make_server(app, (host, port), host, allowed_hosts=allowed_hosts, header_timeout=header_timeout, **kwargs)
 
 
-def _make_server(app: Any, listener: Any, **kwargs: Any) -> pywsgi.WSGIServer:
+def _make_server(
+    app: Any,
+    listener: Any,
+    host: str,
+    *,
+    allowed_hosts: Any = "auto",
+    header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+    **kwargs: Any,
+) -> pywsgi.WSGIServer:
+    # ``listener``: an address, or a bound socket (the reloader's child).
+    if allowed_hosts == "auto":
+        allowed_hosts = list(phx_http.LOOPBACK_HOSTS) if _is_loopback(host) else None
+    rules = phx_http.compile_hosts(allowed_hosts)
+    if header_timeout is not None and header_timeout < 0:
+        raise ValueError("header_timeout must be positive (seconds) or None")
     kwargs.setdefault("handler_class", WebSocketHandler)
     server = pywsgi.WSGIServer(listener, app, **kwargs)
+    server.phx_allowed_hosts = rules
+    server.phx_header_timeout = header_timeout
     server.init_socket()
     return server
 
@@ -189,8 +296,9 @@ def serve(
 
     Make ``gevent.monkey.patch_all()`` the first lines of the program:
     unpatched, a warning is logged, and :class:`~phx_gevent.errors.NotMonkeyPatchedError`
-    is raised if an endpoint uses the Redis adapter. Extra keyword
-    arguments go to :class:`gevent.pywsgi.WSGIServer`.
+    is raised if an endpoint uses the Redis adapter. Other keyword arguments
+    as for :func:`make_server` (on loopback, only loopback host names are
+    answered by default).
     """
     if reload:
         _serve_with_reloader(app, host, port, reload_interval, extra_files, kwargs)
@@ -224,7 +332,7 @@ def _serve_with_reloader(
     if os.environ.get("WERKZEUG_RUN_MAIN") == "true" and fd is not None:
         check_patched()
         listener = _pysocket.socket(fileno=int(fd))
-        server = _make_server(app, listener, **kwargs)
+        server = _make_server(app, listener, host, **kwargs)
         run_with_reloader(
             lambda: _serve_forever(server), extra_files=extra_files, interval=interval, reloader_type="stat"
         )

@@ -35,6 +35,7 @@ from typing import Any
 import gevent
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
+from . import metrics, telemetry
 from .pubsub.base import make_node_name
 from .server import WebSocketHandler
 
@@ -47,16 +48,23 @@ class GunicornWebSocketHandler(WebSocketHandler, PyWSGIHandler):
     """phx_gevent's handler with gunicorn's access log and environ keys (``gunicorn.sock``, ``RAW_URI``)."""
 
 
-#: The listening servers of this worker process (closed first when draining).
+#: The listening servers of this worker process that have started (closed first when draining).
 _servers: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Set once the drain began: a server that finishes starting afterwards closes at once.
+_stopping = False
 
 
 class _Server(PyWSGIServer):
-    """gunicorn's pywsgi server, remembered so the drain can stop accepting first."""
+    """gunicorn's pywsgi server, remembered once started so the drain can stop accepting first."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def start(self) -> None:
+        # Registered only once start() is over: gevent's start() can switch
+        # greenlets half-way, and a drain (SIGTERM during boot) that closed
+        # the server then made start() fail ("no attribute 'socket'").
+        super().start()
         _servers.add(self)
+        if _stopping:
+            self.close()
 
 
 def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
@@ -69,6 +77,7 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
 
     drained = 0
     for endpoint in list(endpoints):
+        endpoint.draining = True  # readiness probes answer 503 from now on
         for mount in endpoint.mounts:
             opts = mount.drainer
             if opts is None:
@@ -77,6 +86,7 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
             interval = float(opts["batch_interval"])
             end = min(deadline, time.monotonic() + float(opts["shutdown"]))
             done: set[int] = set()
+            total, index = len(mount.connections), 0
             while time.monotonic() < end:
                 # Connections already told to close may linger for their close
                 # handshake: never count them twice.
@@ -87,6 +97,8 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
                     done.add(id(conn))
                     conn.drain()
                 drained += len(batch)
+                _drain_event(endpoint, mount, len(batch), total, index, size, interval)
+                index += 1
                 # Wait for this batch to go (bounded), then for the rest of the interval.
                 pause_end = min(end, time.monotonic() + interval)
                 while time.monotonic() < pause_end and any(c in mount.connections for c in batch):
@@ -95,6 +107,28 @@ def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
                 if remaining > 0 and any(id(c) not in done for c in mount.connections):
                     sleep(remaining)
     return drained
+
+
+def _drain_event(endpoint: Any, mount: Any, count: int, total: int, index: int, size: int, interval: float) -> None:
+    # phoenix.socket_drain, once per batch, and Phoenix's log line at the mount's level.
+    rounds = max(1, -(-total // size))
+    if telemetry.socket_drain.receivers:
+        telemetry.emit(
+            telemetry.socket_drain,
+            endpoint,
+            {"count": count, "total": total, "index": index, "rounds": rounds},
+            {"mount": mount.path, "interval": interval},
+        )
+    if mount.log_level is not None:
+        log.log(
+            mount.log_level,
+            "%s shutting down, disconnecting %d of %d connections (round %d of %d)",
+            type(mount.handler).__name__,
+            count,
+            total,
+            index + 1,
+            rounds,
+        )
 
 
 class GeventWebSocketWorker(GeventPyWSGIWorker):
@@ -129,6 +163,8 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
                 if ensure is not None:
                     ensure()  # started in the master (a broadcast at import): restart it here
                     pubsub.start()
+                if endpoint.observer is not None:
+                    endpoint.observer.ensure_started()  # metrics and dashboard sample from the start
             except Exception:
                 self.log.exception("phx_gevent: could not start the PubSub of endpoint %r", endpoint.name)
             names.append(pubsub.node_name)
@@ -156,6 +192,8 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
             gevent.spawn(self._drain)
 
     def _drain(self) -> None:
+        global _stopping
+        _stopping = True
         # Stop accepting first, so drained clients reconnect to the other workers, not here.
         for server in list(_servers):
             try:
@@ -176,6 +214,7 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
             super().run()
         finally:
             self._stop_pubsub()
+            metrics.mark_process_dead()
 
     def _stop_pubsub(self) -> None:
         from .endpoint import endpoints

@@ -124,10 +124,10 @@ def test_the_quickstart_runs_as_written_and_phoenix_js_chats_through_it(program,
     refused = js.socket(url, {})
     js.wait(ev="error", socket=refused)
     # The app configured logging: connects, joins and the refusal (with the handler's name) are on stderr.
-    app.log.wait(r"INFO phx_gevent\.endpoint: CONNECTED UserSocket /socket via websocket")
-    app.log.wait(r"INFO phx_gevent\.endpoint: CONNECTED UserSocket /socket via longpoll")
-    app.log.wait(r"JOINED room:lobby to RoomChannel")
-    app.log.wait(r"REFUSED UserSocket /socket via websocket .*UserSocket\.connect returned None")
+    app.log.wait(r"INFO phx_gevent\.endpoint: CONNECTED TO UserSocket in .* \(path /socket, transport websocket")
+    app.log.wait(r"INFO phx_gevent\.endpoint: CONNECTED TO UserSocket in .* \(path /socket, transport longpoll")
+    app.log.wait(r"JOINED room:lobby in .* \(RoomChannel\)")
+    app.log.wait(r"REFUSED CONNECTION TO UserSocket in .* transport websocket.*: UserSocket\.connect returned None")
     # A patched process starts without the unpatched warning.
     assert "not monkey-patched" not in app.output()
 
@@ -164,7 +164,7 @@ def test_make_example_serves_without_warnings(program, js):
     port = app.port()
     # Long-poll signs its session tokens: the example has a development key, so no SECRET_KEY warning.
     js.join_room(f"ws://127.0.0.1:{port}/socket", "ann", "room:lobby", longpoll=True)
-    app.log.wait(r"CONNECTED UserSocket /socket via longpoll")
+    app.log.wait(r"CONNECTED TO UserSocket in .* transport longpoll")
     assert not [line for line in app.log.lines if "WARNING" in line or "SECRET_KEY" in line], app.output()
 
 
@@ -310,7 +310,8 @@ def test_a_refused_connect_is_logged_at_the_mounts_level_with_the_handlers_name(
         assert http.get(srv.http + "/socket/longpoll?vsn=2.0.0").json() == {"status": 403}
     [record] = [r for r in caplog.records if "REFUSED" in r.getMessage()]
     assert record.levelno == logging.WARNING
-    assert record.getMessage().startswith("REFUSED NamedSocket /socket via longpoll (params: vsn)")
+    assert record.getMessage().startswith("REFUSED CONNECTION TO NamedSocket in ")
+    assert "(path /socket, transport longpoll, params: vsn): " in record.getMessage()
     assert "NamedSocket.connect returned None" in record.getMessage()
 
 

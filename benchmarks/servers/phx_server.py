@@ -12,6 +12,11 @@ with ``PHX_DIRECT_SEND=1``).
 ``PHX_ROOT`` loads phx_gevent and the example app from another checkout (a
 commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
 ``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md).
+
+Observability (docs/observability.md): ``PHX_OBSERVE=0`` builds the example
+without its health, metrics and dashboard (no telemetry receivers at all);
+``PHX_DASHBOARD_OPEN=1`` keeps one dashboard channel joined (as an open page
+would) for the whole run.
 """
 
 from gevent import monkey
@@ -60,22 +65,59 @@ def configure_from_env() -> dict:
     }
 
 
+def open_dashboard(port: int) -> None:
+    """Join the dashboard channel over a WebSocket to ourselves and read its pushes, as an open page does."""
+    import base64
+    import socket
+
+    import gevent
+
+    def run() -> None:
+        sock = socket.create_connection(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            (
+                "GET /phx/dashboard/socket/websocket?vsn=2.0.0 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        join = b'["1","1","phx:dashboard","phx_join",{}]'
+        sock.sendall(bytes([0x81, 0x80 | len(join)]) + b"\0\0\0\0" + join)  # masked with a zero key
+        while sock.recv(65536):
+            pass  # the stats pushes, every second
+
+    gevent.spawn_later(0.2, run)
+
+
 def main() -> None:
     args = parse_args("phx_gevent benchmark server")
+    if os.environ.get("PHX_OBSERVE") == "0" and hasattr(app_example, "add_observability"):
+        app_example.add_observability = lambda endpoint: None
     if os.environ.get("PHX_HISTORY") == "0":
         for route in app_example.UserSocket.channels:
             route.history = None
     app, _endpoint = app_example.create_app()
     print(f"PHX_ROOT {ROOT} ({app_example.__file__})", file=sys.stderr, flush=True)
     settings = configure_from_env()
+    settings["root"] = str(ROOT)
+    settings["observe"] = hasattr(app_example, "add_observability") and os.environ.get("PHX_OBSERVE") != "0"
 
     @app.get("/_bench/stats")
     def bench_stats() -> dict:
         # For watching a run by hand: the overload policy's counters.
-        return {"queued": flow.queued, "waiting": flow._waiting, "timeouts": flow.timeouts, **settings}
+        return {
+            "queued": flow.queued,
+            "waiting": flow._waiting,
+            "timeouts": flow.timeouts,
+            "connections": _endpoint.connection_count(),
+            **settings,
+        }
 
     print(f"SETTINGS {settings}", file=sys.stderr, flush=True)
     server = make_server(app, args.host, args.port, log=None)
+    if os.environ.get("PHX_DASHBOARD_OPEN") == "1":
+        open_dashboard(server.server_port)
     serve(server)
 
 

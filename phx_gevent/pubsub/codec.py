@@ -36,6 +36,8 @@ from typing import Any
 
 import ujson
 
+from ..serializers import check_encodable
+
 __all__ = ["MAGIC", "EnvelopeError", "decode", "encode", "echo_prefix"]
 
 #: The first bytes of every message; a future format gets a new tag.
@@ -114,10 +116,16 @@ def decode(data: bytes) -> dict[str, Any]:
         node = data[len(MAGIC) : end].decode("utf-8")
         raw = data[end + 1 :]
         body = ujson.loads(raw)
+        # What no encoder of ours may write (NaN, infinity, lone surrogates) is
+        # refused here, before it reaches any client's delivery.
+        check_encodable(body, raw)
         if isinstance(body, dict) and body.get("nb"):
             body = json.loads(raw, object_hook=_untag_bytes)
-    except (UnicodeDecodeError, ValueError, binascii.Error) as exc:
+    except (UnicodeDecodeError, ValueError, OverflowError, binascii.Error) as exc:
         raise EnvelopeError(f"undecodable envelope: {exc}") from None
+    except RecursionError:
+        # The stdlib decoder (tagged bytes) recurses per nesting level.
+        raise EnvelopeError("undecodable envelope: nested too deep") from None
     if not isinstance(body, dict):
         raise EnvelopeError("envelope is not a JSON object")
     kind = body.get("k")

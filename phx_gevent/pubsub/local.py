@@ -39,6 +39,7 @@ from typing import Any
 
 from blinker import ANY, Signal
 
+from .. import telemetry
 from ..flow import flow
 from ..serializers import EncodeError
 from . import codec
@@ -118,12 +119,14 @@ class RecoveryBuffer:
 class Topic:
     """The subscribers of one topic and the loop that delivers to them."""
 
-    __slots__ = ("name", "subs", "hist")
+    __slots__ = ("name", "subs", "hist", "size")
 
     def __init__(self, name: str) -> None:
         self.name = name
         # An insertion-ordered set: O(1) unsubscribe, delivery in join order.
         self.subs: dict[Any, None] = {}
+        #: Bytes of the last broadcast's first fastlane frame (for telemetry).
+        self.size = 0
         #: (epoch, seq) of the last history message delivered here (gap detection).
         self.hist: tuple[str, int] | None = None
 
@@ -135,6 +138,7 @@ class Topic:
         """
         topic = self.name
         frames: dict[Any, Any] = {}
+        self.size = 0
         parsed: Any = None
         last_enc: Any = None
         last_offs: Any = None
@@ -175,6 +179,8 @@ class Topic:
                     except EncodeError:
                         last_frame = None
                     frames[key] = last_frame
+                    if not self.size and last_frame is not None:
+                        self.size = len(last_frame)
                 last_enc = enc
                 last_offs = offs
             if last_frame is None:
@@ -195,13 +201,15 @@ class Topic:
         topic = self.name
         subs = list(self.subs)
         frames: dict[Any, Any] = {}
+        self.size = 0
         # Encode for the first fastlane subscriber before any delivery, so a
         # payload that cannot be encoded fails the whole broadcast, not half of it.
         for sub in subs:
             if event not in sub.intercept:
                 enc = sub.writer.encoder
                 try:
-                    frames[enc] = enc.broadcast(topic, event, payload)
+                    frame = frames[enc] = enc.broadcast(topic, event, payload)
+                    self.size = len(frame) if frame is not None else 0
                 except EncodeError:
                     # The format cannot carry it (binary over V1): skip those connections.
                     frames[enc] = None
@@ -576,12 +584,28 @@ class PubSub:
     def _dispatch(self, topic: str, *, event: str, payload: Any, from_: Any = None) -> None:
         t = self.topics.get(topic)
         if t is not None:
-            t.dispatch(event, payload, from_)
+            n = t.dispatch(event, payload, from_)
+            if telemetry.broadcast.receivers:  # once per broadcast, never per delivery
+                self._emit_broadcast(topic, event, n, t.size)
+        elif telemetry.broadcast.receivers:
+            self._emit_broadcast(topic, event, 0, 0)
+
+    def _emit_broadcast(self, topic: str, event: str, n: int, size: int) -> None:
+        telemetry.emit(
+            telemetry.broadcast,
+            self,
+            {"subscribers": n, "bytes": size},
+            {"topic": topic, "event": event, "node": self.node_name},
+        )
 
     def _dispatch_offset(self, topic: str, event: str, payload: Any, from_: Any, offset: str) -> None:
         t = self.topics.get(topic)
         if t is not None:
-            t.dispatch_offset(event, payload, from_, offset)
+            n = t.dispatch_offset(event, payload, from_, offset)
+            if telemetry.broadcast.receivers:  # once per broadcast, never per delivery
+                self._emit_broadcast(topic, event, n, t.size)
+        elif telemetry.broadcast.receivers:
+            self._emit_broadcast(topic, event, 0, 0)
 
     # -- node-to-node -------------------------------------------------------------------
 

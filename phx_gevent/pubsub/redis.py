@@ -55,11 +55,13 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gevent
 from gevent.event import Event
 
+from .. import supervise, telemetry
 from ..errors import BroadcastTimeout, NotMonkeyPatchedError
 from ..flow import flow
 from . import codec
@@ -272,6 +274,8 @@ class RedisAdapter(Adapter):
         self._pub_conn: Any = None
         self._sub_conn: Any = None
         self._stale: list[Any] = []
+        self._ping_conn: Any = None
+        self._ping_pid = 0
         self._owner_pid = os.getpid()
         self._reset_state()
         os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
@@ -309,6 +313,7 @@ class RedisAdapter(Adapter):
         self._pub_down_since: float | None = None
         self._sub_down_since: float | None = None
         self._in_outage = False
+        self._outage_began = 0.0
         self._subscribers_seen = 0
         self._counters: dict[str, int] = dict.fromkeys(
             (
@@ -324,6 +329,8 @@ class RedisAdapter(Adapter):
                 "receive_dropped",
                 "overload_dropped",
                 "invalid",
+                "delivery_errors",
+                "restarts",
                 "outages",
                 "reconnects",
             ),
@@ -336,6 +343,7 @@ class RedisAdapter(Adapter):
         self._log_drop_in = _Throttle(10.0)
         self._log_overload = _Throttle(10.0)
         self._log_invalid = _Throttle(10.0)
+        self._log_delivery = supervise.LogLimiter(10.0)
         self._log_pub_retry = _Throttle(30.0)
         self._log_sub_retry = _Throttle(30.0)
 
@@ -382,12 +390,23 @@ class RedisAdapter(Adapter):
         self._stop = Event()
         self._pub_conn = self._connection("pub")
         self._sub_conn = self._connection("sub")
+        # Supervised: a greenlet that dies anyway (a bug) is restarted and
+        # counted (``stats()["restarts"]``), never left dead behind a
+        # "connected" adapter.
+        alive = partial(self._alive, gen)
         self._greenlets = [
-            gevent.spawn(self._run_publisher, gen),
-            gevent.spawn(self._run_listener, gen),
-            gevent.spawn(self._run_delivery, gen),
+            supervise.spawn("Redis publisher", self._supervised, self._run_publisher, gen, alive=alive),
+            supervise.spawn("Redis listener", self._supervised, self._run_listener, gen, alive=alive),
+            supervise.spawn("Redis delivery", self._supervised, self._run_delivery, gen, alive=alive),
         ]
         log.debug("phx_gevent: Redis adapter %r started", self)
+
+    def _supervised(self, run: Callable[[int], None], gen: int) -> None:
+        try:
+            run(gen)
+        except Exception:
+            self._counters["restarts"] += 1
+            raise
 
     def ensure_started(self) -> None:
         """Restart in a forked child an adapter that was started in its parent."""
@@ -532,6 +551,24 @@ class RedisAdapter(Adapter):
         self._pending_bytes = 0
         self._inbox.clear()
         self._inbox_bytes = 0
+
+    def ping(self) -> float | None:
+        """Seconds one ``PING`` takes to Redis on a connection of its own; ``None`` when it fails.
+
+        Blocks the calling greenlet up to ``socket_timeout`` (the dashboard
+        runs it in a greenlet of its own). Never raises for a Redis problem.
+        """
+        if self._ping_conn is None or self._ping_pid != os.getpid():
+            self._ping_conn, self._ping_pid = self._connection("ping"), os.getpid()
+        conn = self._ping_conn
+        try:
+            start = _monotonic()
+            conn.send_command("PING", check_health=False)
+            conn.read_response()
+            return _monotonic() - start
+        except _CONN_ERRORS:
+            conn.disconnect()
+            return None
 
     @property
     def connected(self) -> bool:
@@ -718,11 +755,18 @@ class RedisAdapter(Adapter):
         # One outage = from the first side that loses Redis until both are back.
         if not self._in_outage:
             self._in_outage = True
+            self._outage_began = _monotonic()
             self._counters["outages"] += 1
+            if telemetry.pubsub_down.receivers:
+                meta = {"node": self.node_name, "adapter": repr(self), "reason": self._last_error}
+                telemetry.emit(telemetry.pubsub_down, self, {}, meta)
 
     def _outage_over(self) -> None:
         if self._in_outage and self._pub_down_since is None and self._sub_down_since is None:
             self._in_outage = False
+            if telemetry.pubsub_up.receivers:
+                took = {"duration": _monotonic() - self._outage_began}
+                telemetry.emit(telemetry.pubsub_up, self, took, {"node": self.node_name, "adapter": repr(self)})
 
     def _run_publisher(self, gen: int) -> None:
         conn = self._pub_conn
@@ -766,7 +810,7 @@ class RedisAdapter(Adapter):
                 self._stop.wait(backoff.next())
             except Exception:
                 # A bug must not end the only publish path: log, pause, go on.
-                log.exception("phx_gevent: Redis publisher failed")
+                supervise.failed("Redis publisher")
                 conn.disconnect()
                 self._requeue()
                 self._stop.wait(backoff.next())
@@ -911,7 +955,7 @@ class RedisAdapter(Adapter):
                 self._sub_failed(exc)
                 self._stop.wait(backoff.next())
             except Exception:
-                log.exception("phx_gevent: Redis listener failed")
+                supervise.failed("Redis listener")
                 conn.disconnect()
                 self._stop.wait(backoff.next())
 
@@ -999,7 +1043,8 @@ class RedisAdapter(Adapter):
                 continue
             try:
                 envelope = codec.decode(data)
-            except codec.EnvelopeError as exc:
+            except Exception as exc:
+                # Whatever the data does to the decoder, the next envelope is delivered.
                 counters["invalid"] += 1
                 if self._log_invalid.ready() is not None:
                     log.warning("phx_gevent: ignored an invalid message from Redis: %s", exc)
@@ -1029,7 +1074,14 @@ class RedisAdapter(Adapter):
                 try:
                     receive(envelope)
                 except Exception:
-                    log.exception("phx_gevent: delivering an envelope from node %r failed", envelope["n"])
+                    counters["delivery_errors"] += 1
+                    self._log_delivery.log(
+                        log,
+                        logging.ERROR,
+                        "phx_gevent: delivering an envelope from node %r failed",
+                        envelope["n"],
+                        exc_info=True,
+                    )
             since_yield += 1
             if since_yield >= 64:
                 # A burst from Redis must not starve requests and writers.

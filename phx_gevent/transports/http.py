@@ -27,7 +27,140 @@ __all__ = [
     "CONNECT_INFO_KEYS",
     "CSRF_SESSION_KEY",
     "csrf_token",
+    "close_after",
+    "ENVIRON_CLOSE",
+    "compile_hosts",
+    "host_allowed",
+    "LOOPBACK_HOSTS",
+    "compile_proxies",
+    "client_address",
+    "ENVIRON_PEER",
 ]
+
+#: The host names ``serve()``/``make_server()`` accept by default when bound to a loopback address.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+#: Environ key: the TCP peer's address when a trusted proxy's header replaced ``REMOTE_ADDR``.
+ENVIRON_PEER = "phx_gevent.peer_addr"
+
+
+class _HostRule(NamedTuple):
+    host: str
+    wildcard: bool
+
+
+def compile_hosts(hosts: Any) -> list[_HostRule] | None:
+    """Parse an ``allowed_hosts`` setting: ``None`` (no check) or a list of host names.
+
+    ``"*.example.com"`` matches the domain's subdomains (not the domain
+    itself), ``"*"`` matches anything; ports are ignored, IPv6 literals may be
+    given with or without brackets. Raises ``ValueError`` for a string (a
+    common slip: it would be a list of letters) or an empty entry.
+    """
+    if hosts is None:
+        return None
+    if isinstance(hosts, (str, bytes)) or not isinstance(hosts, Iterable):
+        raise ValueError(f"allowed_hosts must be None or a list of host names, got {hosts!r}")
+    rules = []
+    for entry in hosts:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ValueError(f"allowed_hosts entries must be non-empty strings, got {entry!r}")
+        entry = entry.strip().lower()
+        if entry.startswith("[") and entry.endswith("]"):
+            entry = entry[1:-1]
+        if entry.startswith("*."):
+            rules.append(_HostRule(entry[2:], True))
+        else:
+            rules.append(_HostRule(entry, False))
+    return rules
+
+
+def host_allowed(environ: Mapping[str, Any], rules: list[_HostRule] | None) -> bool:
+    """Whether the request's ``Host`` header (else ``SERVER_NAME``) matches ``rules`` (``None``: always)."""
+    if rules is None:
+        return True
+    raw = environ.get("HTTP_HOST")
+    if raw is None:
+        raw = environ.get("SERVER_NAME", "")
+    if "," in raw:
+        return False  # several Host headers (joined by the server): refused, never guessed
+    host = _host_of(raw)
+    if host is None:
+        return False
+    for rule in rules:
+        if rule.host == "*" or host == rule.host or (rule.wildcard and host.endswith("." + rule.host)):
+            return True
+    return False
+
+
+def compile_proxies(proxies: Any) -> list[Any]:
+    """Parse a ``trusted_proxies`` setting: addresses or networks (``"10.0.0.0/8"``); raises ``ValueError``."""
+    import ipaddress
+
+    if proxies is None:
+        return []
+    if isinstance(proxies, (str, bytes)) or not isinstance(proxies, Iterable):
+        raise ValueError(f"trusted_proxies must be a list of addresses or networks, got {proxies!r}")
+    return [ipaddress.ip_network(str(p).strip(), strict=False) for p in proxies]
+
+
+def _ip(value: str) -> Any:
+    import ipaddress
+
+    try:
+        addr = ipaddress.ip_address(value.strip().strip("[]"))
+    except ValueError:
+        return None
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return mapped if mapped is not None else addr
+
+
+def client_address(environ: Mapping[str, Any], proxies: list[Any]) -> str | None:
+    """The client's address behind trusted proxies, or ``None`` when ``REMOTE_ADDR`` is not one of them.
+
+    Reads ``X-Forwarded-For`` from the right: each hop that is itself a
+    trusted proxy is skipped, the first one that is not is the client (what
+    a client writes into the header itself, further left, is never
+    believed). All hops trusted: the leftmost.
+    """
+    if not proxies:
+        return None
+    peer = _ip(environ.get("REMOTE_ADDR") or "")
+    if peer is None or not any(peer in net for net in proxies):
+        return None
+    header = environ.get("HTTP_X_FORWARDED_FOR")
+    if not header:
+        return None
+    hops = [h.strip() for h in header.split(",") if h.strip()]
+    for hop in reversed(hops):
+        ip = _ip(hop)
+        if ip is None:
+            return None  # garbage in the chain: keep the proxy's own address
+        if not any(ip in net for net in proxies):
+            return str(ip)
+    ip = _ip(hops[0]) if hops else None
+    return str(ip) if ip is not None else None
+
+
+#: Environ key: the WSGI handler closes the connection after this response without reading the rest of the body.
+ENVIRON_CLOSE = "phx_gevent.close_connection"
+
+
+def close_after(response: Any) -> Any:
+    """Mark ``response`` (a Flask response of the current request) as the last one on its connection.
+
+    It carries ``Connection: close``, and phx_gevent's WSGI handler closes
+    the connection after it without reading (or discarding) what is left of
+    the request body: an unwanted upload costs nothing more. Returns
+    ``response``. Outside a request, only the header is set.
+    """
+    from flask import has_request_context, request
+
+    response.headers["Connection"] = "close"
+    if has_request_context():
+        request.environ[ENVIRON_CLOSE] = True
+    return response
+
 
 #: The subprotocol entry phoenix.js uses to carry ``authToken`` (PROTOCOL.md 3.4).
 AUTH_TOKEN_PREFIX = "base64url.bearer.phx."

@@ -43,6 +43,7 @@ from gevent.event import AsyncResult, Event
 from gevent.queue import Empty, Queue
 from itsdangerous import BadData, URLSafeTimedSerializer
 
+from .. import supervise
 from ..channel import INACTIVE
 from ..connection import Connection
 from ..errors import CallbackReturnError
@@ -50,6 +51,7 @@ from ..flow import flow
 from ..serializers import DecodeError, FastlaneEncoder, Message, Serializer, dumps, negotiate
 from ..socket import SocketState
 from . import http as phx_http
+from .writer import _dropped
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..endpoint import SocketMount
@@ -73,12 +75,29 @@ DEFAULTS: dict[str, Any] = {
     "max_buffer_bytes": 4 * 1024 * 1024,
     "max_body_bytes": 8 * 1024 * 1024,
     "max_lines": 100,
+    "address_rate": 100,
+    "address_burst": 1000,
+    "max_message_rate": 1000,
+    "message_burst": 2000,
     "check_origin": None,
     "connect_info": None,
     "auth_token": None,
 }
 
-_POSITIVE = ("window_ms", "pubsub_timeout_ms", "max_sessions", "max_buffer_bytes", "max_body_bytes", "max_lines")
+_POSITIVE = (
+    "window_ms",
+    "pubsub_timeout_ms",
+    "max_sessions",
+    "max_buffer_bytes",
+    "max_body_bytes",
+    "max_lines",
+    "address_burst",
+    "message_burst",
+)
+# Positive numbers, or None to turn the limit off.
+_RATES = ("address_rate", "max_message_rate")
+# Addresses remembered by the creation rate limit before the full buckets are forgotten.
+_MAX_BUCKETS = 10_000
 _HEADERS = {"Cache-Control": "no-store", "Access-Control-Allow-Origin": "*"}
 _TOKEN_HEADER = "X-Phoenix-Longpoll-Token"
 _MAX_TOKEN = 1024
@@ -95,9 +114,43 @@ def _json(data: dict[str, Any]) -> Response:
     return Response(dumps(data), status=200, content_type="application/json; charset=utf-8", headers=_HEADERS)
 
 
+_log_unencodable = supervise.LogLimiter()
+# One line a minute for refusals a client can cause at will (rate, max_sessions).
+_log_refused = supervise.LogLimiter()
+
+
+def _encodable(messages: list[str]) -> list[str]:
+    """The frames that can go out as UTF-8; the others are dropped (logged, rate-limited).
+
+    Client data is checked at decode, so only server code can buffer such a
+    frame (a lone surrogate in a pushed string): it must cost that frame,
+    never the rest of another client's poll.
+    """
+    good = []
+    for m in messages:
+        try:
+            m.encode("utf-8")
+        except UnicodeEncodeError:
+            _log_unencodable.log(log, logging.ERROR, "phx_gevent: dropped a long-poll frame that is not valid UTF-8")
+            continue
+        good.append(m)
+    return good
+
+
+def _poll_json(status: int, token: Any, messages: list[str]) -> Response:
+    try:
+        return _json({"status": status, "token": token, "messages": messages})
+    except (UnicodeEncodeError, OverflowError, TypeError):
+        return _json({"status": status, "token": token, "messages": _encodable(messages)})
+
+
 def _plain(status: int, body: str = "") -> Response:
     # Not JSON, so the client sees status 0 ("transport error") and retries.
     return Response(body, status=status, mimetype="text/plain", headers=_HEADERS)
+
+
+class _Busy(Exception):
+    """The process-wide budget of incomplete inputs is spent."""
 
 
 class _BinaryLog:
@@ -163,6 +216,7 @@ class LongPollSession:
         "writer",
         "buffer",
         "qbytes",
+        "excess",
         "waiter",
         "closed",
         "last_poll",
@@ -170,6 +224,8 @@ class LongPollSession:
         "timer",
         "inbox",
         "dispatcher",
+        "tokens",
+        "refilled",
         "__weakref__",
     )
 
@@ -182,12 +238,16 @@ class LongPollSession:
         self.writer = self
         self.buffer: list[str] = []
         self.qbytes = 0
+        # Bytes above flow.connection_limit, not counted in the process total (as for WebSocket writers).
+        self.excess = 0
         self.waiter: Event | None = None
         self.closed = False
         self.last_poll = self.last_drain = _monotonic()
         self.timer: Any = None
         self.inbox: deque[tuple[Message, AsyncResult]] = deque()
         self.dispatcher: Any = None
+        self.tokens = lp.message_burst
+        self.refilled = self.last_poll
 
     def __repr__(self) -> str:
         return f"<LongPollSession {self.sid[:6]}... buffered={len(self.buffer)} closed={self.closed}>"
@@ -233,6 +293,10 @@ class LongPollSession:
         self.qbytes += n
         flow.queued += n
         if self.qbytes > flow.connection_limit or self.qbytes > self.lp.max_buffer_bytes:
+            over = self.qbytes - flow.connection_limit
+            if over > self.excess:
+                flow.release(over - self.excess)
+                self.excess = over
             if self._overflowed():
                 return
         waiter = self.waiter
@@ -243,12 +307,13 @@ class LongPollSession:
         # The WebSocket writer's policy: over the hard cap at once; over the
         # soft cap when the client has not polled for slow_client_timeout.
         if self.qbytes > self.lp.max_buffer_bytes:
-            why = f"{self.qbytes} bytes buffered (max_buffer_bytes)"
+            why, reason = f"{self.qbytes} bytes buffered (max_buffer_bytes)", "buffer_full"
         elif _monotonic() - self.last_drain > flow.slow_timeout:
-            why = f"{self.qbytes} bytes buffered and no poll for {flow.slow_timeout:.1f}s"
+            why, reason = f"{self.qbytes} bytes buffered and no poll for {flow.slow_timeout:.1f}s", "stalled"
         else:
             return False
         log.warning("phx_gevent: ending a long-poll session: %s", why)
+        _dropped(self, reason, self.qbytes, "longpoll")
         self.end()
         return True
 
@@ -268,6 +333,8 @@ class LongPollSession:
         if self.closed:
             return GONE, []
         self.last_poll = _monotonic()
+        if self.lp._unpolled:
+            self.lp._unpolled.pop(self.sid, None)
         if not self.buffer:
             ev = Event()
             old, self.waiter = self.waiter, ev
@@ -294,7 +361,8 @@ class LongPollSession:
         if not frames:
             return 204, []
         self.buffer = []
-        n, self.qbytes = self.qbytes, 0
+        n, self.qbytes = self.qbytes - self.excess, 0
+        self.excess = 0
         flow.release(n)
         self.last_drain = _monotonic()
         return 200, frames
@@ -313,6 +381,8 @@ class LongPollSession:
         for line in lines if ndjson else lines[:1]:
             if not line:
                 continue
+            if self.lp.max_message_rate is not None:
+                self._throttle()
             try:
                 if not ndjson or line[0] == "[":
                     msg = serializer.decode(line)
@@ -326,6 +396,17 @@ class LongPollSession:
             if status != 200:
                 return status
         return 200
+
+    def _throttle(self) -> None:
+        # The inbound rate limit (max_message_rate, message_burst): a token bucket; waits, drops nothing.
+        rate = self.lp.max_message_rate
+        now = _monotonic()
+        self.tokens = min(self.lp.message_burst, self.tokens + (now - self.refilled) * rate) - 1.0
+        self.refilled = now
+        if self.tokens < 0.0:
+            gevent.sleep(-self.tokens / rate)
+            self.tokens = 0.0
+            self.refilled = _monotonic()
 
     def _dispatch(self, msg: Message, window: float) -> int:
         if self.closed:
@@ -351,7 +432,7 @@ class LongPollSession:
                 try:
                     conn.handle(msg)
                 except Exception:
-                    log.exception("phx_gevent: long-poll session failed handling %r", msg)
+                    conn.log_error("phx_gevent: long-poll session failed handling %r", msg)
                     ack.set(False)
                     self.end()
                     break
@@ -365,14 +446,16 @@ class LongPollSession:
     # -- ending -----------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        # Hub callback: nothing here may block.
-        if self.closed or self.waiter is not None:
-            return
-        if _monotonic() - self.last_poll > self.lp.window * 1.5:
-            try:
+        # Hub callback: nothing here may block or raise.
+        try:
+            if self.closed or self.waiter is not None:
+                return
+            if self.qbytes > flow.connection_limit and self._overflowed():
+                return  # the drain policy on a timer, not only on the next write
+            if _monotonic() - self.last_poll > self.lp.window * 1.5:
                 self.end(INACTIVE)
-            except Exception:  # pragma: no cover - never let the hub die
-                log.exception("phx_gevent: ending an inactive long-poll session failed")
+        except Exception:
+            supervise.failed("long-poll session timer")
 
     def end(self, reason: Any = None) -> None:
         """End the session: a held poll answers 410 now, then ``conn.terminate(reason)`` runs. Idempotent.
@@ -384,8 +467,10 @@ class LongPollSession:
             return
         self.closed = True
         self.lp.sessions.pop(self.sid, None)
+        self.lp._unpolled.pop(self.sid, None)
         self.buffer = []
-        n, self.qbytes = self.qbytes, 0
+        n, self.qbytes = self.qbytes - self.excess, 0
+        self.excess = 0
         flow.release(n)
         if self.timer is not None:
             self.timer.stop()
@@ -432,6 +517,19 @@ class LongPoll:
     ``max_lines``
         Messages processed per POST (default 100, as phoenix.js sends at most
         100); extra lines are dropped, as Phoenix does.
+    ``address_rate``, ``address_burst``
+        Sessions one client address may create per second on average
+        (default 100) and at once (default 1000); beyond, HTTP 429 (the
+        client retries with backoff). ``address_rate=None`` turns it off.
+        Every client of a reverse proxy shares its address unless the
+        endpoint's ``trusted_proxies`` names it. At ``max_sessions``, the
+        oldest session that never polled is ended to make room (a client
+        polls right after creating its session; one that did not is
+        abandoned), and only when every session has polled is the answer 503.
+    ``max_message_rate``, ``message_burst``
+        Inbound messages per second one session may send on average (default
+        1000) and at once (default 2000); a faster POST waits (throttled,
+        nothing dropped). ``None`` turns it off.
     ``check_origin``, ``connect_info``, ``auth_token``
         Override the mount's settings for this transport.
     """
@@ -448,6 +546,10 @@ class LongPoll:
             value = opts[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"longpoll {key} must be a positive number, got {value!r}")
+        for key in _RATES:
+            value = opts[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"longpoll {key} must be a positive number or None, got {value!r}")
         max_age = opts["max_age"]
         if max_age is not None and (isinstance(max_age, bool) or not isinstance(max_age, (int, float)) or max_age <= 0):
             raise ValueError(f"longpoll max_age must be a positive number of seconds or None, got {max_age!r}")
@@ -461,6 +563,14 @@ class LongPoll:
         self.max_buffer_bytes = int(opts["max_buffer_bytes"])
         self.max_body_bytes = int(opts["max_body_bytes"])
         self.max_lines = int(opts["max_lines"])
+        self.address_rate = opts["address_rate"]
+        self.address_burst = float(opts["address_burst"])
+        self.max_message_rate = opts["max_message_rate"]
+        self.message_burst = float(opts["message_burst"])
+        # address -> [tokens, last refill]: the session creation rate limit.
+        self._buckets: dict[str, list[float]] = {}
+        # Sessions that never polled, oldest first: the first to go at max_sessions.
+        self._unpolled: dict[str, None] = {}
         self.check_origin = mount.check_origin
         if opts["check_origin"] is not None:
             self.check_origin = type(mount.endpoint)._compile_origin(opts["check_origin"])
@@ -516,7 +626,7 @@ class LongPoll:
         if owner is not None:
             status, messages = self._poll(*owner)
             if status in (200, 204):
-                return _json({"status": status, "token": token, "messages": messages})
+                return _poll_json(status, token, messages)
             if status == GONE:
                 # The session ended while this poll was held: tell the client now.
                 return _json({"status": GONE, "token": None, "messages": []})
@@ -529,8 +639,15 @@ class LongPoll:
     def _new_session(self, params: dict[str, Any]) -> Response:
         mount = self.mount
         environ = request.environ
-        if len(self.sessions) + self._creating >= self.max_sessions:
-            log.warning("phx_gevent: refusing a long-poll session: max_sessions (%d) reached", self.max_sessions)
+        if not self._address_allowed(environ.get("REMOTE_ADDR") or ""):
+            return _plain(429, "too many long-poll sessions from this address")
+        if len(self.sessions) + self._creating >= self.max_sessions and not self._evict_unpolled():
+            _log_refused.log(
+                log,
+                logging.WARNING,
+                "phx_gevent: refusing a long-poll session: max_sessions (%d) reached",
+                self.max_sessions,
+            )
             return _plain(503, "too many long-poll sessions")
         serializer = negotiate(params.get("vsn"))
         if serializer is None:
@@ -544,12 +661,13 @@ class LongPoll:
         info = mount.build_connect_info(environ, params, self.connect_info, extra)
         socket = mount.new_socket("longpoll", serializer)
         self._creating += 1
+        started = time.perf_counter()
         try:
             result = mount.handler.connect(params, socket, info)
         finally:
             self._creating -= 1
         if result is None or result is False:
-            mount.log_refused("longpoll", params, result)
+            mount.log_refused("longpoll", params, result, started, socket)
             return _json({"status": 403})
         if not isinstance(result, SocketState):
             raise CallbackReturnError(
@@ -567,11 +685,51 @@ class LongPoll:
         conn = Connection(mount, socket, serializer, session)
         session.conn = conn
         self.sessions[session_id] = session
+        self._unpolled[session_id] = None
         conn.start()
         session.start()
-        mount.log("connected", "longpoll", params)
+        mount.log("connected", "longpoll", params, started, socket)
         token = self._sign(self.mount.endpoint.node_name, session_id)
         return _json({"status": GONE, "token": token, "messages": []})
+
+    def _address_allowed(self, address: str) -> bool:
+        rate = self.address_rate
+        if rate is None:
+            return True
+        now = _monotonic()
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= _MAX_BUCKETS:
+                # Forget the addresses whose bucket has refilled: they are as good as new.
+                burst = self.address_burst
+                for key in [k for k, (t, at) in self._buckets.items() if t + (now - at) * rate >= burst]:
+                    del self._buckets[key]
+                if len(self._buckets) >= _MAX_BUCKETS:
+                    # Too many distinct addresses at once: memory first, start over.
+                    self._buckets.clear()
+            bucket = self._buckets[address] = [self.address_burst, now]
+        tokens = min(self.address_burst, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            _log_refused.log(
+                log, logging.WARNING, "phx_gevent: refused long-poll sessions: an address creates them too fast"
+            )
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _evict_unpolled(self) -> bool:
+        """End the oldest session that never polled; False when there is none."""
+        while self._unpolled:
+            sid = next(iter(self._unpolled))
+            del self._unpolled[sid]
+            session = self.sessions.get(sid)
+            if session is not None and not session.closed:
+                log.info("phx_gevent: max_sessions reached: ended a long-poll session that never polled")
+                session.end()
+                return True
+        return False
 
     def _poll(self, node: str, sid: str) -> tuple[int, list[str]]:
         if node == self.mount.endpoint.node_name:
@@ -593,16 +751,32 @@ class LongPoll:
     def _post(self, owner: tuple[str, str] | None) -> Response:
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
-            return _plain(413, "long-poll body too large")
-        body = self._read_body()
+            # Answered on the headers; the body is never read: the connection closes.
+            return phx_http.close_after(_plain(413, "long-poll body too large"))
+        if owner is None:
+            # The token is checked before a byte of the body is read (nobody
+            # unauthenticated makes the server hold an upload).
+            return phx_http.close_after(_json({"status": GONE}))
+        reserved = length if length is not None else 0
+        if reserved and not flow.reserve_input(reserved):
+            log.warning("phx_gevent: refused a long-poll POST: max_incomplete_input_bytes reached")
+            return phx_http.close_after(_plain(503, "server busy"))
+        try:
+            body = self._read_body(reserved)
+        except gevent.Timeout:
+            log.info("phx_gevent: a long-poll POST body took over %.1fs to arrive", flow.input_timeout)
+            return phx_http.close_after(_plain(408, "long-poll body too slow"))
+        except _Busy:
+            return phx_http.close_after(_plain(503, "server busy"))
+        finally:
+            if reserved:
+                flow.release_input(reserved)
         if body is None:
-            return _plain(413, "long-poll body too large")
+            return phx_http.close_after(_plain(413, "long-poll body too large"))
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
             return _plain(400, "long-poll body is not UTF-8")
-        if owner is None:
-            return _json({"status": GONE})
         ndjson = request.mimetype == "application/x-ndjson"
         if ndjson:
             # Split at most max_lines times: the remainder (dropped, as Phoenix does) is never split.
@@ -629,19 +803,35 @@ class LongPoll:
             return _plain(400, "undecodable long-poll message")
         return _json({"status": status})
 
-    def _read_body(self) -> bytes | None:
-        # Read in bounded chunks (chunked uploads have no Content-Length); None past the limit.
+    def _read_body(self, reserved: int) -> bytes | None:
+        """The body, read in bounded chunks within ``input_timeout``; None past ``max_body_bytes``.
+
+        A body without Content-Length (chunked) reserves its memory in the
+        process-wide budget as it arrives (``reserved`` is what the caller
+        reserved up front). Raises ``gevent.Timeout`` when it is too slow and
+        :class:`_Busy` when the budget is spent.
+        """
         stream = request.stream
         chunks = []
         size = 0
-        while True:
-            chunk = stream.read(65536)
-            if not chunk:
-                return b"".join(chunks)
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
+        extra = 0
+        try:
+            with gevent.Timeout(flow.input_timeout):
+                while True:
+                    chunk = stream.read(65536)
+                    if not chunk:
+                        return b"".join(chunks)
+                    size += len(chunk)
+                    if size > self.max_body_bytes:
+                        return None
+                    if size > reserved + extra:
+                        if not flow.reserve_input(len(chunk)):
+                            raise _Busy
+                        extra += len(chunk)
+                    chunks.append(chunk)
+        finally:
+            if extra:
+                flow.release_input(extra)
 
     # -- tokens -----------------------------------------------------------------------------
 
@@ -744,7 +934,7 @@ class LongPoll:
         try:
             if payload["op"] == "poll":
                 status, messages = session.poll(self.window, on_wait=ack)
-                self._answer(sender, {"op": "res", "cid": cid, "status": status, "messages": messages})
+                self._answer(sender, {"op": "res", "cid": cid, "status": status, "messages": _encodable(messages)})
                 return
             lines = payload.get("lines")
             if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from flask import Response, request
 
-from .. import memory
+from .. import memory, supervise
 from ..connection import Connection
 from ..errors import CallbackReturnError, ConnectionOverloaded
+from ..flow import flow
 from ..serializers import DecodeError, FastlaneEncoder, Serializer, negotiate
 from ..socket import SocketState
 from . import frames
@@ -60,6 +61,9 @@ _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _monotonic = time.monotonic
 _unpack_short = struct.Struct("!H").unpack_from
 _unpack_long = struct.Struct("!Q").unpack_from
+
+#: Messages (frames) of this size or more reserve their size in ``flow``'s budget of incomplete inputs.
+RESERVE_MIN = 16 * 1024
 
 #: The environ key our WSGI handler sets; the view leaves the upgrade callable under it.
 ENVIRON_HANDLER = "phx_gevent.handler"
@@ -93,9 +97,25 @@ class WebSocketOptions:
         takeover either way, so no zlib state per connection and broadcast
         frames stay shared). Costs CPU per large message; default ``False``
         as in Phoenix. ``max_frame_size`` applies to the inflated size too.
+    ``max_message_rate``, ``message_burst``
+        Inbound messages per second one connection may send on average
+        (default 1000), and how many it may send at once (default 2000). A
+        faster client is throttled: its next message is read only when the
+        rate allows (TCP pushes back on it), nothing is dropped. ``None``
+        turns the limit off.
     """
 
-    __slots__ = ("timeout", "max_frame_size", "fullsweep_after", "subprotocols", "close_timeout", "path", "compress")
+    __slots__ = (
+        "timeout",
+        "max_frame_size",
+        "fullsweep_after",
+        "subprotocols",
+        "close_timeout",
+        "path",
+        "compress",
+        "max_message_rate",
+        "message_burst",
+    )
 
     def __init__(
         self,
@@ -106,6 +126,8 @@ class WebSocketOptions:
         close_timeout: float = 5.0,
         path: str = "/websocket",
         compress: bool = False,
+        max_message_rate: float | None = 1000.0,
+        message_burst: int = 2000,
     ) -> None:
         if timeout is not None and timeout <= 0:
             raise ValueError("websocket timeout must be positive (seconds)")
@@ -120,6 +142,12 @@ class WebSocketOptions:
         self.close_timeout = close_timeout
         self.path = path
         self.compress = bool(compress)
+        if max_message_rate is not None and (isinstance(max_message_rate, bool) or not max_message_rate > 0):
+            raise ValueError("max_message_rate must be a positive number (messages per second) or None")
+        if isinstance(message_burst, bool) or not isinstance(message_burst, int) or message_burst < 1:
+            raise ValueError("message_burst must be a positive integer")
+        self.max_message_rate = None if max_message_rate is None else float(max_message_rate)
+        self.message_burst = message_burst
 
 
 class WebSocketEncoder(FastlaneEncoder):
@@ -242,9 +270,10 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
     extra = {"auth_token": token} if mount.auth_token else None
     info = mount.build_connect_info(environ, params, mount.connect_info, extra)
     socket = mount.new_socket("websocket", serializer)
+    started = time.perf_counter()
     result = mount.handler.connect(params, socket, info)
     if result is None or result is False:
-        mount.log_refused("websocket", params, result)
+        mount.log_refused("websocket", params, result, started, socket)
         return _empty(403)
     if not isinstance(result, SocketState):
         raise CallbackReturnError(
@@ -256,7 +285,7 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
         log.error("phx_gevent: %s.id must return a str or None, got %r", type(mount.handler).__name__, sid)
         return _empty(403)
     socket.id = sid
-    mount.log("connected", "websocket", params)
+    mount.log("connected", "websocket", params, started, socket)
     accept = base64.b64encode(hashlib.sha1((key + _GUID).encode("latin-1")).digest()).decode("ascii")
     headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
     if chosen is not None:
@@ -309,13 +338,20 @@ class _EOF(Exception):
 
 
 class _IdleSweeper:
-    """Closes (1001) the WebSocket connections of this process that received nothing for their ``timeout``.
+    """The timer of this process's WebSocket connections: idle timeout and drain timeout.
 
-    One repeating timer checks every connection's last read, instead of a
-    timeout on each blocking ``recv()`` (which costs a gevent ``Timeout``
-    per read: ~7% of the server's time in the push/reply benchmark). The
-    timer runs only while there are connections, every quarter of the
-    shortest timeout (at most every second).
+    Closes (1001) the connections that received nothing for their
+    ``timeout``, and drops (1008, or a reset) those whose writer drained
+    nothing for ``slow_client_timeout`` while over its soft cap, or while the
+    process is over its high-water mark (:meth:`Writer.stalled`): a client
+    that never reads is dropped even when nothing more is written to it and
+    whatever it sends (unsolicited PONGs included).
+
+    One repeating timer checks every connection, instead of a timeout on each
+    blocking ``recv()`` (which costs a gevent ``Timeout`` per read: ~7% of
+    the server's time in the push/reply benchmark). The timer runs only
+    while there are connections, every quarter of the shortest timeout (at
+    most every second).
     """
 
     _instance: _IdleSweeper | None = None
@@ -336,7 +372,10 @@ class _IdleSweeper:
 
     def add(self, transport: WebSocketTransport) -> None:
         self.transports.add(transport)
-        period = min(1.0, transport.opts.timeout / 4)
+        period = min(1.0, flow.slow_timeout / 4)
+        if transport.opts.timeout is not None:
+            period = min(period, transport.opts.timeout / 4)
+        period = max(period, 0.01)
         if self.timer is None or period < self.period:
             self.period = period
             self._restart()
@@ -357,14 +396,35 @@ class _IdleSweeper:
         self.timer.start(self._sweep)
 
     def _sweep(self) -> None:
-        # A hub callback: it only queues close frames, never blocks.
-        now = _monotonic()
-        for transport in [t for t in self.transports if now - t.last_recv > t.opts.timeout]:
-            self.transports.discard(transport)
-            try:
+        # A hub callback: it only queues close frames, never blocks, never raises.
+        try:
+            now = _monotonic()
+            idle = []
+            stalled = []
+            slow = []
+            for t in self.transports:
+                if t.writer.stalled(now):
+                    stalled.append(t)
+                elif t.input_deadline and now > t.input_deadline:
+                    slow.append(t)
+                elif t.opts.timeout is not None and now - t.last_recv > t.opts.timeout:
+                    idle.append(t)
+            for transport in stalled:
+                log.warning(
+                    "phx_gevent: dropping a connection that drained nothing for %.1fs with %d bytes queued",
+                    flow.slow_timeout,
+                    transport.writer.qbytes,
+                )
+                transport.writer.abort(frames.CLOSE_POLICY, "slow client")
+            for transport in slow:
+                log.info("phx_gevent: dropping a WebSocket whose message took over %.1fs to arrive", flow.input_timeout)
+                # The reader is blocked in recv(): shutting the socket down wakes it (EOF).
+                transport.writer.abort(frames.CLOSE_POLICY, "message too slow")
+            for transport in idle:
+                self.transports.discard(transport)
                 transport.close(frames.CLOSE_GOING_AWAY, "idle timeout")
-            except Exception:  # pragma: no cover - never let the hub die
-                log.exception("phx_gevent: closing an idle connection failed")
+        except Exception:
+            supervise.failed("websocket sweeper")
 
 
 class WebSocketTransport:
@@ -384,6 +444,11 @@ class WebSocketTransport:
         "peer_closed",
         "last_recv",
         "deflate",
+        "input_deadline",
+        "reserved",
+        "tokens",
+        "refilled",
+        "throttled",
     )
 
     def __init__(
@@ -402,6 +467,15 @@ class WebSocketTransport:
         self.peer_closed = False
         #: When data last arrived (``time.monotonic()``), for the idle timeout.
         self.last_recv = _monotonic()
+        #: When the message that is arriving must be complete (``input_timeout``); 0: none started.
+        self.input_deadline = 0.0
+        #: Bytes this connection reserved in the process-wide budget of incomplete inputs.
+        self.reserved = 0
+        # The inbound rate limit: a token bucket (``max_message_rate``, ``message_burst``).
+        self.tokens = float(opts.message_burst)
+        self.refilled = self.last_recv
+        #: How many messages had to wait for the rate limit.
+        self.throttled = 0
 
     # -- transport interface for Connection ---------------------------------------------
 
@@ -442,9 +516,8 @@ class WebSocketTransport:
         # No timeout on each read (it would cost a gevent Timeout per recv):
         # the process-wide idle sweeper closes connections that went quiet.
         self.sock.settimeout(None)
-        sweeper = _IdleSweeper.get() if self.opts.timeout is not None else None
-        if sweeper is not None:
-            sweeper.add(self)
+        sweeper = _IdleSweeper.get()
+        sweeper.add(self)
         try:
             self._loop()
         except _EOF:
@@ -458,10 +531,12 @@ class WebSocketTransport:
         except OSError:
             pass  # reset by peer, or shut down by our own writer
         except Exception:
-            log.exception("phx_gevent: WebSocket connection failed")
+            if self.conn is not None:
+                self.conn.log_error("phx_gevent: WebSocket connection failed")
+            else:  # pragma: no cover - the connection exists before the reader runs
+                log.exception("phx_gevent: WebSocket connection failed")
             code, reason = frames.CLOSE_INTERNAL_ERROR, "internal error"
-        if sweeper is not None:
-            sweeper.discard(self)
+        sweeper.discard(self)
         if code is not None and self.writer.state == WRITER_OPEN:
             self.close(code, reason)
 
@@ -505,6 +580,14 @@ class WebSocketTransport:
                 raise ProtocolError(frames.CLOSE_TOO_BIG, "message too big")
             end = start + 4 + length
             if len(buf) < end:
+                # A message still arriving: bounded in time (the sweeper checks the
+                # deadline) and, when large, in the process's memory budget.
+                if not self.input_deadline:
+                    self.input_deadline = _monotonic() + flow.input_timeout
+                if length >= RESERVE_MIN and op < 8:
+                    if not flow.reserve_input(length):
+                        raise ProtocolError(frames.CLOSE_TRY_AGAIN_LATER, "too many large messages arriving")
+                    self.reserved += length
                 self._fill(end)
             payload = unmask(buf[start + 4 : end], bytes(buf[start : start + 4]))
             del buf[:end]
@@ -514,6 +597,8 @@ class WebSocketTransport:
                     raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
                 if not fin:
                     frag_op, fragments, frag_size, frag_compressed = op, [payload], length, bool(rsv)
+                    if not self.input_deadline:
+                        self.input_deadline = _monotonic() + flow.input_timeout
                     continue
                 if rsv:
                     payload = frames.inflate(payload, max_size)
@@ -541,10 +626,24 @@ class WebSocketTransport:
                 return
             else:
                 raise ProtocolError(frames.CLOSE_PROTOCOL_ERROR, f"unknown opcode {op}")
+            if self.input_deadline and not frag_op:
+                # A whole message is in (reservations are made only while a deadline is set).
+                self.input_deadline = 0.0
+                if self.reserved:
+                    flow.release_input(self.reserved)
+                    self.reserved = 0
 
     def _message(self, op: int, payload: bytes) -> None:
-        if self.writer.state != WRITER_OPEN:
+        writer = self.writer
+        if writer.state != WRITER_OPEN:
             return  # closing: the client's late messages are not processed
+        if writer.qbytes > flow.connection_limit:
+            self._wait_drained()
+        rate = self.opts.max_message_rate
+        if rate is not None:
+            self.tokens -= 1.0
+            if self.tokens < 0.0:
+                self._throttle(rate)
         if op == OP_TEXT:
             try:
                 data: str | bytes = payload.decode("utf-8")
@@ -566,8 +665,32 @@ class WebSocketTransport:
                 self.handled = 0
                 memory.collect()
 
+    def _throttle(self, rate: float) -> None:
+        # Refill the bucket for the time that passed; wait for what is missing.
+        now = _monotonic()
+        self.tokens = min(float(self.opts.message_burst), self.tokens + (now - self.refilled) * rate)
+        self.refilled = now
+        if self.tokens < 0.0:
+            self.throttled += 1
+            gevent.sleep(-self.tokens / rate)
+            self.tokens = 0.0
+            self.refilled = _monotonic()
+
+    def _wait_drained(self) -> None:
+        # Replies obey the limits broadcasts do: while this connection's own
+        # output is above its soft cap, its messages are not read (TCP pushes
+        # back on the client), so a client cannot queue replies faster than it
+        # reads them. The drain timer drops it if it never reads.
+        writer = self.writer
+        while writer.qbytes > flow.connection_limit and writer.state == WRITER_OPEN:
+            gevent.sleep(0.02)
+
     def finish(self) -> None:
         """After the reader ends: let our close frame out (bounded), then release everything."""
+        if self.reserved:
+            flow.release_input(self.reserved)
+            self.reserved = 0
+        self.input_deadline = 0.0
         writer = self.writer
         if writer.state == WRITER_OPEN:
             # The peer vanished without a close frame: nobody is left to read one.

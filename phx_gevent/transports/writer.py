@@ -26,6 +26,7 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
+from .. import supervise, telemetry
 from ..flow import flow
 from . import frames
 
@@ -74,6 +75,18 @@ class Flusher:
             self.loop.run_callback(self._run)
 
     def _run(self) -> None:
+        # A hub callback: if it raised, ``armed`` would stay set and no writer
+        # would ever be flushed again. Whatever happens, the next chunk runs.
+        try:
+            self._chunk()
+        except Exception:
+            supervise.failed("writer flusher")
+            if self.dirty:
+                self._timer.start(self._run)
+            else:
+                self.armed = False
+
+    def _chunk(self) -> None:
         dirty = self.dirty
         if len(dirty) <= CHUNK:
             batch = dirty
@@ -102,7 +115,8 @@ class Flusher:
                 sent = writer.raw.send(data)
             except BlockingIOError:
                 sent = 0
-            except OSError:
+            except Exception:
+                # OSError: the peer is gone; anything else is a bug, and only this connection pays.
                 writer.abort()
                 continue
             n = len(data)
@@ -112,6 +126,10 @@ class Flusher:
                 writer.sent_bytes += n
                 writer.last_drain = now
                 done += n
+                if writer.excess:
+                    # Bytes above the soft cap were never counted in the process total.
+                    done -= writer.excess
+                    writer.excess = 0
             else:
                 writer.sent_partly(data, sent)
         if done:
@@ -148,6 +166,14 @@ def configure_socket(sock: Any) -> None:
             pass
 
 
+def _dropped(sender: Any, reason: str, queued: int, transport: str = "websocket") -> None:
+    """Emit ``phx_gevent.slow_client_drop`` (when observed) for a connection dropped by the overload policy."""
+    if telemetry.slow_client_drop.receivers:
+        telemetry.emit(
+            telemetry.slow_client_drop, sender, {"queued_bytes": queued}, {"reason": reason, "transport": transport}
+        )
+
+
 class Writer:
     """The sending side of one connection: a queue, one ``send()`` per flush.
 
@@ -165,6 +191,7 @@ class Writer:
         "state",
         "encoder",
         "last_drain",
+        "excess",
         "on_abort",
         "flusher",
         "sent_bytes",
@@ -186,6 +213,9 @@ class Writer:
         #: Fastlane key: broadcasts are encoded once per distinct encoder.
         self.encoder = encoder
         self.last_drain = _monotonic()
+        #: Queued bytes above ``flow.connection_limit``: not counted in ``flow.queued``, so a
+        #: connection holds at most its soft cap of the process-wide budget.
+        self.excess = 0
         self.on_abort = on_abort
         self.flusher = get_flusher()
         self.sent_bytes = 0
@@ -214,7 +244,7 @@ class Writer:
             self.qbytes += n
             flow.queued += n
             if self.qbytes > flow.connection_limit:
-                self._check_slow()
+                self._over_limit()
             if not self.scheduled and not self.state:
                 self.scheduled = True
                 self.flusher.schedule(self)
@@ -245,7 +275,7 @@ class Writer:
         self.qbytes += n
         flow.queued += n
         if self.qbytes > flow.connection_limit:
-            self._check_slow()
+            self._over_limit()
             if self.state:
                 return
         self.scheduled = True
@@ -273,11 +303,22 @@ class Writer:
         self.qbytes += n
         flow.queued += n
         if self.qbytes > flow.connection_limit:
-            self._check_slow()
+            self._over_limit()
+
+    def _over_limit(self) -> None:
+        # Above the soft cap: the excess leaves the process total (one connection
+        # must not be able to hold the budget of every broadcast hostage), then
+        # the usual checks.
+        over = self.qbytes - flow.connection_limit
+        if over > self.excess:
+            flow.release(over - self.excess)
+            self.excess = over
+        self._check_slow()
 
     def _check_slow(self) -> None:
         if self.qbytes > 4 * flow.connection_limit:
             log.warning("phx_gevent: dropping a connection with %d bytes queued (hard cap)", self.qbytes)
+            _dropped(self, "hard_cap", self.qbytes)
             self.abort(frames.CLOSE_POLICY, "slow client")
         elif _monotonic() - self.last_drain > flow.slow_timeout:
             log.warning(
@@ -285,6 +326,7 @@ class Writer:
                 flow.slow_timeout,
                 self.qbytes,
             )
+            _dropped(self, "stalled", self.qbytes)
             self.abort(frames.CLOSE_POLICY, "slow client")
 
     # -- flushing -------------------------------------------------------------------------
@@ -303,8 +345,7 @@ class Writer:
             return
         queue.clear()
         self.sent_bytes += sent
-        self.qbytes -= sent
-        flow.release(sent)
+        self._account_sent(sent)
         self.last_drain = _monotonic()
         if self.watcher is not None and self.watcher.active:
             self.watcher.stop()
@@ -315,12 +356,34 @@ class Writer:
         """``data`` (all that was queued) went out only up to ``sent``: keep the rest, wait for writability."""
         if sent:
             self.sent_bytes += sent
-            self.qbytes -= sent
-            flow.release(sent)
+            self._account_sent(sent)
             self.last_drain = _monotonic()
             data = memoryview(data)[sent:]
         self.queue[:] = [data]
         self._wait_writable()
+
+    def _account_sent(self, n: int) -> None:
+        """``n`` queued bytes went out: give back what of them was counted in the process total."""
+        self.qbytes -= n
+        excess = self.excess
+        if excess:
+            keep = self.qbytes - flow.connection_limit
+            keep = min(excess, keep) if keep > 0 else 0
+            self.excess = keep
+            n -= excess - keep
+        if n:
+            flow.release(n)
+
+    def stalled(self, now: float) -> bool:
+        """Whether the drain timer should drop this connection now (see :class:`~phx_gevent.flow.FlowControl`).
+
+        True when it has drained nothing for ``slow_client_timeout`` seconds
+        while above its soft cap, or while holding anything at all when the
+        process is above its high-water mark.
+        """
+        if not self.qbytes or self.state == CLOSED or now - self.last_drain <= flow.slow_timeout:
+            return False
+        return self.qbytes > flow.connection_limit or flow.queued > flow.high_water
 
     def _send(self, data: Any) -> int | None:
         """One non-blocking ``send()``: the bytes the kernel took, or None when the socket is dead (aborted)."""
@@ -425,8 +488,10 @@ class Writer:
 
     def _release(self) -> None:
         if self.qbytes:
-            flow.release(self.qbytes)
-            self.qbytes = 0
+            counted = self.qbytes - self.excess
+            self.qbytes = self.excess = 0
+            if counted:
+                flow.release(counted)
         self.queue.clear()
 
     def _stop_watcher(self) -> None:
@@ -481,8 +546,7 @@ class GreenletWriter(Writer):
                     return
                 n = len(data)
                 self.sent_bytes += n
-                self.qbytes -= n
-                flow.release(n)
+                self._account_sent(n)
                 self.last_drain = _monotonic()
             if self.state == CLOSING and not self.queue:
                 self.state = CLOSED
