@@ -139,6 +139,11 @@ def test_metrics_add_up_every_worker_under_gunicorn(gunicorn, redis_server, js, 
     assert status == 204
     for c in clients:
         c.wait("new_msg", 0)
+    # A worker counts its deliveries just after writing them: a client can read
+    # the frame a moment before its worker's counter moves, so wait for the sum.
+    wait_until(
+        lambda: value(scrape(url), "phx_deliveries_total") - before == n, 10, "the deliveries counted on both workers"
+    )
     # Each worker counted the deliveries to its own clients; a scrape on either adds them up.
     served: set[int] = set()
     deadline = time.monotonic() + 20
