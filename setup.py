@@ -28,6 +28,7 @@ setup(
         # gunicorn's gevent worker (our worker's base) needs gunicorn's own
         # "gevent" extra (it imports `packaging`).
         "gunicorn": ["gunicorn[gevent]>=23.0"],
+        "client": ["websocket-client>=1.6"],
         "metrics": ["prometheus_client>=0.17"],
     },
     classifiers=[

@@ -30,8 +30,18 @@ from .channel import (
     stop,
 )
 from .channel_server import Broadcast
+from .emitter import Emitter
 from .endpoint import Endpoint
-from .errors import BroadcastTimeout, CallbackReturnError, ChannelError, NotMonkeyPatchedError, PhxError
+from .errors import (
+    BroadcastTimeout,
+    CallbackReturnError,
+    ChannelError,
+    EmitterError,
+    EmitterUnavailable,
+    NotMonkeyPatchedError,
+    PayloadError,
+    PhxError,
+)
 from .presence import Presence
 from .server import make_server, serve
 from .socket import Socket, SocketState, channel
@@ -49,11 +59,15 @@ __all__ = [
     "DISCONNECTED",
     "DRAINING",
     "DUPLICATE_JOIN",
+    "Emitter",
+    "EmitterError",
+    "EmitterUnavailable",
     "Endpoint",
     "INACTIVE",
     "LEFT",
     "NORMAL",
     "NotMonkeyPatchedError",
+    "PayloadError",
     "PhxError",
     "Presence",
     "Reply",

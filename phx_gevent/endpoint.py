@@ -607,6 +607,30 @@ class Endpoint:
 
     # -- operations ---------------------------------------------------------------------
 
+    def close(self, timeout: float | None = None) -> int:
+        """Send what this process still has queued for the other nodes, then stop the PubSub adapter.
+
+        For a process that ends: a script, a test, a worker shutting down.
+        ``endpoint.broadcast`` delivers locally at once but only *queues* for
+        the Redis adapter; this waits (at most ``timeout`` seconds, default
+        the adapter's ``close_timeout``, 5 s; less when Redis is found
+        unreachable) until Redis acknowledged the queue. Presences of this
+        endpoint tell the other nodes they are gone first. Returns how many
+        envelopes had to be dropped (also logged as a warning). A Redis
+        adapter still running does the same by itself at interpreter exit.
+        Open connections are not closed (the gunicorn worker drains them).
+        The endpoint restarts its adapter if it is used again.
+        """
+        from .presence import trackers
+
+        for presence in list(trackers):
+            if presence.pubsub is self.pubsub:
+                try:
+                    presence.close()
+                except Exception:
+                    log.exception("phx_gevent: closing presence %r failed", presence.name)
+        return self.pubsub.stop(timeout)
+
     def connection_count(self) -> int:
         """Open connections in this process, all mounts together."""
         return sum(len(m.connections) for m in self.mounts)

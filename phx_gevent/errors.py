@@ -9,6 +9,9 @@ __all__ = [
     "CallbackReturnError",
     "ConnectionOverloaded",
     "NotMonkeyPatchedError",
+    "EmitterError",
+    "EmitterUnavailable",
+    "PayloadError",
 ]
 
 
@@ -48,3 +51,24 @@ class NotMonkeyPatchedError(PhxError, RuntimeError):
     patching, its greenlets would wait for Redis on blocking sockets and
     stall the whole process. The message names the fix.
     """
+
+
+class EmitterError(PhxError):
+    """An :class:`~phx_gevent.Emitter` could not hand a message to Redis; nothing is pending.
+
+    The base of :class:`EmitterUnavailable` (Redis unreachable or silent) and
+    :class:`PayloadError` (the message cannot be encoded). Raised as itself
+    when Redis refused the command (authentication, ACL) or the emitter is closed.
+    """
+
+
+class EmitterUnavailable(EmitterError, ConnectionError):
+    """Redis did not accept the message within the emitter's ``timeout`` (down, unreachable, too slow).
+
+    The message may still have reached Redis when the last attempt timed out
+    while waiting for the answer; it was not retried after the deadline.
+    """
+
+
+class PayloadError(EmitterError, TypeError):
+    """The topic, event or payload cannot be carried (not a dict or bytes, not JSON, NaN); nothing was sent."""

@@ -229,6 +229,6 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
                 self.log.exception("phx_gevent: closing presence %r failed", presence.name)
         for endpoint in list(endpoints):
             try:
-                endpoint.pubsub.stop()
+                endpoint.pubsub.stop(1.0)
             except Exception:
                 self.log.exception("phx_gevent: stopping the PubSub of endpoint %r failed", endpoint.name)

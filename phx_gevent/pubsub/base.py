@@ -77,8 +77,11 @@ class Adapter:
         """
         return False
 
-    def stop(self) -> None:
-        """Stop receiving and release connections."""
+    def stop(self, timeout: float | None = None) -> int:
+        """Forward what is still queued (for at most ``timeout`` seconds), stop receiving, release connections.
+
+        Returns how many envelopes could not be forwarded (dropped).
+        """
         raise NotImplementedError
 
     def stats(self) -> dict[str, Any]:

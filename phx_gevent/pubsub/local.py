@@ -284,14 +284,20 @@ class PubSub:
             # The adapter renames itself in a forked child (gunicorn --preload): follow it.
             self.node_name = self.adapter.node_name
 
-    def stop(self) -> None:
-        """Stop the adapter."""
+    def stop(self, timeout: float | None = None) -> int:
+        """Stop the adapter, letting it forward what it queued (bounded); returns how many it dropped.
+
+        ``timeout``: seconds for the adapter to send what it holds (default:
+        the adapter's own).
+        """
+        dropped = 0
         if self._rules_publisher is not None:
             self._rules_publisher.kill(block=False)
             self._rules_publisher = None
         if self._started and self.adapter is not None:
-            self.adapter.stop()
+            dropped = int(self.adapter.stop(timeout) or 0)
         self._started = False
+        return dropped
 
     # -- subscriptions ------------------------------------------------------------------
 

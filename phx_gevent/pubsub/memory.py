@@ -71,14 +71,15 @@ class MemoryAdapter(Adapter):
             if adapter is not self:
                 adapter._inbox.put(message)
 
-    def stop(self) -> None:
-        """Leave the bus; what was not delivered yet is discarded. Idempotent."""
+    def stop(self, timeout: float | None = None) -> int:
+        """Leave the bus (publishing is synchronous: nothing is pending, 0 dropped). Idempotent."""
         if self in self.bus.adapters:
             self.bus.adapters.remove(self)
         if self._worker is not None:
             self._worker.kill(block=False)
             self._worker = None
         self._inbox = Queue()
+        return 0
 
     def _run(self) -> None:
         for message in self._inbox:

@@ -37,6 +37,13 @@ pub/sub keeps nothing. An envelope whose PUBLISH was written but not
 acknowledged when the connection broke is sent again: rarely (Redis had
 processed it), subscribers see it twice.
 
+A process that ends does not lose what is queued in silence:
+:meth:`RedisAdapter.stop` (``Endpoint.close()``, the gunicorn worker at
+shutdown, and interpreter exit for an adapter still running) sends it first,
+for at most ``close_timeout`` seconds, and logs how many it had to drop.
+Processes that do not serve use :class:`phx_gevent.Emitter` instead, whose
+calls return only once Redis accepted the message.
+
 The adapter needs gevent's monkey-patching (the app's first line, or the
 gunicorn worker); the library never patches. Protect Redis itself (network,
 password, ACL): a client that can publish on the prefix's channels can make
@@ -46,6 +53,7 @@ JSON, see :mod:`phx_gevent.pubsub.codec`).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import os
@@ -148,6 +156,30 @@ class _Throttle:
         return n
 
 
+#: Adapters started in this process (flushed at interpreter exit).
+_started: weakref.WeakSet[RedisAdapter] = weakref.WeakSet()
+_exit_hook = False
+
+
+def _register_exit_flush(adapter: RedisAdapter) -> None:
+    global _exit_hook
+    _started.add(adapter)
+    if not _exit_hook:
+        _exit_hook = True
+        atexit.register(_flush_at_exit)
+
+
+def _flush_at_exit() -> None:
+    # A script that broadcast and exits: what is queued goes to Redis before the
+    # interpreter ends (bounded by each adapter's close_timeout), or is logged as dropped.
+    for adapter in list(_started):
+        if adapter._running and adapter._owner_pid == os.getpid():
+            try:
+                adapter.stop()
+            except Exception:
+                log.exception("phx_gevent: flushing %r at exit failed", adapter)
+
+
 def _after_fork(ref: weakref.ref[RedisAdapter]) -> None:
     adapter = ref()
     if adapter is not None:
@@ -192,6 +224,9 @@ class RedisAdapter(Adapter):
         ``(first, max)`` reconnection delays in seconds.
     ``batch_size``
         Envelopes per pipelined batch.
+    ``close_timeout``
+        Seconds :meth:`stop` (``Endpoint.close()``, and interpreter exit)
+        keeps sending what is queued before it drops the rest.
     Other keyword arguments go to redis-py's connection (``password``,
     ``ssl_ca_certs``, ...). The RESP2 protocol is always used.
     """
@@ -219,6 +254,7 @@ class RedisAdapter(Adapter):
         health_check_interval: float = 5.0,
         backoff: tuple[float, float] = (0.1, 2.0),
         batch_size: int = 256,
+        close_timeout: float = 5.0,
         **redis_kwargs: Any,
     ) -> None:
         if redis is None:  # pragma: no cover
@@ -255,6 +291,7 @@ class RedisAdapter(Adapter):
         self.health_check_interval = float(health_check_interval)
         self.backoff = (float(backoff[0]), float(backoff[1]))
         self.batch_size = int(batch_size)
+        self.close_timeout = float(close_timeout)
         #: Called with the plain message of a history broadcast that could not be
         #: appended (Redis down, refused, dropped): the local layer delivers it
         #: without an offset. Set by the PubSub.
@@ -390,6 +427,7 @@ class RedisAdapter(Adapter):
         self._stop = Event()
         self._pub_conn = self._connection("pub")
         self._sub_conn = self._connection("sub")
+        _register_exit_flush(self)
         # Supervised: a greenlet that dies anyway (a bug) is restarted and
         # counted (``stats()["restarts"]``), never left dead behind a
         # "connected" adapter.
@@ -519,17 +557,28 @@ class RedisAdapter(Adapter):
         sha = conn.read_response()
         self._append_sha = sha if isinstance(sha, bytes) else str(sha).encode()
 
-    def stop(self, timeout: float = 1.0) -> None:
-        """Send what is queued (at most ``timeout`` seconds, while connected), then disconnect."""
+    def stop(self, timeout: float | None = None) -> int:
+        """Send what is queued, for at most ``timeout`` seconds, then disconnect; returns how many were dropped.
+
+        ``timeout`` defaults to ``close_timeout``. It stops waiting early
+        once the publisher found Redis unreachable (no point waiting for a
+        reconnection at exit). What is still queued then is dropped, counted
+        (``publish_dropped``) and logged as a warning. Called by
+        ``Endpoint.close()``, by the gunicorn worker at shutdown, and at
+        interpreter exit for an adapter still running.
+        """
         if not self._running:
-            return
+            return 0
+        if timeout is None:
+            timeout = self.close_timeout
         deadline = _monotonic() + timeout
         current = gevent.getcurrent()
-        while (self._outbox or self._inflight) and self._pub_down_since is None and _monotonic() < deadline:
-            if current in self._greenlets:
-                break
-            self._space.clear()
-            self._space.wait(max(0.0, min(0.1, deadline - _monotonic())))
+        if current not in self._greenlets:
+            while (self._outbox or self._inflight) and self._pub_down_since is None and _monotonic() < deadline:
+                # Waiting on a gevent event lets the publisher run, even in a process that never
+                # yields otherwise (a script at exit).
+                self._space.clear()
+                self._space.wait(max(0.0, min(0.1, deadline - _monotonic())))
         self._running = False
         self._gen += 1
         self._stop.set()
@@ -545,12 +594,20 @@ class RedisAdapter(Adapter):
         lost = len(self._outbox) + len(self._inflight)
         if lost:
             self._counters["publish_dropped"] += lost
-            log.warning("phx_gevent: Redis adapter stopped with %d envelopes not forwarded", lost)
+            log.warning(
+                "phx_gevent: Redis adapter stopped with %d envelope(s) not forwarded to other nodes "
+                "(Redis %s %s within %.1fs)",
+                lost,
+                self._where,
+                "unreachable" if self._pub_down_since is not None else "too slow",
+                timeout,
+            )
         self._outbox.clear()
         self._inflight.clear()
         self._pending_bytes = 0
         self._inbox.clear()
         self._inbox_bytes = 0
+        return lost
 
     def ping(self) -> float | None:
         """Seconds one ``PING`` takes to Redis on a connection of its own; ``None`` when it fails.

@@ -1,0 +1,115 @@
+"""The client's side of Phoenix's V2 wire format (PROTOCOL.md 2.3, 2.4): the mirror of the server serializer.
+
+Text frames are JSON arrays ``[join_ref, ref, topic, event, payload]`` both
+ways. Binary frames: a client sends only kind 0 (push, with a ref); it
+receives kind 0 (push, no ref), 1 (reply) and 2 (broadcast). Pure functions,
+no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ujson
+
+from ..serializers import DecodeError, EncodeError, Message, dumps
+
+__all__ = ["DecodeError", "EncodeError", "Message", "decode", "encode", "REPLY"]
+
+REPLY = "phx_reply"
+_BINARY = (bytes, bytearray, memoryview)
+
+
+def _field(value: Any, name: str) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise EncodeError(f"{name} must be a string to go in a binary frame, got {type(value).__name__}")
+    data = value.encode("utf-8")
+    if len(data) > 255:
+        raise EncodeError(f"{name} is {len(data)} bytes; binary frames allow at most 255")
+    return data
+
+
+def encode(join_ref: Any, ref: Any, topic: str, event: str, payload: Any) -> str | bytes:
+    """One client frame: a JSON text frame, or a binary kind-0 push when ``payload`` is bytes.
+
+    Raises :class:`EncodeError` for a binary field over 255 bytes, ``TypeError``
+    or ``OverflowError`` for a payload JSON cannot carry.
+    """
+    if isinstance(payload, _BINARY):
+        jr = _field(join_ref, "join_ref")
+        r = _field(ref, "ref")
+        t = _field(topic, "topic")
+        e = _field(event, "event")
+        return b"".join((bytes((0, len(jr), len(r), len(t), len(e))), jr, r, t, e, bytes(payload)))
+    return dumps([join_ref, ref, topic, event, payload])
+
+
+def _text(data: bytes, start: int, length: int) -> str:
+    try:
+        return data[start : start + length].decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError("binary frame fields are not valid UTF-8") from None
+
+
+def decode(data: str | bytes) -> Message:
+    """One server frame as a :class:`Message`; raises :class:`DecodeError` for anything malformed.
+
+    A binary reply becomes ``event="phx_reply"``, ``payload={"status": s,
+    "response": <bytes>}``, as phoenix.js decodes it; empty binary refs
+    become ``None``.
+    """
+    if isinstance(data, _BINARY):
+        data = bytes(data)
+        if not data:
+            raise DecodeError("empty binary frame")
+        kind = data[0]
+        if kind == 0:
+            head = 4
+            if len(data) < head:
+                raise DecodeError("binary push shorter than its header")
+            jl, tl, el = data[1], data[2], data[3]
+            end = head + jl + tl + el
+            if len(data) < end:
+                raise DecodeError("binary push shorter than its declared fields")
+            join_ref = _text(data, head, jl)
+            topic = _text(data, head + jl, tl)
+            event = _text(data, head + jl + tl, el)
+            return Message(join_ref or None, None, topic, event, data[end:])
+        if kind == 1:
+            head = 5
+            if len(data) < head:
+                raise DecodeError("binary reply shorter than its header")
+            jl, rl, tl, sl = data[1], data[2], data[3], data[4]
+            end = head + jl + rl + tl + sl
+            if len(data) < end:
+                raise DecodeError("binary reply shorter than its declared fields")
+            p = head
+            join_ref = _text(data, p, jl)
+            ref = _text(data, p + jl, rl)
+            topic = _text(data, p + jl + rl, tl)
+            status = _text(data, p + jl + rl + tl, sl)
+            return Message(join_ref or None, ref or None, topic, REPLY, {"status": status, "response": data[end:]})
+        if kind == 2:
+            head = 3
+            if len(data) < head:
+                raise DecodeError("binary broadcast shorter than its header")
+            tl, el = data[1], data[2]
+            end = head + tl + el
+            if len(data) < end:
+                raise DecodeError("binary broadcast shorter than its declared fields")
+            return Message(None, None, _text(data, head, tl), _text(data, head + tl, el), data[end:])
+        raise DecodeError(f"unknown binary frame kind {kind}")
+    try:
+        frame = ujson.loads(data)
+    except (ValueError, OverflowError) as exc:
+        raise DecodeError(f"invalid JSON: {exc}") from None
+    if type(frame) is not list or len(frame) < 5:
+        raise DecodeError("a V2 frame must be a JSON array of at least five elements")
+    join_ref, ref, topic, event, payload = frame[:5]
+    if not isinstance(topic, str) or not isinstance(event, str):
+        raise DecodeError("topic and event must be strings")
+    return Message(join_ref, ref, topic, event, payload)
