@@ -22,7 +22,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from flask import Flask, Response, abort, request, send_file  # noqa: E402
+from flask import Flask, Response, abort, current_app, request, send_file  # noqa: E402
 
 from phx_gevent import (  # noqa: E402
     BroadcastTimeout,
@@ -34,7 +34,9 @@ from phx_gevent import (  # noqa: E402
     channel,
     error,
     ok,
+    refuse,
     stop,
+    token,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -115,6 +117,8 @@ document.getElementById("join").addEventListener("submit", (e) => {
   const user = document.getElementById("user").value;
   const room = "room:" + document.getElementById("room").value;
   const opts = { params: { user } };
+  const pageToken = document.querySelector('meta[name="socket-token"]');
+  if (pageToken) opts.authToken = pageToken.content;  // checked by UserSocket.connect
   if (document.getElementById("longpoll").checked) opts.transport = LongPoll;
   socket = new Socket("/socket", opts);
   socket.onError(() => say("connection error", "err"));
@@ -244,7 +248,25 @@ class UserSocket(Socket):
         user = params.get("user")
         if not isinstance(user, str) or not 1 <= len(user) <= 64:
             return None  # refused: HTTP 403
+        if user.startswith("blocked"):
+            return refuse("blocked")  # refused with a reason: handle_error answers the handshake
+        page_token = connect_info.get("auth_token")
+        if page_token and current_app.config.get("SECRET_KEY"):
+            # Optional: the page's token (see index()) must be ours and less than a day old.
+            try:
+                socket.assign(page=token.verify(socket, "example page", page_token, max_age=86400))
+            except token.TokenExpired:
+                return refuse("token expired")
+            except token.TokenError:
+                return refuse("invalid token")
         return socket.assign(user=user)
+
+    def handle_error(self, reason: Any) -> Response:
+        # Phoenix's transport :error_handler: the WebSocket handshake's answer to refuse(reason).
+        # (Long-poll clients get {"status": 403, "reason": reason}, which phoenix.js understands.)
+        if reason in ("blocked", "invalid token", "token expired"):
+            return Response(reason, status=401, headers={"WWW-Authenticate": 'Bearer realm="phx_gevent example"'})
+        return super().handle_error(reason)
 
     def id(self, socket: SocketState) -> str:
         return "user_socket:" + socket.assigns["user"]
@@ -316,7 +338,12 @@ def create_app() -> tuple[Flask, Endpoint]:
 
     @app.get("/")
     def index() -> Response:
-        return Response(INDEX_HTML, mimetype="text/html")
+        html = INDEX_HTML
+        if app.config.get("SECRET_KEY"):
+            # Hand the page a signed token; phoenix.js sends it back as authToken (checked in connect).
+            meta = f'<meta name="socket-token" content="{token.sign(app, "example page", "index")}">'
+            html = html.replace("<head>", "<head>\n" + meta, 1)
+        return Response(html, mimetype="text/html")
 
     @app.get("/assets/phoenix.mjs")
     def phoenix_js() -> Response:

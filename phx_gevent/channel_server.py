@@ -31,8 +31,8 @@ from gevent import GreenletExit
 from gevent.event import AsyncResult, Event
 from gevent.pool import Pool
 
-from .channel import DUPLICATE_JOIN, LEFT, Channel, Reply, Stop, is_graceful
-from .errors import CallbackReturnError, ConnectionOverloaded
+from .channel import DUPLICATE_JOIN, LEFT, SHUTDOWN, TIMEOUT, Channel, NoReply, Reply, Stop, is_graceful
+from .errors import CallbackReturnError, CallTimeout, ChannelError, ChannelExited, ConnectionOverloaded
 from .pubsub.history import MAX_LAST, parse_offset
 from .pubsub.local import ALL_EVENTS, RecoveryBuffer
 from .telemetry import channel_handled_in, emit, format_duration
@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .connection import Connection
     from .socket import Route
 
-__all__ = ["Broadcast", "ChannelProcess", "Partition", "Partitions", "default_partitions"]
+__all__ = ["Broadcast", "CallFrom", "ChannelProcess", "Partition", "Partitions", "default_partitions"]
 
 log = logging.getLogger(__name__)
 _debug = functools.partial(log.isEnabledFor, logging.DEBUG)
@@ -53,6 +53,9 @@ _INFO = 2
 _LEAVE = 3
 _DOWN = 4
 _OVERFLOW = 5
+_CALL = 6
+_CAST = 7
+_TIMEOUT = 8
 
 # States.
 JOINING = 0
@@ -226,15 +229,43 @@ def _since_seq(since: Any) -> int:
 
 def _expected(callback: str) -> str:
     if callback == "handle_in":
-        return "None, ok(...)/error(...)/Reply(status, response), or stop(...)"
-    return "None or stop(...)"
+        return "None, ok(...)/error(...)/Reply(status, response), noreply(...) or stop(...)"
+    return "None, noreply(...) or stop(...)"
+
+
+class CallFrom:
+    """The caller of a ``channel_pid.call`` (GenServer's ``from``): ``handle_call``'s second argument.
+
+    :meth:`reply` answers it, from any greenlet; only the first answer counts.
+    """
+
+    __slots__ = ("result",)
+
+    def __init__(self) -> None:
+        self.result: AsyncResult = AsyncResult()
+
+    def reply(self, value: Any) -> None:
+        """Answer the call with ``value`` (``GenServer.reply/2``); later answers are ignored."""
+        if not self.result.ready():
+            self.result.set(value)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.result.ready():
+            self.result.set_exception(exc)
+
+    @property
+    def answered(self) -> bool:
+        """True once the call has its answer (or failed)."""
+        return self.result.ready()
 
 
 class ChannelProcess:
     """A joined channel (Phoenix's channel process): ``socket.channel_pid``.
 
     :meth:`send` delivers a message to the channel's ``handle_info``, like
-    Elixir's ``send/2``.
+    Elixir's ``send/2``; :meth:`call` and :meth:`cast` reach ``handle_call``
+    and ``handle_cast``, like ``GenServer.call/3`` and ``GenServer.cast/2``.
+    All three share the mailbox and its ``Socket.max_mailbox`` bound.
     """
 
     __slots__ = (
@@ -253,10 +284,12 @@ class ChannelProcess:
         "leaving",
         "extra",
         "monitors",
+        "exit_reason",
         "offsets",
         "history",
         "replayed",
         "_drained",
+        "_idle",
         "refusal",
         "__weakref__",
     )
@@ -279,6 +312,8 @@ class ChannelProcess:
         self.leaving = False
         self.extra: list[_InfoSubscription] | None = None
         self.monitors: list[Callable[[ChannelProcess], None]] | None = None
+        #: Why the channel ended (its terminate reason), once it has.
+        self.exit_reason: Any = None
         #: True when the client joined with ``since``: history broadcasts carry their offset in the ref.
         self.offsets = False
         #: The route's history config (None: the topic keeps no history).
@@ -286,6 +321,8 @@ class ChannelProcess:
         #: (epoch, seq) of the last message a recovery replayed: later live copies of it are dropped.
         self.replayed: tuple[str, int] | None = None
         self._drained: Event | None = None
+        # The pending idle timer of noreply(timeout=...), if any.
+        self._idle: Any = None
         #: The error response of a refused (or failed) join, for logs and telemetry.
         self.refusal: Any = None
 
@@ -307,6 +344,53 @@ class ChannelProcess:
                 return
             self.mailbox.append((_INFO, message))
             self._activate()
+
+    def cast(self, message: Any) -> None:
+        """Deliver ``message`` to ``handle_cast`` (``GenServer.cast``): returns at once, like :meth:`send`.
+
+        Ignored once the channel has stopped; a full mailbox ends the channel
+        (``phx_error``), as for :meth:`send`.
+        """
+        if self.state != STOPPED:
+            if len(self.mailbox) >= self.conn.handler.max_mailbox:
+                self._overflow()
+                return
+            self.mailbox.append((_CAST, message))
+            self._activate()
+
+    def call(self, message: Any, timeout: float | None = 5.0) -> Any:
+        """Ask the channel's ``handle_call`` and wait for its reply (``GenServer.call``); from any greenlet.
+
+        Returns what ``handle_call`` returned (or gave ``from_.reply``).
+        Raises :class:`~phx_gevent.errors.CallTimeout` after ``timeout``
+        seconds without a reply (``None`` waits forever),
+        :class:`~phx_gevent.errors.ChannelExited` when the channel is gone or
+        ends before replying (a full mailbox ends it, as for :meth:`send`), and
+        :class:`~phx_gevent.errors.ChannelError` when called from the channel's
+        own callbacks (it would wait for itself).
+        """
+        if self.greenlet is not None and self.greenlet is gevent.getcurrent():
+            raise ChannelError(f"channel {self.topic!r} cannot call itself; send yourself a message instead")
+        if self.state == STOPPED:
+            raise ChannelExited(f"channel {self.topic!r} has already ended", self.exit_reason)
+        from_ = CallFrom()
+
+        def down(proc: ChannelProcess) -> None:
+            from_._fail(ChannelExited(f"channel {proc.topic!r} ended before replying", proc.exit_reason))
+
+        self.monitor(down)
+        try:
+            if len(self.mailbox) >= self.conn.handler.max_mailbox:
+                self._overflow()
+            else:
+                self.mailbox.append((_CALL, message, from_))
+                self._activate()
+            try:
+                return from_.result.get(timeout=timeout)
+            except gevent.Timeout:
+                raise CallTimeout(f"channel {self.topic!r} did not answer {message!r} within {timeout}s") from None
+        finally:
+            self.demonitor(down)
 
     def deliver(self, topic: str, event: str, payload: Any) -> None:
         """An intercepted broadcast: queued for ``handle_out``."""
@@ -388,6 +472,26 @@ class ChannelProcess:
             if mailbox and self.state == JOINED:
                 self._activate()
 
+    # -- idle timeout (noreply(timeout=...)) ------------------------------------------------
+
+    def _arm_idle(self, timeout: float) -> None:
+        timer = gevent.get_hub().loop.timer(timeout)
+        self._idle = timer
+        timer.start(self._idle_expired, timer)
+
+    def _cancel_idle(self) -> None:
+        timer, self._idle = self._idle, None
+        if timer is not None:
+            timer.stop()
+            timer.close()
+
+    def _idle_expired(self, timer: Any) -> None:
+        # Hub callback: nothing arrived in time. The message carries its timer,
+        # so a message that arrives before it is handled cancels it.
+        if self._idle is timer and self.state == JOINED:
+            self.mailbox.append((_TIMEOUT, timer))
+            self._activate()
+
     # -- joining ----------------------------------------------------------------------------
 
     def join(self, payload: Any, ref: Any, timeout: float | None) -> bool:
@@ -427,10 +531,13 @@ class ChannelProcess:
                 )
             if outcome.status == "error":
                 self.state = STOPPED
+                self.exit_reason = SHUTDOWN
                 self._notify_down()
                 self.refusal = outcome.response
                 conn.send_reply(self.join_ref, ref, self.topic, "error", outcome.response)
                 result.set(False)
+                # As Phoenix: a refused join stops the channel with :shutdown, running terminate.
+                self._terminate(SHUTDOWN)
                 return
             if self.history is not None and isinstance(payload, dict) and ("since" in payload or "last" in payload):
                 if not self._join_recovering(payload, ref, outcome):
@@ -449,14 +556,18 @@ class ChannelProcess:
             result.set(True)
         except GreenletExit:
             raise
-        except Exception:
+        except Exception as exc:
             self.conn.log_error("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
             if self.state == JOINING:
                 self.state = STOPPED
+                self.exit_reason = exc
                 self._notify_down()
                 conn.channel_exited(self)
                 self.refusal = {"reason": "join crashed"}
                 conn.send_reply(self.join_ref, ref, self.topic, "error", self.refusal)
+                result.set(False)
+                self._terminate(exc)  # a crashed process runs terminate with the exception
+                return
             result.set(False)
             return
         finally:
@@ -560,6 +671,13 @@ class ChannelProcess:
 
     def _handle(self, item: tuple[Any, ...]) -> None:
         tag = item[0]
+        if self._idle is not None:
+            # Any message cancels a pending noreply timeout; its own expiry is delivered.
+            expired = tag == _TIMEOUT and item[1] is self._idle
+            self._cancel_idle()
+            if expired:
+                item = (_INFO, TIMEOUT)
+                tag = _INFO
         instance = self.instance
         socket = self.socket
         try:
@@ -587,18 +705,39 @@ class ChannelProcess:
                         self.conn.send_reply(self.join_ref, msg.ref, self.topic, rep.status, rep.response)
                     self._stop(result.reason)
                     return
+                if isinstance(result, NoReply):
+                    if result.timeout is not None:
+                        self._arm_idle(result.timeout)
+                    return
                 self._bad_return("handle_in", result)
             elif tag == _OUT:
                 self._noreply("handle_out", instance.handle_out(item[1], item[2], socket))
             elif tag == _INFO:
                 self._noreply("handle_info", instance.handle_info(item[1], socket))
+            elif tag == _CALL:
+                from_ = item[2]
+                result = instance.handle_call(item[1], from_, socket)
+                if isinstance(result, Stop):
+                    self._stop(result.reason)
+                elif isinstance(result, NoReply):
+                    if result.timeout is not None:
+                        self._arm_idle(result.timeout)
+                else:
+                    from_.reply(result)
+            elif tag == _CAST:
+                self._noreply("handle_cast", instance.handle_cast(item[1], socket))
             elif tag == _LEAVE:
-                self.conn.send_reply(self.join_ref, item[1], self.topic, "ok", {})
-                self._exit(LEFT, "phx_close")
+                # Unsubscribe before the reply is queued: once the client has
+                # the reply, no broadcast on this topic may follow it.
+                if self._detach(LEFT):
+                    self.conn.send_reply(self.join_ref, item[1], self.topic, "ok", {})
+                    self.conn.send_control(self.join_ref, self.topic, "phx_close")
+                    self._terminate(LEFT)
             elif tag == _DOWN:
                 self._exit(item[1], None)
             elif tag == _OVERFLOW:
                 raise ConnectionOverloaded(f"mailbox of {self.topic!r} overflowed")
+            # _TIMEOUT left here was cancelled by a message that overtook it: nothing to do.
         except GreenletExit:
             raise
         except Exception as exc:
@@ -623,6 +762,10 @@ class ChannelProcess:
         if isinstance(result, Stop):
             self._stop(result.reason)
             return
+        if isinstance(result, NoReply):
+            if result.timeout is not None:
+                self._arm_idle(result.timeout)
+            return
         self._bad_return(callback, result)
 
     def _bad_return(self, callback: str, result: Any) -> None:
@@ -639,13 +782,16 @@ class ChannelProcess:
 
     # -- ending -----------------------------------------------------------------------------
 
-    def _detach(self) -> bool:
+    def _detach(self, reason: Any) -> bool:
         """Stop receiving anything; False when already stopped."""
         if self.state == STOPPED:
             return False
         was_joined = self.state == JOINED
         self.state = STOPPED
+        self.exit_reason = reason
         self.mailbox.clear()
+        if self._idle is not None:
+            self._cancel_idle()
         if self._drained is not None:
             self._drained.set()
         self._unsubscribe()
@@ -698,7 +844,7 @@ class ChannelProcess:
             self.extra = None
 
     def _exit(self, reason: Any, frame: str | None) -> None:
-        if not self._detach():
+        if not self._detach(reason):
             return
         if frame is not None:
             self.conn.send_control(self.join_ref, self.topic, frame)
@@ -718,7 +864,7 @@ class ChannelProcess:
         in a fresh greenlet of the channel's partition.
         """
         was_joined = self.state == JOINED
-        if not self._detach():
+        if not self._detach(reason):
             return
         greenlet, self.greenlet = self.greenlet, None
         if greenlet is not None and greenlet is not gevent.getcurrent():

@@ -165,8 +165,11 @@ class Connection:
     def send_reply(self, join_ref: Any, ref: Any, topic: str, status: str, response: Any) -> None:
         """Encode and queue a ``phx_reply``; raises when the response cannot be encoded.
 
+        A ``None`` response (a bare status, ``Reply("noop")``) goes out as ``{}``, as in Phoenix.
         Waits (see :meth:`wait_room`) while the connection's output is above its soft cap.
         """
+        if response is None:
+            response = {}
         data = self.serializer.encode_reply(join_ref, ref, topic, status, response)
         if getattr(self.writer, "qbytes", 0) > flow.connection_limit or flow.queued > flow.high_water:
             self.wait_room()

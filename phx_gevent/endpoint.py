@@ -15,15 +15,17 @@ from collections.abc import Iterable, Mapping
 from time import perf_counter
 from typing import Any
 
-from flask import Blueprint, Flask, Response, request
+from flask import Blueprint, Flask, Response, make_response, request
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from . import telemetry
+from .channel import Reply
 from .channel_server import ChannelProcess, Partitions
+from .errors import CallbackReturnError
 from .flow import flow
 from .pubsub import Adapter, PubSub
-from .serializers import Serializer
-from .socket import Socket, SocketState
+from .serializers import V1, V2, Serializer, negotiate
+from .socket import Refuse, Socket, SocketState
 from .transports import http as phx_http
 from .transports.websocket import WebSocketOptions, handshake
 
@@ -84,6 +86,8 @@ class SocketMount:
         drainer: Mapping[str, Any] | None,
         check_csrf: bool = True,
         csrf_token_key: str = "_csrf_token",
+        serializers: tuple[Serializer, ...] = (V1, V2),
+        error_handler: Any = None,
     ) -> None:
         self.endpoint = endpoint
         self.path = path
@@ -100,6 +104,10 @@ class SocketMount:
         self.drainer = drainer
         self.check_csrf = check_csrf
         self.csrf_token_key = csrf_token_key
+        #: The serializers clients may pick with ``vsn``.
+        self.serializers = serializers
+        #: ``f(reason) -> response`` for ``refuse(reason)``; the handler's ``handle_error`` when ``None``.
+        self.error_handler = error_handler if error_handler is not None else handler.handle_error
         #: Live connections of this mount (WebSocket and long-poll).
         self.connections: set[Any] = set()
 
@@ -127,6 +135,73 @@ class SocketMount:
             serializer=serializer,
             pubsub_server=self.endpoint.pubsub,
         )
+
+    def connect(
+        self, transport: str, params: dict[str, Any], connect_info: dict[str, Any]
+    ) -> SocketState | Refuse | None:
+        """The one connect path of every transport (and of :mod:`phx_gevent.testing`).
+
+        Picks the serializer from ``params["vsn"]``, runs the handler's
+        ``connect`` and ``id``, and returns the accepted socket (its
+        ``serializer`` and ``id`` set), ``None`` for a plain refusal (bad vsn,
+        ``connect`` returned ``None``/``False``, ``id`` not a str: Phoenix's
+        ``:error``), or a :class:`~phx_gevent.socket.Refuse` with the reason
+        ``connect`` gave (``{:error, reason}``). Raises
+        :class:`~phx_gevent.errors.CallbackReturnError` when ``connect``
+        returns anything else; exceptions of ``connect`` propagate.
+        """
+        serializer = negotiate(params.get("vsn"), self.serializers)
+        if serializer is None:
+            log.warning(
+                "phx_gevent: refused %s connection with unsupported vsn %r (phoenix.js sends 2.0.0; "
+                "1.0.x and 2.0.x are supported)",
+                transport,
+                params.get("vsn"),
+            )
+            return None
+        socket = self.new_socket(transport, serializer)
+        started = perf_counter()
+        result = self.handler.connect(params, socket, connect_info)
+        name = type(self.handler).__name__
+        if result is None or result is False:
+            self.log_refused(transport, params, result, started, socket)
+            return None
+        if isinstance(result, Reply) and result.status == "error":
+            result = Refuse(result.response)  # error(reason) reads as Phoenix's {:error, reason}
+        if isinstance(result, Refuse):
+            self.log("refused", transport, params, started, socket)
+            return result
+        if not isinstance(result, SocketState):
+            raise CallbackReturnError(
+                f"{name}.connect must return the socket (accept), None (refuse with 403) "
+                f"or refuse(reason) (refuse through the error handler), got {result!r}"
+            )
+        sid = self.handler.id(result)
+        if sid is not None and not isinstance(sid, str):
+            log.error("phx_gevent: %s.id must return a str or None, got %r", name, sid)
+            return None
+        result.id = sid
+        self.log("connected", transport, params, started, result)
+        return result
+
+    def refusal_response(self, refusal: Refuse | None) -> Response:
+        """The WebSocket handshake's answer to a refused connect (inside its Flask request).
+
+        A plain refusal is an empty 403; ``refuse(reason)`` goes through the
+        mount's error handler, whose return value may be anything a Flask
+        view returns. Raises :class:`~phx_gevent.errors.CallbackReturnError`
+        (HTTP 500) when it returns something else.
+        """
+        if refusal is None:
+            return Response("", status=403, mimetype="text/plain")
+        answer = self.error_handler(refusal.reason)
+        try:
+            return make_response(answer)
+        except TypeError as exc:
+            raise CallbackReturnError(
+                f"the error handler of {self.path!r} must return a Flask response, (body, status) or "
+                f"(body, status, headers), got {answer!r}"
+            ) from exc
 
     def log(
         self,
@@ -402,6 +477,8 @@ class Endpoint:
         drainer: bool | Mapping[str, Any] = True,
         check_csrf: bool = True,
         csrf_token_key: str = "_csrf_token",
+        serializers: Iterable[Serializer] = (V1, V2),
+        error_handler: Any = None,
     ) -> SocketMount:
         """Mount a socket handler at ``path`` (``<path>/websocket``, ``<path>/longpoll``).
 
@@ -421,7 +498,13 @@ class Endpoint:
         action logs, or ``False``.
         ``partitions``: channel pools (default: usable cores).
         ``join_timeout``: seconds a ``join`` may take. ``drainer``: ``False``
-        or ``{"batch_size", "batch_interval", "shutdown"}`` for shutdown drains.
+        or ``{"batch_size", "batch_interval", "shutdown"}`` for shutdown drains
+        (only connections with joined channels are drained, as in Phoenix).
+        ``serializers``: the wire versions clients may ask for with ``vsn``
+        (Phoenix's ``serializer:`` option; default both ``V1`` and ``V2``).
+        ``error_handler``: ``f(reason) -> response`` for connects refused with
+        :func:`~phx_gevent.refuse` (Phoenix's ``:error_handler``); default
+        the handler's :meth:`~phx_gevent.Socket.handle_error` (403).
 
         Raises ``ValueError``/``TypeError`` for bad options.
         """
@@ -449,6 +532,11 @@ class Endpoint:
             raise ValueError("check_origin=False and check_csrf=False together leave the socket open to cross-site use")
         if not isinstance(csrf_token_key, str) or not csrf_token_key:
             raise ValueError(f"csrf_token_key must be a non-empty string, got {csrf_token_key!r}")
+        serializer_list = tuple(serializers)
+        if not serializer_list or not all(isinstance(x, Serializer) for x in serializer_list):
+            raise TypeError(f"serializers must be a non-empty list of Serializer objects, got {serializers!r}")
+        if error_handler is not None and not callable(error_handler):
+            raise TypeError(f"error_handler must be callable, got {error_handler!r}")
         if drainer is True:
             drainer = {}
         drain_opts = (
@@ -469,6 +557,8 @@ class Endpoint:
             drainer=drain_opts,
             check_csrf=bool(check_csrf),
             csrf_token_key=csrf_token_key,
+            serializers=serializer_list,
+            error_handler=error_handler,
         )
         for route in getattr(handler, "channels", ()):
             if getattr(route, "history", None) is not None:

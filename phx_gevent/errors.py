@@ -8,6 +8,12 @@ __all__ = [
     "ChannelError",
     "CallbackReturnError",
     "ConnectionOverloaded",
+    "CallTimeout",
+    "ChannelExited",
+    "TokenError",
+    "TokenExpired",
+    "TokenInvalid",
+    "TokenMissing",
     "NotMonkeyPatchedError",
     "EmitterError",
     "EmitterUnavailable",
@@ -41,6 +47,41 @@ class ConnectionOverloaded(PhxError):
 
     The transport closes the connection with 1008 (policy violation).
     """
+
+
+class CallTimeout(PhxError):
+    """``channel_pid.call(...)`` got no reply within its timeout (Elixir's ``GenServer.call`` exit ``:timeout``).
+
+    The message may still be handled later; its reply is then dropped.
+    """
+
+
+class ChannelExited(PhxError):
+    """The channel of a ``call`` ended (or had already ended) before replying.
+
+    ``reason`` is the channel's terminate reason when known (``None`` if it
+    was already gone when the call was made).
+    """
+
+    def __init__(self, message: str, reason: object = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TokenError(PhxError):
+    """Base of the :func:`phx_gevent.token.verify` failures (Phoenix.Token's ``{:error, _}``)."""
+
+
+class TokenMissing(TokenError):
+    """No token was given (``None`` or empty): Phoenix.Token's ``{:error, :missing}``."""
+
+
+class TokenInvalid(TokenError):
+    """The token is malformed, or signed with another secret or salt: ``{:error, :invalid}``."""
+
+
+class TokenExpired(TokenError):
+    """The token's signature is valid but it is older than ``max_age``: ``{:error, :expired}``."""
 
 
 class NotMonkeyPatchedError(PhxError, RuntimeError):

@@ -144,7 +144,15 @@ class Presence:
     of the same ``name``. ``broadcast_period`` (seconds) is the heartbeat
     interval; a node silent for ``down_period`` seconds has its presences
     removed. Subclass and override :meth:`fetch` to add data to what
-    clients receive.
+    clients receive, and :meth:`handle_metas` to react to changes.
+
+    Errors are exceptions where Phoenix returns error tuples: :meth:`track`
+    of a key this channel already tracks on the topic raises ``ValueError``
+    (Phoenix: ``{:error, {:already_tracked, ...}}``), :meth:`update` of a key
+    it does not track raises ``ValueError`` (``{:error, :not_tracked}``), and
+    a bad key or meta raises ``TypeError``; :meth:`untrack` returns ``False``
+    instead of raising. Only channels can be tracked (their socket or
+    ``channel_pid``): a presence leaves when its channel ends.
 
     All methods are safe from any greenlet and never block on the network.
     """
@@ -369,9 +377,22 @@ class Presence:
                 merged.setdefault(key, []).extend(metas.values())
         return self.fetch(topic, {key: {"metas": metas} for key, metas in merged.items()})
 
-    def get_by_key(self, topic_or_socket: str | SocketState, key: str) -> dict[str, list[dict[str, Any]]]:
-        """``{"metas": [...]}`` of ``key`` on the topic, or ``{}`` when it is not present."""
-        return self.list(topic_or_socket).get(key, {})
+    def get_by_key(self, topic_or_socket: str | SocketState, key: str) -> dict[str, list[dict[str, Any]]] | list[Any]:
+        """``{"metas": [...]}`` of ``key`` on the topic, or ``[]`` when it is not present (as Phoenix)."""
+        return self.list(topic_or_socket).get(self._key(key), [])
+
+    def handle_metas(
+        self, topic: str, joins: dict[str, Any], leaves: dict[str, Any], presences: dict[str, Any]
+    ) -> None:
+        """Override to react to every presence change (Phoenix's ``handle_metas/4``); the default does nothing.
+
+        Called on every node, once per diff and topic, after the diff went to
+        the topic's subscribers: ``joins``/``leaves`` are
+        ``{key: {"metas": [...]}}`` (before :meth:`fetch`), ``presences`` is
+        what :meth:`list` returns now. Keep your state on ``self`` (Phoenix's
+        ``init/1`` state is your subclass's ``__init__``). Runs in the
+        presence greenlet: keep it fast; an exception is logged and ignored.
+        """
 
     def fetch(self, topic: str, presences: dict[str, Any]) -> dict[str, Any]:
         """Override to add data to each entry (e.g. user names from a database) before clients see it.
@@ -498,6 +519,16 @@ class Presence:
             if telemetry.presence_change.receivers:
                 counts = {"joins": len(joins), "leaves": len(leaves)}
                 telemetry.emit(telemetry.presence_change, self, counts, {"topic": topic, "presence": self.name})
+            if type(self).handle_metas is not Presence.handle_metas:
+                try:
+                    self.handle_metas(
+                        topic,
+                        {k: {"metas": m} for k, m in joins.items()},
+                        {k: {"metas": m} for k, m in leaves.items()},
+                        self.list(topic),
+                    )
+                except Exception:
+                    log.exception("phx_gevent: %s.handle_metas failed on %r", type(self).__name__, topic)
 
     # -- from other nodes ---------------------------------------------------------------
 

@@ -179,3 +179,17 @@ def test_the_example_page_joins_sends_and_shows_messages(example, browser, js, t
 def test_a_refused_join_is_shown(example, browser):
     browser.goto(example.http + "/?user=alice&room=secret")
     browser.wait_text("#log", lambda t: "join refused: unauthorized" in t)
+
+
+@pytest.mark.parametrize("transport", ["websocket", "longpoll"])
+def test_the_page_sends_its_signed_token_and_a_blocked_user_is_refused(example, browser, transport):
+    example.app.config["SECRET_KEY"] = "browser-test-secret-key-0123456789"
+    longpoll = "&longpoll=1" if transport == "longpoll" else ""
+    browser.goto(example.http + f"/?user=tina&room=lobby{longpoll}")
+    browser.wait_text("#log", lambda t: "joined room:lobby" in t)
+    # The page handed phoenix.js its token (authToken); connect verified it and assigned it.
+    conns = example.endpoint.mounts[0].connections
+    assert [c.socket.assigns.get("page") for c in conns if c.socket.assigns["user"] == "tina"] == ["index"]
+    browser.goto(example.http + f"/?user=blocked_tina&room=lobby{longpoll}")
+    browser.wait_text("#log", lambda t: "connection error" in t)
+    assert "joined" not in browser.text("#log")

@@ -269,6 +269,9 @@ def test_socket_drain_batches(record, monkeypatch, caplog):
     mount.drainer = {"batch_size": 2, "batch_interval": 0.05, "shutdown": 5.0}
     monkeypatch.setattr(phx_gevent.endpoint, "endpoints", weakref.WeakSet([endpoint]))
     clients = [ChannelTest(endpoint).connect({"user": f"d{i}"}) for i in range(3)]
+    for c in clients:
+        assert c.join("room:drain").joined  # only connections holding channels are drained (as Phoenix)
+    ChannelTest(endpoint).connect({"user": "idle"})  # no channel: not drained, not counted
     rec = record(telemetry.socket_drain)
     with caplog.at_level(logging.INFO, logger="phx_gevent"):
         assert drain_all(time.monotonic() + 5) == 3

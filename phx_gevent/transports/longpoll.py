@@ -46,10 +46,9 @@ from itsdangerous import BadData, URLSafeTimedSerializer
 from .. import supervise
 from ..channel import INACTIVE
 from ..connection import Connection
-from ..errors import CallbackReturnError
 from ..flow import flow
-from ..serializers import DecodeError, FastlaneEncoder, Message, Serializer, dumps, negotiate
-from ..socket import SocketState
+from ..serializers import DecodeError, FastlaneEncoder, Message, Serializer, dumps
+from ..socket import Refuse, SocketState
 from . import http as phx_http
 from .writer import _dropped
 
@@ -147,6 +146,20 @@ def _poll_json(status: int, token: Any, messages: list[str]) -> Response:
 def _plain(status: int, body: str = "") -> Response:
     # Not JSON, so the client sees status 0 ("transport error") and retries.
     return Response(body, status=status, mimetype="text/plain", headers=_HEADERS)
+
+
+def _refusal(refusal: Refuse | None) -> dict[str, Any]:
+    # phoenix.js understands 403 (and ignores other keys): a refusal's reason
+    # rides along when JSON can encode it (long-poll has no error handler).
+    body: dict[str, Any] = {"status": 403}
+    if refusal is not None:
+        try:
+            dumps(refusal.reason)
+        except (TypeError, ValueError, OverflowError):
+            log.warning("phx_gevent: long-poll refusal reason %r is not JSON; sent without it", refusal.reason)
+        else:
+            body["reason"] = refusal.reason
+    return body
 
 
 class _Busy(Exception):
@@ -649,37 +662,16 @@ class LongPoll:
                 self.max_sessions,
             )
             return _plain(503, "too many long-poll sessions")
-        serializer = negotiate(params.get("vsn"))
-        if serializer is None:
-            log.warning(
-                "phx_gevent: refused long-poll session with unsupported vsn %r (phoenix.js sends "
-                "2.0.0; 1.0.x and 2.0.x are supported)",
-                params.get("vsn"),
-            )
-            return _json({"status": 403})
         extra = {"auth_token": environ.get("HTTP_X_PHOENIX_AUTHTOKEN")} if self.auth_token else None
         info = mount.build_connect_info(environ, params, self.connect_info, extra)
-        socket = mount.new_socket("longpoll", serializer)
         self._creating += 1
-        started = time.perf_counter()
         try:
-            result = mount.handler.connect(params, socket, info)
+            socket = mount.connect("longpoll", params, info)
         finally:
             self._creating -= 1
-        if result is None or result is False:
-            mount.log_refused("longpoll", params, result, started, socket)
-            return _json({"status": 403})
-        if not isinstance(result, SocketState):
-            raise CallbackReturnError(
-                f"{type(mount.handler).__name__}.connect must return the socket (accept) or None (refuse), "
-                f"got {result!r}"
-            )
-        socket = result
-        sid = mount.handler.id(socket)
-        if sid is not None and not isinstance(sid, str):
-            log.error("phx_gevent: %s.id must return a str or None, got %r", type(mount.handler).__name__, sid)
-            return _json({"status": 403})
-        socket.id = sid
+        if not isinstance(socket, SocketState):
+            return _json(_refusal(socket))
+        serializer = socket.serializer
         session_id = secrets.token_urlsafe(16)
         session = LongPollSession(self, session_id, serializer)
         conn = Connection(mount, socket, serializer, session)
@@ -688,7 +680,6 @@ class LongPoll:
         self._unpolled[session_id] = None
         conn.start()
         session.start()
-        mount.log("connected", "longpoll", params, started, socket)
         token = self._sign(self.mount.endpoint.node_name, session_id)
         return _json({"status": GONE, "token": token, "messages": []})
 

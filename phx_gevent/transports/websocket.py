@@ -1,8 +1,9 @@
 """The WebSocket transport: the handshake view and the per-connection reader.
 
 The handshake runs as an ordinary Flask view (origin check, auth token,
-subprotocol, serializer, ``connect``), so a refusal is a real HTTP 403
-before any upgrade. Accepting returns a 101 response and leaves a callable
+subprotocol, then the mount's one connect path: serializer, ``connect``,
+``id``), so a refusal is a real HTTP answer before any upgrade: 403, or
+what the socket's error handler makes of ``refuse(reason)``. Accepting returns a 101 response and leaves a callable
 in the WSGI environ; our WSGI handler (:mod:`phx_gevent.server`) writes the
 101 and calls it once Flask has finished the request, so no request context
 stays alive for the connection's lifetime.
@@ -28,9 +29,9 @@ from flask import Response, request
 
 from .. import memory, supervise
 from ..connection import Connection
-from ..errors import CallbackReturnError, ConnectionOverloaded
+from ..errors import ConnectionOverloaded
 from ..flow import flow
-from ..serializers import DecodeError, FastlaneEncoder, Serializer, negotiate
+from ..serializers import DecodeError, FastlaneEncoder, Serializer
 from ..socket import SocketState
 from . import frames
 from . import http as phx_http
@@ -259,33 +260,12 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
             raise ValueError
     except (binascii.Error, ValueError):
         return _empty(400, "invalid Sec-WebSocket-Key")
-    serializer = negotiate(params.get("vsn"))
-    if serializer is None:
-        log.warning(
-            "phx_gevent: refused WebSocket with unsupported vsn %r (phoenix.js sends "
-            "2.0.0; 1.0.x and 2.0.x are supported)",
-            params.get("vsn"),
-        )
-        return _empty(403)
     extra = {"auth_token": token} if mount.auth_token else None
     info = mount.build_connect_info(environ, params, mount.connect_info, extra)
-    socket = mount.new_socket("websocket", serializer)
-    started = time.perf_counter()
-    result = mount.handler.connect(params, socket, info)
-    if result is None or result is False:
-        mount.log_refused("websocket", params, result, started, socket)
-        return _empty(403)
-    if not isinstance(result, SocketState):
-        raise CallbackReturnError(
-            f"{type(mount.handler).__name__}.connect must return the socket (accept) or None (refuse), got {result!r}"
-        )
-    socket = result
-    sid = mount.handler.id(socket)
-    if sid is not None and not isinstance(sid, str):
-        log.error("phx_gevent: %s.id must return a str or None, got %r", type(mount.handler).__name__, sid)
-        return _empty(403)
-    socket.id = sid
-    mount.log("connected", "websocket", params, started, socket)
+    socket = mount.connect("websocket", params, info)
+    if not isinstance(socket, SocketState):
+        return mount.refusal_response(socket)
+    serializer = socket.serializer
     accept = base64.b64encode(hashlib.sha1((key + _GUID).encode("latin-1")).digest()).decode("ascii")
     headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
     if chosen is not None:
