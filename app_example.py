@@ -251,7 +251,7 @@ class UserSocket(Socket):
         if user.startswith("blocked"):
             return refuse("blocked")  # refused with a reason: handle_error answers the handshake
         page_token = connect_info.get("auth_token")
-        if page_token and current_app.config.get("SECRET_KEY"):
+        if page_token and has_real_secret(current_app):
             # Optional: the page's token (see index()) must be ours and less than a day old.
             try:
                 socket.assign(page=token.verify(socket, "example page", page_token, max_age=86400))
@@ -305,6 +305,11 @@ def add_observability(endpoint: Endpoint) -> None:
 DEV_SECRET_KEY = "phx-gevent-example-development-key-not-secret"
 
 
+def has_real_secret(app: Flask) -> bool:
+    """A SECRET_KEY of the operator's (not the development one): the page tokens are on only then."""
+    return app.config.get("SECRET_KEY") not in (None, "", DEV_SECRET_KEY)
+
+
 def create_app() -> tuple[Flask, Endpoint]:
     app = Flask(__name__)
     app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY") or DEV_SECRET_KEY
@@ -339,7 +344,7 @@ def create_app() -> tuple[Flask, Endpoint]:
     @app.get("/")
     def index() -> Response:
         html = INDEX_HTML
-        if app.config.get("SECRET_KEY"):
+        if has_real_secret(app):
             # Hand the page a signed token; phoenix.js sends it back as authToken (checked in connect).
             meta = f'<meta name="socket-token" content="{token.sign(app, "example page", "index")}">'
             html = html.replace("<head>", "<head>\n" + meta, 1)
