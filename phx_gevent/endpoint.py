@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from flask import Blueprint, Flask, Response, request
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from . import options
 from .channels.process import ChannelProcess
@@ -141,6 +141,7 @@ class Endpoint:
         self.mounts: list[SocketMount] = []
         self.apps: list[Flask] = []
         self._paths: list[str] = []
+        self._missed: set[str] = set()
         #: True once a shutdown drain began (readiness answers 503).
         self.draining = False
         #: The stats sampler behind metrics and the dashboard (:mod:`phx_gevent.observe`), once enabled.
@@ -176,6 +177,16 @@ class Endpoint:
         app.register_error_handler(MethodNotAllowed, self._method_not_allowed)
         if self.allowed_hosts is not None or self.trusted_proxies:
             app.before_request(self._check_request)
+        # A misspelled socket URL otherwise gives a bare 404 and phoenix.js
+        # retries forever. An app's own 404 handler is left alone (one
+        # registered later replaces this one anyway).
+        if not app.error_handler_spec.get(None, {}).get(404):
+            app.register_error_handler(NotFound, self._not_found)
+        # `flask phx run`: Flask's own `flask run` cannot serve our WebSockets.
+        from .cli import phx
+
+        if "phx" not in app.cli.commands:
+            app.cli.add_command(phx)
         self.apps.append(app)
 
     def _check_request(self) -> Any:
@@ -197,6 +208,32 @@ class Endpoint:
         if request.path in self._paths:
             return Response(status=400)
         return exc
+
+    def _not_found(self, exc: NotFound) -> Any:
+        path = request.path
+        hint = self.socket_path_hint(path)
+        if hint is None:
+            return exc
+        if len(self._missed) < 100 and path not in self._missed:
+            self._missed.add(path)  # once per path: phoenix.js retries it every few seconds
+            log.warning("%s", hint)
+        return Response(hint + "\n", status=404, mimetype="text/plain")
+
+    def socket_path_hint(self, path: str) -> str | None:
+        """For a 404 on a path that looks like a socket URL, a message listing the mounted socket URLs.
+
+        ``None`` when ``path`` does not look like one (it neither ends with
+        ``/websocket`` or ``/longpoll`` nor lies under a mounted socket's path).
+        """
+        prefixes = [m.path.split("/:", 1)[0].rstrip("/") + "/" for m in self.mounts]
+        if not (path.endswith(("/websocket", "/longpoll")) or any(path.startswith(p) for p in prefixes)):
+            return None
+        urls = ", ".join(dict.fromkeys(self._paths)) or "none"
+        return (
+            f"phx_gevent: no socket at {path}. Mounted socket URLs: {urls}. phoenix.js adds /websocket or "
+            '/longpoll itself: give new Socket() the mount path (new Socket("/socket") for '
+            'endpoint.socket("/socket", ...)), not the full URL'
+        )
 
     def server_name(self) -> str | None:
         """The ``SERVER_NAME`` of the first app, used by the default origin check."""

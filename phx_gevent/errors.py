@@ -14,6 +14,7 @@ __all__ = [
     "TokenExpired",
     "TokenInvalid",
     "TokenMissing",
+    "NotMonkeyPatchedError",
     "EmitterError",
     "EmitterUnavailable",
     "PayloadError",
@@ -87,6 +88,16 @@ class TokenInvalid(TokenError):
 
 class TokenExpired(TokenError):
     """The token's signature is valid but it is older than ``max_age``: ``{:error, :expired}``."""
+
+
+class NotMonkeyPatchedError(PhxError, RuntimeError):
+    """Something that needs gevent's monkey-patching was started in a process that is not patched.
+
+    Raised by the Redis adapter (and by :func:`~phx_gevent.serve` /
+    :func:`~phx_gevent.make_server` when an endpoint uses it): without
+    patching, its greenlets would wait for Redis on blocking sockets and
+    stall the whole process. The message names the fix.
+    """
 
 
 class EmitterError(PhxError):

@@ -131,7 +131,12 @@ class SocketMount:
         """
         serializer = negotiate(params.get("vsn"), self.serializers)
         if serializer is None:
-            log.warning("phx_gevent: refused %s connection with unsupported vsn %r", transport, params.get("vsn"))
+            log.warning(
+                "phx_gevent: refused %s connection with unsupported vsn %r (phoenix.js sends 2.0.0; "
+                "1.0.x and 2.0.x are supported)",
+                transport,
+                params.get("vsn"),
+            )
             return None
         socket = self.new_socket(transport, serializer)
         started = perf_counter()
@@ -139,7 +144,7 @@ class SocketMount:
         result: object = self.handler.connect(params, socket, connect_info)
         name = type(self.handler).__name__
         if result is None or result is False:
-            self.log("refused", transport, params, started, socket)
+            self.log_refused(transport, params, result, started, socket)
             return None
         if isinstance(result, Reply) and result.status == "error":
             result = Refuse(result.response)  # error(reason) reads as Phoenix's {:error, reason}
@@ -166,11 +171,12 @@ class SocketMount:
         params: Mapping[str, Any],
         started: float | None = None,
         socket: SocketState | None = None,
+        note: str = "",
     ) -> None:
         """Log a connect outcome (``"connected"``/``"refused"``) at the mount's ``log`` level, emit the event.
 
         ``started`` is the ``time.perf_counter()`` before ``connect`` ran. The
-        log shows the params' names, never their values.
+        log shows the params' names, never their values; ``note`` is appended.
         """
         duration = 0.0 if started is None else perf_counter() - started
         if telemetry.socket_connected.receivers:
@@ -192,11 +198,31 @@ class SocketMount:
         if self.log_level is not None and log.isEnabledFor(self.log_level):
             log.log(
                 self.log_level,
-                "%s %s in %s (path %s, transport %s, params: %s)",
+                "%s %s in %s (path %s, transport %s, params: %s)%s",
                 "CONNECTED TO" if what == "connected" else "REFUSED CONNECTION TO",
                 type(self.handler).__name__,
                 telemetry.format_duration(duration),
                 self.path,
                 transport,
                 ", ".join(sorted(str(k) for k in params)),
+                note,
             )
+
+    def log_refused(
+        self,
+        transport: str,
+        params: Mapping[str, Any],
+        result: Any,
+        started: float | None = None,
+        socket: SocketState | None = None,
+    ) -> None:
+        """Log a refused ``connect`` at the mount's level, with the handler's name and what it returned."""
+        self.log(
+            "refused",
+            transport,
+            params,
+            started,
+            socket,
+            note=f": {type(self.handler).__name__}.connect returned {result!r}, so the client got HTTP 403 "
+            "(phoenix.js retries with backoff); return the socket to accept",
+        )

@@ -237,7 +237,9 @@ class Gunicorn:
         env: dict[str, str] | None = None,
         args: list[str] | tuple[str, ...] = (),
         graceful_timeout: float = 10,
+        cwd: str | Path = ROOT,
     ) -> None:
+        self.cwd = str(cwd)
         self.cmd = [
             sys.executable, "-m", "gunicorn",
             "-k", self.WORKER,
@@ -272,7 +274,7 @@ class Gunicorn:
         """Start and wait until every worker logged that it is ready."""
         self.proc = subprocess.Popen(
             self.cmd,
-            cwd=str(ROOT),
+            cwd=self.cwd,
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -98,11 +98,13 @@ class PubSub:
     def start(self) -> None:
         """Start the adapter (idempotent); called lazily on first use in each process."""
         if not self._started:
-            self._started = True
             if self.adapter is not None:
+                # Marked started only once the adapter is: one that refused
+                # (e.g. an unpatched process) is tried again, never skipped.
                 self.adapter.start(self._receive)
                 if self.history_rules:
                     self._publish_history_rules()
+            self._started = True
         if self.adapter is not None:
             # The adapter renames itself in a forked child (gunicorn --preload): follow it.
             self.node_name = self.adapter.node_name

@@ -69,6 +69,7 @@ import gevent
 from gevent.event import Event
 
 from .. import supervise
+from ..errors import NotMonkeyPatchedError
 from . import codec
 from . import history_redis as _history
 from .base import Adapter, make_node_name
@@ -80,11 +81,22 @@ try:
 except ImportError:  # pragma: no cover - redis-py is a requirement, but fail clearly without it
     redis = None  # type: ignore[assignment]
 
-__all__ = ["RedisAdapter"]
+__all__ = ["NOT_PATCHED_MESSAGE", "RedisAdapter"]
 
 log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
+
+#: Why the adapter refuses to start in an unpatched process, and the two fixes.
+NOT_PATCHED_MESSAGE = (
+    "phx_gevent: the Redis adapter needs gevent's monkey-patching, and this process is not patched: "
+    "its greenlets would wait for Redis on blocking sockets and stall every connection (clients would "
+    "never get their joins). Fix: make `from gevent import monkey; monkey.patch_all()` the first lines "
+    "of the program that serves the app, before any other import (gunicorn -k "
+    "phx_gevent.worker.GeventWebSocketWorker patches by itself). To broadcast from a process that does "
+    "not serve requests (a script, a cron job, a Celery task), use phx_gevent.Emitter(redis_url) instead "
+    "of an Endpoint (docs/background-jobs.md)."
+)
 
 
 #: Adapters started in this process (flushed at interpreter exit).
@@ -161,6 +173,9 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
     Other keyword arguments go to redis-py's connection (``password``,
     ``ssl_ca_certs``, ...). The RESP2 protocol is always used.
     """
+
+    #: :func:`~phx_gevent.serve` refuses to start unpatched with such an adapter.
+    requires_monkey_patching = True
 
     def __init__(
         self,
@@ -336,6 +351,8 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         """Connect and begin forwarding and receiving (greenlets in this process; idempotent).
 
         Never raises because Redis is down: the greenlets retry with backoff.
+        Raises :class:`~phx_gevent.errors.NotMonkeyPatchedError` in a process
+        that gevent has not monkey-patched (the message names the fix).
         """
         self._receive = receive
         if self._running:
@@ -571,13 +588,12 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
     # -- process lifecycle ----------------------------------------------------------------
 
     def _check_patched(self) -> None:
+        # Refuse rather than log and go on: unpatched, the listener's blocking
+        # read holds the whole process and clients never get their joins.
         from gevent import monkey
 
         if not monkey.is_module_patched("socket"):
-            log.error(
-                "phx_gevent: the Redis adapter needs gevent.monkey.patch_all() (first line of the app, "
-                "or the gunicorn worker): without it, waiting for Redis blocks the whole process"
-            )
+            raise NotMonkeyPatchedError(NOT_PATCHED_MESSAGE)
 
     def _forked(self) -> None:
         # In a child right after fork(): nothing here may switch greenlets.

@@ -21,6 +21,7 @@ __all__ = [
     "parse_params",
     "check_origin",
     "compile_origins",
+    "origin_refusal",
     "connect_info",
     "split_protocols",
     "AUTH_TOKEN_PREFIX",
@@ -378,6 +379,37 @@ def check_origin(environ: Mapping[str, Any], setting: OriginSetting, server_name
         if host == rule.host or (rule.wildcard and host.endswith("." + rule.host)):
             return True
     return False
+
+
+def origin_refusal(environ: Mapping[str, Any], setting: Any, what: str, path: str) -> str:
+    """The warning logged when ``check_origin`` refuses a request: what came, and the setting that allows it.
+
+    ``what`` names the transport ("WebSocket", "long-poll request") and
+    ``path`` the socket's mount path.
+    """
+    origin = str(environ.get("HTTP_ORIGIN"))
+    host = environ.get("HTTP_HOST", "")
+    head = f"phx_gevent: refused a {what} to {path} from origin {origin!r} (request Host {host!r})"
+    if origin == "null":
+        return (
+            f"{head}: browsers send 'null' for file:// pages and sandboxed iframes, which check_origin never "
+            "allows by name; serve the page over http(s), or pass a callable check_origin=f(origin, environ)"
+        )
+    if callable(setting) and setting is not True:
+        return f"{head}: your check_origin callable returned False for it"
+    if not _host_of(origin):
+        return f"{head}: the Origin header is not a URL"
+    why = (
+        "it is not in the check_origin list"
+        if isinstance(setting, list)
+        else ("check_origin=True allows only pages served from the socket's own host (or SERVER_NAME)")
+    )
+    return (
+        f"{head}: {why}. If that page is yours, allow it: "
+        f"endpoint.socket({path!r}, ..., check_origin=[{origin!r}]) "
+        f"(or Endpoint(app, check_origin=[...]) for every socket; '//{_host_of(origin)}' allows any scheme "
+        "and port). Behind a proxy, forward the browser's Host header instead (nginx: proxy_set_header Host $host)"
+    )
 
 
 def split_protocols(header: str | None) -> list[str]:

@@ -108,10 +108,16 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
     wsgi_handler = environ.get(ENVIRON_HANDLER)
     if wsgi_handler is None:
         log.error(
-            "phx_gevent: WebSocket request served without phx_gevent's WSGI handler; "
-            "run with phx_gevent.serve(app) or gunicorn -k phx_gevent.worker.GeventWebSocketWorker"
+            "phx_gevent: WebSocket request served without phx_gevent's WSGI handler (flask run, a plain "
+            "gevent WSGIServer and gunicorn's own workers cannot hand the socket over); run with "
+            "phx_gevent.serve(app) (reload=True for development), flask phx run, or gunicorn -k "
+            "phx_gevent.worker.GeventWebSocketWorker"
         )
-        return _empty(500, "WebSocket support needs phx_gevent's server or gunicorn worker")
+        return _empty(
+            500,
+            "WebSocket support needs phx_gevent's server or gunicorn worker: phx_gevent.serve(app), "
+            "flask phx run (not flask run), or gunicorn -k phx_gevent.worker.GeventWebSocketWorker",
+        )
     opts = mount.websocket
     assert opts is not None
     try:
@@ -120,7 +126,7 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
         return _empty(400, "bad query string")
     params.update(path_params)
     if not phx_http.check_origin(environ, mount.check_origin, mount.endpoint.server_name()):
-        log.warning("phx_gevent: refused WebSocket from origin %r", environ.get("HTTP_ORIGIN"))
+        log.warning("%s", phx_http.origin_refusal(environ, mount.check_origin, "WebSocket connection", mount.path))
         return _empty(403)
     protocols = phx_http.split_protocols(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
     token = None

@@ -154,7 +154,7 @@ class LongPoll:
         environ = request.environ
         # Phoenix checks the origin before anything, preflights included.
         if not phx_http.check_origin(environ, self.check_origin, mount.endpoint.server_name()):
-            log.warning("phx_gevent: refused long-poll request from origin %r", environ.get("HTTP_ORIGIN"))
+            log.warning("%s", phx_http.origin_refusal(environ, self.check_origin, "long-poll request", mount.path))
             return _json({"status": 403})
         # Idempotent; also brings a forked worker's node name up to date before tokens are compared.
         mount.pubsub.start()
