@@ -124,8 +124,8 @@ def test_the_quickstart_runs_as_written_and_phoenix_js_chats_through_it(program,
     refused = js.socket(url, {})
     js.wait(ev="error", socket=refused)
     # The app configured logging: connects, joins and the refusal (with the handler's name) are on stderr.
-    app.log.wait(r"INFO phx_gevent\.endpoint: CONNECTED TO UserSocket in .* \(path /socket, transport websocket")
-    app.log.wait(r"INFO phx_gevent\.endpoint: CONNECTED TO UserSocket in .* \(path /socket, transport longpoll")
+    app.log.wait(r"INFO phx_gevent\.mount: CONNECTED TO UserSocket in .* \(path /socket, transport websocket")
+    app.log.wait(r"INFO phx_gevent\.mount: CONNECTED TO UserSocket in .* \(path /socket, transport longpoll")
     app.log.wait(r"JOINED room:lobby in .* \(RoomChannel\)")
     app.log.wait(r"REFUSED CONNECTION TO UserSocket in .* transport websocket.*: UserSocket\.connect returned None")
     # A patched process starts without the unpatched warning.
