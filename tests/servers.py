@@ -69,6 +69,24 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "cond
         gevent.sleep(interval)
 
 
+class Recorder:
+    """An in-process listener on one topic of a PubSub node: records (event, payload) in order."""
+
+    def __init__(self, node: Any, topic: str) -> None:
+        self.got: list[tuple[str, Any]] = []
+        node.connect(self, topic)
+
+    def __call__(self, topic: str, event: str, payload: Any, from_: Any) -> None:
+        self.got.append((event, payload))
+
+    def events(self) -> list[str]:
+        return [e for e, _ in self.got]
+
+    def wait(self, n: int, timeout: float = 10.0) -> list[tuple[str, Any]]:
+        wait_until(lambda: len(self.got) >= n, timeout, f"{n} messages (have {self.events()[-5:]})")
+        return self.got
+
+
 class OutputLog:
     """Collects the lines a child process writes; tests wait for a line matching a regex."""
 

@@ -20,29 +20,11 @@ from phx_gevent.flow import flow
 from phx_gevent.pubsub import PubSub, codec
 from phx_gevent.pubsub.redis import RedisAdapter
 from phx_gevent.runtime import runtime
-from tests.servers import RedisServer, redis_server, wait_until  # noqa: F401
+from tests.servers import Recorder, RedisServer, redis_server, wait_until  # noqa: F401
 
 TIMEOUT = 10.0
 FAST = {"backoff": (0.05, 0.3)}
 _prefixes = itertools.count(1)
-
-
-class Recorder:
-    """An in-process listener on one topic: records (event, payload) in order."""
-
-    def __init__(self, node: PubSub, topic: str) -> None:
-        self.got: list[tuple[str, Any]] = []
-        node.connect(self, topic)
-
-    def __call__(self, topic: str, event: str, payload: Any, from_: Any) -> None:
-        self.got.append((event, payload))
-
-    def events(self) -> list[str]:
-        return [e for e, _ in self.got]
-
-    def wait(self, n: int, timeout: float = TIMEOUT) -> list[tuple[str, Any]]:
-        wait_until(lambda: len(self.got) >= n, timeout, f"{n} messages (have {self.events()})")
-        return self.got
 
 
 @pytest.fixture

@@ -11,23 +11,10 @@ import pytest
 from phx_gevent import supervise
 from phx_gevent.pubsub import PubSub, codec
 from phx_gevent.pubsub.redis import RedisAdapter
-from tests.servers import RedisServer, redis_server, wait_until  # noqa: F401
+from tests.servers import Recorder, RedisServer, redis_server, wait_until  # noqa: F401
 
 TIMEOUT = 10.0
 _prefixes = itertools.count(1)
-
-
-class Recorder:
-    def __init__(self, node: PubSub, topic: str) -> None:
-        self.got: list[tuple[str, Any]] = []
-        node.connect(self, topic)
-
-    def __call__(self, topic: str, event: str, payload: Any, from_: Any) -> None:
-        self.got.append((event, payload))
-
-    def wait(self, n: int) -> list[tuple[str, Any]]:
-        wait_until(lambda: len(self.got) >= n, TIMEOUT, f"{n} messages (have {self.got})")
-        return self.got
 
 
 @pytest.fixture
