@@ -26,6 +26,7 @@ example: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 # The long part of the reliability suite (docs/reliability.md): ~100,000 generated inputs through

@@ -1,8 +1,9 @@
 """A small chat on phx_gevent: ``python app_example.py`` serves it on http://127.0.0.1:4000.
 
 ``HOST`` and ``PORT`` override the address (``PORT=0`` picks a free port and
-prints it), ``REDIS_URL`` connects workers and machines through Redis, and
-``SECRET_KEY`` signs long-poll session tokens. Under gunicorn::
+prints it), ``REDIS_URL`` connects workers and machines through Redis,
+``SECRET_KEY`` signs long-poll session tokens (a development key otherwise), and
+``RELOAD=1`` restarts the server when the code changes. Under gunicorn::
 
     gunicorn -k phx_gevent.worker.GeventWebSocketWorker -w 1 app_example:app
 
@@ -21,7 +22,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from flask import Flask, Response, abort, request, send_file  # noqa: E402
+from flask import Flask, Response, abort, current_app, request, send_file  # noqa: E402
 
 from phx_gevent import (  # noqa: E402
     BroadcastTimeout,
@@ -33,7 +34,9 @@ from phx_gevent import (  # noqa: E402
     channel,
     error,
     ok,
+    refuse,
     stop,
+    token,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -49,6 +52,9 @@ INDEX_HTML = """<!doctype html>
   #log { border: 1px solid #ccc; height: 20rem; overflow-y: auto; padding: .5rem; margin: .5rem 0; }
   #log p { margin: .15rem 0; } .sys { color: #777; } .err { color: #b00; }
   form { display: flex; gap: .5rem; } input[type=text] { flex: 1; }
+  #status::before { content: "● "; color: #999; }
+  #status[data-state=open]::before { color: #1a7f37; } #status[data-state=reconnecting]::before { color: #d4a017; }
+  #status[data-state=closed]::before { color: #b00; }
 </style>
 </head>
 <body>
@@ -59,7 +65,9 @@ INDEX_HTML = """<!doctype html>
   <label><input id="longpoll" type="checkbox"> long-poll</label>
   <button>Join</button>
 </form>
+<div id="status" class="sys">not connected</div>
 <div id="online" class="sys"></div>
+<div id="online-note" class="sys"></div>
 <div id="log"></div>
 <form id="send">
   <input id="body" type="text" placeholder="message" maxlength="2000" disabled><button>Send</button>
@@ -77,15 +85,44 @@ function say(text, cls) {
 }
 
 let socket = null, channel = null;
+
+// The transport in use and the connection's state, live: connecting, open, reconnecting
+// (phoenix.js retries with backoff after a drop), closed (socket.disconnect()).
+// data-history keeps every state shown, for the tests.
+const status = document.getElementById("status");
+function watchConnection(s) {
+  const show = (state) => {
+    if (s !== socket) return;  // a replaced socket's late callbacks
+    const transport = s.transport === LongPoll ? "long-poll" : "WebSocket";
+    status.textContent = `transport: ${transport} · connection: ${state}`;
+    status.dataset.state = state;
+    status.dataset.history = ((status.dataset.history || "") + " " + state).trim();
+  };
+  show("connecting");
+  s.onOpen(() => show("open"));
+  // phoenix.js reconnects by itself after any close it did not ask for.
+  s.onClose(() => show(s.closeWasClean ? "closed" : "reconnecting"));
+}
+
+// A user listed twice is one person with two connections: another tab, or a tab
+// that was closed while on long-poll (its session lingers until it times out).
+function explainDuplicates(dupes) {
+  document.getElementById("online-note").textContent = dupes.length === 0 ? "" :
+    dupes.map(([user, n]) => `${user} (${n}): ${n} connections`).join(", ") +
+    ". Another tab, or a closed long-poll tab: its session stays until its timeout (15 to 30 s).";
+}
 document.getElementById("join").addEventListener("submit", (e) => {
   e.preventDefault();
   if (socket) socket.disconnect();
   const user = document.getElementById("user").value;
   const room = "room:" + document.getElementById("room").value;
   const opts = { params: { user } };
+  const pageToken = document.querySelector('meta[name="socket-token"]');
+  if (pageToken) opts.authToken = pageToken.content;  // checked by UserSocket.connect
   if (document.getElementById("longpoll").checked) opts.transport = LongPoll;
   socket = new Socket("/socket", opts);
   socket.onError(() => say("connection error", "err"));
+  watchConnection(socket);
   socket.connect();
   // Recovery (docs/recovery.md): the params function runs on every (re)join, so a rejoin
   // sends the offset of the last message seen; the first join asks for a backlog.
@@ -96,6 +133,7 @@ document.getElementById("join").addEventListener("submit", (e) => {
   presence.onSync(() => {
     const names = presence.list((user, { metas }) => metas.length > 1 ? `${user} (${metas.length})` : user);
     document.getElementById("online").textContent = "online: " + names.join(", ");
+    explainDuplicates(presence.list((user, { metas }) => [user, metas.length]).filter(([, n]) => n > 1));
   });
   channel.on("welcome", (m) => {
     // The replay comes between the join reply and this push.
@@ -210,7 +248,25 @@ class UserSocket(Socket):
         user = params.get("user")
         if not isinstance(user, str) or not 1 <= len(user) <= 64:
             return None  # refused: HTTP 403
+        if user.startswith("blocked"):
+            return refuse("blocked")  # refused with a reason: handle_error answers the handshake
+        page_token = connect_info.get("auth_token")
+        if page_token and has_real_secret(current_app):
+            # Optional: the page's token (see index()) must be ours and less than a day old.
+            try:
+                socket.assign(page=token.verify(socket, "example page", page_token, max_age=86400))
+            except token.TokenExpired:
+                return refuse("token expired")
+            except token.TokenError:
+                return refuse("invalid token")
         return socket.assign(user=user)
+
+    def handle_error(self, reason: Any) -> Response:
+        # Phoenix's transport :error_handler: the WebSocket handshake's answer to refuse(reason).
+        # (Long-poll clients get {"status": 403, "reason": reason}, which phoenix.js understands.)
+        if reason in ("blocked", "invalid token", "token expired"):
+            return Response(reason, status=401, headers={"WWW-Authenticate": 'Bearer realm="phx_gevent example"'})
+        return super().handle_error(reason)
 
     def id(self, socket: SocketState) -> str:
         return "user_socket:" + socket.assigns["user"]
@@ -244,9 +300,19 @@ def add_observability(endpoint: Endpoint) -> None:
         logging.getLogger(__name__).info("metrics off: pip install 'phx_gevent[metrics]'")
 
 
+# Signs long-poll session tokens (and the Flask session). A development value, so that `make example`
+# (and gunicorn -w 2 without SECRET_KEY) works out of the box: set SECRET_KEY for anything public.
+DEV_SECRET_KEY = "phx-gevent-example-development-key-not-secret"
+
+
+def has_real_secret(app: Flask) -> bool:
+    """A SECRET_KEY of the operator's (not the development one): the page tokens are on only then."""
+    return app.config.get("SECRET_KEY") not in (None, "", DEV_SECRET_KEY)
+
+
 def create_app() -> tuple[Flask, Endpoint]:
     app = Flask(__name__)
-    app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY")
+    app.config["SECRET_KEY"] = os.environ.get("SECRET_KEY") or DEV_SECRET_KEY
     endpoint = Endpoint(
         app,
         pubsub=os.environ.get("REDIS_URL") or None,
@@ -277,7 +343,12 @@ def create_app() -> tuple[Flask, Endpoint]:
 
     @app.get("/")
     def index() -> Response:
-        return Response(INDEX_HTML, mimetype="text/html")
+        html = INDEX_HTML
+        if has_real_secret(app):
+            # Hand the page a signed token; phoenix.js sends it back as authToken (checked in connect).
+            meta = f'<meta name="socket-token" content="{token.sign(app, "example page", "index")}">'
+            html = html.replace("<head>", "<head>\n" + meta, 1)
+        return Response(html, mimetype="text/html")
 
     @app.get("/assets/phoenix.mjs")
     def phoenix_js() -> Response:
@@ -321,12 +392,13 @@ app, endpoint = create_app()
 
 
 if __name__ == "__main__":
-    from phx_gevent import make_server
+    from phx_gevent import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = make_server(app, os.environ.get("HOST", "127.0.0.1"), int(os.environ.get("PORT", "4000")))
-    print(f"phx_gevent example listening on http://{server.server_host}:{server.server_port}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+    # Writes "phx_gevent: serving on http://HOST:PORT" to stderr; RELOAD=1 restarts on code changes.
+    serve(
+        app,
+        os.environ.get("HOST", "127.0.0.1"),
+        int(os.environ.get("PORT", "4000")),
+        reload=os.environ.get("RELOAD") == "1",
+    )

@@ -12,7 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     packages=find_packages(include=["phx_gevent", "phx_gevent.*"]),
-    package_data={"phx_gevent": ["static/*.html"]},
+    # PEP 561 (the public API is typed), and the dashboard's page.
+    package_data={"phx_gevent": ["py.typed", "static/*.html"]},
     python_requires=">=3.11",
     install_requires=[
         "gevent>=24.10.1",
@@ -24,7 +25,9 @@ setup(
     ],
     extras_require={
         "redis": ["redis>=5.0"],
-        "gunicorn": ["gunicorn>=23.0"],
+        # gunicorn's gevent worker (our worker's base) needs gunicorn's own
+        # "gevent" extra (it imports `packaging`).
+        "gunicorn": ["gunicorn[gevent]>=23.0"],
         "client": ["websocket-client>=1.6"],
         "metrics": ["prometheus_client>=0.17"],
     },

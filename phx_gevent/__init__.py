@@ -15,7 +15,9 @@ from .channel import (
     LEFT,
     NORMAL,
     SHUTDOWN,
+    TIMEOUT,
     Channel,
+    NoReply,
     Reply,
     SocketRef,
     Stop,
@@ -23,27 +25,35 @@ from .channel import (
     broadcast_from,
     error,
     is_graceful,
+    noreply,
     ok,
     push,
     reply,
     socket_ref,
     stop,
 )
-from .channel_server import Broadcast
+from .channels.process import Broadcast, CallFrom
 from .emitter import Emitter
 from .endpoint import Endpoint
 from .errors import (
     BroadcastTimeout,
     CallbackReturnError,
+    CallTimeout,
     ChannelError,
+    ChannelExited,
     EmitterError,
     EmitterUnavailable,
+    NotMonkeyPatchedError,
     PayloadError,
     PhxError,
+    TokenError,
+    TokenExpired,
+    TokenInvalid,
+    TokenMissing,
 )
 from .presence import Presence
 from .server import make_server, serve
-from .socket import Socket, SocketState, channel
+from .socket import Refuse, Socket, SocketState, channel, refuse
 from .transports.http import csrf_token
 
 __version__ = "0.1.0"
@@ -52,9 +62,12 @@ __all__ = [
     "Broadcast",
     "BroadcastTimeout",
     "CLOSED",
+    "CallFrom",
+    "CallTimeout",
     "CallbackReturnError",
     "Channel",
     "ChannelError",
+    "ChannelExited",
     "DISCONNECTED",
     "DRAINING",
     "DUPLICATE_JOIN",
@@ -65,15 +78,23 @@ __all__ = [
     "INACTIVE",
     "LEFT",
     "NORMAL",
+    "NoReply",
+    "NotMonkeyPatchedError",
     "PayloadError",
     "PhxError",
     "Presence",
+    "Refuse",
     "Reply",
     "SHUTDOWN",
     "Socket",
     "SocketRef",
     "SocketState",
     "Stop",
+    "TIMEOUT",
+    "TokenError",
+    "TokenExpired",
+    "TokenInvalid",
+    "TokenMissing",
     "broadcast",
     "broadcast_from",
     "channel",
@@ -81,8 +102,10 @@ __all__ = [
     "error",
     "is_graceful",
     "make_server",
+    "noreply",
     "ok",
     "push",
+    "refuse",
     "reply",
     "serve",
     "socket_ref",

@@ -24,8 +24,14 @@ What a callback may return:
 
 * ``join``: :func:`ok` or :func:`error` (explicitly; ``None`` is an error);
 * ``handle_in``: ``None`` (no reply), a :class:`Reply` (``ok(...)``,
-  ``error(...)`` or ``Reply(status, response)``), or :func:`stop`;
-* ``handle_out`` and ``handle_info``: ``None`` or :func:`stop`.
+  ``error(...)`` or ``Reply(status, response)``), :func:`noreply`, or :func:`stop`;
+* ``handle_out``, ``handle_info`` and ``handle_cast``: ``None``, :func:`noreply` or :func:`stop`;
+* ``handle_call``: the reply to the caller (any value), :func:`noreply` to
+  answer later with ``from_.reply(value)``, or :func:`stop`.
+
+``noreply(timeout=seconds)`` is Phoenix's ``{:noreply, socket, timeout}``:
+if no other message reaches the channel within ``timeout`` seconds,
+``handle_info(TIMEOUT, socket)`` runs (``TIMEOUT == "timeout"``).
 
 Anything else ends the channel with a :class:`~phx_gevent.errors.CallbackReturnError`
 that names what was expected and what came (the client gets ``phx_error``).
@@ -44,10 +50,13 @@ __all__ = [
     "Channel",
     "Reply",
     "Stop",
+    "NoReply",
     "SocketRef",
     "ok",
     "error",
     "stop",
+    "noreply",
+    "TIMEOUT",
     "push",
     "reply",
     "broadcast",
@@ -102,7 +111,9 @@ def is_graceful(reason: Any) -> bool:
 class Reply(NamedTuple):
     """A reply: ``{"status": status, "response": response}`` on the wire.
 
-    ``response`` may be any JSON value, or ``bytes`` for a binary reply.
+    ``response`` may be any JSON value, or ``bytes`` for a binary reply;
+    ``None`` (a bare status such as ``Reply("noop")``) is sent as ``{}``, as
+    Phoenix sends ``{:reply, :noop, socket}``.
     """
 
     status: str
@@ -114,6 +125,30 @@ class Stop(NamedTuple):
 
     reason: Any
     reply: Reply | None = None
+
+
+class NoReply(NamedTuple):
+    """No reply now (Phoenix's ``{:noreply, socket}``), optionally with an idle ``timeout`` in seconds."""
+
+    timeout: float | None = None
+
+
+#: The message ``handle_info`` gets when a :func:`noreply` timeout expires (Phoenix's ``:timeout``).
+TIMEOUT = "timeout"
+
+
+def noreply(timeout: float | None = None) -> NoReply:
+    """Return from a callback to send nothing (as ``None``), with an optional idle timeout.
+
+    With ``timeout`` (seconds), ``handle_info(TIMEOUT, socket)`` runs unless
+    another message reaches the channel first (Phoenix's
+    ``{:noreply, socket, timeout}``). From ``handle_call`` it means "no reply
+    yet": answer later with ``from_.reply(value)``. Raises ``ValueError`` for
+    a negative timeout.
+    """
+    if timeout is not None and not timeout >= 0:
+        raise ValueError(f"noreply timeout must be >= 0 seconds, got {timeout!r}")
+    return NoReply(timeout)
 
 
 def ok(response: Any = None) -> Reply:
@@ -159,6 +194,7 @@ def socket_ref(socket: SocketState) -> SocketRef:
         raise ChannelError("socket_ref is only available after the join")
     if socket.ref is None:
         raise ChannelError("socket_ref needs a message with a ref (use it inside handle_in)")
+    assert socket.topic is not None  # joined
     return SocketRef(socket.private, socket.topic, socket.join_ref, socket.ref)
 
 
@@ -167,7 +203,9 @@ def reply(ref: SocketRef, result: Reply | str) -> None:
 
     ``result`` is ``ok(...)``, ``error(...)``, a :class:`Reply`, or a bare
     status string (response ``{}``). Safe from any greenlet. Raises
-    ``TypeError`` when the response cannot be encoded; nothing is sent then.
+    ``TypeError`` for any other ``result`` or a response JSON cannot hold
+    (bytes inside it), :class:`~phx_gevent.serializers.EncodeError` when the
+    binary layout cannot carry it (a field over 255 bytes); nothing is sent then.
     """
     if isinstance(result, str):
         result = Reply(result, {})
@@ -190,8 +228,11 @@ def _require_joined(socket: SocketState, what: str) -> None:
 def push(socket: SocketState, event: str, payload: Any) -> None:
     """Send ``event`` with ``payload`` (a dict, or bytes for a binary frame) to this client.
 
-    Raises :class:`~phx_gevent.errors.ChannelError` inside ``join`` and
-    ``TypeError`` for a payload that cannot be encoded.
+    Raises :class:`~phx_gevent.errors.ChannelError` inside ``join``,
+    ``TypeError`` for an event that is not a string,
+    :class:`~phx_gevent.serializers.EncodeError` (a ``ValueError``) for a
+    payload that is neither a dict nor bytes, and ``TypeError``/``OverflowError``
+    for values inside it that JSON cannot hold (bytes, NaN); nothing is sent then.
     """
     _require_joined(socket, "push")
     if not isinstance(event, str):
@@ -261,13 +302,40 @@ class Channel:
         push(socket, event, payload)
         return None
 
-    def handle_info(self, message: Any, socket: SocketState) -> Stop | None:
-        """Handle a message sent with ``socket.channel_pid.send(message)``; the default logs it."""
+    def handle_info(self, message: Any, socket: SocketState) -> Stop | NoReply | None:
+        """Handle a message sent with ``socket.channel_pid.send(message)``; the default logs it.
+
+        Also receives :data:`TIMEOUT` after ``noreply(timeout=...)``, and
+        :class:`~phx_gevent.Broadcast` for topics subscribed with ``endpoint.subscribe``.
+        """
         log.warning("%s received an unexpected message in handle_info: %r", type(self).__name__, message)
         return None
 
+    def handle_call(self, message: Any, from_: Any, socket: SocketState) -> Any:
+        """Answer ``socket.channel_pid.call(message)`` (GenServer's ``handle_call``).
+
+        Return the reply (any value, ``None`` included), :func:`noreply` to
+        answer later with ``from_.reply(value)`` (from any greenlet), or
+        :func:`stop` (the caller gets :class:`~phx_gevent.errors.ChannelExited`
+        unless ``from_.reply`` was called first). The default raises, which
+        crashes the channel, as a missing clause does in Phoenix.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no handle_call for {message!r}")
+
+    def handle_cast(self, message: Any, socket: SocketState) -> Stop | NoReply | None:
+        """Handle ``socket.channel_pid.cast(message)`` (GenServer's ``handle_cast``); like ``handle_info``.
+
+        The default raises, which crashes the channel, as in Phoenix.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no handle_cast for {message!r}")
+
     def terminate(self, reason: Any, socket: SocketState) -> None:
-        """Called once when a joined channel ends, with one of the reason constants or the exception."""
+        """Called once when a channel ends, with one of the reason constants or the exception.
+
+        Also after a refused join (``join`` returned ``error(...)``) with
+        :data:`SHUTDOWN`, and after a crashed join with the exception, as
+        Phoenix does; not after a join that timed out (its greenlet was killed).
+        """
 
     # Convenience wrappers, so callbacks can write ``self.push(socket, ...)``.
 

@@ -28,14 +28,18 @@ import gevent
 
 from . import memory, supervise, telemetry
 from .channel import CLOSED, DISCONNECTED, DRAINING, DUPLICATE_JOIN
-from .channel_server import ChannelProcess
+from .channels.process import ChannelProcess
+from .contracts import Transport
 from .flow import flow
 from .pubsub.local import ALL_EVENTS
 from .serializers import Message, Serializer
 from .socket import SocketState
+from .transports.frames import CLOSE_GOING_AWAY, CLOSE_SERVICE_RESTART  # close codes live in one place
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .endpoint import SocketMount
+    from .endpoint import Endpoint
+    from .mount import SocketMount
+    from .pubsub.local import PubSub
 
 __all__ = ["Connection"]
 
@@ -43,10 +47,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two tracebacks caused by one connection (see :meth:`Connection.log_error`).
 ERROR_LOG_INTERVAL = 10.0
-
-# Close codes (PROTOCOL.md 3.8).
-CLOSE_GOING_AWAY = 1001
-CLOSE_SERVICE_RESTART = 1012
 
 
 class _IdSubscription:
@@ -85,11 +85,13 @@ class Connection:
         "close_reason",
         "_id_sub",
         "log_level",
+        "max_mailbox",
+        "mailbox_timeout",
         "_errlog",
         "__weakref__",
     )
 
-    def __init__(self, mount: SocketMount, socket: SocketState, serializer: Serializer, transport: Any) -> None:
+    def __init__(self, mount: SocketMount, socket: SocketState, serializer: Serializer, transport: Transport) -> None:
         self.mount = mount
         self.handler = mount.handler
         self.socket = socket
@@ -103,12 +105,31 @@ class Connection:
         self.close_reason: Any = CLOSED
         self._id_sub: _IdSubscription | None = None
         self.log_level = mount.log_level
+        #: The socket handler's mailbox limits, for this connection's channels (read once).
+        self.max_mailbox = self.handler.max_mailbox
+        self.mailbox_timeout = self.handler.mailbox_timeout
         self._errlog: supervise.LogLimiter | None = None
         socket.private = self
         socket.transport_pid = self
 
     def __repr__(self) -> str:
         return f"<Connection id={self.socket.id!r} transport={self.transport.name} channels={len(self.channels)}>"
+
+    # -- what the channel runtime uses ------------------------------------------------------
+
+    @property
+    def pubsub(self) -> PubSub:
+        """The PubSub this connection's channels subscribe through (its mount's)."""
+        return self.mount.pubsub
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The endpoint this connection came through."""
+        return self.mount.endpoint
+
+    def send_encoded(self, data: str | bytes) -> None:
+        """Queue one message the serializer already encoded."""
+        self.transport.send(data)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -127,7 +148,7 @@ class Connection:
         if reason is None:
             reason = self.close_reason
         self.mount.connections.discard(self)
-        if self._id_sub is not None:
+        if self._id_sub is not None and self.socket.id is not None:
             self.mount.pubsub.unsubscribe(self.socket.id, self._id_sub)
             self._id_sub = None
         channels = list(self.channels.values())
@@ -165,8 +186,11 @@ class Connection:
     def send_reply(self, join_ref: Any, ref: Any, topic: str, status: str, response: Any) -> None:
         """Encode and queue a ``phx_reply``; raises when the response cannot be encoded.
 
+        A ``None`` response (a bare status, ``Reply("noop")``) goes out as ``{}``, as in Phoenix.
         Waits (see :meth:`wait_room`) while the connection's output is above its soft cap.
         """
+        if response is None:
+            response = {}
         data = self.serializer.encode_reply(join_ref, ref, topic, status, response)
         if getattr(self.writer, "qbytes", 0) > flow.connection_limit or flow.queued > flow.high_water:
             self.wait_room()

@@ -133,7 +133,7 @@ class Emitter:
             redis_kwargs["protocol"] = 2
             redis_kwargs["retry"] = Retry(NoBackoff(), 0)
             redis_kwargs.setdefault("client_name", f"{prefix}:emitter")
-            self._pool = redis.BlockingConnectionPool.from_url(
+            self._pool: redis.ConnectionPool = redis.BlockingConnectionPool.from_url(
                 redis_url, max_connections=int(max_connections), timeout=max(self.timeout, 0.1), **redis_kwargs
             )
             self._own_pool = True

@@ -12,22 +12,25 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterable, Mapping
-from time import perf_counter
 from typing import Any
 
 from flask import Blueprint, Flask, Response, request
-from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from . import telemetry
-from .channel_server import ChannelProcess, Partitions
+from . import options
+from .channels.process import ChannelProcess
+from .contracts import Subscriber
 from .flow import flow
+from .mount import SocketMount, _log_level
+from .options import DrainerOptions, LongPollOptions, WebSocketOptions
 from .pubsub import Adapter, PubSub
-from .serializers import Serializer
+from .runtime import runtime
+from .serializers import V1, V2, Serializer
 from .socket import Socket, SocketState
 from .transports import http as phx_http
-from .transports.websocket import WebSocketOptions, handshake
+from .transports.websocket import handshake
 
-__all__ = ["Endpoint", "SocketMount"]
+__all__ = ["Endpoint", "SocketMount"]  # SocketMount lives in mount.py (Flask-free)
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +40,6 @@ _ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRA
 
 #: Endpoints alive in this process (the gunicorn worker drains them at shutdown).
 endpoints: weakref.WeakSet[Endpoint] = weakref.WeakSet()
-
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-
-
-def _log_level(value: Any) -> int | None:
-    if value is False or value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in _LEVELS:
-        return _LEVELS[value.lower()]
-    raise ValueError(f"log must be a level name ('debug', 'info', ...), a logging level, or False; got {value!r}")
 
 
 def _flask_path(path: str) -> tuple[str, list[str]]:
@@ -62,113 +53,6 @@ def _flask_path(path: str) -> tuple[str, list[str]]:
         else:
             segments.append(seg)
     return "/".join(segments), names
-
-
-class SocketMount:
-    """One ``endpoint.socket(path, Handler, ...)``: the handler, its options, its connections."""
-
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        path: str,
-        handler: Socket,
-        *,
-        websocket: WebSocketOptions | None,
-        longpoll: Mapping[str, Any] | None,
-        auth_token: bool,
-        check_origin: Any,
-        connect_info: list[Any],
-        log_level: int | None,
-        partitions: int | None,
-        join_timeout: float | None,
-        drainer: Mapping[str, Any] | None,
-        check_csrf: bool = True,
-        csrf_token_key: str = "_csrf_token",
-    ) -> None:
-        self.endpoint = endpoint
-        self.path = path
-        self.handler = handler
-        self.websocket = websocket
-        self.longpoll_options = longpoll
-        self.longpoll: Any = None
-        self.auth_token = auth_token
-        self.check_origin = check_origin
-        self.connect_info = connect_info
-        self.log_level = log_level
-        self.partitions = Partitions(partitions)
-        self.join_timeout = join_timeout
-        self.drainer = drainer
-        self.check_csrf = check_csrf
-        self.csrf_token_key = csrf_token_key
-        #: Live connections of this mount (WebSocket and long-poll).
-        self.connections: set[Any] = set()
-
-    @property
-    def pubsub(self) -> PubSub:
-        return self.endpoint.pubsub
-
-    def build_connect_info(
-        self, environ: Mapping[str, Any], params: Mapping[str, Any], keys: list[Any], extra: Mapping[str, Any] | None
-    ) -> dict[str, Any]:
-        """``connect_info`` for a connection of this mount (inside the handshake's request)."""
-        return phx_http.connect_info(
-            environ, keys, extra, params=params, check_csrf=self.check_csrf, csrf_token_key=self.csrf_token_key
-        )
-
-    def new_socket(self, transport: str, serializer: Serializer) -> SocketState:
-        """A fresh socket struct for a connection being established."""
-        self.endpoint.pubsub.start()
-        if self.endpoint.observer is not None:
-            self.endpoint.observer.ensure_started()
-        return SocketState(
-            endpoint=self.endpoint,
-            handler=self.handler,
-            transport=transport,
-            serializer=serializer,
-            pubsub_server=self.endpoint.pubsub,
-        )
-
-    def log(
-        self,
-        what: str,
-        transport: str,
-        params: Mapping[str, Any],
-        started: float | None = None,
-        socket: SocketState | None = None,
-    ) -> None:
-        """Log a connect outcome (``"connected"``/``"refused"``) at the mount's ``log`` level, emit the event.
-
-        ``started`` is the ``time.perf_counter()`` before ``connect`` ran. The
-        log shows the params' names, never their values.
-        """
-        duration = 0.0 if started is None else perf_counter() - started
-        if telemetry.socket_connected.receivers:
-            telemetry.emit(
-                telemetry.socket_connected,
-                self.endpoint,
-                {"duration": duration},
-                {
-                    "endpoint": self.endpoint,
-                    "mount": self.path,
-                    "handler": type(self.handler).__name__,
-                    "transport": transport,
-                    "serializer": "{}.{}".format(*socket.serializer.version) if socket is not None else None,
-                    "result": "ok" if what == "connected" else "error",
-                    "socket_id": socket.id if socket is not None else None,
-                    "params": sorted(str(k) for k in params),
-                },
-            )
-        if self.log_level is not None and log.isEnabledFor(self.log_level):
-            log.log(
-                self.log_level,
-                "%s %s in %s (path %s, transport %s, params: %s)",
-                "CONNECTED TO" if what == "connected" else "REFUSED CONNECTION TO",
-                type(self.handler).__name__,
-                telemetry.format_duration(duration),
-                self.path,
-                transport,
-                ", ".join(sorted(str(k) for k in params)),
-            )
 
 
 class Endpoint:
@@ -188,10 +72,14 @@ class Endpoint:
         (``"//example.com"``, ``"https://*.example.com"``), or a callable
         ``f(origin, environ) -> bool``.
     ``max_queued_bytes``, ``broadcast_timeout``, ``max_connection_queue_bytes``, ``slow_client_timeout``, ``sndbuf``
-        The process-wide overload policy (:mod:`phx_gevent.flow`).
+        The process-wide overload policy (:mod:`phx_gevent.flow`). Process-wide
+        means shared: this endpoint owns the values it passes while it lives
+        (:mod:`phx_gevent.runtime`), and a second endpoint passing a different
+        value raises :class:`~phx_gevent.options.ConfigurationError` instead of
+        retuning the first.
     ``max_incomplete_input_bytes``, ``input_timeout``
         The process-wide bound on inputs still arriving: memory and time
-        (:mod:`phx_gevent.flow`, docs/reliability.md).
+        (:mod:`phx_gevent.flow`, docs/reliability.md); owned the same way.
     ``allowed_hosts``
         ``None`` (default: any ``Host``) or the host names the app answers;
         any other ``Host`` gets 400 before a view runs, sockets included
@@ -236,7 +124,8 @@ class Endpoint:
         self.name = name
         self.pubsub = self._make_pubsub(pubsub, pubsub_prefix)
         self.check_origin = self._compile_origin(check_origin)
-        flow.configure(
+        runtime.claim(
+            self,
             max_queued_bytes=max_queued_bytes,
             broadcast_timeout=broadcast_timeout,
             max_connection_queue_bytes=max_connection_queue_bytes,
@@ -252,6 +141,7 @@ class Endpoint:
         self.mounts: list[SocketMount] = []
         self.apps: list[Flask] = []
         self._paths: list[str] = []
+        self._missed: set[str] = set()
         #: True once a shutdown drain began (readiness answers 503).
         self.draining = False
         #: The stats sampler behind metrics and the dashboard (:mod:`phx_gevent.observe`), once enabled.
@@ -275,12 +165,8 @@ class Endpoint:
         raise TypeError(f"pubsub must be None, a Redis URL, an Adapter or a PubSub; got {pubsub!r}")
 
     @staticmethod
-    def _compile_origin(setting: Any) -> Any:
-        if setting is True or setting is False or callable(setting):
-            return setting
-        if isinstance(setting, str):
-            setting = [setting]
-        return phx_http.compile_origins(setting)
+    def _compile_origin(setting: Any) -> phx_http.OriginSetting:
+        return phx_http.compile_check_origin(setting)
 
     # -- Flask integration --------------------------------------------------------------
 
@@ -291,6 +177,16 @@ class Endpoint:
         app.register_error_handler(MethodNotAllowed, self._method_not_allowed)
         if self.allowed_hosts is not None or self.trusted_proxies:
             app.before_request(self._check_request)
+        # A misspelled socket URL otherwise gives a bare 404 and phoenix.js
+        # retries forever. An app's own 404 handler is left alone (one
+        # registered later replaces this one anyway).
+        if not app.error_handler_spec.get(None, {}).get(404):
+            app.register_error_handler(NotFound, self._not_found)
+        # `flask phx run`: Flask's own `flask run` cannot serve our WebSockets.
+        from .cli import phx
+
+        if "phx" not in app.cli.commands:
+            app.cli.add_command(phx)
         self.apps.append(app)
 
     def _check_request(self) -> Any:
@@ -313,6 +209,32 @@ class Endpoint:
             return Response(status=400)
         return exc
 
+    def _not_found(self, exc: NotFound) -> Any:
+        path = request.path
+        hint = self.socket_path_hint(path)
+        if hint is None:
+            return exc
+        if len(self._missed) < 100 and path not in self._missed:
+            self._missed.add(path)  # once per path: phoenix.js retries it every few seconds
+            log.warning("%s", hint)
+        return Response(hint + "\n", status=404, mimetype="text/plain")
+
+    def socket_path_hint(self, path: str) -> str | None:
+        """For a 404 on a path that looks like a socket URL, a message listing the mounted socket URLs.
+
+        ``None`` when ``path`` does not look like one (it neither ends with
+        ``/websocket`` or ``/longpoll`` nor lies under a mounted socket's path).
+        """
+        prefixes = [m.path.split("/:", 1)[0].rstrip("/") + "/" for m in self.mounts]
+        if not (path.endswith(("/websocket", "/longpoll")) or any(path.startswith(p) for p in prefixes)):
+            return None
+        urls = ", ".join(dict.fromkeys(self._paths)) or "none"
+        return (
+            f"phx_gevent: no socket at {path}. Mounted socket URLs: {urls}. phoenix.js adds /websocket or "
+            '/longpoll itself: give new Socket() the mount path (new Socket("/socket") for '
+            'endpoint.socket("/socket", ...)), not the full URL'
+        )
+
     def server_name(self) -> str | None:
         """The ``SERVER_NAME`` of the first app, used by the default origin check."""
         for app in self.apps:
@@ -333,23 +255,26 @@ class Endpoint:
         path: str,
         handler: type[Socket] | Socket,
         *,
-        websocket: bool | Mapping[str, Any] = True,
-        longpoll: bool | Mapping[str, Any] = False,
+        websocket: bool | Mapping[str, Any] | WebSocketOptions = True,
+        longpoll: bool | Mapping[str, Any] | LongPollOptions = False,
         auth_token: bool = False,
         check_origin: Any = None,
         connect_info: Iterable[Any] = (),
         log: str | int | bool = "info",
         partitions: int | None = None,
         join_timeout: float | None = 10.0,
-        drainer: bool | Mapping[str, Any] = True,
+        drainer: bool | Mapping[str, Any] | DrainerOptions = True,
         check_csrf: bool = True,
         csrf_token_key: str = "_csrf_token",
+        serializers: Iterable[Serializer] = (V1, V2),
+        error_handler: Any = None,
     ) -> SocketMount:
         """Mount a socket handler at ``path`` (``<path>/websocket``, ``<path>/longpoll``).
 
-        ``websocket``: ``True``, ``False`` or options (see
-        :class:`~phx_gevent.transports.websocket.WebSocketOptions`).
-        ``longpoll``: ``False`` (default), ``True`` or options.
+        ``websocket``: ``True``, ``False`` or options (a dict or
+        :class:`~phx_gevent.options.WebSocketOptions`).
+        ``longpoll``: ``False`` (default), ``True`` or options
+        (:class:`~phx_gevent.options.LongPollOptions`).
         ``auth_token``: expose phoenix.js's ``authToken`` as
         ``connect_info["auth_token"]``. ``check_origin``: overrides the
         endpoint's. ``connect_info``: keys to collect (``"peer_data"``,
@@ -363,9 +288,19 @@ class Endpoint:
         action logs, or ``False``.
         ``partitions``: channel pools (default: usable cores).
         ``join_timeout``: seconds a ``join`` may take. ``drainer``: ``False``
-        or ``{"batch_size", "batch_interval", "shutdown"}`` for shutdown drains.
+        or ``{"batch_size", "batch_interval", "shutdown"}`` for shutdown drains
+        (only connections with joined channels are drained, as in Phoenix;
+        :class:`~phx_gevent.options.DrainerOptions`). Times are in seconds
+        (long-poll's ``*_ms`` in milliseconds, as in Phoenix).
+        ``serializers``: the wire versions clients may ask for with ``vsn``
+        (Phoenix's ``serializer:`` option; default both ``V1`` and ``V2``).
+        ``error_handler``: ``f(reason) -> response`` for connects refused with
+        :func:`~phx_gevent.refuse` (Phoenix's ``:error_handler``); default
+        the handler's :meth:`~phx_gevent.Socket.handle_error` (403).
 
-        Raises ``ValueError``/``TypeError`` for bad options.
+        Raises ``ValueError``/``TypeError`` for bad options: unknown option
+        names and implausible values (a time in milliseconds where seconds are
+        expected) raise :class:`~phx_gevent.options.ConfigurationError`, which is both.
         """
         if isinstance(handler, type):
             if not issubclass(handler, Socket):
@@ -376,26 +311,21 @@ class Endpoint:
         if not path.startswith("/"):
             raise ValueError(f"socket path must start with '/', got {path!r}")
         path = path.rstrip("/") or "/"
-        ws_opts = None
-        if websocket:
-            ws_opts = WebSocketOptions(**(websocket if isinstance(websocket, Mapping) else {}))
-        lp_opts = None
-        if longpoll:
-            lp_opts = dict(longpoll) if isinstance(longpoll, Mapping) else {}
-        keys = list(connect_info)
-        for key in keys:
-            if not isinstance(key, Mapping) and key not in phx_http.CONNECT_INFO_KEYS:
-                raise ValueError(f"unknown connect_info key {key!r}; known: {sorted(phx_http.CONNECT_INFO_KEYS)}")
+        ws_opts = options.parse(WebSocketOptions, websocket, "websocket")
+        lp_opts = options.parse(LongPollOptions, longpoll, "longpoll")
+        drain_opts = options.parse(DrainerOptions, drainer, "drainer")
+        join_timeout = options.check_seconds("join_timeout", join_timeout, optional=True)
+        keys = options.check_connect_info(connect_info)
         origin = self.check_origin if check_origin is None else self._compile_origin(check_origin)
         if origin is False and not check_csrf:
             raise ValueError("check_origin=False and check_csrf=False together leave the socket open to cross-site use")
         if not isinstance(csrf_token_key, str) or not csrf_token_key:
             raise ValueError(f"csrf_token_key must be a non-empty string, got {csrf_token_key!r}")
-        if drainer is True:
-            drainer = {}
-        drain_opts = (
-            None if drainer is False else {"batch_size": 10_000, "batch_interval": 2.0, "shutdown": 30.0, **drainer}
-        )
+        serializer_list = tuple(serializers)
+        if not serializer_list or not all(isinstance(x, Serializer) for x in serializer_list):
+            raise TypeError(f"serializers must be a non-empty list of Serializer objects, got {serializers!r}")
+        if error_handler is not None and not callable(error_handler):
+            raise TypeError(f"error_handler must be callable, got {error_handler!r}")
         mount = SocketMount(
             self,
             path,
@@ -411,6 +341,8 @@ class Endpoint:
             drainer=drain_opts,
             check_csrf=bool(check_csrf),
             csrf_token_key=csrf_token_key,
+            serializers=serializer_list,
+            error_handler=error_handler,
         )
         for route in getattr(handler, "channels", ()):
             if getattr(route, "history", None) is not None:
@@ -435,15 +367,23 @@ class Endpoint:
         # Werkzeug lets WebSocket rules take only GET/HEAD/OPTIONS; the plain
         # twin of the rule takes every other method and answers 400.
         methods = ["GET", "HEAD", "OPTIONS"] if websocket else _ALL_METHODS
-        options = {"methods": methods, "websocket": websocket, "provide_automatic_options": False}
         self._paths.append(rule)
         if not self.apps:
-            self.blueprint.add_url_rule(rule, name, view, **options)
+            self.blueprint.add_url_rule(
+                rule, name, view, methods=methods, websocket=websocket, provide_automatic_options=False
+            )
             return
         # The blueprint is already registered: Flask forbids adding to it, so
         # the rule goes on each app under the blueprint's endpoint name.
         for app in self.apps:
-            app.add_url_rule(rule, f"{self.blueprint.name}.{name}", view, **options)
+            app.add_url_rule(
+                rule,
+                f"{self.blueprint.name}.{name}",
+                view,
+                methods=methods,
+                websocket=websocket,
+                provide_automatic_options=False,
+            )
 
     # -- broadcasting -------------------------------------------------------------------
 
@@ -483,11 +423,11 @@ class Endpoint:
         self.pubsub.start()
         return self.pubsub.history(topic, since, limit)
 
-    def subscribe(self, topic: str, subscriber: Any) -> None:
+    def subscribe(self, topic: str, subscriber: Subscriber) -> None:
         """Subscribe to ``topic`` in this process.
 
         ``subscriber`` is a channel's socket (broadcasts then arrive in its
-        ``handle_info`` as :class:`~phx_gevent.channel_server.Broadcast`), or
+        ``handle_info`` as :class:`~phx_gevent.channels.process.Broadcast`), or
         a callable ``f(topic, event=..., payload=..., from_=...)`` run in the
         broadcaster's greenlet (keep it short).
         """
@@ -499,7 +439,7 @@ class Endpoint:
         else:
             raise TypeError(f"subscribe expects a channel socket or a callable, got {subscriber!r}")
 
-    def unsubscribe(self, topic: str, subscriber: Any) -> None:
+    def unsubscribe(self, topic: str, subscriber: Subscriber) -> None:
         """Undo :meth:`subscribe`."""
         owner = _owner(subscriber)
         if isinstance(owner, ChannelProcess):

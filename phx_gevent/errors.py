@@ -8,6 +8,13 @@ __all__ = [
     "ChannelError",
     "CallbackReturnError",
     "ConnectionOverloaded",
+    "CallTimeout",
+    "ChannelExited",
+    "TokenError",
+    "TokenExpired",
+    "TokenInvalid",
+    "TokenMissing",
+    "NotMonkeyPatchedError",
     "EmitterError",
     "EmitterUnavailable",
     "PayloadError",
@@ -15,7 +22,13 @@ __all__ = [
 
 
 class PhxError(Exception):
-    """Base class of every phx_gevent exception."""
+    """Base class of every phx_gevent exception.
+
+    Those that are also ``ValueError``, ``TypeError`` or ``AssertionError``
+    (:class:`~phx_gevent.serializers.EncodeError`, :class:`CallbackReturnError`,
+    :class:`~phx_gevent.testing.ConnectRefused`, ...) keep that base too, so
+    ``except ValueError`` in applications still catches them.
+    """
 
 
 class BroadcastTimeout(PhxError):
@@ -39,6 +52,51 @@ class ConnectionOverloaded(PhxError):
     """A client sends faster than its channel handles messages (``Socket.max_mailbox``).
 
     The transport closes the connection with 1008 (policy violation).
+    """
+
+
+class CallTimeout(PhxError):
+    """``channel_pid.call(...)`` got no reply within its timeout (Elixir's ``GenServer.call`` exit ``:timeout``).
+
+    The message may still be handled later; its reply is then dropped.
+    """
+
+
+class ChannelExited(PhxError):
+    """The channel of a ``call`` ended (or had already ended) before replying.
+
+    ``reason`` is the channel's terminate reason when known (``None`` if it
+    was already gone when the call was made).
+    """
+
+    def __init__(self, message: str, reason: object = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TokenError(PhxError):
+    """Base of the :func:`phx_gevent.token.verify` failures (Phoenix.Token's ``{:error, _}``)."""
+
+
+class TokenMissing(TokenError):
+    """No token was given (``None`` or empty): Phoenix.Token's ``{:error, :missing}``."""
+
+
+class TokenInvalid(TokenError):
+    """The token is malformed, or signed with another secret or salt: ``{:error, :invalid}``."""
+
+
+class TokenExpired(TokenError):
+    """The token's signature is valid but it is older than ``max_age``: ``{:error, :expired}``."""
+
+
+class NotMonkeyPatchedError(PhxError, RuntimeError):
+    """Something that needs gevent's monkey-patching was started in a process that is not patched.
+
+    Raised by the Redis adapter (and by :func:`~phx_gevent.serve` /
+    :func:`~phx_gevent.make_server` when an endpoint uses it): without
+    patching, its greenlets would wait for Redis on blocking sockets and
+    stall the whole process. The message names the fix.
     """
 
 

@@ -4,7 +4,9 @@ Every writer adds what it queues to :attr:`FlowControl.queued` and subtracts
 what it sends or drops. Broadcasters call :meth:`FlowControl.wait` first, so
 a producer faster than delivery slows down instead of growing memory.
 
-Settings (``Endpoint(...)`` keyword arguments, process-wide):
+Settings (``Endpoint(...)`` keyword arguments, process-wide; owned by
+:data:`phx_gevent.runtime.runtime`: a second endpoint cannot change a value
+another living endpoint set):
 
 ``max_queued_bytes``
     While more bytes than this wait in writers' queues, broadcasts block until
@@ -43,7 +45,7 @@ Settings (``Endpoint(...)`` keyword arguments, process-wide):
 ``direct_send`` (``flow.configure(direct_send=...)``)
     ``True`` (default): while the flusher is idle, a connection's first frame
     is sent at once from the fan-out (or the reply), up to
-    ``writer.DIRECT_BUDGET`` frames per ``writer.DIRECT_PERIOD`` for the whole
+    ``runtime.direct_max`` frames per ``runtime.direct_period`` for the whole
     process; under load everything goes through the flusher, which writes all
     that is queued for a connection in one ``send()``. ``False``: always the
     flusher. Measured with reused channel greenlets (benchmarks/README.md):
@@ -218,6 +220,42 @@ class FlowControl:
     def release_input(self, n: int) -> None:
         """Give back what :meth:`reserve_input` reserved."""
         self.incomplete -= n
+
+    # -- the slow-client policy, one place for every transport ------------------------------
+
+    def exclude_excess(self, qbytes: int, excess: int) -> int:
+        """A connection holds ``qbytes``, ``excess`` of them already left out of :attr:`queued`.
+
+        Bytes above the per-connection soft cap do not count towards the
+        process's budget (a few clients that never read cannot make every
+        broadcast wait): what newly went above it is released here. Returns
+        the connection's new excess.
+        """
+        over = qbytes - self.connection_limit
+        if over > excess:
+            self.release(over - excess)
+            return over
+        return excess
+
+    def slow_reason(self, qbytes: int, last_drain: float, hard_cap: int) -> str | None:
+        """Why a connection above its soft cap must be dropped now, or ``None``.
+
+        ``"hard_cap"``: it holds more than ``hard_cap`` bytes (the writer's is
+        four soft caps, a long-poll session's its ``max_buffer_bytes``).
+        ``"stalled"``: it drained nothing for ``slow_client_timeout`` seconds.
+        """
+        if qbytes > hard_cap:
+            return "hard_cap"
+        if _monotonic() - last_drain > self.slow_timeout:
+            return "stalled"
+        return None
+
+    def stalled(self, qbytes: int, last_drain: float, now: float) -> bool:
+        """The drain timer's rule: drained nothing for ``slow_client_timeout`` while above the soft cap,
+        or while holding anything at all when the process is above its high-water mark."""
+        if not qbytes or now - last_drain <= self.slow_timeout:
+            return False
+        return qbytes > self.connection_limit or self.queued > self.high_water
 
     def release(self, n: int) -> None:
         """Give back ``n`` bytes that were sent or dropped, waking broadcasters below the low-water mark."""

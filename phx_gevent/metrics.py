@@ -186,8 +186,8 @@ class _Metrics:
         routes = snapshot["channels"]
         for route, n in routes.items():
             self.channels.labels(route).set(n)
-        for gone in self.seen_routes - set(routes):
-            self.channels.labels(gone).set(0)
+        for gone_route in self.seen_routes - set(routes):
+            self.channels.labels(gone_route).set(0)
         self.seen_routes |= set(routes)
         self.queued.set(snapshot["queued_bytes"])
         self.pubsub_connected.set(1 if snapshot["pubsub"]["connected"] else 0)

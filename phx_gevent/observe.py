@@ -418,7 +418,7 @@ def _local_presence(pubsub: Any) -> dict[str, dict[str, int]]:
     for tracker in list(trackers):
         if tracker.pubsub is not pubsub:
             continue
-        for topic, keys in list(tracker._local.items()):
+        for topic, keys in list(tracker._local.by_topic.items()):
             entry = topics.setdefault(topic, {"keys": 0, "metas": 0})
             entry["keys"] += len(keys)
             entry["metas"] += sum(len(metas) for metas in keys.values())
@@ -435,7 +435,7 @@ def cluster_presence(pubsub: Any) -> dict[str, dict[str, Any]]:
         if tracker.pubsub is not pubsub:
             continue
         for entries in [tracker._local, *(node.entries for node in list(tracker._nodes.values()))]:
-            for topic, keys in list(entries.items()):
+            for topic, keys in list(entries.by_topic.items()):
                 if keys:
                     topics.setdefault(topic, set()).update(keys)
     ranked = sorted(topics.items(), key=lambda item: (-len(item[1]), item[0]))[:TOP_PRESENCE]

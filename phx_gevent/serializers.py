@@ -10,10 +10,13 @@ stays the number ``0`` and ``"0"`` stays a string (PROTOCOL.md 1.1).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, ClassVar
 
 import ujson
+
+from .errors import PhxError
 
 __all__ = [
     "FastlaneEncoder",
@@ -26,17 +29,19 @@ __all__ = [
     "V1",
     "V2",
     "negotiate",
+    "binary_reply_address",
+    "decode_server_frame",
     "dumps",
     "loads",
     "check_encodable",
 ]
 
 
-class DecodeError(ValueError):
+class DecodeError(PhxError, ValueError):
     """A client frame could not be decoded (the connection closes with 1011)."""
 
 
-class EncodeError(ValueError):
+class EncodeError(PhxError, ValueError):
     """A server message cannot be put on the wire (wrong payload type, oversize field)."""
 
 
@@ -67,7 +72,7 @@ def check_encodable(obj: Any, text: str | bytes) -> None:
     """
     try:
         out = _dumps(obj, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
-        if (b"\\u" if type(text) is bytes else "\\u") in text:
+        if (b"\\u" in text) if isinstance(text, bytes) else ("\\u" in text):
             out.encode("utf-8")
     except (OverflowError, UnicodeEncodeError, ValueError, TypeError, RecursionError) as exc:
         raise ValueError(f"not re-encodable JSON ({type(exc).__name__}: {exc})") from None
@@ -143,6 +148,59 @@ def _field_bytes(value: str, field: str) -> bytes:
     if len(data) > 255:
         raise EncodeError(f"{field} is {len(data)} bytes; binary frames allow at most 255")
     return data
+
+
+def decode_server_frame(frame: Any) -> Message:
+    """A frame the server sent, decoded as a client would (V1/V2 JSON text, or a V2 binary frame).
+
+    For the test helpers and for transports that must re-address a binary
+    frame; the binary layout is known only in this module.
+    """
+    if isinstance(frame, str):
+        data = json.loads(frame)
+        if isinstance(data, list):
+            return Message(*data[:5])
+        return Message(None, data.get("ref"), data["topic"], data["event"], data["payload"])
+    kind = frame[0]
+    if kind == 0:  # push: kind, jr, topic, event
+        jl, tl, el = frame[1], frame[2], frame[3]
+        p = 4
+        jr = frame[p : p + jl].decode()
+        p += jl
+        topic = frame[p : p + tl].decode()
+        p += tl
+        event = frame[p : p + el].decode()
+        return Message(jr or None, None, topic, event, bytes(frame[p + el :]))
+    if kind == 1:  # reply: kind, jr, ref, topic, status
+        jl, rl, tl, sl = frame[1], frame[2], frame[3], frame[4]
+        p = 5
+        jr = frame[p : p + jl].decode()
+        p += jl
+        ref = frame[p : p + rl].decode()
+        p += rl
+        topic = frame[p : p + tl].decode()
+        p += tl
+        status = frame[p : p + sl].decode()
+        return Message(jr or None, ref, topic, "phx_reply", {"status": status, "response": bytes(frame[p + sl :])})
+    tl, el = frame[1], frame[2]
+    topic = frame[3 : 3 + tl].decode()
+    event = frame[3 + tl : 3 + tl + el].decode()
+    return Message(None, None, topic, event, bytes(frame[3 + tl + el :]))
+
+
+def binary_reply_address(data: bytes) -> tuple[str | None, str | None, str] | None:
+    """``(join_ref, ref, topic)`` of a V2 binary reply frame; ``None`` for any other frame.
+
+    For a transport that cannot carry binary (long-poll) and answers the same
+    ref another way. Refs come back as strings: the binary format has no other type.
+    """
+    if data[:1] != b"\x01" or len(data) < 5:
+        return None
+    try:
+        msg = decode_server_frame(data)
+    except (UnicodeDecodeError, IndexError):
+        return None  # not a frame of ours
+    return msg.join_ref, msg.ref or None, msg.topic
 
 
 class Serializer:

@@ -12,17 +12,33 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import signal
 import socket as _pysocket
+import sys
+import threading
+import time
 from typing import Any
 
+import gevent
 from gevent import Timeout, pywsgi
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 
+from . import telemetry
+from .errors import NotMonkeyPatchedError
 from .transports import http as phx_http
 from .transports.http import ENVIRON_CLOSE
 from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
 
-__all__ = ["WebSocketHandler", "make_server", "serve"]
+__all__ = [
+    "WebSocketHandler",
+    "Server",
+    "check_patched",
+    "drain_all",
+    "make_server",
+    "serve",
+    "unpatched_modules",
+]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +116,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
         if rules is not None and not phx_http.host_allowed(environ, rules):
             environ[ENVIRON_CLOSE] = True
             self._close_unread()
-            self.result = _bad_host(environ, self.start_response)
+            self.result: Any = _bad_host(environ, self.start_response)
             try:
                 self.process_result()
             finally:
@@ -169,6 +185,128 @@ class WebSocketHandler(_GeventWebSocketHandler):
         super(_GeventWebSocketHandler, self).log_request()
 
 
+def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
+    """Close every connection holding channels, of every endpoint in this process, with 1012, in batches.
+
+    As Phoenix drains channel processes at shutdown, connections without a
+    joined channel are left alone (they end with the server). Batches follow
+    each mount's ``drainer`` options; the whole drain stops at ``deadline``
+    (a ``time.monotonic()`` value). Returns how many were drained. Used by
+    the gunicorn worker on SIGTERM and by :class:`Server` (``serve()``).
+    """
+    from .endpoint import endpoints
+
+    drained = 0
+    for endpoint in list(endpoints):
+        endpoint.draining = True  # readiness probes answer 503 from now on
+        for mount in endpoint.mounts:
+            opts = mount.drainer
+            if opts is None:
+                continue
+            size = max(1, int(opts.batch_size))
+            interval = float(opts.batch_interval)
+            end = min(deadline, time.monotonic() + float(opts.shutdown))
+            done: set[int] = set()
+            total, index = sum(1 for c in mount.connections if c.channels), 0
+            while time.monotonic() < end:
+                # Connections already told to close may linger for their close
+                # handshake: never count them twice.
+                batch = [c for c in list(mount.connections) if c.channels and id(c) not in done][:size]
+                if not batch:
+                    break
+                for conn in batch:
+                    done.add(id(conn))
+                    conn.drain()
+                drained += len(batch)
+                _drain_event(endpoint, mount, len(batch), total, index, size, interval)
+                index += 1
+                # Wait for this batch to go (bounded), then for the rest of the interval.
+                pause_end = min(end, time.monotonic() + interval)
+                while time.monotonic() < pause_end and any(c in mount.connections for c in batch):
+                    sleep(0.05)
+                remaining = pause_end - time.monotonic()
+                if remaining > 0 and any(c.channels and id(c) not in done for c in mount.connections):
+                    sleep(remaining)
+    return drained
+
+
+def _drain_event(endpoint: Any, mount: Any, count: int, total: int, index: int, size: int, interval: float) -> None:
+    # phoenix.socket_drain, once per batch, and Phoenix's log line at the mount's level.
+    rounds = max(1, -(-total // size))
+    if telemetry.socket_drain.receivers:
+        telemetry.emit(
+            telemetry.socket_drain,
+            endpoint,
+            {"count": count, "total": total, "index": index, "rounds": rounds},
+            {"mount": mount.path, "interval": interval},
+        )
+    if mount.log_level is not None:
+        log.log(
+            mount.log_level,
+            "%s shutting down, disconnecting %d of %d connections (round %d of %d)",
+            type(mount.handler).__name__,
+            count,
+            total,
+            index + 1,
+            rounds,
+        )
+
+
+class Server(pywsgi.WSGIServer):
+    """gevent's WSGI server that drains channel-holding connections (close 1012) before it stops.
+
+    :meth:`serve_forever` (so :func:`serve`) handles SIGTERM as the gunicorn
+    worker does: stop accepting, :func:`drain_all` within ``drain_timeout``
+    seconds (default 30), then stop; Ctrl-C drains too. :meth:`drain` does
+    the same on demand. :meth:`stop` alone does not drain.
+    """
+
+    #: Seconds the drain on SIGTERM may take in all.
+    drain_timeout = 30.0
+
+    def drain(self, timeout: float | None = None) -> int:
+        """Stop accepting, then close the connections holding channels with 1012; returns how many."""
+        self.close()
+        limit = self.drain_timeout if timeout is None else timeout
+        count = drain_all(time.monotonic() + limit)
+        if count:
+            log.info("phx_gevent: drained %d connections (close 1012)", count)
+        return count
+
+    def _drain_and_stop(self) -> None:
+        try:
+            self.drain()
+        except Exception:
+            log.exception("phx_gevent: drain failed")
+        finally:
+            self.stop(timeout=1)
+
+    def _on_sigterm(self) -> None:
+        if getattr(self, "_draining", None) is None:
+            self._draining = gevent.spawn(self._drain_and_stop)
+
+    def serve_forever(self, stop_timeout: float | None = None) -> None:
+        """Serve until stopped. SIGTERM (when called in the main thread) and Ctrl-C drain first."""
+        handler = None
+        if threading.current_thread() is threading.main_thread():
+            handler = gevent.signal_handler(signal.SIGTERM, self._on_sigterm)
+        if not self.started:
+            self.start()
+        try:
+            self._stop_event.wait()
+            # Closing the listener (the drain's first step) sets the stop event: let the drain finish.
+            draining = getattr(self, "_draining", None)
+            if draining is not None:
+                draining.join()
+        except KeyboardInterrupt:
+            self.drain()
+            raise
+        finally:
+            if handler is not None:
+                handler.cancel()
+            gevent.spawn(self.stop, timeout=stop_timeout).join()
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -176,6 +314,53 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+#: gevent patches these for ``monkey.patch_all()``; unpatched, a blocking call holds every connection.
+_PATCHED_MODULES = ("socket", "select", "time", "threading")
+
+#: The fix that every "not patched" message names.
+PATCH_FIX = (
+    "make `from gevent import monkey; monkey.patch_all()` the first lines of your entry point, before any other import"
+)
+
+# Set in the reloader's child: the listening socket the parent bound (the port survives restarts).
+_FD_ENV = "PHX_GEVENT_SERVER_FD"
+
+
+def unpatched_modules() -> list[str]:
+    """The standard modules gevent has not monkey-patched in this process (empty when patched)."""
+    from gevent import monkey
+
+    return [name for name in _PATCHED_MODULES if not monkey.is_module_patched(name)]
+
+
+def check_patched() -> None:
+    """Refuse or warn, before serving, when this process is not monkey-patched.
+
+    Raises :class:`~phx_gevent.errors.NotMonkeyPatchedError` when an endpoint
+    of this process uses an adapter that cannot work unpatched (Redis): it
+    would hang rather than fail. Otherwise logs a warning naming the fix: a
+    blocking call (``time.sleep``, a database query) in a view or callback
+    would stall every connection of the process.
+    """
+    missing = unpatched_modules()
+    if not missing:
+        return
+    from .endpoint import endpoints
+
+    for endpoint in list(endpoints):
+        adapter = endpoint.pubsub.adapter
+        if adapter is not None and getattr(adapter, "requires_monkey_patching", False):
+            message = getattr(sys.modules.get(type(adapter).__module__), "NOT_PATCHED_MESSAGE", None)
+            raise NotMonkeyPatchedError(message or f"phx_gevent: {adapter!r} needs monkey-patching: {PATCH_FIX}")
+    log.warning(
+        "phx_gevent: this process is not monkey-patched (%s): one blocking call (time.sleep, a database "
+        "query) in a view or a channel callback stalls every connection. Fix: %s "
+        "(gunicorn -k phx_gevent.worker.GeventWebSocketWorker does it for you).",
+        ", ".join(missing),
+        PATCH_FIX,
+    )
 
 
 def make_server(
@@ -186,7 +371,7 @@ def make_server(
     allowed_hosts: Any = "auto",
     header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
     **kwargs: Any,
-) -> pywsgi.WSGIServer:
+) -> Server:
     """A gevent WSGI server with phx_gevent's handler, bound and ready to ``serve_forever()``.
 
     ``port=0`` picks a free port: read it back from ``server.server_port``.
@@ -198,33 +383,136 @@ def make_server(
     DNS-rebinding domain then cannot reach a server run locally.
     ``header_timeout``: seconds a request head may take (``None``/0: no
     limit). Extra keyword arguments go to :class:`gevent.pywsgi.WSGIServer`.
-    Raises ``ValueError`` for bad settings.
+    The :class:`Server` drains channel-holding connections on SIGTERM and
+    Ctrl-C in ``serve_forever()``. Raises ``ValueError`` for bad settings.
+    Logs a warning when the process
+    is not monkey-patched, and raises
+    :class:`~phx_gevent.errors.NotMonkeyPatchedError` when it is not and an
+    endpoint uses the Redis adapter (see :func:`check_patched`).
     """
+    check_patched()
+    return _make_server(app, (host, port), host, allowed_hosts=allowed_hosts, header_timeout=header_timeout, **kwargs)
+
+
+def _make_server(
+    app: Any,
+    listener: Any,
+    host: str,
+    *,
+    allowed_hosts: Any = "auto",
+    header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
+    **kwargs: Any,
+) -> Server:
+    # ``listener``: an address, or a bound socket (the reloader's child).
     if allowed_hosts == "auto":
         allowed_hosts = list(phx_http.LOOPBACK_HOSTS) if _is_loopback(host) else None
     rules = phx_http.compile_hosts(allowed_hosts)
     if header_timeout is not None and header_timeout < 0:
         raise ValueError("header_timeout must be positive (seconds) or None")
     kwargs.setdefault("handler_class", WebSocketHandler)
-    server = pywsgi.WSGIServer((host, port), app, **kwargs)
+    server = Server(listener, app, **kwargs)
     server.phx_allowed_hosts = rules
     server.phx_header_timeout = header_timeout
     server.init_socket()
     return server
 
 
-def serve(app: Any, host: str = "127.0.0.1", port: int = 4000, **kwargs: Any) -> None:
-    """Serve ``app`` until interrupted (development; use gunicorn in production).
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
-    The caller must have run ``gevent.monkey.patch_all()`` first if the app
-    uses blocking libraries. Keyword arguments as for :func:`make_server`
-    (on loopback, only loopback host names are answered by default).
+
+def _say(text: str) -> None:
+    # Straight to stderr: the library configures no logging, and a development
+    # server that does not say where it listens costs a new user minutes.
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def serve(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 4000,
+    *,
+    reload: bool = False,
+    reload_interval: float = 1.0,
+    extra_files: list[str] | None = None,
+    **kwargs: Any,
+) -> None:
+    """Serve ``app`` until SIGTERM or Ctrl-C (development; use gunicorn in production).
+
+    Either way the connections holding channels are drained first (close
+    1012, so phoenix.js clients reconnect), as under the gunicorn worker.
+    Writes ``phx_gevent: serving on http://HOST:PORT`` to stderr once it
+    listens (``port=0`` picks a free port, and the line tells which).
+    ``reload=True`` restarts the program whenever one of its Python files (or
+    one of ``extra_files``) changes, like ``flask run --debug``: the program
+    is re-run from the top in a child process, which keeps the listening
+    socket (and so the port); active connections are closed by the restart
+    and phoenix.js reconnects. Use it for development only.
+
+    Make ``gevent.monkey.patch_all()`` the first lines of the program:
+    unpatched, a warning is logged, and :class:`~phx_gevent.errors.NotMonkeyPatchedError`
+    is raised if an endpoint uses the Redis adapter. Other keyword arguments
+    as for :func:`make_server` (on loopback, only loopback host names are
+    answered by default).
     """
+    if reload:
+        _serve_with_reloader(app, host, port, reload_interval, extra_files, kwargs)
+        return
     server = make_server(app, host, port, **kwargs)
-    log.info("phx_gevent: serving on http://%s:%s", host, server.server_port)
+    _say(f"phx_gevent: serving on {_url(host, server.server_port)} (Ctrl+C to quit)")
+    _serve_forever(server)
+
+
+def _serve_forever(server: Server) -> None:
     try:
-        server.serve_forever()
+        server.serve_forever(stop_timeout=1)
     except KeyboardInterrupt:
         pass
+
+
+def _serve_with_reloader(
+    app: Any, host: str, port: int, interval: float, extra_files: list[str] | None, kwargs: dict[str, Any]
+) -> None:
+    # Werkzeug's reloader re-runs the program in a child with
+    # WERKZEUG_RUN_MAIN=true and restarts it when it exits with code 3 (a
+    # file changed). The child serves in a "thread" (a greenlet once
+    # threading is patched) while its main greenlet polls file times with
+    # (patched) time.sleep. Only the stat reloader is used: watchdog's real
+    # threads would not mix with the gevent hub.
+    from werkzeug._reloader import run_with_reloader
+
+    fd = os.environ.get(_FD_ENV)
+    if os.environ.get("WERKZEUG_RUN_MAIN") == "true" and fd is not None:
+        check_patched()
+        listener = _pysocket.socket(fileno=int(fd))
+        server = _make_server(app, listener, host, **kwargs)
+        run_with_reloader(
+            lambda: _serve_forever(server), extra_files=extra_files, interval=interval, reloader_type="stat"
+        )
+        return
+    # The parent binds once and hands the socket down, so the port (even a
+    # port=0 choice) stays the same across restarts and no request is refused
+    # while the child starts.
+    listener = _bind(host, port)
+    os.environ[_FD_ENV] = str(listener.fileno())
+    _say(
+        f"phx_gevent: serving on {_url(host, listener.getsockname()[1])} "
+        "(reloader on: restarts when a Python file changes; Ctrl+C to quit)"
+    )
+    try:
+        run_with_reloader(lambda: None, extra_files=extra_files, interval=interval, reloader_type="stat")
     finally:
-        server.stop(timeout=1)
+        listener.close()
+
+
+def _bind(host: str, port: int) -> _pysocket.socket:
+    family, kind, proto, _, address = _pysocket.getaddrinfo(
+        host, port, type=_pysocket.SOCK_STREAM, flags=_pysocket.AI_PASSIVE
+    )[0]
+    sock = _pysocket.socket(family, kind, proto)
+    sock.setsockopt(_pysocket.SOL_SOCKET, _pysocket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock

@@ -9,7 +9,12 @@ them (``id``) and routes topics to Channel classes (``channels``)::
         def connect(self, params, socket, connect_info):
             if not params.get("user"):
                 return None                      # refused: HTTP 403
+            if params["user"] in BANNED:
+                return refuse("banned")          # refused: handle_error("banned") answers
             return socket.assign(user=params["user"])
+
+        def handle_error(self, reason):           # Phoenix's transport :error_handler
+            return Response("", status=401, headers={"WWW-Authenticate": "Bearer"})
 
         def id(self, socket):
             return f"user_socket:{socket.assigns['user']}"
@@ -20,13 +25,13 @@ Every callback receives a :class:`SocketState`, the Python twin of Phoenix's
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from .channel import Channel
 
-__all__ = ["Socket", "SocketState", "Route", "channel"]
+__all__ = ["Socket", "SocketState", "Route", "Refuse", "channel", "refuse"]
 
 
 class SocketState:
@@ -42,7 +47,8 @@ class SocketState:
         The Channel class serving this topic (``None`` on the connection's socket).
     ``channel_pid``
         The channel process: ``socket.channel_pid.send(msg)`` delivers ``msg``
-        to ``handle_info``.
+        to ``handle_info``; ``.call(msg, timeout=...)`` asks ``handle_call``
+        and returns its reply; ``.cast(msg)`` goes to ``handle_cast``.
     ``endpoint``
         The :class:`~phx_gevent.Endpoint`.
     ``handler``
@@ -112,13 +118,27 @@ class SocketState:
         #: Library-private data (the connection this socket belongs to).
         self.private: Any = None
 
-    def assign(self, key: str | Mapping[str, Any] | None = None, value: Any = None, **values: Any) -> SocketState:
+    def assign(
+        self,
+        key: str | Mapping[str, Any] | Callable[[dict[str, Any]], Mapping[str, Any]] | None = None,
+        value: Any = None,
+        **values: Any,
+    ) -> SocketState:
         """Set assigns and return the socket, so ``return socket.assign(user=...)`` reads well.
 
-        Accepts ``assign("k", v)``, ``assign({"k": v})`` or ``assign(k=v)``.
+        Accepts ``assign("k", v)``, ``assign({"k": v})``, ``assign(k=v)``, or
+        a function of the current assigns returning the ones to merge
+        (Phoenix's ``assign(socket, fn assigns -> ... end)``), e.g.
+        ``assign(lambda a: {"count": a.get("count", 0) + 1})``. Raises
+        ``TypeError`` when that function returns something other than a mapping.
         """
         if isinstance(key, str):
             self.assigns[key] = value
+        elif callable(key):
+            merged = key(self.assigns)
+            if not isinstance(merged, Mapping):
+                raise TypeError(f"assign(fn): fn must return a mapping of assigns, got {merged!r}")
+            self.assigns.update(merged)
         elif key is not None:
             self.assigns.update(key)
         if values:
@@ -217,6 +237,27 @@ def channel(
     return Route(pattern, channel_cls, assigns, history)
 
 
+class Refuse(NamedTuple):
+    """A refusal with a reason, returned by :meth:`Socket.connect` (Phoenix's ``{:error, reason}``).
+
+    Build it with :func:`refuse`. The socket's error handler
+    (:meth:`Socket.handle_error`, or ``endpoint.socket(..., error_handler=f)``)
+    turns ``reason`` into the WebSocket handshake's HTTP answer; long-poll
+    answers ``{"status": 403, "reason": reason}`` (phoenix.js handles 403).
+    """
+
+    reason: Any
+
+
+def refuse(reason: Any) -> Refuse:
+    """Refuse a connection with ``reason``: ``return refuse("rate limited")`` from ``connect``.
+
+    ``reason`` is any value your error handler understands; it also goes to
+    the long-poll client when JSON can encode it, so keep secrets out of it.
+    """
+    return Refuse(reason)
+
+
 class Socket:
     """Base class of a socket handler: authenticate, identify, route.
 
@@ -232,7 +273,12 @@ class Socket:
         Most messages waiting for one channel (default 10,000). Past it, the
         connection stops reading the client until half is handled (for at
         most ``mailbox_timeout`` seconds, default 5, then it is closed with
-        1008), and server-side messages end the channel with ``phx_error``.
+        1008), and server-side messages (``send``, ``call``, ``cast``,
+        intercepted broadcasts) end the channel with ``phx_error``.
+
+    Methods to override: :meth:`connect` (accept, refuse, or
+    :func:`refuse` with a reason), :meth:`id`, and :meth:`handle_error`
+    (the HTTP answer to a refusal with a reason).
     """
 
     channels: Sequence[Route] = ()
@@ -244,11 +290,41 @@ class Socket:
         """Accept or refuse a connection; runs before the WebSocket upgrade (or long-poll session).
 
         ``params`` are the query parameters (nested ``a[b]=c`` syntax
-        decoded, ``vsn`` included). Return the ``socket`` (usually after
-        :meth:`SocketState.assign`) to accept; return ``None`` or ``False`` to
-        refuse with HTTP 403. The default accepts everyone.
+        decoded, ``vsn`` included). Return:
+
+        * the ``socket`` (usually after :meth:`SocketState.assign`) to accept
+          (Phoenix's ``{:ok, socket}``);
+        * ``None`` or ``False`` to refuse with a plain HTTP 403 (``:error``);
+        * :func:`refuse(reason) <refuse>` (or ``error(reason)``) to refuse
+          with a reason (``{:error, reason}``): the WebSocket handshake is
+          answered by :meth:`handle_error`, long-poll with
+          ``{"status": 403, "reason": reason}``.
+
+        Anything else raises :class:`~phx_gevent.errors.CallbackReturnError`
+        (HTTP 500). The default accepts everyone.
+
+        To authenticate with a signed token handed to the page (phoenix.js
+        ``authToken``, with ``endpoint.socket(..., auth_token=True)``), see
+        :mod:`phx_gevent.token`: ``token.verify(socket, "user socket",
+        connect_info.get("auth_token"), max_age=86400)`` returns the signed data
+        or raises ``TokenMissing``/``TokenInvalid``/``TokenExpired``.
         """
         return socket
+
+    def handle_error(self, reason: Any) -> Any:
+        """Answer a WebSocket handshake refused with :func:`refuse(reason) <refuse>`.
+
+        Phoenix's transport ``:error_handler``. Runs inside the handshake's
+        Flask request (``flask.request`` is available) and returns anything a
+        Flask view may return: a ``Response``, ``(body, status)``,
+        ``(body, status, headers)``. The default answers 403 with an empty
+        body, as Phoenix does. ``endpoint.socket(..., error_handler=f)``
+        overrides it for one mount. Long-poll does not call it: phoenix.js
+        understands only ``{"status": 403}`` there.
+        """
+        from flask import Response
+
+        return Response("", status=403, mimetype="text/plain")
 
     def id(self, socket: SocketState) -> str | None:
         """Name the connection, so ``broadcast(id, "disconnect", {})`` can close it; ``None`` for anonymous."""

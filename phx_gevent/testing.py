@@ -15,6 +15,12 @@ no network. Every assertion waits with a timeout::
         endpoint.broadcast("room:lobby", "new_msg", {"body": "hi"})
         assert room.assert_push("new_msg") == {"body": "hi"}
 
+Phoenix's ``ChannelTest`` names map as: ``connect/3`` → :meth:`ChannelTest.connect`,
+``socket/3`` → :meth:`ChannelTest.socket`, ``join``/``subscribe_and_join`` →
+:meth:`TestClient.join`/:meth:`TestClient.subscribe_and_join`, ``push``,
+``leave``, ``close``, ``broadcast_from`` and the ``assert_*``/``refute_*``
+macros → the :class:`TestChannel` methods of the same names.
+
 Run them with gevent's monkey-patching active (``gevent.monkey.patch_all()``
 at the top of ``conftest.py``) if your channels do I/O.
 """
@@ -27,19 +33,29 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from .channel import Reply
+from .channel import CLOSED, Reply
 from .connection import Connection
-from .endpoint import Endpoint, SocketMount
-from .serializers import V2, FastlaneEncoder, Message, Serializer, negotiate
-from .socket import SocketState
+from .endpoint import Endpoint
+from .errors import PhxError
+from .mount import SocketMount
+from .serializers import V2, FastlaneEncoder, Message, Serializer, decode_server_frame, negotiate
+from .socket import Refuse, SocketState
 
 __all__ = ["ChannelTest", "TestClient", "TestChannel", "MemoryTransport", "ConnectRefused"]
 
 _MISSING = object()
 
 
-class ConnectRefused(AssertionError):
-    """``connect`` refused the connection (the handshake would have been a 403)."""
+class ConnectRefused(PhxError, AssertionError):
+    """``connect`` refused the connection.
+
+    ``reason`` is what ``refuse(reason)`` gave (the error handler's input), or
+    ``None`` for a plain refusal (the handshake would have been a 403).
+    """
+
+    def __init__(self, message: str, reason: Any = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class _Encoder(FastlaneEncoder):
@@ -93,7 +109,7 @@ class MemoryTransport:
 
     def messages(self) -> list[Message]:
         """Every frame so far, decoded (V2 JSON and binary frames)."""
-        return [_decode_server_frame(f) for f in self.frames]
+        return [decode_server_frame(f) for f in self.frames]
 
     def wait_for(self, pred: Any, timeout: float) -> Any:
         """Wait until ``pred(messages)`` returns something truthy and return it; AssertionError on timeout."""
@@ -108,41 +124,6 @@ class MemoryTransport:
         raise AssertionError(f"timed out after {timeout}s; frames so far: {self.messages()!r}")
 
 
-def _decode_server_frame(frame: Any) -> Message:
-    if isinstance(frame, str):
-        import json
-
-        data = json.loads(frame)
-        if isinstance(data, list):
-            return Message(*data[:5])
-        return Message(None, data.get("ref"), data["topic"], data["event"], data["payload"])
-    kind = frame[0]
-    if kind == 0:  # push: kind, jr, topic, event
-        jl, tl, el = frame[1], frame[2], frame[3]
-        p = 4
-        jr = frame[p : p + jl].decode()
-        p += jl
-        topic = frame[p : p + tl].decode()
-        p += tl
-        event = frame[p : p + el].decode()
-        return Message(jr or None, None, topic, event, bytes(frame[p + el :]))
-    if kind == 1:  # reply: kind, jr, ref, topic, status
-        jl, rl, tl, sl = frame[1], frame[2], frame[3], frame[4]
-        p = 5
-        jr = frame[p : p + jl].decode()
-        p += jl
-        ref = frame[p : p + rl].decode()
-        p += rl
-        topic = frame[p : p + tl].decode()
-        p += tl
-        status = frame[p : p + sl].decode()
-        return Message(jr or None, ref, topic, "phx_reply", {"status": status, "response": bytes(frame[p + sl :])})
-    tl, el = frame[1], frame[2]
-    topic = frame[3 : 3 + tl].decode()
-    event = frame[3 + tl : 3 + tl + el].decode()
-    return Message(None, None, topic, event, bytes(frame[3 + tl + el :]))
-
-
 class ChannelTest:
     """Entry point: ``ChannelTest(endpoint, "/socket").connect(params)``."""
 
@@ -155,18 +136,38 @@ class ChannelTest:
     def connect(
         self, params: dict[str, Any] | None = None, connect_info: dict[str, Any] | None = None, vsn: str = "2.0.0"
     ) -> TestClient:
-        """Run the real ``connect`` and ``id``; raises :class:`ConnectRefused` when refused."""
+        """Run the real ``connect`` and ``id`` (the transports' connect path).
+
+        Raises :class:`ConnectRefused` when refused (its ``reason`` is what
+        ``refuse(reason)`` gave, ``None`` for a plain refusal) and
+        :class:`~phx_gevent.errors.CallbackReturnError` for a wrong return value.
+        """
         params = {**(params or {}), "vsn": vsn}
-        serializer = negotiate(vsn)
+        result = self.mount.connect("websocket", params, dict(connect_info or {}))
+        if isinstance(result, Refuse):
+            raise ConnectRefused(f"connect refused the connection with reason {result.reason!r}", result.reason)
+        if result is None:
+            raise ConnectRefused("connect refused the connection (403)")
+        return self._client(result)
+
+    def socket(self, id: str | None = None, assigns: dict[str, Any] | None = None, vsn: str = "2.0.0") -> TestClient:
+        """A client whose socket has ``id`` and ``assigns``, without running ``connect`` (Phoenix's ``socket/3``).
+
+        For testing channels alone: ``ChannelTest(endpoint).socket("user:1",
+        {"user": "ann"}).join("room:1")``. Raises ``ValueError`` for a ``vsn``
+        the mount does not serve.
+        """
+        serializer = negotiate(vsn, self.mount.serializers)
         if serializer is None:
-            raise ConnectRefused(f"unsupported vsn {vsn!r}")
+            raise ValueError(f"unsupported vsn {vsn!r}")
         socket = self.mount.new_socket("websocket", serializer)
-        result = self.mount.handler.connect(params, socket, dict(connect_info or {}))
-        if not isinstance(result, SocketState):
-            raise ConnectRefused(f"connect refused the connection (returned {result!r})")
-        result.id = self.mount.handler.id(result)
-        transport = MemoryTransport(serializer)
-        conn = Connection(self.mount, result, serializer, transport)
+        socket.assign(dict(assigns or {}))
+        socket.id = id
+        return self._client(socket)
+
+    def _client(self, socket: SocketState) -> TestClient:
+        transport = MemoryTransport(socket.serializer)
+        conn = Connection(self.mount, socket, socket.serializer, transport)
         conn.start()
         return TestClient(conn, transport)
 
@@ -180,6 +181,9 @@ class TestClient:
         self.conn = conn
         self.transport = transport
         self._refs = itertools.count(1)
+        #: Broadcasts seen on topics joined with :meth:`subscribe_and_join`: ``(topic, event, payload)``.
+        self.broadcasts: list[tuple[str, str, Any]] = []
+        self._subscribed: set[str] = set()
 
     @property
     def socket(self) -> SocketState:
@@ -196,8 +200,28 @@ class TestClient:
         reply = _wait_reply(self.transport, ref, timeout)
         return TestChannel(self, topic, ref, Reply(reply["status"], reply["response"]))
 
+    def subscribe_and_join(self, topic: str, payload: Any = None, timeout: float = 5.0) -> TestChannel:
+        """Subscribe the test to ``topic``, then :meth:`join` it (Phoenix's ``subscribe_and_join``).
+
+        Every broadcast on the topic from then on (from the channel or
+        anywhere else) is recorded for :meth:`TestChannel.assert_broadcast`,
+        except those sent with :meth:`TestChannel.broadcast_from`.
+        """
+        if topic not in self._subscribed:
+            self._subscribed.add(topic)
+            self.conn.mount.pubsub.connect(self._on_broadcast, topic)
+        return self.join(topic, payload, timeout)
+
+    def _on_broadcast(self, topic: str, *, event: str, payload: Any, from_: Any = None) -> None:
+        if from_ is not self:
+            self.broadcasts.append((topic, event, payload))
+            self.transport._changed.set()
+
     def close(self, reason: Any = None) -> None:
         """End the connection: every channel terminates (with ``CLOSED`` by default)."""
+        for topic in self._subscribed:
+            self.conn.mount.pubsub.disconnect(self._on_broadcast, topic)
+        self._subscribed.clear()
         self.conn.terminate(reason)
 
     def assert_closed(self, timeout: float = 1.0) -> tuple[int | None, str]:
@@ -219,10 +243,23 @@ class TestChannel:
         #: The join reply.
         self.reply = reply
         self._seen = 0
+        self._seen_broadcasts = 0
+        self._proc = client.conn.channels.get(topic) if reply.status == "ok" else None
 
     @property
     def joined(self) -> bool:
+        """True when the join was accepted."""
         return self.reply.status == "ok"
+
+    @property
+    def channel_pid(self) -> Any:
+        """The channel process (``socket.channel_pid``): ``call``, ``cast``, ``send`` into it; ``None`` if refused."""
+        return self._proc
+
+    @property
+    def socket(self) -> SocketState | None:
+        """The channel's socket struct (its assigns as the channel left them); ``None`` if refused."""
+        return None if self._proc is None else self._proc.socket
 
     def push(self, event: str, payload: Any = None) -> str:
         """Send ``event`` to ``handle_in``; returns the ref for :meth:`assert_reply`."""
@@ -233,6 +270,64 @@ class TestChannel:
     def leave(self) -> str:
         """Send ``phx_leave``; returns its ref."""
         return self.push("phx_leave")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """End this channel alone as if its connection closed (Phoenix's ``close/1``).
+
+        ``terminate`` runs with ``CLOSED`` after what is queued; the client
+        gets no frame. Waits until the channel has ended (AssertionError
+        after ``timeout``).
+        """
+        proc = self._proc
+        if proc is None:
+            return
+        proc.transport_down(CLOSED)
+        self.client.transport.wait_for(lambda _: not proc.alive, timeout)
+
+    def broadcast_from(self, event: str, payload: Any) -> None:
+        """Broadcast on the topic from the test (Phoenix's ``broadcast_from``): not recorded for assert_broadcast.
+
+        The channel gets it like any broadcast (``handle_out`` if intercepted).
+        """
+        self.client.conn.mount.endpoint.broadcast_from(self.client, self.topic, event, payload)
+
+    def assert_broadcast(self, event: str, payload: Any = _MISSING, timeout: float = 1.0) -> Any:
+        """Wait for the next ``event`` broadcast on this topic (needs :meth:`TestClient.subscribe_and_join`)."""
+        client = self.client
+        if self.topic not in client._subscribed:
+            raise AssertionError(f"assert_broadcast needs subscribe_and_join({self.topic!r})")
+
+        def find(_: Any) -> Any:
+            seen = client.broadcasts
+            for i in range(self._seen_broadcasts, len(seen)):
+                topic, ev, data = seen[i]
+                if topic == self.topic and ev == event:
+                    self._seen_broadcasts = i + 1
+                    return (data,)
+            return None
+
+        (got,) = client.transport.wait_for(find, timeout)
+        if payload is not _MISSING:
+            assert got == payload, f"expected {event!r} broadcast {payload!r}, got {got!r}"
+        return got
+
+    def refute_broadcast(self, event: str, timeout: float = 0.1) -> None:
+        """Assert that no ``event`` is broadcast on this topic within ``timeout`` seconds."""
+        try:
+            got = self.assert_broadcast(event, timeout=timeout)
+        except AssertionError as exc:
+            if "timed out" in str(exc):
+                return
+            raise
+        raise AssertionError(f"unexpected {event!r} broadcast: {got!r}")
+
+    def refute_reply(self, ref: str, timeout: float = 0.1) -> None:
+        """Assert that ``ref`` gets no reply within ``timeout`` seconds."""
+        try:
+            got = _wait_reply(self.client.transport, ref, timeout)
+        except AssertionError:
+            return
+        raise AssertionError(f"unexpected reply to {ref!r}: {got!r}")
 
     def assert_reply(self, ref: str, status: str = "ok", response: Any = _MISSING, timeout: float = 1.0) -> Any:
         """Wait for the reply to ``ref``; check its status (and response if given); return the response."""

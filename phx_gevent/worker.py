@@ -11,8 +11,8 @@ On top of gunicorn's gevent worker (which monkey-patches first thing):
   ``phx_gevent: worker <pid> ready (node <name>)``;
 * a worker started among several siblings with no cross-process PubSub
   adapter logs a warning: broadcasts would stay inside each worker;
-* on SIGTERM the worker stops accepting, then drains its connections with
-  close code 1012 in batches (each mount's ``drainer`` options:
+* on SIGTERM the worker stops accepting, then drains its connections that
+  hold channels (as Phoenix does) with close code 1012 in batches (each mount's ``drainer`` options:
   ``batch_size``, ``batch_interval``, ``shutdown``) inside gunicorn's
   ``--graceful-timeout``, so phoenix.js clients reconnect to the other
   workers without a thundering herd; last, the PubSub adapter forwards what
@@ -35,9 +35,9 @@ from typing import Any
 import gevent
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
-from . import metrics, telemetry
+from . import metrics
 from .pubsub.base import make_node_name
-from .server import WebSocketHandler
+from .server import WebSocketHandler, drain_all
 
 __all__ = ["GeventWebSocketWorker", "GunicornWebSocketHandler", "drain_all"]
 
@@ -65,70 +65,6 @@ class _Server(PyWSGIServer):
         _servers.add(self)
         if _stopping:
             self.close()
-
-
-def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
-    """Close every connection of every endpoint in this process with 1012, in batches.
-
-    Batches follow each mount's ``drainer`` options; the whole drain stops at
-    ``deadline`` (a ``time.monotonic()`` value). Returns how many were drained.
-    """
-    from .endpoint import endpoints
-
-    drained = 0
-    for endpoint in list(endpoints):
-        endpoint.draining = True  # readiness probes answer 503 from now on
-        for mount in endpoint.mounts:
-            opts = mount.drainer
-            if opts is None:
-                continue
-            size = max(1, int(opts["batch_size"]))
-            interval = float(opts["batch_interval"])
-            end = min(deadline, time.monotonic() + float(opts["shutdown"]))
-            done: set[int] = set()
-            total, index = len(mount.connections), 0
-            while time.monotonic() < end:
-                # Connections already told to close may linger for their close
-                # handshake: never count them twice.
-                batch = [c for c in list(mount.connections) if id(c) not in done][:size]
-                if not batch:
-                    break
-                for conn in batch:
-                    done.add(id(conn))
-                    conn.drain()
-                drained += len(batch)
-                _drain_event(endpoint, mount, len(batch), total, index, size, interval)
-                index += 1
-                # Wait for this batch to go (bounded), then for the rest of the interval.
-                pause_end = min(end, time.monotonic() + interval)
-                while time.monotonic() < pause_end and any(c in mount.connections for c in batch):
-                    sleep(0.05)
-                remaining = pause_end - time.monotonic()
-                if remaining > 0 and any(id(c) not in done for c in mount.connections):
-                    sleep(remaining)
-    return drained
-
-
-def _drain_event(endpoint: Any, mount: Any, count: int, total: int, index: int, size: int, interval: float) -> None:
-    # phoenix.socket_drain, once per batch, and Phoenix's log line at the mount's level.
-    rounds = max(1, -(-total // size))
-    if telemetry.socket_drain.receivers:
-        telemetry.emit(
-            telemetry.socket_drain,
-            endpoint,
-            {"count": count, "total": total, "index": index, "rounds": rounds},
-            {"mount": mount.path, "interval": interval},
-        )
-    if mount.log_level is not None:
-        log.log(
-            mount.log_level,
-            "%s shutting down, disconnecting %d of %d connections (round %d of %d)",
-            type(mount.handler).__name__,
-            count,
-            total,
-            index + 1,
-            rounds,
-        )
 
 
 class GeventWebSocketWorker(GeventPyWSGIWorker):

@@ -49,6 +49,36 @@ def live_server() -> Iterator[Any]:
 
 
 @pytest.fixture
+def mounted(live_server: Any) -> Iterator[Any]:
+    """A factory: ``mounted(SocketClass, endpoint_opts=None, **socket_opts)`` serves a fresh app.
+
+    The app has its own Endpoint (``endpoint_opts``: its overload settings,
+    which it owns while it lives) with ``SocketClass`` at ``/socket``. The
+    returned server carries ``.endpoint`` and ``.mount``; afterwards each
+    endpoint's settings are released, as if the endpoint were gone.
+    """
+    from flask import Flask
+
+    from phx_gevent import Endpoint
+    from phx_gevent.runtime import runtime
+
+    endpoints: list[Any] = []
+
+    def start(handler: Any, endpoint_opts: dict[str, Any] | None = None, **socket_opts: Any) -> LiveServer:
+        app = Flask(__name__)
+        endpoint = Endpoint(app, **(endpoint_opts or {}))
+        endpoints.append(endpoint)
+        mount = endpoint.socket("/socket", handler, **socket_opts)
+        server = live_server(app)
+        server.endpoint, server.mount = endpoint, mount
+        return server
+
+    yield start
+    for endpoint in endpoints:
+        runtime.release(endpoint)
+
+
+@pytest.fixture
 def example() -> Iterator[Any]:
     """A fresh instance of the example app (its own Endpoint), served on a free port."""
     import app_example

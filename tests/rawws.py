@@ -156,6 +156,13 @@ class RawWS:
             pass
 
 
+def join(ws: RawWS, topic: str = "room:1", ref: str = "1") -> None:
+    """Join ``topic`` (join_ref = ref) and assert the join reply is ok."""
+    ws.send_json([ref, ref, topic, "phx_join", {}])
+    reply = ws.recv_until(lambda m: m[1] == ref)
+    assert reply[4]["status"] == "ok", reply
+
+
 def _fast_mask(payload: bytes, key: bytes) -> bytes:
     n = len(payload)
     k = (key * (n // 4 + 1))[:n]

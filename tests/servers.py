@@ -54,8 +54,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``pred`` until it returns something truthy; AssertionError after ``timeout`` seconds."""
+def wait_until(pred: Callable[[], Any], timeout: float = 10.0, what: str = "condition", interval: float = 0.01) -> Any:
+    """Poll ``pred`` until it returns something truthy; AssertionError after ``timeout`` seconds.
+
+    The one polling helper of the suite: every wait has a deadline, none a fixed sleep.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
@@ -64,6 +67,24 @@ def wait_until(pred: Callable[[], Any], timeout: float, what: str, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         gevent.sleep(interval)
+
+
+class Recorder:
+    """An in-process listener on one topic of a PubSub node: records (event, payload) in order."""
+
+    def __init__(self, node: Any, topic: str) -> None:
+        self.got: list[tuple[str, Any]] = []
+        node.connect(self, topic)
+
+    def __call__(self, topic: str, event: str, payload: Any, from_: Any) -> None:
+        self.got.append((event, payload))
+
+    def events(self) -> list[str]:
+        return [e for e, _ in self.got]
+
+    def wait(self, n: int, timeout: float = 10.0) -> list[tuple[str, Any]]:
+        wait_until(lambda: len(self.got) >= n, timeout, f"{n} messages (have {self.events()[-5:]})")
+        return self.got
 
 
 class OutputLog:
@@ -234,7 +255,9 @@ class Gunicorn:
         env: dict[str, str] | None = None,
         args: list[str] | tuple[str, ...] = (),
         graceful_timeout: float = 10,
+        cwd: str | Path = ROOT,
     ) -> None:
+        self.cwd = str(cwd)
         self.cmd = [
             sys.executable, "-m", "gunicorn",
             "-k", self.WORKER,
@@ -269,7 +292,7 @@ class Gunicorn:
         """Start and wait until every worker logged that it is ready."""
         self.proc = subprocess.Popen(
             self.cmd,
-            cwd=str(ROOT),
+            cwd=self.cwd,
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

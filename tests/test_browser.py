@@ -7,6 +7,7 @@ log is read back from the DOM until it shows what we expect.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -84,6 +85,27 @@ class Browser:
         expr = f"(document.querySelector({json.dumps(selector)}) || {{}}).innerText || ''"
         return self.call("Runtime.evaluate", expression=expr, returnByValue=True)["result"].get("value", "")
 
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page."""
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, pred: Any, timeout: float = 15.0) -> Any:
+        """Poll a JavaScript expression until ``pred(value)``; AssertionError after ``timeout``."""
+        value = None
+        with gevent.Timeout(timeout, False):
+            while True:
+                value = self.evaluate(expression)
+                if pred(value):
+                    return value
+                gevent.sleep(0.05)
+        raise AssertionError(f"{expression} never matched; it is {value!r}")
+
+    def screenshot(self, path: str) -> None:
+        """Save the page as a PNG (to look at what a user sees)."""
+        data = self.call("Page.captureScreenshot", format="png")["data"]
+        with open(path, "wb") as f:
+            f.write(base64.b64decode(data))
+
     def wait_text(self, selector: str, pred: Any, timeout: float = 15.0) -> str:
         """Poll the element's text until ``pred(text)``; AssertionError after ``timeout``."""
         text = ""
@@ -133,8 +155,41 @@ def test_the_example_page_joins_sends_and_shows_messages(example, browser, js, t
     cid = js.channel(sid, "room:lobby", {"presence": True})
     assert js.join(cid)["status"] == "ok"
     browser.wait_text("#online", lambda t: t in ("online: alice, bob", "online: bob, alice"))
+    # The state line: the transport in use and the connection's state, live.
+    name = "long-poll" if transport == "longpoll" else "WebSocket"
+    assert browser.text("#status") == f"transport: {name} · connection: open"
+    assert browser.evaluate("document.querySelector('#status').dataset.history") == "connecting open"
+    # A second connection of alice (another tab) lists her twice, and the page says why.
+    other = js.open_socket(example.ws + "/socket", {"user": "alice"})
+    assert js.join(js.channel(other, "room:lobby", {"presence": True}))["status"] == "ok"
+    browser.wait_text("#online", lambda t: "alice (2)" in t)
+    note = browser.text("#online-note")
+    assert note.startswith("alice (2): 2 connections. Another tab, or a closed long-poll tab")
+    if os.environ.get("PHX_SCREENSHOTS"):
+        browser.screenshot(os.path.join(os.environ["PHX_SCREENSHOTS"], f"example-{transport}.png"))
+    # The server drops alice's connections (POST /disconnect): the page shows it reconnecting, then open.
+    assert http.post(example.http + "/disconnect", {"user": "alice"}).status == 204
+    history = browser.wait_for(
+        "document.querySelector('#status').dataset.history", lambda h: h.startswith("connecting open reconnecting")
+    )
+    browser.wait_text("#status", lambda t: t == f"transport: {name} · connection: open")
+    assert history.split()[:3] == ["connecting", "open", "reconnecting"]
 
 
 def test_a_refused_join_is_shown(example, browser):
     browser.goto(example.http + "/?user=alice&room=secret")
     browser.wait_text("#log", lambda t: "join refused: unauthorized" in t)
+
+
+@pytest.mark.parametrize("transport", ["websocket", "longpoll"])
+def test_the_page_sends_its_signed_token_and_a_blocked_user_is_refused(example, browser, transport):
+    example.app.config["SECRET_KEY"] = "browser-test-secret-key-0123456789"
+    longpoll = "&longpoll=1" if transport == "longpoll" else ""
+    browser.goto(example.http + f"/?user=tina&room=lobby{longpoll}")
+    browser.wait_text("#log", lambda t: "joined room:lobby" in t)
+    # The page handed phoenix.js its token (authToken); connect verified it and assigned it.
+    conns = example.endpoint.mounts[0].connections
+    assert [c.socket.assigns.get("page") for c in conns if c.socket.assigns["user"] == "tina"] == ["index"]
+    browser.goto(example.http + f"/?user=blocked_tina&room=lobby{longpoll}")
+    browser.wait_text("#log", lambda t: "connection error" in t)
+    assert "joined" not in browser.text("#log")

@@ -197,7 +197,8 @@ class ExampleProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "app_example.py"], cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
-        OutputLog(self.proc.stdout).wait(r"listening on http://", timeout=20)
+        # serve() writes "phx_gevent: serving on http://HOST:PORT" once it listens.
+        OutputLog(self.proc.stdout).wait(r"phx_gevent: serving on http://", timeout=20)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -13,6 +13,7 @@ from phx_gevent import (
     DISCONNECTED,
     DUPLICATE_JOIN,
     LEFT,
+    SHUTDOWN,
     Channel,
     Reply,
     Socket,
@@ -179,6 +180,8 @@ def test_join_refused_leaves_no_channel():
     frame = join(conn, t, payload={"refuse": True})
     assert frame[4] == {"status": "error", "response": {"reason": "nope"}}
     assert conn.channels == {}
+    # As Phoenix: {:error, reply} stops the channel with :shutdown, which runs terminate.
+    assert EVENTS == [("terminate", "room:1", SHUTDOWN)]
 
 
 @pytest.mark.parametrize("payload", [{"crash": True}, {"bad_return": True}, {"push_in_join": True}])
@@ -186,7 +189,8 @@ def test_join_that_raises_or_returns_garbage_is_a_crashed_join(payload):
     conn, t, _ = make_connection(UserSocket)
     assert join(conn, t, payload=payload)[4] == {"status": "error", "response": {"reason": "join crashed"}}
     assert conn.channels == {}
-    assert EVENTS == []  # terminate only runs for channels that joined
+    # A crashed join runs terminate with the exception, as a crashed Phoenix channel process does.
+    assert len(EVENTS) == 1 and EVENTS[0][:2] == ("terminate", "room:1") and isinstance(EVENTS[0][2], Exception)
 
 
 def test_join_timeout_answers_error_and_kills_the_join():
@@ -542,9 +546,9 @@ def test_server_side_mailbox_overflow_ends_the_channel_with_phx_error():
 
 
 def test_channel_workers_are_reused_and_idle_ones_let_go(monkeypatch):
-    from phx_gevent import channel_server
+    from phx_gevent.channels import pool
 
-    monkeypatch.setattr(channel_server, "TRIM_PERIOD", 0.05)
+    monkeypatch.setattr(pool, "TRIM_PERIOD", 0.05)
     conn, t, _ = make_connection(UserSocket, partitions=1)
     partition = conn.partition
     for i in range(5):

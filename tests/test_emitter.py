@@ -12,7 +12,6 @@ import itertools
 import subprocess
 import sys
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
@@ -20,25 +19,10 @@ import redis
 from phx_gevent import Emitter, EmitterError, EmitterUnavailable, Endpoint, PayloadError, PhxError
 from phx_gevent.pubsub import PubSub, codec
 from phx_gevent.pubsub.redis import RedisAdapter
-from tests.servers import ROOT, RedisServer, free_port, redis_server, wait_until  # noqa: F401
+from tests.servers import ROOT, Recorder, RedisServer, free_port, redis_server, wait_until  # noqa: F401
 
 TIMEOUT = 10.0
 _prefixes = itertools.count(1)
-
-
-class Recorder:
-    """An in-process listener on one topic of a PubSub node: records (event, payload) in order."""
-
-    def __init__(self, node: PubSub, topic: str) -> None:
-        self.got: list[tuple[str, Any]] = []
-        node.connect(self, topic)
-
-    def __call__(self, topic: str, event: str, payload: Any, from_: Any) -> None:
-        self.got.append((event, payload))
-
-    def wait(self, n: int, timeout: float = TIMEOUT) -> list[tuple[str, Any]]:
-        wait_until(lambda: len(self.got) >= n, timeout, f"{n} messages (have {self.got[-3:]})")
-        return self.got
 
 
 class Tap:

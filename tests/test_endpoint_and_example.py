@@ -162,7 +162,7 @@ def test_memory_collect_is_rate_limited():
 def test_partitions_default_to_usable_cores_and_count_joined_channels():
     conn, t, endpoint = make_connection(S)
     stats = endpoint.mounts[0].partitions.stats()
-    assert len(stats) == phx_gevent.channel_server.default_partitions()
+    assert len(stats) == phx_gevent.channels.pool.default_partitions()
     conn.handle(msg("1", "1", "c:1", "phx_join", {}))
     t.wait_event("phx_reply")
     assert sum(p["joined"] for p in endpoint.mounts[0].partitions.stats()) == 1

@@ -28,6 +28,7 @@ from phx_gevent.flow import flow
 from phx_gevent.pubsub.memory import MemoryBus
 from phx_gevent.transports.longpoll import BINARY_REFUSED, DEFAULTS
 from tests.jsclient import b64, unb64
+from tests.servers import wait_until
 
 FAST = {"reconnectAfterMs": 50, "rejoinAfterMs": 50}
 NDJSON = {"Content-Type": "application/x-ndjson"}
@@ -99,15 +100,6 @@ def make_app(secret: str | None = "test-secret", pubsub: Any = None, **socket_op
 
 def longpoll_of(endpoint: Endpoint) -> Any:
     return endpoint.mounts[0].longpoll
-
-
-def wait_until(pred: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    """Wait (polling) until ``pred()`` is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        gevent.sleep(0.01)
 
 
 # -- raw HTTP -------------------------------------------------------------------------------

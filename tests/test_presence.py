@@ -420,3 +420,33 @@ def test_changes_queued_together_go_out_as_one_diff_with_their_net_effect():
     assert diff["leaves"] == {} and list(diff["joins"]) == ["stays"]
     assert node.keys() == {"watcher", "stays"}
     watcher.refute_push("presence_diff")
+
+
+def test_get_by_key_is_the_metas_or_an_empty_list_as_phoenix():
+    node = Node()
+    alice = node.join("alice")
+    alice.assert_push("presence_state")
+    found = node.presence.get_by_key("presence:lobby", "alice")
+    assert [m["status"] for m in found["metas"]] == ["here"]
+    assert node.presence.get_by_key("presence:lobby", "nobody") == []
+    assert node.presence.get_by_key("presence:empty", "alice") == []
+
+
+def test_handle_metas_sees_every_diff_with_the_current_list():
+    seen: list[tuple[str, set[str], set[str], set[str]]] = []
+
+    class Watching(Presence):
+        def handle_metas(self, topic, joins, leaves, presences):
+            seen.append((topic, set(joins), set(leaves), set(presences)))
+            if "crash" in joins:
+                raise RuntimeError("logged, not fatal")
+
+    node = Node(presence_cls=Watching)
+    alice = node.join("alice")
+    wait_until(lambda: ("presence:lobby", {"alice"}, set(), {"alice"}) in seen, 5, "alice's join")
+    node.join("crash")
+    bob = node.join("bob")
+    bob.assert_push("presence_state")
+    wait_until(lambda: any("bob" in s[1] for s in seen), 5, "bob's join after a failing handle_metas")
+    alice.leave()
+    wait_until(lambda: ("presence:lobby", set(), {"alice"}, {"crash", "bob"}) in seen, 5, "alice's leave")

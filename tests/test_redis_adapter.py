@@ -19,29 +19,12 @@ from phx_gevent import Endpoint
 from phx_gevent.flow import flow
 from phx_gevent.pubsub import PubSub, codec
 from phx_gevent.pubsub.redis import RedisAdapter
-from tests.servers import RedisServer, redis_server, wait_until  # noqa: F401
+from phx_gevent.runtime import runtime
+from tests.servers import Recorder, RedisServer, redis_server, wait_until  # noqa: F401
 
 TIMEOUT = 10.0
 FAST = {"backoff": (0.05, 0.3)}
 _prefixes = itertools.count(1)
-
-
-class Recorder:
-    """An in-process listener on one topic: records (event, payload) in order."""
-
-    def __init__(self, node: PubSub, topic: str) -> None:
-        self.got: list[tuple[str, Any]] = []
-        node.connect(self, topic)
-
-    def __call__(self, topic: str, event: str, payload: Any, from_: Any) -> None:
-        self.got.append((event, payload))
-
-    def events(self) -> list[str]:
-        return [e for e, _ in self.got]
-
-    def wait(self, n: int, timeout: float = TIMEOUT) -> list[tuple[str, Any]]:
-        wait_until(lambda: len(self.got) >= n, timeout, f"{n} messages (have {self.events()})")
-        return self.got
 
 
 @pytest.fixture
@@ -214,6 +197,7 @@ def test_direct_messages_are_not_replayed_late(nodes, redis_server, monkeypatch)
     import time
 
     import phx_gevent.pubsub.redis as redis_module
+    import phx_gevent.pubsub.redis_loops as redis_loops
 
     a, b = nodes(2)
     remote = Recorder(b, "late")
@@ -227,7 +211,8 @@ def test_direct_messages_are_not_replayed_late(nodes, redis_server, monkeypatch)
     a.broadcast("late", "replayed", {})
     # Five seconds pass for the adapter: past direct_ttl (1 s), within replay_window (10 s).
     offset = 5.0
-    monkeypatch.setattr(redis_module, "_monotonic", lambda: time.monotonic() + offset)
+    for module in (redis_module, redis_loops):  # the adapter and its connection loops
+        monkeypatch.setattr(module, "_monotonic", lambda: time.monotonic() + offset)
     redis_server.start()
     remote.wait(2)
     a.send_direct(b.node_name, "svc", {"fresh": True})
@@ -306,10 +291,15 @@ def test_a_slow_local_delivery_drops_at_the_inbox_not_the_redis_connection(nodes
     assert stat(b, "receive_dropped") == 19 - kept
 
 
-def test_remote_broadcasts_wait_for_the_high_water_mark_and_drop_on_timeout(nodes, monkeypatch):
+class _SettingsOwner:
+    """Holds runtime settings for one test (an owner must be weakly referenceable)."""
+
+
+def test_remote_broadcasts_wait_for_the_high_water_mark_and_drop_on_timeout(nodes):
     a, b = nodes(2)
     remote = Recorder(b, "flow")
-    monkeypatch.setattr(flow, "timeout", 0.2)
+    owner = _SettingsOwner()
+    runtime.claim(owner, broadcast_timeout=0.2)  # this test's own, until it releases them
     over = flow.high_water + 1
     flow.queued += over  # as if writers held more than the high-water mark
     try:
@@ -318,6 +308,7 @@ def test_remote_broadcasts_wait_for_the_high_water_mark_and_drop_on_timeout(node
         wait_until(lambda: stat(b, "overload_dropped") == 1, TIMEOUT, "an overload drop")
     finally:
         flow.queued -= over
+        runtime.release(owner)
     a.broadcast("flow", "fine", {})
     assert remote.wait(1) == [("fine", {})]
 

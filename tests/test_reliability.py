@@ -6,6 +6,7 @@ plain sockets) because well-behaved clients never send what they send.
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import struct
@@ -16,7 +17,9 @@ from flask import Flask
 
 from phx_gevent import Channel, Endpoint, Socket, channel, ok
 from phx_gevent.flow import flow
-from tests.rawws import RawWS
+from phx_gevent.runtime import runtime
+from tests.rawws import RawWS, join
+from tests.servers import wait_until
 
 
 class EchoChannel(Channel):
@@ -38,39 +41,13 @@ class UserSocket(Socket):
 
 
 @pytest.fixture
-def server(live_server):
-    def start(endpoint_opts=None, **socket_opts):
-        app = Flask(__name__)
-        endpoint = Endpoint(app, **(endpoint_opts or {}))
-        mount = endpoint.socket("/socket", UserSocket, **socket_opts)
-        srv = live_server(app)
-        srv.endpoint, srv.mount = endpoint, mount
-        return srv
-
-    return start
+def server(mounted):
+    """``server(endpoint_opts=None, **socket_opts)``: this module's UserSocket on a fresh app."""
+    return functools.partial(mounted, UserSocket)
 
 
-_FLOW = ("high_water", "low_water", "timeout", "connection_limit", "slow_timeout", "sndbuf", "direct_send")
-
-
-@pytest.fixture
-def restore_flow():
-    saved = {name: getattr(flow, name) for name in _FLOW}
-    yield flow
-    for name, value in saved.items():
-        setattr(flow, name, value)
-
-
-def wait_until(pred, timeout=10.0, what="condition"):
-    with gevent.Timeout(timeout, AssertionError(f"{what} not met within {timeout}s")):
-        while not pred():
-            gevent.sleep(0.01)
-
-
-def join(ws: RawWS, topic: str = "room:1", ref: str = "1") -> None:
-    ws.send_json([ref, ref, topic, "phx_join", {}])
-    reply = ws.recv_until(lambda m: m[1] == ref)
-    assert reply[4]["status"] == "ok", reply
+class _SettingsOwner:
+    """Holds runtime settings for a test without an endpoint (an owner must be weakly referenceable)."""
 
 
 def closed_by_server(ws: RawWS) -> bool:
@@ -90,18 +67,19 @@ def closed_by_server(ws: RawWS) -> bool:
 # -- 1. slow readers cannot hold the process's budget hostage ------------------------------------
 
 
-def test_ten_slow_readers_with_big_replies_do_not_stall_broadcasts(server, restore_flow):
+def test_ten_slow_readers_with_big_replies_do_not_stall_broadcasts(server):
     """Ten clients that never read each get a reply above the per-connection soft cap and keep
     sending unsolicited PONGs: broadcasts to the others never wait, and the ten are dropped on a
     timer (no write to them is needed)."""
-    restore_flow.configure(
-        max_connection_queue_bytes=64 * 1024,
-        max_queued_bytes=1024 * 1024,
-        broadcast_timeout=0.5,
-        slow_client_timeout=0.5,
-        sndbuf=8 * 1024,
+    srv = server(
+        endpoint_opts={
+            "max_connection_queue_bytes": 64 * 1024,
+            "max_queued_bytes": 1024 * 1024,
+            "broadcast_timeout": 0.5,
+            "slow_client_timeout": 0.5,
+            "sndbuf": 8 * 1024,
+        }
     )
-    srv = server()
     reader = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=reader")
     join(reader)
     hostile = []
@@ -139,15 +117,12 @@ def test_ten_slow_readers_with_big_replies_do_not_stall_broadcasts(server, resto
     assert flow.queued < 64 * 1024
 
 
-def test_replies_are_flow_controlled_per_connection(server, restore_flow, caplog):
+def test_replies_are_flow_controlled_per_connection(server, caplog):
     """A client that asks for replies faster than it reads them stops being read (TCP pushes back)
     instead of piling replies up to the hard cap; it is dropped on the timer if it never drains."""
-    restore_flow.configure(
-        max_connection_queue_bytes=64 * 1024,
-        slow_client_timeout=0.5,
-        sndbuf=8 * 1024,
+    srv = server(
+        endpoint_opts={"max_connection_queue_bytes": 64 * 1024, "slow_client_timeout": 0.5, "sndbuf": 8 * 1024}
     )
-    srv = server()
     ws = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=greedy")
     ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     join(ws)
@@ -601,11 +576,13 @@ class _GoodRaw(_BadRaw):
         return len(data)
 
 
-def test_the_flusher_survives_a_failing_writer(restore_flow):
+def test_the_flusher_survives_a_failing_writer(request):
     from phx_gevent import supervise
     from phx_gevent.transports.writer import Writer
 
-    restore_flow.configure(direct_send=False)
+    owner = _SettingsOwner()
+    runtime.claim(owner, direct_send=False)
+    request.addfinalizer(lambda: runtime.release(owner))
     before = supervise.counters.get("writer flusher", {}).get("failures", 0)
     bad = Writer(_BadRaw(), None)
     good = Writer(_GoodRaw(), None)
@@ -619,9 +596,8 @@ def test_the_flusher_survives_a_failing_writer(restore_flow):
     assert supervise.counters.get("writer flusher", {}).get("failures", 0) == before
 
 
-def test_replies_wait_while_the_process_is_over_its_high_water_mark(server, restore_flow):
-    restore_flow.configure(broadcast_timeout=30)
-    srv = server()
+def test_replies_wait_while_the_process_is_over_its_high_water_mark(server):
+    srv = server(endpoint_opts={"broadcast_timeout": 30})
     ws = RawWS(srv.port)
     join(ws)
     over = flow.high_water + 1

@@ -11,23 +11,10 @@ import pytest
 from phx_gevent import supervise
 from phx_gevent.pubsub import PubSub, codec
 from phx_gevent.pubsub.redis import RedisAdapter
-from tests.servers import RedisServer, redis_server, wait_until  # noqa: F401
+from tests.servers import Recorder, RedisServer, redis_server, wait_until  # noqa: F401
 
 TIMEOUT = 10.0
 _prefixes = itertools.count(1)
-
-
-class Recorder:
-    def __init__(self, node: PubSub, topic: str) -> None:
-        self.got: list[tuple[str, Any]] = []
-        node.connect(self, topic)
-
-    def __call__(self, topic: str, event: str, payload: Any, from_: Any) -> None:
-        self.got.append((event, payload))
-
-    def wait(self, n: int) -> list[tuple[str, Any]]:
-        wait_until(lambda: len(self.got) >= n, TIMEOUT, f"{n} messages (have {self.got})")
-        return self.got
 
 
 @pytest.fixture
@@ -121,6 +108,7 @@ def test_a_background_greenlet_that_dies_is_restarted_and_counted(nodes):
 
 @pytest.mark.parametrize("kind", ["delta", "state"])
 def test_a_forged_huge_presence_version_does_not_silence_a_node_for_good(kind):
+    from phx_gevent.presence.state import StateTransfer
     from phx_gevent.pubsub.memory import MemoryBus
     from tests.test_presence import Node
 
@@ -138,7 +126,7 @@ def test_a_forged_huge_presence_version_does_not_silence_a_node_for_good(kind):
             rogue.publish({"k": "b", "n": "rogue", "t": "phx_presence:presence", "e": "delta", "p": forged, "x": None})
         else:
             # A state transfer "from a" (direct messages carry the sender's name) with a huge version.
-            b.presence._enqueue(("state", a.endpoint.node_name, {"v": 10**18, "s": []}))
+            b.presence._enqueue(StateTransfer(a.endpoint.node_name, {"v": 10**18, "s": []}))
             wait_until(lambda: peer.version == 10**18, 5, "the forged state applied")
         # a's real changes must reach b again (its heartbeat is the truth about its version).
         a.join("bob")

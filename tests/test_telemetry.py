@@ -14,7 +14,9 @@ import pytest
 from flask import Flask
 
 from phx_gevent import Channel, Endpoint, Presence, Socket, channel, error, ok, telemetry
-from phx_gevent.flow import FlowControl, flow
+from phx_gevent.flow import FlowControl
+from phx_gevent.options import DrainerOptions
+from phx_gevent.runtime import runtime
 from phx_gevent.serializers import V2
 from phx_gevent.testing import ChannelTest
 from phx_gevent.worker import drain_all
@@ -115,7 +117,7 @@ def test_socket_connected_accepted_and_refused_over_both_transports(live_server,
     assert (lp["result"], lp["socket_id"], lp["transport"]) == ("ok", "user:bob", "longpoll")
     for m in (m1, m2, m3):
         assert set(m) == {"duration"} and 0 <= m["duration"] < 5
-    lines = [r.getMessage() for r in caplog.records if r.name == "phx_gevent.endpoint"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "phx_gevent.mount"]  # SocketMount.connect logs
     assert any(line.startswith("CONNECTED TO UserSocket in ") and "transport websocket" in line for line in lines)
     assert any(line.startswith("REFUSED CONNECTION TO UserSocket in ") for line in lines)
     assert not any("alice" in line for line in lines)  # param names only, never values
@@ -212,20 +214,16 @@ def test_overload_wait_and_timeout():
         telemetry.overload_timeout.disconnect(on_timeout)
 
 
-@pytest.fixture
-def restore_flow() -> Iterator[Any]:
-    names = ("high_water", "low_water", "timeout", "connection_limit", "slow_timeout", "sndbuf", "direct_send")
-    saved = {name: getattr(flow, name) for name in names}
-    yield flow
-    for name, value in saved.items():
-        setattr(flow, name, value)
-
-
-def test_slow_client_drop(live_server, record, restore_flow):
-    restore_flow.configure(
-        max_connection_queue_bytes=32 * 1024, slow_client_timeout=0.2, sndbuf=8 * 1024, max_queued_bytes=1 << 26
+def test_slow_client_drop(live_server, record, request):
+    # The overload settings are this endpoint's own while it lives (phx_gevent.runtime).
+    app, endpoint, mount = make(
+        log=False,
+        max_connection_queue_bytes=32 * 1024,
+        slow_client_timeout=0.2,
+        sndbuf=8 * 1024,
+        max_queued_bytes=1 << 26,
     )
-    app, endpoint, mount = make(log=False)
+    request.addfinalizer(lambda: runtime.release(endpoint))  # its settings end with the test
     srv = live_server(app)
     rec = record(telemetry.slow_client_drop)
     stuck = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=stuck")
@@ -266,9 +264,12 @@ def test_socket_drain_batches(record, monkeypatch, caplog):
     import phx_gevent.endpoint
 
     _, endpoint, mount = make()
-    mount.drainer = {"batch_size": 2, "batch_interval": 0.05, "shutdown": 5.0}
+    mount.drainer = DrainerOptions(batch_size=2, batch_interval=0.05, shutdown=5.0)
     monkeypatch.setattr(phx_gevent.endpoint, "endpoints", weakref.WeakSet([endpoint]))
     clients = [ChannelTest(endpoint).connect({"user": f"d{i}"}) for i in range(3)]
+    for c in clients:
+        assert c.join("room:drain").joined  # only connections holding channels are drained (as Phoenix)
+    ChannelTest(endpoint).connect({"user": "idle"})  # no channel: not drained, not counted
     rec = record(telemetry.socket_drain)
     with caplog.at_level(logging.INFO, logger="phx_gevent"):
         assert drain_all(time.monotonic() + 5) == 3

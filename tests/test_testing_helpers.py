@@ -53,3 +53,20 @@ def test_assertions_fail_with_a_useful_message(endpoint):
         room.assert_push("never", timeout=0.05)
     with pytest.raises(AssertionError, match="expected status 'error'"):
         room.assert_reply(room.push("ping", {}), "error")
+
+
+def test_subscribe_and_join_sees_the_example_broadcasts(endpoint):
+    room = ChannelTest(endpoint).connect({"user": "dora"}).subscribe_and_join("room:sub")
+    room.assert_reply(room.push("new_msg", {"body": "hello"}), "ok", {})
+    assert room.assert_broadcast("new_msg") == {"user": "dora", "body": "hello"}
+    room.broadcast_from("announce", {"a": 1})  # the channel's handle_out runs; the test is not told
+    assert room.assert_push("announce") == {"a": 1, "to": "dora"}
+    room.refute_broadcast("announce")
+    room.close()
+    assert not room.channel_pid.alive
+
+
+def test_a_socket_without_connect_joins_the_example_room(endpoint):
+    room = ChannelTest(endpoint).socket("user_socket:eve", {"user": "eve"}).join("room:lobby")
+    assert room.reply.response == {"user": "eve"}
+    assert room.assert_push("welcome")["user"] == "eve"

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import struct
 
 import gevent
 import pytest
-from flask import Flask
 
-from phx_gevent import BroadcastTimeout, Channel, Endpoint, Socket, channel, ok
+from phx_gevent import BroadcastTimeout, Channel, Socket, channel, ok
 from phx_gevent.flow import flow
 from tests import httpclient as http
-from tests.rawws import Closed, RawWS
+from tests.rawws import Closed, RawWS, join
+from tests.servers import wait_until
 
 
 class EchoChannel(Channel):
@@ -37,39 +38,9 @@ class UserSocket(Socket):
 
 
 @pytest.fixture
-def server(live_server):
-    def start(**socket_opts):
-        app = Flask(__name__)
-        endpoint = Endpoint(app)
-        mount = endpoint.socket("/socket", UserSocket, **socket_opts)
-        srv = live_server(app)
-        srv.endpoint, srv.mount = endpoint, mount
-        return srv
-
-    return start
-
-
-@pytest.fixture
-def restore_flow():
-    saved = {
-        name: getattr(flow, name)
-        for name in ("high_water", "low_water", "timeout", "connection_limit", "slow_timeout", "sndbuf", "direct_send")
-    }
-    yield flow
-    for name, value in saved.items():
-        setattr(flow, name, value)
-
-
-def join(ws: RawWS, topic: str = "room:1", ref: str = "1") -> None:
-    ws.send_json([ref, ref, topic, "phx_join", {}])
-    reply = ws.recv_until(lambda m: m[1] == ref)
-    assert reply[4]["status"] == "ok", reply
-
-
-def wait_until(pred, timeout=5.0):
-    with gevent.Timeout(timeout, AssertionError("condition not met")):
-        while not pred():
-            gevent.sleep(0.01)
+def server(mounted):
+    """``server(endpoint_opts=None, **socket_opts)``: this module's UserSocket on a fresh app."""
+    return functools.partial(mounted, UserSocket)
 
 
 # -- handshake -------------------------------------------------------------------------------
@@ -266,14 +237,15 @@ def test_bad_client_does_not_affect_another(server):
 # -- overload --------------------------------------------------------------------------------
 
 
-def test_a_client_that_stops_reading_is_dropped_and_readers_get_everything(server, restore_flow):
-    restore_flow.configure(
-        max_connection_queue_bytes=64 * 1024,
-        slow_client_timeout=0.5,
-        sndbuf=16 * 1024,
-        max_queued_bytes=64 * 1024 * 1024,
+def test_a_client_that_stops_reading_is_dropped_and_readers_get_everything(server):
+    srv = server(
+        endpoint_opts={
+            "max_connection_queue_bytes": 64 * 1024,
+            "slow_client_timeout": 0.5,
+            "sndbuf": 16 * 1024,
+            "max_queued_bytes": 64 * 1024 * 1024,
+        }
     )
-    srv = server()
     reader = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=reader")
     stuck = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=stuck")
     stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -305,15 +277,16 @@ def test_a_client_that_stops_reading_is_dropped_and_readers_get_everything(serve
         pass
 
 
-def test_broadcast_waits_at_the_high_water_mark_then_raises(server, restore_flow):
-    restore_flow.configure(
-        max_queued_bytes=32 * 1024,
-        broadcast_timeout=0.3,
-        max_connection_queue_bytes=10**9,
-        slow_client_timeout=60,
-        sndbuf=8 * 1024,
+def test_broadcast_waits_at_the_high_water_mark_then_raises(server):
+    srv = server(
+        endpoint_opts={
+            "max_queued_bytes": 32 * 1024,
+            "broadcast_timeout": 0.3,
+            "max_connection_queue_bytes": 10**9,
+            "slow_client_timeout": 60,
+            "sndbuf": 8 * 1024,
+        }
     )
-    srv = server()
     stuck = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=stuck")
     stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     join(stuck)
@@ -327,9 +300,8 @@ def test_broadcast_waits_at_the_high_water_mark_then_raises(server, restore_flow
 
 
 @pytest.mark.parametrize("direct_send", [True, False])
-def test_both_write_paths_deliver_everything_in_order(server, restore_flow, direct_send):
-    restore_flow.configure(direct_send=direct_send)
-    srv = server()
+def test_both_write_paths_deliver_everything_in_order(server, direct_send):
+    srv = server(endpoint_opts={"direct_send": direct_send})
     clients = [RawWS(srv.port, f"/socket/websocket?vsn=2.0.0&user=c{i}") for i in range(3)]
     for ws in clients:
         join(ws)

@@ -40,7 +40,7 @@ import heapq
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from . import wire
 
@@ -134,7 +134,7 @@ class Push:
     def receive_any(self, callback: Callable[[str, Any], None]) -> Push:
         """Call ``callback(status, response)`` for the outcome, whatever its status (at once if known)."""
         if self.received is not None:
-            callback(self.received.get("status"), self.received.get("response"))
+            callback(cast(str, self.received.get("status")), self.received.get("response"))
         self._any.append(callback)
         return self
 
@@ -190,8 +190,8 @@ class Push:
         for want, callback in list(self._hooks):
             if want == status:
                 run(callback, response)
-        for callback in list(self._any):
-            run(callback, status, response)
+        for any_callback in list(self._any):
+            run(any_callback, status, response)
 
     def _trigger(self, status: str, response: Any) -> None:
         # A local outcome (timeout, or a leave without a connection), delivered as a reply would be.

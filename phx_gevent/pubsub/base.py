@@ -47,6 +47,10 @@ class Adapter:
     #: True when the adapter implements :meth:`publish_history` (shared offsets).
     supports_history: bool = False
 
+    #: True for adapters whose greenlets do blocking I/O through the standard
+    #: library (Redis): :func:`~phx_gevent.serve` then refuses an unpatched process.
+    requires_monkey_patching: bool = False
+
     def start(self, receive: Callable[[dict[str, Any]], None]) -> None:
         """Begin receiving: call ``receive(envelope)`` for every envelope from another node.
 

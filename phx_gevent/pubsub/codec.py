@@ -36,6 +36,7 @@ from typing import Any
 
 import ujson
 
+from ..errors import PhxError
 from ..serializers import check_encodable
 
 __all__ = ["MAGIC", "EnvelopeError", "decode", "encode", "echo_prefix"]
@@ -47,7 +48,7 @@ _B64_TAG = "$phx:b64"
 _BINARY = (bytes, bytearray, memoryview)
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(PhxError, ValueError):
     """A message from the bus is not an envelope this version understands."""
 
 

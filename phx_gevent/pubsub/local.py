@@ -40,34 +40,20 @@ from typing import Any
 from blinker import ANY, Signal
 
 from .. import telemetry
+from ..contracts import Subscriber
 from ..flow import flow
-from ..serializers import EncodeError
 from . import codec
 from .base import Adapter, make_node_name
 from .history import HistoryConfig, HistoryEntry, HistoryRules, MemoryHistory, Recovery, parse_offset
+from .request import NodeRequests, Responder
+from .topic import ALL_EVENTS, RecoveryBuffer, Topic
 
-__all__ = ["PubSub", "Topic", "ALL_EVENTS"]
+__all__ = ["PubSub", "Topic", "ALL_EVENTS", "RecoveryBuffer", "check_broadcast"]
 
 log = logging.getLogger(__name__)
 
 #: Seconds between two publications of the history topic patterns in Redis.
 RULES_REFRESH = 60.0
-
-
-class _AllEvents:
-    """A container that holds every event name."""
-
-    __slots__ = ()
-
-    def __contains__(self, item: object) -> bool:
-        return True
-
-    def __repr__(self) -> str:
-        return "ALL_EVENTS"
-
-
-#: ``intercept`` value of subscribers that take every event through ``deliver``.
-ALL_EVENTS = _AllEvents()
 
 
 def check_broadcast(topic: Any, event: Any, payload: Any) -> None:
@@ -78,167 +64,6 @@ def check_broadcast(topic: Any, event: Any, payload: Any) -> None:
         raise TypeError(f"event must be a string, got {type(event).__name__}")
     if not isinstance(payload, (dict, bytes, bytearray, memoryview)):
         raise TypeError(f"a broadcast payload must be a dict or bytes, got {type(payload).__name__}")
-
-
-class RecoveryBuffer:
-    """Stands in for a channel's writer while its join recovers history.
-
-    Live frames of the topic are kept here, each with its offset (``None``
-    for messages without one), until the join reply and the replay are out;
-    then :meth:`flush_into` writes those the replay did not already cover.
-    """
-
-    __slots__ = ("encoder", "items")
-
-    def __init__(self, encoder: Any) -> None:
-        self.encoder = encoder
-        self.items: list[tuple[Any, str | None]] = []
-
-    def write(self, frame: Any) -> None:
-        """A frame without offset (from the plain fan-out)."""
-        self.items.append((frame, None))
-
-    def add(self, frame: Any, offset: str) -> None:
-        """A frame with its offset."""
-        self.items.append((frame, offset))
-
-    def flush_into(self, writer: Any, epoch: str | None, last_seq: int) -> int:
-        """Write the kept frames except those at or before ``last_seq`` of ``epoch``; returns how many."""
-        n = 0
-        for frame, offset in self.items:
-            if offset is not None and epoch is not None:
-                parsed = parse_offset(offset)
-                if parsed is not None and parsed[0] == epoch and parsed[1] <= last_seq:
-                    continue  # already sent by the replay
-            writer.write(frame)
-            n += 1
-        self.items = []
-        return n
-
-
-class Topic:
-    """The subscribers of one topic and the loop that delivers to them."""
-
-    __slots__ = ("name", "subs", "hist", "size")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        # An insertion-ordered set: O(1) unsubscribe, delivery in join order.
-        self.subs: dict[Any, None] = {}
-        #: Bytes of the last broadcast's first fastlane frame (for telemetry).
-        self.size = 0
-        #: (epoch, seq) of the last history message delivered here (gap detection).
-        self.hist: tuple[str, int] | None = None
-
-    def dispatch_offset(self, event: str, payload: Any, from_: Any, offset: str) -> int:
-        """Deliver a history broadcast: the offset goes in the ref of subscribers that asked for it.
-
-        At most two frames per encoder (with and without the offset). The
-        payload was already encoded once on its way here, so it is valid.
-        """
-        topic = self.name
-        frames: dict[Any, Any] = {}
-        self.size = 0
-        parsed: Any = None
-        last_enc: Any = None
-        last_offs: Any = None
-        last_frame: Any = None
-        n = 0
-        for sub in list(self.subs):
-            if sub.owner is from_:
-                continue
-            if event in sub.intercept:
-                sub.deliver(topic, event, payload)
-                n += 1
-                continue
-            try:
-                offs = sub.offsets
-                replayed = sub.replayed
-            except AttributeError:  # a subscriber that knows nothing of history
-                offs = False
-                replayed = None
-            if replayed is not None:
-                # This subscriber's recovery already sent messages up to ``replayed``
-                # (epoch, seq); copies still in flight from Redis are dropped once.
-                if parsed is None:
-                    parsed = parse_offset(offset) or ("", 0)
-                if parsed[0] == replayed[0] and parsed[1] <= replayed[1]:
-                    continue
-                sub.replayed = None
-            writer = sub.writer
-            enc = writer.encoder
-            if enc is not last_enc or offs is not last_offs:
-                key = (enc, offs)
-                last_frame = frames.get(key, frames)
-                if last_frame is frames:
-                    try:
-                        if offs:
-                            last_frame = enc.broadcast_ref(topic, event, payload, offset)
-                        else:
-                            last_frame = enc.broadcast(topic, event, payload)
-                    except EncodeError:
-                        last_frame = None
-                    frames[key] = last_frame
-                    if not self.size and last_frame is not None:
-                        self.size = len(last_frame)
-                last_enc = enc
-                last_offs = offs
-            if last_frame is None:
-                continue
-            if writer.__class__ is RecoveryBuffer:
-                writer.add(last_frame, offset)
-            else:
-                writer.write(last_frame)
-            n += 1
-        return n
-
-    def dispatch(self, event: str, payload: Any, from_: Any = None) -> int:
-        """Deliver to every subscriber except ``from_``'s; returns the number reached.
-
-        Raises ``TypeError``/``OverflowError``/:class:`EncodeError` before
-        delivering anything when the payload cannot be encoded.
-        """
-        topic = self.name
-        subs = list(self.subs)
-        frames: dict[Any, Any] = {}
-        self.size = 0
-        # Encode for the first fastlane subscriber before any delivery, so a
-        # payload that cannot be encoded fails the whole broadcast, not half of it.
-        for sub in subs:
-            if event not in sub.intercept:
-                enc = sub.writer.encoder
-                try:
-                    frame = frames[enc] = enc.broadcast(topic, event, payload)
-                    self.size = len(frame) if frame is not None else 0
-                except EncodeError:
-                    # The format cannot carry it (binary over V1): skip those connections.
-                    frames[enc] = None
-                break
-        last_enc: Any = None
-        last_frame: Any = None
-        n = 0
-        for sub in subs:
-            if sub.owner is from_:
-                continue
-            if event in sub.intercept:
-                sub.deliver(topic, event, payload)
-                n += 1
-                continue
-            writer = sub.writer
-            enc = writer.encoder
-            if enc is not last_enc:
-                last_frame = frames.get(enc, frames)
-                if last_frame is frames:
-                    try:
-                        last_frame = enc.broadcast(topic, event, payload)
-                    except EncodeError:
-                        last_frame = None
-                    frames[enc] = last_frame
-                last_enc = enc
-            if last_frame is not None:
-                writer.write(last_frame)
-                n += 1
-        return n
 
 
 class PubSub:
@@ -273,11 +98,13 @@ class PubSub:
     def start(self) -> None:
         """Start the adapter (idempotent); called lazily on first use in each process."""
         if not self._started:
-            self._started = True
             if self.adapter is not None:
+                # Marked started only once the adapter is: one that refused
+                # (e.g. an unpatched process) is tried again, never skipped.
                 self.adapter.start(self._receive)
                 if self.history_rules:
                     self._publish_history_rules()
+            self._started = True
         if self.adapter is not None:
             # The adapter renames itself in a forked child (gunicorn --preload): follow it.
             self.node_name = self.adapter.node_name
@@ -299,14 +126,14 @@ class PubSub:
 
     # -- subscriptions ------------------------------------------------------------------
 
-    def subscribe(self, topic: str, sub: Any) -> None:
+    def subscribe(self, topic: str, sub: Subscriber) -> None:
         """Add ``sub`` (see the module docstring for its shape) to ``topic``; idempotent."""
         t = self.topics.get(topic)
         if t is None:
             t = self.topics[topic] = Topic(topic)
         t.subs[sub] = None
 
-    def unsubscribe(self, topic: str, sub: Any) -> None:
+    def unsubscribe(self, topic: str, sub: Subscriber) -> None:
         """Remove ``sub`` from ``topic``; the topic is forgotten once empty. Idempotent."""
         t = self.topics.get(topic)
         if t is None:
@@ -358,7 +185,7 @@ class PubSub:
         if adapter is None:
             return MemoryHistory()
         if getattr(adapter, "supports_history", False):
-            from .history import RedisHistory
+            from .history_redis import RedisHistory
 
             return RedisHistory(adapter.history_pool(), adapter.prefix)  # type: ignore[attr-defined]
         log.warning(
@@ -484,7 +311,7 @@ class PubSub:
             return
         # Not in the history any more: the clients that track offsets rejoin (phx_error),
         # and their recovery answers ``recovered: false``. Never a silent gap.
-        lost = [sub for sub in t.subs if getattr(sub, "offsets", False)]
+        lost: list[Any] = [sub for sub in t.subs if getattr(sub, "offsets", False)]  # channels that know history
         log.warning(
             "phx_gevent: missed history messages of %r after offset %s-%s that Redis no longer has; "
             "%d channel(s) told to rejoin",
@@ -628,6 +455,14 @@ class PubSub:
             return
         self.start()
         self.adapter.publish({"k": "d", "n": self.node_name, "to": node, "t": name, "e": "", "p": payload, "x": None})
+
+    def requests(self, name: str, serve: Callable[[dict[str, Any], Responder], None], timeout: float) -> NodeRequests:
+        """Request/response with other nodes under handler ``name`` (see :mod:`phx_gevent.pubsub.request`).
+
+        ``serve(request, responder)`` gets the requests other nodes send here;
+        the returned object's ``ask(node, message, work)`` sends one.
+        """
+        return NodeRequests(self, name, serve, timeout)
 
     def _receive(self, envelope: dict[str, Any]) -> None:
         """Entry point for envelopes from other nodes (called by the adapter)."""

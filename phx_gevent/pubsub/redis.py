@@ -57,7 +57,6 @@ import atexit
 import functools
 import logging
 import os
-import random
 import re
 import time
 import weakref
@@ -69,80 +68,35 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from .. import supervise, telemetry
-from ..errors import BroadcastTimeout
-from ..flow import flow
+from .. import supervise
+from ..errors import NotMonkeyPatchedError
 from . import codec
-from . import history as _history
+from . import history_redis as _history
 from .base import Adapter, make_node_name
+from .outbox import HistoryCmd, Outbox
+from .redis_loops import CONN_ERRORS, PublishLoop, ReceiveLoop
 
 try:
     import redis
-    from redis.exceptions import RedisError, ResponseError
 except ImportError:  # pragma: no cover - redis-py is a requirement, but fail clearly without it
     redis = None  # type: ignore[assignment]
-    RedisError = ResponseError = Exception  # type: ignore[assignment,misc]
 
-__all__ = ["RedisAdapter"]
+__all__ = ["NOT_PATCHED_MESSAGE", "RedisAdapter"]
 
 log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
 
-# Errors that mean "the connection is unusable": reconnect.
-_CONN_ERRORS = (RedisError, OSError, ValueError, IndexError, TypeError)
-
-
-class _Backoff:
-    """Exponential backoff with jitter between ``low`` and ``high`` seconds."""
-
-    __slots__ = ("low", "high", "current")
-
-    def __init__(self, low: float, high: float) -> None:
-        self.low = low
-        self.high = high
-        self.current = low
-
-    def next(self) -> float:
-        delay = self.current
-        self.current = min(self.high, self.current * 2)
-        # Jitter: nodes that lost Redis together do not reconnect in lockstep.
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.current = self.low
-
-
-class _HistoryCmd:
-    """An outbox entry that runs the history append script instead of a PUBLISH."""
-
-    __slots__ = ("args", "topic", "config")
-
-    def __init__(self, args: tuple[Any, ...], topic: str, config: Any) -> None:
-        self.args = args
-        self.topic = topic
-        self.config = config
-
-
-class _Throttle:
-    """At most one log line per ``interval`` seconds; counts what it suppressed."""
-
-    __slots__ = ("interval", "next_at", "suppressed")
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.next_at = 0.0
-        self.suppressed = 0
-
-    def ready(self) -> int | None:
-        """``None`` when a line was logged recently, else how many were suppressed since."""
-        now = _monotonic()
-        if now < self.next_at:
-            self.suppressed += 1
-            return None
-        self.next_at = now + self.interval
-        n, self.suppressed = self.suppressed, 0
-        return n
+#: Why the adapter refuses to start in an unpatched process, and the two fixes.
+NOT_PATCHED_MESSAGE = (
+    "phx_gevent: the Redis adapter needs gevent's monkey-patching, and this process is not patched: "
+    "its greenlets would wait for Redis on blocking sockets and stall every connection (clients would "
+    "never get their joins). Fix: make `from gevent import monkey; monkey.patch_all()` the first lines "
+    "of the program that serves the app, before any other import (gunicorn -k "
+    "phx_gevent.worker.GeventWebSocketWorker patches by itself). To broadcast from a process that does "
+    "not serve requests (a script, a cron job, a Celery task), use phx_gevent.Emitter(redis_url) instead "
+    "of an Endpoint (docs/background-jobs.md)."
+)
 
 
 #: Adapters started in this process (flushed at interpreter exit).
@@ -175,7 +129,7 @@ def _after_fork(ref: weakref.ref[RedisAdapter]) -> None:
         adapter._forked()
 
 
-class RedisAdapter(Adapter):
+class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
     """Carries envelopes between nodes over Redis pub/sub (see the module docstring).
 
     ``url``
@@ -219,6 +173,9 @@ class RedisAdapter(Adapter):
     Other keyword arguments go to redis-py's connection (``password``,
     ``ssl_ca_certs``, ...). The RESP2 protocol is always used.
     """
+
+    #: :func:`~phx_gevent.serve` refuses to start unpatched with such an adapter.
+    requires_monkey_patching = True
 
     def __init__(
         self,
@@ -321,11 +278,8 @@ class RedisAdapter(Adapter):
         self._echo = codec.echo_prefix(node)
         # Our own history messages come back (the script publishes them): keep those.
         self._echo_history = self._echo + b'{"o":"'
-        # Outgoing: (queued at, channel, data); in flight = written, not yet acknowledged.
-        self._outbox: deque[tuple[float, bytes, bytes]] = deque()
-        self._inflight: deque[tuple[float, bytes, bytes]] = deque()
-        self._pending_bytes = 0
-        self._next_direct_scan = 0.0
+        # Outgoing: queued, then in flight (written, not yet acknowledged); its rules are pure (outbox.py).
+        self._out = Outbox(self.max_pending, self.max_pending_bytes, self._bchan)
         self._out_event = Event()
         self._space = Event()
         self._inbox: deque[bytes] = deque()
@@ -360,15 +314,15 @@ class RedisAdapter(Adapter):
             0,
         )
         self._last_error: str | None = None
-        self._log_drop_out = _Throttle(10.0)
-        self._log_expired = _Throttle(10.0)
+        self._log_drop_out = supervise.LogLimiter(10.0)
+        self._log_expired = supervise.LogLimiter(10.0)
         self._expired_unlogged = 0
-        self._log_drop_in = _Throttle(10.0)
-        self._log_overload = _Throttle(10.0)
-        self._log_invalid = _Throttle(10.0)
+        self._log_drop_in = supervise.LogLimiter(10.0)
+        self._log_overload = supervise.LogLimiter(10.0)
+        self._log_invalid = supervise.LogLimiter(10.0)
         self._log_delivery = supervise.LogLimiter(10.0)
-        self._log_pub_retry = _Throttle(30.0)
-        self._log_sub_retry = _Throttle(30.0)
+        self._log_pub_retry = supervise.LogLimiter(30.0)
+        self._log_sub_retry = supervise.LogLimiter(30.0)
 
     def __repr__(self) -> str:
         return f"<RedisAdapter {self._where} prefix={self.prefix!r} node={self.node_name!r}>"
@@ -397,6 +351,8 @@ class RedisAdapter(Adapter):
         """Connect and begin forwarding and receiving (greenlets in this process; idempotent).
 
         Never raises because Redis is down: the greenlets retry with backoff.
+        Raises :class:`~phx_gevent.errors.NotMonkeyPatchedError` in a process
+        that gevent has not monkey-patched (the message names the fix).
         """
         self._receive = receive
         if self._running:
@@ -453,13 +409,9 @@ class RedisAdapter(Adapter):
             self._counters["publish_errors"] += 1
             log.error("phx_gevent: dropped a %d-byte envelope for %r: larger than max_pending_bytes", size, channel)
             return
-        if len(self._outbox) + len(self._inflight) >= self.max_pending or (
-            self._pending_bytes + size > self.max_pending_bytes
-        ):
-            if not self._make_room(size):
-                return
-        self._outbox.append((_monotonic(), channel, data))
-        self._pending_bytes += size
+        if self._out.full(size) and not self._make_room(size):
+            return
+        self._out.add((_monotonic(), channel, data))
         self._out_event.set()
 
     def publish_history(self, envelope: dict[str, Any], config: Any) -> bool:
@@ -481,14 +433,10 @@ class RedisAdapter(Adapter):
         # A gap recorded earlier is marked (_reset_gaps) before this append is sent.
         args, plain = _history.append_args(self.prefix, self.node_name, envelope, config, False)
         size = len(plain)
-        if len(self._outbox) + len(self._inflight) >= self.max_pending or (
-            self._pending_bytes + size > self.max_pending_bytes
-        ):
-            if not self._make_room(size):
-                self.history_gap(topic, config)
-                return False
-        self._outbox.append((_monotonic(), _HistoryCmd(args, topic, config), plain))  # type: ignore[arg-type]
-        self._pending_bytes += size
+        if self._out.full(size) and not self._make_room(size):
+            self.history_gap(topic, config)
+            return False
+        self._out.add((_monotonic(), HistoryCmd(args, topic, config), plain))
         self._out_event.set()
         return True
 
@@ -522,10 +470,7 @@ class RedisAdapter(Adapter):
     def _convert_history(self) -> None:
         # Redis is unreachable: queued history appends become plain broadcasts
         # (kept for replay like any other), delivered here at once without offset.
-        if any(type(item[1]) is _HistoryCmd for item in self._outbox):
-            converted = [self._history_fallback(it) if type(it[1]) is _HistoryCmd else it for it in self._outbox]
-            self._outbox.clear()
-            self._outbox.extend(converted)
+        self._out.convert_history(self._history_fallback)
 
     def _reset_gaps(self, conn: Any) -> None:
         # Back after an outage: mark a gap in the history of every topic that had
@@ -558,7 +503,7 @@ class RedisAdapter(Adapter):
         deadline = _monotonic() + timeout
         current = gevent.getcurrent()
         if current not in self._greenlets:
-            while (self._outbox or self._inflight) and self._pub_down_since is None and _monotonic() < deadline:
+            while self._out and self._pub_down_since is None and _monotonic() < deadline:
                 # Waiting on a gevent event lets the publisher run, even in a process that never
                 # yields otherwise (a script at exit).
                 self._space.clear()
@@ -575,7 +520,7 @@ class RedisAdapter(Adapter):
             if conn is not None:
                 conn.disconnect()
         self._pub_ok = self._sub_ok = False
-        lost = len(self._outbox) + len(self._inflight)
+        lost = self._out.clear()
         if lost:
             self._counters["publish_dropped"] += lost
             log.warning(
@@ -586,9 +531,6 @@ class RedisAdapter(Adapter):
                 "unreachable" if self._pub_down_since is not None else "too slow",
                 timeout,
             )
-        self._outbox.clear()
-        self._inflight.clear()
-        self._pending_bytes = 0
         self._inbox.clear()
         self._inbox_bytes = 0
         return lost
@@ -607,7 +549,7 @@ class RedisAdapter(Adapter):
             conn.send_command("PING", check_health=False)
             conn.read_response()
             return _monotonic() - start
-        except _CONN_ERRORS:
+        except CONN_ERRORS:
             conn.disconnect()
             return None
 
@@ -636,8 +578,8 @@ class RedisAdapter(Adapter):
             "connected": self.connected,
             "publisher_connected": self._pub_ok,
             "listener_connected": self._sub_ok,
-            "publish_pending": len(self._outbox) + len(self._inflight),
-            "publish_pending_bytes": self._pending_bytes,
+            "publish_pending": len(self._out),
+            "publish_pending_bytes": self._out.pending_bytes,
             "receive_pending": len(self._inbox),
             "subscribers": self._subscribers_seen,
             "last_error": self._last_error,
@@ -646,13 +588,12 @@ class RedisAdapter(Adapter):
     # -- process lifecycle ----------------------------------------------------------------
 
     def _check_patched(self) -> None:
+        # Refuse rather than log and go on: unpatched, the listener's blocking
+        # read holds the whole process and clients never get their joins.
         from gevent import monkey
 
         if not monkey.is_module_patched("socket"):
-            log.error(
-                "phx_gevent: the Redis adapter needs gevent.monkey.patch_all() (first line of the app, "
-                "or the gunicorn worker): without it, waiting for Redis blocks the whole process"
-            )
+            raise NotMonkeyPatchedError(NOT_PATCHED_MESSAGE)
 
     def _forked(self) -> None:
         # In a child right after fork(): nothing here may switch greenlets.
@@ -682,450 +623,3 @@ class RedisAdapter(Adapter):
 
     def _alive(self, gen: int) -> bool:
         return self._running and gen == self._gen
-
-    # -- publishing -----------------------------------------------------------------------
-
-    def _full(self, size: int) -> bool:
-        return (
-            len(self._outbox) + len(self._inflight) >= self.max_pending
-            or self._pending_bytes + size > self.max_pending_bytes
-        )
-
-    def _make_room(self, size: int) -> bool:
-        current = gevent.getcurrent()
-        if self._pub_down_since is None and self.publish_timeout > 0 and current not in self._greenlets:
-            # Redis is there but slower than we publish: slow the caller down a little.
-            deadline = _monotonic() + self.publish_timeout
-            while self._full(size) and self._pub_down_since is None:
-                remaining = deadline - _monotonic()
-                if remaining <= 0:
-                    break
-                self._space.clear()
-                self._space.wait(remaining)
-        dropped = 0
-        while self._full(size) and self._outbox:
-            old = self._outbox.popleft()
-            self._pending_bytes -= len(old[2])
-            if type(old[1]) is _HistoryCmd:
-                self._history_fallback(old)
-            dropped += 1
-        accepted = not self._full(size)
-        if not accepted:
-            dropped += 1  # everything left is being written: the new envelope is the one dropped
-        if dropped:
-            self._counters["publish_dropped"] += dropped
-            suppressed = self._log_drop_out.ready()
-            if suppressed is not None:
-                log.warning(
-                    "phx_gevent: Redis publish queue full (%d envelopes, %d bytes; Redis %s): dropped %d "
-                    "envelope(s) not forwarded to other nodes (%d total)",
-                    len(self._outbox) + len(self._inflight),
-                    self._pending_bytes,
-                    "connected" if self._pub_ok else "unreachable",
-                    dropped + suppressed,
-                    self._counters["publish_dropped"],
-                )
-        return accepted
-
-    def _expire(self) -> None:
-        now = _monotonic()
-        limit = now - self.replay_window
-        expired = 0
-        queue = self._outbox
-        while queue and queue[0][0] < limit:
-            old = queue.popleft()
-            self._pending_bytes -= len(old[2])
-            if type(old[1]) is _HistoryCmd:
-                self._history_fallback(old)
-            expired += 1
-        direct_limit = now - self.direct_ttl
-        if queue and queue[0][0] < direct_limit and now >= self._next_direct_scan:
-            # Direct messages may sit among younger broadcasts: a scan, at most ten a second.
-            self._next_direct_scan = now + 0.1
-            bchan = self._bchan
-            kept = [
-                item for item in queue if item[1] == bchan or type(item[1]) is _HistoryCmd or item[0] >= direct_limit
-            ]
-            if len(kept) != len(queue):
-                expired += len(queue) - len(kept)
-                self._pending_bytes = sum(len(item[2]) for item in kept) + sum(len(item[2]) for item in self._inflight)
-                queue.clear()
-                queue.extend(kept)
-        if expired:
-            self._counters["publish_expired"] += expired
-            self._expired_unlogged += expired
-            if self._log_expired.ready() is not None:
-                log.warning(
-                    "phx_gevent: %d envelopes waited too long for Redis (broadcasts: %.1fs, direct messages: "
-                    "%.1fs) and were dropped (not forwarded; %d in total)",
-                    self._expired_unlogged,
-                    self.replay_window,
-                    self.direct_ttl,
-                    self._counters["publish_expired"],
-                )
-                self._expired_unlogged = 0
-            self._space.set()
-
-    def _pub_failed(self, exc: BaseException) -> None:
-        self._last_error = f"{type(exc).__name__}: {exc}"
-        self._convert_history()
-        now = _monotonic()
-        if self._pub_ok or self._pub_down_since is None:
-            self._pub_ok = False
-            self._pub_down_since = now
-            self._outage_started()
-            log.warning(
-                "phx_gevent: Redis %s unreachable for publishing (%s); broadcasts reach this process only, "
-                "the last %.0fs (at most %d envelopes) are kept for replay",
-                self._where,
-                self._last_error,
-                self.replay_window,
-                self.max_pending,
-            )
-            self._log_pub_retry.ready()
-        elif self._log_pub_retry.ready() is not None:
-            log.warning(
-                "phx_gevent: Redis %s still unreachable after %.0fs (%s); %d envelopes waiting",
-                self._where,
-                now - self._pub_down_since,
-                self._last_error,
-                len(self._outbox) + len(self._inflight),
-            )
-        self._space.set()  # publishers waiting for room stop waiting: the queue is now the replay buffer
-
-    def _outage_started(self) -> None:
-        # One outage = from the first side that loses Redis until both are back.
-        if not self._in_outage:
-            self._in_outage = True
-            self._outage_began = _monotonic()
-            self._counters["outages"] += 1
-            if telemetry.pubsub_down.receivers:
-                meta = {"node": self.node_name, "adapter": repr(self), "reason": self._last_error}
-                telemetry.emit(telemetry.pubsub_down, self, {}, meta)
-
-    def _outage_over(self) -> None:
-        if self._in_outage and self._pub_down_since is None and self._sub_down_since is None:
-            self._in_outage = False
-            if telemetry.pubsub_up.receivers:
-                took = {"duration": _monotonic() - self._outage_began}
-                telemetry.emit(telemetry.pubsub_up, self, took, {"node": self.node_name, "adapter": repr(self)})
-
-    def _run_publisher(self, gen: int) -> None:
-        conn = self._pub_conn
-        backoff = _Backoff(*self.backoff)
-        last_io = _monotonic()
-        while self._alive(gen):
-            try:
-                if not conn.is_connected:
-                    if self._pub_down_since is not None:
-                        self._expire()
-                    conn.connect()
-                    last_io = _monotonic()
-                    self._load_scripts(conn)
-                    if self._pub_down_since is None:
-                        self._probe(conn)
-                if self._pub_down_since is not None:
-                    self._recovered(conn, gen)
-                    backoff.reset()
-                    if not self._alive(gen):
-                        return
-                self._pub_ok = True
-                if not self._outbox and not self._inflight:
-                    self._out_event.clear()
-                    if not self._outbox and not self._out_event.wait(self.health_check_interval):
-                        if self._alive(gen):
-                            # Idle: check the connection, and count the nodes for the next replay.
-                            self._probe(conn)
-                            last_io = _monotonic()
-                    continue
-                if _monotonic() - last_io > 1.0 and conn.can_read(0):
-                    # Idle connection became readable: the server closed it (restart).
-                    raise redis.ConnectionError("connection closed by the server while idle")
-                self._send_batch(conn)
-                last_io = _monotonic()
-            except _CONN_ERRORS as exc:
-                conn.disconnect()
-                self._requeue()
-                if not self._alive(gen):
-                    return
-                self._pub_failed(exc)
-                self._stop.wait(backoff.next())
-            except Exception:
-                # A bug must not end the only publish path: log, pause, go on.
-                supervise.failed("Redis publisher")
-                conn.disconnect()
-                self._requeue()
-                self._stop.wait(backoff.next())
-
-    def _requeue(self) -> None:
-        # Unacknowledged envelopes go back to the head of the queue, in order:
-        # sent again after reconnecting, or dropped first if the queue overflows.
-        if self._inflight:
-            self._outbox.extendleft(reversed(self._inflight))
-            self._inflight.clear()
-
-    def _probe(self, conn: Any) -> None:
-        conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
-        self._subscribers_seen = int(conn.read_response()[1])
-
-    def _recovered(self, conn: Any, gen: int) -> None:
-        # Back after an outage: drop what is too old, wait (bounded) for the
-        # other nodes to resubscribe, so the replay is not published to nobody.
-        self._expire()
-        self._reset_gaps(conn)
-        pending = len(self._outbox) + len(self._inflight)
-        waited = 0.0
-        if pending and self._subscribers_seen > 1:
-            start = _monotonic()
-            deadline = start + self.replay_wait
-            while self._alive(gen):
-                conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
-                count = int(conn.read_response()[1])
-                if count >= self._subscribers_seen or _monotonic() >= deadline:
-                    self._subscribers_seen = count
-                    break
-                self._stop.wait(0.05)
-            waited = _monotonic() - start
-            self._expire()
-            pending = len(self._outbox) + len(self._inflight)
-        down_since = self._pub_down_since if self._pub_down_since is not None else _monotonic()
-        log.warning(
-            "phx_gevent: Redis %s reachable again for publishing after %.1fs; replaying %d envelopes%s",
-            self._where,
-            _monotonic() - down_since,
-            pending,
-            f" (waited {waited:.1f}s for other nodes to resubscribe)" if waited >= 0.05 else "",
-        )
-        self._counters["replayed"] += pending
-        self._counters["reconnects"] += 1
-        self._pub_down_since = None
-        self._pub_ok = True
-        self._outage_over()
-
-    def _send_batch(self, conn: Any) -> None:
-        inflight = self._inflight
-        if not inflight:
-            outbox = self._outbox
-            if outbox and outbox[0][0] < _monotonic() - self.direct_ttl:
-                self._expire()  # a backlog: stale direct messages are not worth sending
-            budget = 1024 * 1024
-            while outbox and len(inflight) < self.batch_size and budget > 0:
-                item = outbox.popleft()
-                budget -= len(item[2])
-                inflight.append(item)
-            if not inflight:
-                return
-        bchan = self._bchan
-        counters = self._counters
-        try:
-            if self._reload_scripts:
-                self._reload_scripts = False
-                self._load_scripts(conn)
-            if self._gaps:
-                self._reset_gaps(conn)
-            sha = self._append_sha
-            conn.send_packed_command(
-                conn.pack_commands(
-                    [
-                        (b"PUBLISH", channel, data) if type(channel) is bytes else (b"EVALSHA", sha, 2, *channel.args)
-                        for _, channel, data in inflight
-                    ]
-                ),
-                check_health=False,
-            )
-        except _CONN_ERRORS:
-            # Possibly partly written: what Redis did not acknowledge is sent again.
-            counters["resent"] += len(inflight)
-            raise
-        while inflight:
-            try:
-                receivers = conn.read_response()
-            except ResponseError as exc:
-                # Refused by Redis (ACL, ...): this one is lost, the connection is fine.
-                receivers = None
-                counters["publish_errors"] += 1
-                if type(inflight[0][1]) is _HistoryCmd:
-                    log.error("phx_gevent: Redis refused a history append on %r: %s", inflight[0][1].topic, exc)
-                    self._history_fallback(inflight[0])
-                    if b"NOSCRIPT" in str(exc).encode():
-                        self._reload_scripts = True
-                else:
-                    log.error("phx_gevent: Redis refused to publish on %r: %s", inflight[0][1], exc)
-            except _CONN_ERRORS:
-                counters["resent"] += len(inflight)
-                raise
-            _, channel, data = inflight.popleft()
-            self._pending_bytes -= len(data)
-            counters["published"] += 1
-            if receivers is not None:
-                if channel == bchan:
-                    self._subscribers_seen = int(receivers)
-                elif not receivers:
-                    counters["direct_unrouted"] += 1
-        self._space.set()
-
-    # -- receiving ------------------------------------------------------------------------
-
-    def _run_listener(self, gen: int) -> None:
-        conn = self._sub_conn
-        backoff = _Backoff(*self.backoff)
-        hc = self.health_check_interval
-        while self._alive(gen):
-            try:
-                conn.connect()
-                conn.send_command("SUBSCRIBE", self._bchan, self._dchan, check_health=False)
-                confirmed = 0
-                while self._alive(gen):
-                    if not conn.can_read(timeout=hc):
-                        conn.send_command("PING", check_health=False)
-                        if not conn.can_read(timeout=self.socket_timeout):
-                            raise redis.TimeoutError(f"no answer to PING within {self.socket_timeout}s")
-                        continue
-                    msg = conn.read_response()
-                    kind = msg[0]
-                    if kind == b"message":
-                        self._on_message(msg[1], msg[2])
-                    elif kind == b"subscribe":
-                        confirmed += 1
-                        if confirmed == 2:
-                            self._sub_recovered()
-                            backoff.reset()
-            except _CONN_ERRORS as exc:
-                conn.disconnect()
-                if not self._alive(gen):
-                    return
-                self._sub_failed(exc)
-                self._stop.wait(backoff.next())
-            except Exception:
-                supervise.failed("Redis listener")
-                conn.disconnect()
-                self._stop.wait(backoff.next())
-
-    def _sub_failed(self, exc: BaseException) -> None:
-        self._last_error = f"{type(exc).__name__}: {exc}"
-        now = _monotonic()
-        if self._sub_ok or self._sub_down_since is None:
-            self._sub_ok = False
-            self._sub_down_since = now
-            self._outage_started()
-            log.warning(
-                "phx_gevent: Redis %s unreachable for receiving (%s); until it is back this process "
-                "misses what other nodes publish",
-                self._where,
-                self._last_error,
-            )
-            self._log_sub_retry.ready()
-        elif self._log_sub_retry.ready() is not None:
-            log.warning(
-                "phx_gevent: Redis %s still unreachable for receiving after %.0fs (%s)",
-                self._where,
-                now - self._sub_down_since,
-                self._last_error,
-            )
-
-    def _sub_recovered(self) -> None:
-        if self._sub_down_since is not None:
-            log.warning(
-                "phx_gevent: Redis %s reachable again for receiving after %.1fs; resubscribed",
-                self._where,
-                _monotonic() - self._sub_down_since,
-            )
-            self._counters["reconnects"] += 1
-            self._sub_down_since = None
-            # Tell the local layer (in order, through the inbox) to catch up on history topics.
-            self._inbox.append(b"")
-            self._in_event.set()
-        self._sub_ok = True
-        self._sub_ready.set()
-        self._outage_over()
-
-    def _on_message(self, channel: bytes, data: bytes) -> None:
-        # The listener's only work: drop our echo, queue the rest; never wait.
-        if channel == self._bchan and data.startswith(self._echo) and not data.startswith(self._echo_history):
-            self._counters["echo_dropped"] += 1
-            return
-        if len(self._inbox) >= self.max_inbox or self._inbox_bytes + len(data) > self.max_inbox_bytes:
-            self._counters["receive_dropped"] += 1
-            suppressed = self._log_drop_in.ready()
-            if suppressed is not None:
-                log.warning(
-                    "phx_gevent: Redis inbox full (%d envelopes, %d bytes): dropped %d envelope(s) from "
-                    "other nodes (%d total); local delivery is slower than what arrives",
-                    len(self._inbox),
-                    self._inbox_bytes,
-                    suppressed + 1,
-                    self._counters["receive_dropped"],
-                )
-            return
-        self._inbox.append(data)
-        self._inbox_bytes += len(data)
-        self._in_event.set()
-
-    def _run_delivery(self, gen: int) -> None:
-        inbox = self._inbox
-        counters = self._counters
-        node = self.node_name
-        since_yield = 0
-        while self._alive(gen):
-            if not inbox:
-                self._in_event.clear()
-                if not inbox:
-                    self._in_event.wait(self.health_check_interval)
-                since_yield = 0
-                continue
-            data = inbox.popleft()
-            self._inbox_bytes -= len(data)
-            if not data:
-                receive = self._receive
-                if receive is not None:
-                    try:
-                        receive({"k": "sync", "n": node, "t": "", "e": "", "p": None, "x": None})
-                    except Exception:
-                        log.exception("phx_gevent: catching up on history topics failed")
-                continue
-            try:
-                envelope = codec.decode(data)
-            except Exception as exc:
-                # Whatever the data does to the decoder, the next envelope is delivered.
-                counters["invalid"] += 1
-                if self._log_invalid.ready() is not None:
-                    log.warning("phx_gevent: ignored an invalid message from Redis: %s", exc)
-                continue
-            if envelope["k"] == "b":
-                if self.flow_control:
-                    try:
-                        flow.wait()
-                    except BroadcastTimeout:
-                        counters["overload_dropped"] += 1
-                        suppressed = self._log_overload.ready()
-                        if suppressed is not None:
-                            log.warning(
-                                "phx_gevent: dropped %d broadcast(s) from other nodes: this process stayed "
-                                "above its high-water mark (%d total)",
-                                suppressed + 1,
-                                counters["overload_dropped"],
-                            )
-                        continue
-                    if not self._alive(gen):
-                        return
-            elif envelope.get("to") != node:
-                continue
-            counters["received"] += 1
-            receive = self._receive
-            if receive is not None:
-                try:
-                    receive(envelope)
-                except Exception:
-                    counters["delivery_errors"] += 1
-                    self._log_delivery.log(
-                        log,
-                        logging.ERROR,
-                        "phx_gevent: delivering an envelope from node %r failed",
-                        envelope["n"],
-                        exc_info=True,
-                    )
-            since_yield += 1
-            if since_yield >= 64:
-                # A burst from Redis must not starve requests and writers.
-                since_yield = 0
-                gevent.sleep(0)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import struct
 import zlib
 
+from ..errors import PhxError
+
 __all__ = [
     "OP_CONT",
     "OP_TEXT",
@@ -46,11 +48,9 @@ OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
 
-# Close codes used by the server (PROTOCOL.md 3.8).
-CLOSE_NORMAL = 1000
+# Close codes used by the server (PROTOCOL.md 3.8): the one place they are defined.
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED = 1003
 CLOSE_INVALID_DATA = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
@@ -62,7 +62,7 @@ _pack_short = struct.Struct("!BBH").pack
 _pack_long = struct.Struct("!BBQ").pack
 
 
-class ProtocolError(Exception):
+class ProtocolError(PhxError):
     """The peer broke RFC 6455; ``code`` is the close code to answer with."""
 
     def __init__(self, code: int, reason: str) -> None:

@@ -14,11 +14,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
+from ..errors import PhxError
+
 __all__ = [
     "URI",
     "parse_params",
     "check_origin",
     "compile_origins",
+    "origin_refusal",
     "connect_info",
     "split_protocols",
     "AUTH_TOKEN_PREFIX",
@@ -224,7 +227,7 @@ class URI(NamedTuple):
     query: str
 
 
-class ParamsError(ValueError):
+class ParamsError(PhxError, ValueError):
     """The query string is too big or too deep."""
 
 
@@ -290,6 +293,24 @@ class _OriginRule(NamedTuple):
     wildcard: bool
 
 
+#: A compiled ``check_origin``: on/off, allowed origins, or ``f(origin, environ) -> bool``.
+OriginSetting = bool | list[_OriginRule] | Callable[[str, Mapping[str, Any]], bool]
+
+
+def compile_check_origin(setting: Any) -> OriginSetting:
+    """A ``check_origin`` option as the endpoint, a mount or a transport takes it, compiled once.
+
+    ``True``/``False``/a callable are kept; a string or a list of origins
+    becomes rules (:func:`compile_origins`, which raises ``ValueError`` for a
+    malformed origin).
+    """
+    if setting is True or setting is False or callable(setting):
+        return setting
+    if isinstance(setting, str):
+        setting = [setting]
+    return compile_origins(setting)
+
+
 def compile_origins(origins: Iterable[str]) -> list[_OriginRule]:
     """Parse a list of allowed origins: ``//example.com``, ``https://*.example.com:8443``.
 
@@ -323,7 +344,7 @@ def _origin_port(parts: Any) -> int | None:
     return port
 
 
-def check_origin(environ: Mapping[str, Any], setting: Any, server_name: str | None = None) -> bool:
+def check_origin(environ: Mapping[str, Any], setting: OriginSetting, server_name: str | None = None) -> bool:
     """Apply ``check_origin`` to a request (PROTOCOL.md 3.3, DESIGN.md security defaults).
 
     * no ``Origin`` header: allowed (native clients);
@@ -358,6 +379,37 @@ def check_origin(environ: Mapping[str, Any], setting: Any, server_name: str | No
         if host == rule.host or (rule.wildcard and host.endswith("." + rule.host)):
             return True
     return False
+
+
+def origin_refusal(environ: Mapping[str, Any], setting: Any, what: str, path: str) -> str:
+    """The warning logged when ``check_origin`` refuses a request: what came, and the setting that allows it.
+
+    ``what`` names the transport ("WebSocket", "long-poll request") and
+    ``path`` the socket's mount path.
+    """
+    origin = str(environ.get("HTTP_ORIGIN"))
+    host = environ.get("HTTP_HOST", "")
+    head = f"phx_gevent: refused a {what} to {path} from origin {origin!r} (request Host {host!r})"
+    if origin == "null":
+        return (
+            f"{head}: browsers send 'null' for file:// pages and sandboxed iframes, which check_origin never "
+            "allows by name; serve the page over http(s), or pass a callable check_origin=f(origin, environ)"
+        )
+    if callable(setting) and setting is not True:
+        return f"{head}: your check_origin callable returned False for it"
+    if not _host_of(origin):
+        return f"{head}: the Origin header is not a URL"
+    why = (
+        "it is not in the check_origin list"
+        if isinstance(setting, list)
+        else ("check_origin=True allows only pages served from the socket's own host (or SERVER_NAME)")
+    )
+    return (
+        f"{head}: {why}. If that page is yours, allow it: "
+        f"endpoint.socket({path!r}, ..., check_origin=[{origin!r}]) "
+        f"(or Endpoint(app, check_origin=[...]) for every socket; '//{_host_of(origin)}' allows any scheme "
+        "and port). Behind a proxy, forward the browser's Host header instead (nginx: proxy_set_header Host $host)"
+    )
 
 
 def split_protocols(header: str | None) -> list[str]:
@@ -447,6 +499,3 @@ def _headers(environ: Mapping[str, Any], kind: str) -> list[tuple[str, str]]:
         elif kind == "sec_websocket_headers" and header.startswith("sec-websocket-"):
             found.append((header, value))
     return found
-
-
-OriginSetting = bool | list[_OriginRule] | Callable[[str, Mapping[str, Any]], bool]

@@ -1,8 +1,9 @@
 """The WebSocket transport: the handshake view and the per-connection reader.
 
 The handshake runs as an ordinary Flask view (origin check, auth token,
-subprotocol, serializer, ``connect``), so a refusal is a real HTTP 403
-before any upgrade. Accepting returns a 101 response and leaves a callable
+subprotocol, then the mount's one connect path: serializer, ``connect``,
+``id``), so a refusal is a real HTTP answer before any upgrade: 403, or
+what the socket's error handler makes of ``refuse(reason)``. Accepting returns a 101 response and leaves a callable
 in the WSGI environ; our WSGI handler (:mod:`phx_gevent.server`) writes the
 101 and calls it once Flask has finished the request, so no request context
 stays alive for the connection's lifetime.
@@ -30,16 +31,18 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import gevent
-from flask import Response, request
+from flask import Response, make_response, request
 from gevent import socket as _gsocket
 
-from .. import memory, supervise
-from ..channel_server import Partition
+from .. import memory
+from ..channels.pool import Partition
 from ..connection import Connection
 from ..errors import CallbackReturnError, ConnectionOverloaded
 from ..flow import flow
-from ..serializers import DecodeError, FastlaneEncoder, Serializer, negotiate
-from ..socket import SocketState
+from ..options import WebSocketOptions
+from ..runtime import runtime
+from ..serializers import DecodeError, Serializer
+from ..socket import Refuse, SocketState
 from . import frames
 from . import http as phx_http
 from .frames import (
@@ -57,9 +60,10 @@ from .frames import (
 from .writer import CLOSED as WRITER_CLOSED
 from .writer import OPEN as WRITER_OPEN
 from .writer import configure_socket, make_writer
+from .ws_encoders import DeflateWebSocketEncoder, _deflate_message, encoder_for
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..endpoint import SocketMount
+    from ..mount import SocketMount
 
 __all__ = ["WebSocketOptions", "WebSocketTransport", "handshake", "encoder_for", "DeflateWebSocketEncoder"]
 
@@ -87,138 +91,28 @@ READS_PER_WAKEUP = 16
 _NO_INPUT = io.BytesIO(b"")
 
 
-class WebSocketOptions:
-    """Options of ``endpoint.socket(..., websocket={...})``.
-
-    ``timeout``
-        Idle timeout in seconds: the connection closes (1001) when nothing was
-        received for this long. Default 60 (phoenix.js heartbeats every 30 s).
-    ``max_frame_size``
-        Largest message in bytes, checked on each frame header before the
-        payload is read and on reassembled fragments (close 1009). Default 8 MiB.
-    ``fullsweep_after``
-        A full ``gc.collect()`` (rate-limited process-wide, see
-        :mod:`phx_gevent.memory`) once a connection has handled N messages
-        since its last one; 0 = after every message. Default ``None`` (off).
-        Costly: a full collection pauses the whole process.
-    ``subprotocols``
-        Extra subprotocols to accept besides ``"phoenix"``.
-    ``close_timeout``
-        Seconds to wait for the client's close frame after ours. Default 5.
-    ``path``
-        URL suffix of the endpoint; default ``"/websocket"``.
-    ``compress``
-        Offer permessage-deflate (RFC 7692) to clients that ask (browsers and
-        ``ws`` do): messages of :data:`~phx_gevent.transports.frames.COMPRESS_THRESHOLD`
-        bytes or more are compressed, each on its own (no context
-        takeover either way, so no zlib state per connection and broadcast
-        frames stay shared). Costs CPU per large message; default ``False``
-        as in Phoenix. ``max_frame_size`` applies to the inflated size too.
-    ``max_message_rate``, ``message_burst``
-        Inbound messages per second one connection may send on average
-        (default 1000), and how many it may send at once (default 2000). A
-        faster client is throttled: its next message is read only when the
-        rate allows (TCP pushes back on it), nothing is dropped. ``None``
-        turns the limit off.
-    """
-
-    __slots__ = (
-        "timeout",
-        "max_frame_size",
-        "fullsweep_after",
-        "subprotocols",
-        "close_timeout",
-        "path",
-        "compress",
-        "max_message_rate",
-        "message_burst",
-    )
-
-    def __init__(
-        self,
-        timeout: float = 60.0,
-        max_frame_size: int = 8 * 1024 * 1024,
-        fullsweep_after: int | None = None,
-        subprotocols: list[str] | tuple[str, ...] = (),
-        close_timeout: float = 5.0,
-        path: str = "/websocket",
-        compress: bool = False,
-        max_message_rate: float | None = 1000.0,
-        message_burst: int = 2000,
-    ) -> None:
-        if timeout is not None and timeout <= 0:
-            raise ValueError("websocket timeout must be positive (seconds)")
-        if max_frame_size <= 0:
-            raise ValueError("max_frame_size must be positive")
-        if fullsweep_after is not None and fullsweep_after < 0:
-            raise ValueError("fullsweep_after must be >= 0")
-        self.timeout = timeout
-        self.max_frame_size = int(max_frame_size)
-        self.fullsweep_after = fullsweep_after
-        self.subprotocols = ["phoenix", *[p for p in subprotocols if p != "phoenix"]]
-        self.close_timeout = close_timeout
-        self.path = path
-        self.compress = bool(compress)
-        if max_message_rate is not None and (isinstance(max_message_rate, bool) or not max_message_rate > 0):
-            raise ValueError("max_message_rate must be a positive number (messages per second) or None")
-        if isinstance(message_burst, bool) or not isinstance(message_burst, int) or message_burst < 1:
-            raise ValueError("message_burst must be a positive integer")
-        self.max_message_rate = None if max_message_rate is None else float(max_message_rate)
-        self.message_burst = message_burst
-
-
-class WebSocketEncoder(FastlaneEncoder):
-    """Fastlane encoder: a broadcast becomes one ready WebSocket frame, shared by all connections."""
-
-    __slots__ = ()
-
-    def broadcast(self, topic: str, event: str, payload: Any) -> bytes:
-        data = self.serializer.encode_broadcast(topic, event, payload)
-        if type(data) is str:
-            return text_frame(data)
-        return frame(OP_BINARY, data)
-
-    def wrap(self, data: str | bytes) -> bytes:
-        if type(data) is str:
-            return text_frame(data)
-        return frame(OP_BINARY, data)
-
-
-class DeflateWebSocketEncoder(FastlaneEncoder):
-    """Fastlane encoder of connections that negotiated permessage-deflate: large broadcasts compressed once."""
-
-    __slots__ = ()
-
-    def broadcast(self, topic: str, event: str, payload: Any) -> bytes:
-        data = self.serializer.encode_broadcast(topic, event, payload)
-        return _deflate_message(data)
-
-    def wrap(self, data: str | bytes) -> bytes:
-        return _deflate_message(data)
-
-
-def _deflate_message(data: str | bytes) -> bytes:
-    if type(data) is str:
-        raw = data.encode("utf-8")
-        op = OP_TEXT
-    else:
-        raw = bytes(data)
-        op = OP_BINARY
-    if len(raw) >= frames.COMPRESS_THRESHOLD:
-        return frames.deflate_frame(op, raw)
-    return frame(op, raw)
-
-
-def encoder_for(serializer: Serializer, deflate: bool = False) -> FastlaneEncoder:
-    """The shared WebSocket encoder of ``serializer`` (one per serializer and compression, per process)."""
-    return (DeflateWebSocketEncoder if deflate else WebSocketEncoder).of(serializer)
-
-
-# -- the handshake -------------------------------------------------------------------------
-
-
 def _empty(status: int, body: str = "") -> Response:
     return Response(body, status=status, mimetype="text/plain")
+
+
+def refusal_response(mount: SocketMount, refusal: Refuse | None) -> Response:
+    """The WebSocket handshake's answer to a refused connect (inside its Flask request).
+
+    A plain refusal is an empty 403; ``refuse(reason)`` goes through the
+    mount's error handler, whose return value may be anything a Flask
+    view returns. Raises :class:`~phx_gevent.errors.CallbackReturnError`
+    (HTTP 500) when it returns something else.
+    """
+    if refusal is None:
+        return Response("", status=403, mimetype="text/plain")
+    answer = mount.error_handler(refusal.reason)
+    try:
+        return make_response(answer)
+    except TypeError as exc:
+        raise CallbackReturnError(
+            f"the error handler of {mount.path!r} must return a Flask response, (body, status) or "
+            f"(body, status, headers), got {answer!r}"
+        ) from exc
 
 
 def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
@@ -231,10 +125,16 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
     wsgi_handler = environ.get(ENVIRON_HANDLER)
     if wsgi_handler is None:
         log.error(
-            "phx_gevent: WebSocket request served without phx_gevent's WSGI handler; "
-            "run with phx_gevent.serve(app) or gunicorn -k phx_gevent.worker.GeventWebSocketWorker"
+            "phx_gevent: WebSocket request served without phx_gevent's WSGI handler (flask run, a plain "
+            "gevent WSGIServer and gunicorn's own workers cannot hand the socket over); run with "
+            "phx_gevent.serve(app) (reload=True for development), flask phx run, or gunicorn -k "
+            "phx_gevent.worker.GeventWebSocketWorker"
         )
-        return _empty(500, "WebSocket support needs phx_gevent's server or gunicorn worker")
+        return _empty(
+            500,
+            "WebSocket support needs phx_gevent's server or gunicorn worker: phx_gevent.serve(app), "
+            "flask phx run (not flask run), or gunicorn -k phx_gevent.worker.GeventWebSocketWorker",
+        )
     opts = mount.websocket
     assert opts is not None
     try:
@@ -243,7 +143,7 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
         return _empty(400, "bad query string")
     params.update(path_params)
     if not phx_http.check_origin(environ, mount.check_origin, mount.endpoint.server_name()):
-        log.warning("phx_gevent: refused WebSocket from origin %r", environ.get("HTTP_ORIGIN"))
+        log.warning("%s", phx_http.origin_refusal(environ, mount.check_origin, "WebSocket connection", mount.path))
         return _empty(403)
     protocols = phx_http.split_protocols(environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL"))
     token = None
@@ -270,29 +170,12 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
             raise ValueError
     except (binascii.Error, ValueError):
         return _empty(400, "invalid Sec-WebSocket-Key")
-    serializer = negotiate(params.get("vsn"))
-    if serializer is None:
-        log.warning("phx_gevent: refused WebSocket with unsupported vsn %r", params.get("vsn"))
-        return _empty(403)
     extra = {"auth_token": token} if mount.auth_token else None
     info = mount.build_connect_info(environ, params, mount.connect_info, extra)
-    socket = mount.new_socket("websocket", serializer)
-    started = time.perf_counter()
-    result = mount.handler.connect(params, socket, info)
-    if result is None or result is False:
-        mount.log("refused", "websocket", params, started, socket)
-        return _empty(403)
-    if not isinstance(result, SocketState):
-        raise CallbackReturnError(
-            f"{type(mount.handler).__name__}.connect must return the socket (accept) or None (refuse), got {result!r}"
-        )
-    socket = result
-    sid = mount.handler.id(socket)
-    if sid is not None and not isinstance(sid, str):
-        log.error("phx_gevent: %s.id must return a str or None, got %r", type(mount.handler).__name__, sid)
-        return _empty(403)
-    socket.id = sid
-    mount.log("connected", "websocket", params, started, socket)
+    socket = mount.connect("websocket", params, info)
+    if not isinstance(socket, SocketState):
+        return refusal_response(mount, socket)
+    serializer = socket.serializer
     accept = base64.b64encode(hashlib.sha1((key + _GUID).encode("latin-1")).digest()).decode("ascii")
     headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)]
     if chosen is not None:
@@ -332,6 +215,7 @@ def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflat
         environ = getattr(wsgi_handler, "environ", None)
         if environ is not None and environ.get("wsgi.input") is rfile:
             environ["wsgi.input"] = _NO_INPUT
+    assert mount.websocket is not None  # the view is only routed when the mount has WebSocket options
     if WATCH_READS and rfile is not None and not hasattr(sock, "_sslobj") and hasattr(sock, "_sock"):
         # Detach the connection from the handler's greenlet, which ends now:
         # reads are served by an I/O watcher (see WebSocketTransport.watch).
@@ -389,96 +273,6 @@ def _reader_pool() -> Partition:
     if _readers is None or _readers_loop is not loop:
         _readers, _readers_loop = Partition(), loop
     return _readers
-
-
-class _IdleSweeper:
-    """The timer of this process's WebSocket connections: idle timeout and drain timeout.
-
-    Closes (1001) the connections that received nothing for their
-    ``timeout``, and drops (1008, or a reset) those whose writer drained
-    nothing for ``slow_client_timeout`` while over its soft cap, or while the
-    process is over its high-water mark (:meth:`Writer.stalled`): a client
-    that never reads is dropped even when nothing more is written to it and
-    whatever it sends (unsolicited PONGs included).
-
-    One repeating timer checks every connection, instead of a timeout on each
-    blocking ``recv()`` (which costs a gevent ``Timeout`` per read: ~7% of
-    the server's time in the push/reply benchmark). The timer runs only
-    while there are connections, every quarter of the shortest timeout (at
-    most every second).
-    """
-
-    _instance: _IdleSweeper | None = None
-
-    def __init__(self, loop: Any) -> None:
-        self.loop = loop
-        self.transports: set[WebSocketTransport] = set()
-        self.period = 1.0
-        self.timer: Any = None
-
-    @classmethod
-    def get(cls) -> _IdleSweeper:
-        """The sweeper of the current hub (a forked worker gets its own)."""
-        loop = gevent.get_hub().loop
-        if cls._instance is None or cls._instance.loop is not loop:
-            cls._instance = cls(loop)
-        return cls._instance
-
-    def add(self, transport: WebSocketTransport) -> None:
-        self.transports.add(transport)
-        period = min(1.0, flow.slow_timeout / 4)
-        if transport.opts.timeout is not None:
-            period = min(period, transport.opts.timeout / 4)
-        period = max(period, 0.01)
-        if self.timer is None or period < self.period:
-            self.period = period
-            self._restart()
-
-    def discard(self, transport: WebSocketTransport) -> None:
-        self.transports.discard(transport)
-        if not self.transports and self.timer is not None:
-            self.timer.stop()
-            self.timer.close()
-            self.timer = None
-            self.period = 1.0
-
-    def _restart(self) -> None:
-        if self.timer is not None:
-            self.timer.stop()
-            self.timer.close()
-        self.timer = self.loop.timer(self.period, self.period)
-        self.timer.start(self._sweep)
-
-    def _sweep(self) -> None:
-        # A hub callback: it only queues close frames, never blocks, never raises.
-        try:
-            now = _monotonic()
-            idle = []
-            stalled = []
-            slow = []
-            for t in self.transports:
-                if t.writer.stalled(now):
-                    stalled.append(t)
-                elif t.input_deadline and now > t.input_deadline:
-                    slow.append(t)
-                elif t.opts.timeout is not None and now - t.last_recv > t.opts.timeout:
-                    idle.append(t)
-            for transport in stalled:
-                log.warning(
-                    "phx_gevent: dropping a connection that drained nothing for %.1fs with %d bytes queued",
-                    flow.slow_timeout,
-                    transport.writer.qbytes,
-                )
-                transport.writer.abort(frames.CLOSE_POLICY, "slow client")
-            for transport in slow:
-                log.info("phx_gevent: dropping a WebSocket whose message took over %.1fs to arrive", flow.input_timeout)
-                # The reader is blocked in recv(): shutting the socket down wakes it (EOF).
-                transport.writer.abort(frames.CLOSE_POLICY, "message too slow")
-            for transport in idle:
-                self.transports.discard(transport)
-                transport.close(frames.CLOSE_GOING_AWAY, "idle timeout")
-        except Exception:
-            supervise.failed("websocket sweeper")
 
 
 class WebSocketTransport:
@@ -552,7 +346,7 @@ class WebSocketTransport:
         """Queue one encoded message as a text (``str``) or binary (``bytes``) frame."""
         if self.deflate:
             self.writer.write(_deflate_message(data))
-        elif type(data) is str:
+        elif isinstance(data, str):
             self.writer.write(text_frame(data))
         else:
             self.writer.write(frame(OP_BINARY, data))
@@ -599,7 +393,7 @@ class WebSocketTransport:
         # No timeout on each read (it would cost a gevent Timeout per recv):
         # the process-wide idle sweeper closes connections that went quiet.
         self.sock.settimeout(None)
-        _IdleSweeper.get().add(self)
+        runtime.sweeper().add(self)
         self._read()
 
     def watch(self, handler: Any = None) -> None:
@@ -611,7 +405,7 @@ class WebSocketTransport:
         """
         self.sock.settimeout(0.0)
         self._handler = handler
-        _IdleSweeper.get().add(self)
+        runtime.sweeper().add(self)
         self._watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
         if self.buf:
             _reader_pool().run(self._wakeup)  # the client's first frames came with its request
@@ -676,7 +470,7 @@ class WebSocketTransport:
             else:  # pragma: no cover - the connection exists before the reader runs
                 log.exception("phx_gevent: WebSocket connection failed")
             code, reason = frames.CLOSE_INTERNAL_ERROR, "internal error"
-        _IdleSweeper.get().discard(self)
+        runtime.sweeper().discard(self)
         if code is not None and self.writer.state == WRITER_OPEN:
             self.close(code, reason)
         return False

@@ -20,7 +20,7 @@ import logging
 import socket as _pysocket
 import struct
 import time
-from collections.abc import Callable
+from enum import IntEnum
 from typing import Any
 
 import gevent
@@ -28,33 +28,34 @@ from gevent.event import Event
 
 from .. import supervise, telemetry
 from ..flow import flow
+from ..runtime import runtime
 from . import frames
 
-__all__ = ["Writer", "GreenletWriter", "Flusher", "configure_socket", "make_writer"]
+__all__ = ["WriterState", "Writer", "GreenletWriter", "Flusher", "configure_socket", "make_writer"]
 
 log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
 _join = b"".join
 
-OPEN = 0
-CLOSING = 1
-CLOSED = 2
+
+class WriterState(IntEnum):
+    """Where a writer is in its life. An IntEnum: the hot path tests ``if self.state:`` (not open)."""
+
+    OPEN = 0
+    #: A close frame is queued: nothing more is accepted, the queue drains, then the socket closes.
+    CLOSING = 1
+    CLOSED = 2
+
+
+OPEN = WriterState.OPEN
+CLOSING = WriterState.CLOSING
+CLOSED = WriterState.CLOSED
 
 # Watcher flag for "writable" in gevent's loop.io().
 _WRITE = 2
 # How many writers one hub callback flushes before letting the hub poll again.
 CHUNK = 128
-# With ``flow.direct_send``, at most DIRECT_BUDGET frames per DIRECT_PERIOD
-# seconds are sent at once from the fan-out, and only while the flusher is idle;
-# the rest go through the flusher, coalesced (see Writer.write and
-# benchmarks/README.md). 1,000 per 50 ms is 20k immediate sends/s (~0.15 core):
-# a small fan-out at a modest rate goes out at once, a large or saturated one
-# is coalesced.
-DIRECT_BUDGET = 1000
-DIRECT_PERIOD = 0.05
-_direct_left = 0
-_direct_refill = -1.0
 
 
 class Flusher:
@@ -141,18 +142,6 @@ class Flusher:
             self.armed = False
 
 
-_flusher: Flusher | None = None
-
-
-def get_flusher() -> Flusher:
-    """The flusher of the current hub (a forked worker gets its own)."""
-    global _flusher
-    loop = gevent.get_hub().loop
-    if _flusher is None or _flusher.loop is not loop:
-        _flusher = Flusher(loop)
-    return _flusher
-
-
 def configure_socket(sock: Any) -> None:
     """Set TCP_NODELAY (pitfall 7 of STACK_NOTES.md) and the capped send buffer."""
     try:
@@ -175,11 +164,7 @@ def _dropped(sender: Any, reason: str, queued: int, transport: str = "websocket"
 
 
 class Writer:
-    """The sending side of one connection: a queue, one ``send()`` per flush.
-
-    ``on_abort`` is called (once) when the writer gives up on the socket:
-    a send error, or the overload policy dropped the connection.
-    """
+    """The sending side of one connection: a queue, one ``send()`` per flush."""
 
     __slots__ = (
         "sock",
@@ -192,7 +177,6 @@ class Writer:
         "encoder",
         "last_drain",
         "excess",
-        "on_abort",
         "flusher",
         "sent_bytes",
         "close_code",
@@ -200,7 +184,7 @@ class Writer:
         "__weakref__",
     )
 
-    def __init__(self, sock: Any, encoder: Any, on_abort: Callable[[], None] | None = None) -> None:
+    def __init__(self, sock: Any, encoder: Any) -> None:
         self.sock = sock
         # gevent's socket wraps a non-blocking OS socket; writing to that one
         # directly never switches greenlets, so it is safe from hub callbacks.
@@ -216,15 +200,14 @@ class Writer:
         #: Queued bytes above ``flow.connection_limit``: not counted in ``flow.queued``, so a
         #: connection holds at most its soft cap of the process-wide budget.
         self.excess = 0
-        self.on_abort = on_abort
-        self.flusher = get_flusher()
+        self.flusher = runtime.flusher()
         self.sent_bytes = 0
         self.close_code: int | None = None
         self._closed_event: Any = None
 
     # -- queueing -------------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         """Queue one ready frame; it goes out with whatever else is queued, in order.
 
         Never blocks and never switches greenlets. Frames written after
@@ -252,7 +235,7 @@ class Writer:
         # The first frame of a burst.
         now = _monotonic()
         self.last_drain = now
-        if flow.direct_send and not self.flusher.armed and self._direct_budget(now):
+        if flow.direct_send and not self.flusher.armed and runtime.direct_budget(now):
             # Idle server: one non-blocking send now (lowest latency); only what
             # the kernel does not take is queued. Under load (flusher busy, or
             # the budget of immediate sends spent) frames go to the flusher,
@@ -285,18 +268,6 @@ class Writer:
             flusher.armed = True
             flusher.loop.run_callback(flusher._run)
 
-    @staticmethod
-    def _direct_budget(now: float) -> bool:
-        # Process-wide: DIRECT_BUDGET immediate sends per DIRECT_PERIOD.
-        global _direct_left, _direct_refill
-        if _direct_left <= 0:
-            if now - _direct_refill < DIRECT_PERIOD:
-                return False
-            _direct_left = DIRECT_BUDGET
-            _direct_refill = now
-        _direct_left -= 1
-        return True
-
     def _append(self, data: Any) -> None:
         n = len(data)
         self.queue.append(data)
@@ -309,25 +280,20 @@ class Writer:
         # Above the soft cap: the excess leaves the process total (one connection
         # must not be able to hold the budget of every broadcast hostage), then
         # the usual checks.
-        over = self.qbytes - flow.connection_limit
-        if over > self.excess:
-            flow.release(over - self.excess)
-            self.excess = over
-        self._check_slow()
-
-    def _check_slow(self) -> None:
-        if self.qbytes > 4 * flow.connection_limit:
+        self.excess = flow.exclude_excess(self.qbytes, self.excess)
+        reason = flow.slow_reason(self.qbytes, self.last_drain, 4 * flow.connection_limit)
+        if reason is None:
+            return
+        if reason == "hard_cap":
             log.warning("phx_gevent: dropping a connection with %d bytes queued (hard cap)", self.qbytes)
-            _dropped(self, "hard_cap", self.qbytes)
-            self.abort(frames.CLOSE_POLICY, "slow client")
-        elif _monotonic() - self.last_drain > flow.slow_timeout:
+        else:
             log.warning(
                 "phx_gevent: dropping a connection that drained nothing for %.1fs with %d bytes queued",
                 flow.slow_timeout,
                 self.qbytes,
             )
-            _dropped(self, "stalled", self.qbytes)
-            self.abort(frames.CLOSE_POLICY, "slow client")
+        _dropped(self, reason, self.qbytes)
+        self.abort(frames.CLOSE_POLICY, "slow client")
 
     # -- flushing -------------------------------------------------------------------------
 
@@ -381,9 +347,7 @@ class Writer:
         while above its soft cap, or while holding anything at all when the
         process is above its high-water mark.
         """
-        if not self.qbytes or self.state == CLOSED or now - self.last_drain <= flow.slow_timeout:
-            return False
-        return self.qbytes > flow.connection_limit or flow.queued > flow.high_water
+        return self.state != CLOSED and flow.stalled(self.qbytes, self.last_drain, now)
 
     def _send(self, data: Any) -> int | None:
         """One non-blocking ``send()``: the bytes the kernel took, or None when the socket is dead (aborted)."""
@@ -430,10 +394,14 @@ class Writer:
             self.flusher.schedule(self)
 
     def _finish_close(self) -> None:
-        self.state = CLOSED
         self._stop_watcher()
+        self._closed(self.raw, _pysocket.SHUT_WR)
+
+    def _closed(self, sock: Any, how: int) -> None:
+        # The end of every path to CLOSED: shut the socket down (``how``), wake wait_closed().
+        self.state = CLOSED
         try:
-            self.raw.shutdown(_pysocket.SHUT_WR)
+            sock.shutdown(how)
         except OSError:
             pass
         self._notify_closed()
@@ -474,16 +442,12 @@ class Writer:
         except OSError:
             pass
         self._notify_closed()
-        callback, self.on_abort = self.on_abort, None
-        if callback is not None:
-            callback()
 
     def discard(self) -> None:
         """Forget everything queued (the connection is over); idempotent."""
         self.state = CLOSED
         self._release()
         self._stop_watcher()
-        self.on_abort = None
         self._notify_closed()
 
     def _release(self) -> None:
@@ -507,11 +471,11 @@ class GreenletWriter(Writer):
 
     __slots__ = ("_greenlet",)
 
-    def __init__(self, sock: Any, encoder: Any, on_abort: Callable[[], None] | None = None) -> None:
-        super().__init__(sock, encoder, on_abort)
+    def __init__(self, sock: Any, encoder: Any) -> None:
+        super().__init__(sock, encoder)
         self._greenlet: Any = None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         if self.state:
             return
         if not self.queue:
@@ -549,32 +513,19 @@ class GreenletWriter(Writer):
                 self._account_sent(n)
                 self.last_drain = _monotonic()
             if self.state == CLOSING and not self.queue:
-                self.state = CLOSED
-                try:
-                    self.sock.shutdown(_pysocket.SHUT_WR)
-                except OSError:
-                    pass
-                self._notify_closed()
+                self._closed(self.sock, _pysocket.SHUT_WR)
         finally:
             self._greenlet = None
 
     def abort(self, code: int | None = None, reason: str = "") -> None:
         if self.state == CLOSED:
             return
-        self.state = CLOSED
         self._release()
-        try:
-            self.sock.shutdown(_pysocket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._notify_closed()
-        callback, self.on_abort = self.on_abort, None
-        if callback is not None:
-            callback()
+        self._closed(self.sock, _pysocket.SHUT_RDWR)
 
 
-def make_writer(sock: Any, encoder: Any, on_abort: Callable[[], None] | None = None) -> Writer:
+def make_writer(sock: Any, encoder: Any) -> Writer:
     """The right writer for ``sock``: raw non-blocking for TCP and unix sockets, greenlet for TLS."""
     if hasattr(sock, "_sslobj") or not hasattr(sock, "_sock"):
-        return GreenletWriter(sock, encoder, on_abort)
-    return Writer(sock, encoder, on_abort)
+        return GreenletWriter(sock, encoder)
+    return Writer(sock, encoder)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from time import perf_counter
@@ -29,35 +28,25 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import gevent
 from gevent import GreenletExit
 from gevent.event import AsyncResult, Event
-from gevent.pool import Pool
 
-from .channel import DUPLICATE_JOIN, LEFT, Channel, Reply, Stop, is_graceful
-from .errors import CallbackReturnError, ConnectionOverloaded
-from .pubsub.history import MAX_LAST, parse_offset
-from .pubsub.local import ALL_EVENTS, RecoveryBuffer
-from .telemetry import channel_handled_in, emit, format_duration
+from ..channel import DUPLICATE_JOIN, LEFT, SHUTDOWN, TIMEOUT, Channel, NoReply, Reply, Stop, is_graceful
+from ..errors import CallbackReturnError, CallTimeout, ChannelError, ChannelExited, ConnectionOverloaded
+from ..pubsub.local import ALL_EVENTS
+from ..telemetry import channel_handled_in, emit, format_duration
+from .pool import Partition, Partitions, default_partitions
+from .recovery import join_recovering
+from .states import _CALL, _CAST, _DOWN, _IN, _INFO, _LEAVE, _OUT, _OVERFLOW, _TIMEOUT, JOINED, JOINING, STOPPED
+from .states import ChannelState as ChannelState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .connection import Connection
-    from .socket import Route
+    from ..connection import Connection
+    from ..socket import Route
 
-__all__ = ["Broadcast", "ChannelProcess", "Partition", "Partitions", "default_partitions"]
+__all__ = ["Broadcast", "CallFrom", "ChannelProcess", "Partition", "Partitions", "default_partitions"]
 
 log = logging.getLogger(__name__)
 _debug = functools.partial(log.isEnabledFor, logging.DEBUG)
 
-# Mailbox item tags.
-_IN = 0
-_OUT = 1
-_INFO = 2
-_LEAVE = 3
-_DOWN = 4
-_OVERFLOW = 5
-
-# States.
-JOINING = 0
-JOINED = 1
-STOPPED = 2
 
 #: How long a replaced channel may take to die before it is abandoned (Phoenix: 5 s).
 KILL_TIMEOUT = 5.0
@@ -69,145 +58,6 @@ class Broadcast(NamedTuple):
     topic: str
     event: str
     payload: Any
-
-
-def default_partitions() -> int:
-    """The usable core count (the CPU affinity mask where the platform has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
-
-
-#: Parked workers unused for a whole period of this many seconds are let go.
-TRIM_PERIOD = 10.0
-
-
-class Partition:
-    """A ``gevent.pool.Pool`` of worker greenlets that run channel callbacks, reused between runs.
-
-    A channel's mailbox is run by a worker taken from here. A worker whose
-    run is over parks itself and is resumed by the next run instead of a new
-    greenlet being spawned: spawning was a third of the server's time in the
-    push/reply benchmark (greenlet creation, gevent's spawn-tree bookkeeping,
-    stack allocation), and reuse more than doubled the replies per second
-    (benchmarks/README.md). At most ``max_idle`` workers stay parked, and
-    those a whole :data:`TRIM_PERIOD` did not need are let go, so a burst
-    leaves no lasting memory behind. The pool holds running and parked
-    workers alike; it is unbounded unless ``size`` is given.
-    """
-
-    __slots__ = ("pool", "idle", "joined", "max_idle", "_unused", "_timer")
-
-    def __init__(self, size: int | None = None, max_idle: int = 1024) -> None:
-        self.pool = Pool(size)
-        #: Workers parked in the hub, most recently used last.
-        self.idle: list[Any] = []
-        #: Joined channels in this partition.
-        self.joined = 0
-        self.max_idle = max_idle
-        # The fewest parked workers seen since the last trim: that many were not needed.
-        self._unused = 0
-        self._timer: Any = None
-
-    def run(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn(*args)`` in a worker greenlet (a parked one if any); returns the worker.
-
-        Never blocks (unless the pool is bounded and full) and never switches
-        greenlets: the run starts at the hub's next turn.
-        """
-        idle = self.idle
-        if idle:
-            worker = idle.pop()
-            if len(idle) < self._unused:
-                self._unused = len(idle)
-            worker.parent.loop.run_callback(self._resume, worker, fn, args)
-            return worker
-        return self.pool.spawn(self._work, fn, args)
-
-    def run_from_hub(self, fn: Any, *args: Any) -> Any:
-        """As :meth:`run`, called from a hub callback: a parked worker starts at once, not a hub turn later.
-
-        Used by watched WebSocket connections (one wake-up per arriving
-        frame): their read watcher's callback runs in the hub, so switching
-        straight to the worker saves a callback round per message.
-        """
-        idle = self.idle
-        if idle:
-            worker = idle.pop()
-            if len(idle) < self._unused:
-                self._unused = len(idle)
-            self._resume(worker, fn, args)
-            return worker
-        return self.pool.spawn(self._work, fn, args)
-
-    def _resume(self, worker: Any, fn: Any, args: tuple[Any, ...]) -> None:
-        # Hub callback. A worker killed while its run was pending is dead:
-        # give the run to a fresh one (the run sees its channel stopped).
-        if not worker.dead:
-            worker.switch(fn, args)
-        elif fn is not None:
-            self.pool.spawn(self._work, fn, args)
-
-    def _work(self, fn: Any, args: tuple[Any, ...]) -> None:
-        me = gevent.getcurrent()
-        park = me.parent.switch
-        idle = self.idle
-        while True:
-            try:
-                fn(*args)
-            except Exception:  # pragma: no cover - runs handle their own errors
-                log.exception("phx_gevent: a channel run failed")
-            fn = args = None  # nothing stays referenced while parked
-            if len(idle) >= self.max_idle:
-                return
-            idle.append(me)
-            if self._timer is None:
-                self._timer = me.parent.loop.timer(TRIM_PERIOD, TRIM_PERIOD)
-                self._timer.start(self._trim)
-            fn, args = park()
-            if fn is None:
-                return  # let go by _trim
-
-    def _trim(self) -> None:
-        # Hub callback: let the oldest parked workers go if the last period never needed them.
-        idle = self.idle
-        release, self._unused = self._unused, 0
-        for worker in idle[:release]:
-            worker.parent.loop.run_callback(self._resume, worker, None, ())
-        del idle[:release]
-        self._unused = len(idle)
-        if not idle and self._timer is not None:
-            self._timer.stop()
-            self._timer.close()
-            self._timer = None
-
-    def stats(self) -> dict[str, int]:
-        """Running and parked worker greenlets, and joined channels."""
-        return {"running": len(self.pool) - len(self.idle), "idle": len(self.idle), "joined": self.joined}
-
-
-class Partitions:
-    """The partitions of a socket mount; a connection's channels share one (chosen by hash).
-
-    Pools give accounting (how many channel greenlets run where) and a place
-    to bound concurrency later; by default they are unbounded, as Phoenix's
-    channel supervisors are.
-    """
-
-    def __init__(self, count: int | None = None, size: int | None = None) -> None:
-        count = default_partitions() if count is None else int(count)
-        if count < 1:
-            raise ValueError("partitions must be at least 1")
-        self.partitions = [Partition(size) for _ in range(count)]
-
-    def pick(self, key: object) -> Partition:
-        """The partition for ``key`` (a connection), by hash."""
-        return self.partitions[(hash(key) >> 4) % len(self.partitions)]
-
-    def stats(self) -> list[dict[str, int]]:
-        """Per partition: running and parked worker greenlets, and joined channels."""
-        return [p.stats() for p in self.partitions]
 
 
 class _InfoSubscription:
@@ -225,32 +75,45 @@ class _InfoSubscription:
         self.owner.send(Broadcast(topic, event, payload))
 
 
-# Encoded replay frames: (encoder, with offset, topic, offset) -> frame. Offsets are
-# unique per topic (the epoch changes when a history restarts), so entries never go stale.
-_replay_frames: dict[tuple[Any, ...], Any] = {}
-_REPLAY_CACHE_SIZE = 20_000
-
-
-class _GaveUp(Exception):
-    """The join was given up while it read the history."""
-
-
-def _since_seq(since: Any) -> int:
-    parsed = parse_offset(since)
-    return 0 if parsed is None else parsed[1]
-
-
 def _expected(callback: str) -> str:
     if callback == "handle_in":
-        return "None, ok(...)/error(...)/Reply(status, response), or stop(...)"
-    return "None or stop(...)"
+        return "None, ok(...)/error(...)/Reply(status, response), noreply(...) or stop(...)"
+    return "None, noreply(...) or stop(...)"
+
+
+class CallFrom:
+    """The caller of a ``channel_pid.call`` (GenServer's ``from``): ``handle_call``'s second argument.
+
+    :meth:`reply` answers it, from any greenlet; only the first answer counts.
+    """
+
+    __slots__ = ("result",)
+
+    def __init__(self) -> None:
+        self.result: AsyncResult = AsyncResult()
+
+    def reply(self, value: Any) -> None:
+        """Answer the call with ``value`` (``GenServer.reply/2``); later answers are ignored."""
+        if not self.result.ready():
+            self.result.set(value)
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.result.ready():
+            self.result.set_exception(exc)
+
+    @property
+    def answered(self) -> bool:
+        """True once the call has its answer (or failed)."""
+        return self.result.ready()
 
 
 class ChannelProcess:
     """A joined channel (Phoenix's channel process): ``socket.channel_pid``.
 
     :meth:`send` delivers a message to the channel's ``handle_info``, like
-    Elixir's ``send/2``.
+    Elixir's ``send/2``; :meth:`call` and :meth:`cast` reach ``handle_call``
+    and ``handle_cast``, like ``GenServer.call/3`` and ``GenServer.cast/2``.
+    All three share the mailbox and its ``Socket.max_mailbox`` bound.
     """
 
     __slots__ = (
@@ -269,10 +132,12 @@ class ChannelProcess:
         "leaving",
         "extra",
         "monitors",
+        "exit_reason",
         "offsets",
         "history",
         "replayed",
         "_drained",
+        "_idle",
         "refusal",
         "__weakref__",
     )
@@ -295,6 +160,8 @@ class ChannelProcess:
         self.leaving = False
         self.extra: list[_InfoSubscription] | None = None
         self.monitors: list[Callable[[ChannelProcess], None]] | None = None
+        #: Why the channel ended (its terminate reason), once it has.
+        self.exit_reason: Any = None
         #: True when the client joined with ``since``: history broadcasts carry their offset in the ref.
         self.offsets = False
         #: The route's history config (None: the topic keeps no history).
@@ -302,6 +169,8 @@ class ChannelProcess:
         #: (epoch, seq) of the last message a recovery replayed: later live copies of it are dropped.
         self.replayed: tuple[str, int] | None = None
         self._drained: Event | None = None
+        # The pending idle timer of noreply(timeout=...), if any.
+        self._idle: Any = None
         #: The error response of a refused (or failed) join, for logs and telemetry.
         self.refusal: Any = None
 
@@ -318,16 +187,63 @@ class ChannelProcess:
     def send(self, message: Any) -> None:
         """Deliver ``message`` to ``handle_info`` (after the messages already queued)."""
         if self.state != STOPPED:
-            if len(self.mailbox) >= self.conn.handler.max_mailbox:
+            if len(self.mailbox) >= self.conn.max_mailbox:
                 self._overflow()
                 return
             self.mailbox.append((_INFO, message))
             self._activate()
 
+    def cast(self, message: Any) -> None:
+        """Deliver ``message`` to ``handle_cast`` (``GenServer.cast``): returns at once, like :meth:`send`.
+
+        Ignored once the channel has stopped; a full mailbox ends the channel
+        (``phx_error``), as for :meth:`send`.
+        """
+        if self.state != STOPPED:
+            if len(self.mailbox) >= self.conn.handler.max_mailbox:
+                self._overflow()
+                return
+            self.mailbox.append((_CAST, message))
+            self._activate()
+
+    def call(self, message: Any, timeout: float | None = 5.0) -> Any:
+        """Ask the channel's ``handle_call`` and wait for its reply (``GenServer.call``); from any greenlet.
+
+        Returns what ``handle_call`` returned (or gave ``from_.reply``).
+        Raises :class:`~phx_gevent.errors.CallTimeout` after ``timeout``
+        seconds without a reply (``None`` waits forever),
+        :class:`~phx_gevent.errors.ChannelExited` when the channel is gone or
+        ends before replying (a full mailbox ends it, as for :meth:`send`), and
+        :class:`~phx_gevent.errors.ChannelError` when called from the channel's
+        own callbacks (it would wait for itself).
+        """
+        if self.greenlet is not None and self.greenlet is gevent.getcurrent():
+            raise ChannelError(f"channel {self.topic!r} cannot call itself; send yourself a message instead")
+        if self.state == STOPPED:
+            raise ChannelExited(f"channel {self.topic!r} has already ended", self.exit_reason)
+        from_ = CallFrom()
+
+        def down(proc: ChannelProcess) -> None:
+            from_._fail(ChannelExited(f"channel {proc.topic!r} ended before replying", proc.exit_reason))
+
+        self.monitor(down)
+        try:
+            if len(self.mailbox) >= self.conn.handler.max_mailbox:
+                self._overflow()
+            else:
+                self.mailbox.append((_CALL, message, from_))
+                self._activate()
+            try:
+                return from_.result.get(timeout=timeout)
+            except gevent.Timeout:
+                raise CallTimeout(f"channel {self.topic!r} did not answer {message!r} within {timeout}s") from None
+        finally:
+            self.demonitor(down)
+
     def deliver(self, topic: str, event: str, payload: Any) -> None:
         """An intercepted broadcast: queued for ``handle_out``."""
         if self.state == JOINED:
-            if len(self.mailbox) >= self.conn.handler.max_mailbox:
+            if len(self.mailbox) >= self.conn.max_mailbox:
                 self._overflow()
                 return
             self.mailbox.append((_OUT, event, payload))
@@ -347,11 +263,11 @@ class ChannelProcess:
         mailbox = self.mailbox
         mailbox.append((_IN, msg))
         self._activate()
-        limit = self.conn.handler.max_mailbox
+        limit = self.conn.max_mailbox
         if len(mailbox) >= limit:
             drained = self._drained = Event()
             try:
-                if not drained.wait(self.conn.handler.mailbox_timeout) and len(mailbox) >= limit // 2:
+                if not drained.wait(self.conn.mailbox_timeout) and len(mailbox) >= limit // 2:
                     raise ConnectionOverloaded(
                         f"channel {self.topic!r} has {len(mailbox)} messages waiting; the client sends too fast"
                     )
@@ -397,12 +313,32 @@ class ChannelProcess:
             while mailbox and self.state == JOINED:
                 self._handle(mailbox.popleft())
                 drained = self._drained
-                if drained is not None and len(mailbox) <= self.conn.handler.max_mailbox // 2:
+                if drained is not None and len(mailbox) <= self.conn.max_mailbox // 2:
                     drained.set()
         finally:
             self.greenlet = None
             if mailbox and self.state == JOINED:
                 self._activate()
+
+    # -- idle timeout (noreply(timeout=...)) ------------------------------------------------
+
+    def _arm_idle(self, timeout: float) -> None:
+        timer = gevent.get_hub().loop.timer(timeout)
+        self._idle = timer
+        timer.start(self._idle_expired, timer)
+
+    def _cancel_idle(self) -> None:
+        timer, self._idle = self._idle, None
+        if timer is not None:
+            timer.stop()
+            timer.close()
+
+    def _idle_expired(self, timer: Any) -> None:
+        # Hub callback: nothing arrived in time. The message carries its timer,
+        # so a message that arrives before it is handled cancels it.
+        if self._idle is timer and self.state == JOINED:
+            self.mailbox.append((_TIMEOUT, timer))
+            self._activate()
 
     # -- joining ----------------------------------------------------------------------------
 
@@ -443,10 +379,13 @@ class ChannelProcess:
                 )
             if outcome.status == "error":
                 self.state = STOPPED
+                self.exit_reason = SHUTDOWN
                 self._notify_down()
                 self.refusal = outcome.response
                 conn.send_reply(self.join_ref, ref, self.topic, "error", outcome.response)
                 result.set(False)
+                # As Phoenix: a refused join stops the channel with :shutdown, running terminate.
+                self._terminate(SHUTDOWN)
                 return
             if self.history is not None and isinstance(payload, dict) and ("since" in payload or "last" in payload):
                 if not self._join_recovering(payload, ref, outcome):
@@ -457,22 +396,26 @@ class ChannelProcess:
                 # From here to the write: no greenlet switch, so nothing of this
                 # channel can reach the socket before its join reply.
                 conn.channel_joined(self)
-                conn.mount.pubsub.subscribe(self.topic, self)
+                conn.pubsub.subscribe(self.topic, self)
                 self.state = JOINED
                 self.socket.joined = True
-                conn.transport.send(data)
+                conn.send_encoded(data)
             self.partition.joined += 1
             result.set(True)
         except GreenletExit:
             raise
-        except Exception:
+        except Exception as exc:
             self.conn.log_error("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
             if self.state == JOINING:
                 self.state = STOPPED
+                self.exit_reason = exc
                 self._notify_down()
                 conn.channel_exited(self)
                 self.refusal = {"reason": "join crashed"}
                 conn.send_reply(self.join_ref, ref, self.topic, "error", self.refusal)
+                result.set(False)
+                self._terminate(exc)  # a crashed process runs terminate with the exception
+                return
             result.set(False)
             return
         finally:
@@ -483,82 +426,8 @@ class ChannelProcess:
             self._run()
 
     def _join_recovering(self, payload: dict[str, Any], ref: Any, outcome: Reply) -> bool:
-        # A join with ``since`` (or a ``last`` backlog) on a history topic.
-        # Subscribe first, into a buffer, then read the history (this may wait
-        # for Redis), then send the join reply, the replay, and what arrived
-        # live meanwhile minus what the replay covered: every message once, in
-        # offset order, nothing of this channel before its join reply.
-        conn = self.conn
-        pubsub = conn.mount.pubsub
-        has_since = "since" in payload
-        since = payload.get("since")
-        last = payload.get("last")
-        if type(last) is not int or last < 0:
-            last = None
-        else:
-            last = min(last, MAX_LAST)
-        self.offsets = has_since
-        real_writer = self.writer
-        buffer = RecoveryBuffer(real_writer.encoder)
-        self.writer = buffer
-        pubsub.subscribe(self.topic, self)
-        try:
-            try:
-                recovery = pubsub.fetch_history(self.topic, since, last, has_since=has_since)
-            except Exception:
-                log.exception("phx_gevent: history recovery of %r failed", self.topic)
-                recovery = None
-            if self.state != JOINING:
-                raise _GaveUp
-            response = outcome.response
-            if has_since:
-                recovered = recovery is not None and recovery.recovered
-                response = {**response, "recovered": recovered} if isinstance(response, dict) else response
-            data = conn.serializer.encode_reply(self.join_ref, ref, self.topic, "ok", response)
-        except BaseException as exc:
-            pubsub.unsubscribe(self.topic, self)
-            self.writer = real_writer
-            if isinstance(exc, _GaveUp):
-                return False
-            raise
-        # From here to the end: no greenlet switch.
-        conn.channel_joined(self)
-        self.state = JOINED
-        self.socket.joined = True
-        conn.transport.send(data)
-        epoch, last_seq = None, 0
-        if recovery is not None and (recovery.recovered or not has_since):
-            epoch, last_seq = recovery.epoch, _since_seq(since) if has_since else 0
-            enc = real_writer.encoder
-            cache = _replay_frames
-            if len(cache) > _REPLAY_CACHE_SIZE:
-                cache.clear()
-            for entry in recovery.entries:
-                # A reconnect storm replays the same messages to thousands of
-                # clients: each frame is encoded once per encoder and variant.
-                key = (enc, has_since, self.topic, entry.offset)
-                frame = cache.get(key, cache)
-                if frame is cache:
-                    try:
-                        if has_since:
-                            frame = enc.broadcast_ref(self.topic, entry.event, entry.payload, entry.offset)
-                        else:
-                            frame = enc.broadcast(self.topic, entry.event, entry.payload)
-                    except Exception:
-                        log.exception("phx_gevent: could not encode a replayed message of %r", self.topic)
-                        continue
-                    cache[key] = frame
-                if frame is not None:
-                    real_writer.write(frame)
-            if recovery.entries:
-                parsed = parse_offset(recovery.entries[-1].offset)
-                if parsed is not None:
-                    epoch, last_seq = parsed
-        buffer.flush_into(real_writer, epoch, last_seq)
-        if epoch is not None and last_seq > 0:
-            self.replayed = (epoch, last_seq)
-        self.writer = real_writer
-        return True
+        # A join with ``since`` (or a ``last`` backlog) on a history topic: channels/recovery.py.
+        return join_recovering(self, payload, ref, outcome)
 
     def history_lost(self) -> None:
         """This node missed history messages it cannot fetch: end the channel with ``phx_error``.
@@ -576,6 +445,13 @@ class ChannelProcess:
 
     def _handle(self, item: tuple[Any, ...]) -> None:
         tag = item[0]
+        if self._idle is not None:
+            # Any message cancels a pending noreply timeout; its own expiry is delivered.
+            expired = tag == _TIMEOUT and item[1] is self._idle
+            self._cancel_idle()
+            if expired:
+                item = (_INFO, TIMEOUT)
+                tag = _INFO
         instance = self.instance
         socket = self.socket
         try:
@@ -603,18 +479,39 @@ class ChannelProcess:
                         self.conn.send_reply(self.join_ref, msg.ref, self.topic, rep.status, rep.response)
                     self._stop(result.reason)
                     return
+                if isinstance(result, NoReply):
+                    if result.timeout is not None:
+                        self._arm_idle(result.timeout)
+                    return
                 self._bad_return("handle_in", result)
             elif tag == _OUT:
                 self._noreply("handle_out", instance.handle_out(item[1], item[2], socket))
             elif tag == _INFO:
                 self._noreply("handle_info", instance.handle_info(item[1], socket))
+            elif tag == _CALL:
+                from_ = item[2]
+                result = instance.handle_call(item[1], from_, socket)
+                if isinstance(result, Stop):
+                    self._stop(result.reason)
+                elif isinstance(result, NoReply):
+                    if result.timeout is not None:
+                        self._arm_idle(result.timeout)
+                else:
+                    from_.reply(result)
+            elif tag == _CAST:
+                self._noreply("handle_cast", instance.handle_cast(item[1], socket))
             elif tag == _LEAVE:
-                self.conn.send_reply(self.join_ref, item[1], self.topic, "ok", {})
-                self._exit(LEFT, "phx_close")
+                # Unsubscribe before the reply is queued: once the client has
+                # the reply, no broadcast on this topic may follow it.
+                if self._detach(LEFT):
+                    self.conn.send_reply(self.join_ref, item[1], self.topic, "ok", {})
+                    self.conn.send_control(self.join_ref, self.topic, "phx_close")
+                    self._terminate(LEFT)
             elif tag == _DOWN:
                 self._exit(item[1], None)
             elif tag == _OVERFLOW:
                 raise ConnectionOverloaded(f"mailbox of {self.topic!r} overflowed")
+            # _TIMEOUT left here was cancelled by a message that overtook it: nothing to do.
         except GreenletExit:
             raise
         except Exception as exc:
@@ -626,7 +523,7 @@ class ChannelProcess:
         if channel_handled_in.receivers:
             emit(
                 channel_handled_in,
-                self.conn.mount.endpoint,
+                self.conn.endpoint,
                 {"duration": duration},
                 {"event": msg.event, "topic": self.topic, "channel": name, "ref": msg.ref, "socket": self.socket},
             )
@@ -638,6 +535,10 @@ class ChannelProcess:
             return
         if isinstance(result, Stop):
             self._stop(result.reason)
+            return
+        if isinstance(result, NoReply):
+            if result.timeout is not None:
+                self._arm_idle(result.timeout)
             return
         self._bad_return(callback, result)
 
@@ -655,13 +556,16 @@ class ChannelProcess:
 
     # -- ending -----------------------------------------------------------------------------
 
-    def _detach(self) -> bool:
+    def _detach(self, reason: Any) -> bool:
         """Stop receiving anything; False when already stopped."""
         if self.state == STOPPED:
             return False
         was_joined = self.state == JOINED
         self.state = STOPPED
+        self.exit_reason = reason
         self.mailbox.clear()
+        if self._idle is not None:
+            self._cancel_idle()
         if self._drained is not None:
             self._drained.set()
         self._unsubscribe()
@@ -706,7 +610,7 @@ class ChannelProcess:
             log.exception("phx_gevent: monitor %r of %r raised", callback, self)
 
     def _unsubscribe(self) -> None:
-        pubsub = self.conn.mount.pubsub
+        pubsub = self.conn.pubsub
         pubsub.unsubscribe(self.topic, self)
         if self.extra:
             for sub in self.extra:
@@ -714,7 +618,7 @@ class ChannelProcess:
             self.extra = None
 
     def _exit(self, reason: Any, frame: str | None) -> None:
-        if not self._detach():
+        if not self._detach(reason):
             return
         if frame is not None:
             self.conn.send_control(self.join_ref, self.topic, frame)
@@ -734,7 +638,7 @@ class ChannelProcess:
         in a fresh greenlet of the channel's partition.
         """
         was_joined = self.state == JOINED
-        if not self._detach():
+        if not self._detach(reason):
             return
         greenlet, self.greenlet = self.greenlet, None
         if greenlet is not None and greenlet is not gevent.getcurrent():
@@ -754,12 +658,12 @@ class ChannelProcess:
             return
         sub = _InfoSubscription(self, topic)
         self.extra.append(sub)
-        self.conn.mount.pubsub.subscribe(topic, sub)
+        self.conn.pubsub.subscribe(topic, sub)
 
     def unsubscribe(self, topic: str) -> None:
         """Undo :meth:`subscribe` for ``topic``."""
         if not self.extra:
             return
         for sub in [s for s in self.extra if s.topic == topic]:
-            self.conn.mount.pubsub.unsubscribe(topic, sub)
+            self.conn.pubsub.unsubscribe(topic, sub)
             self.extra.remove(sub)

@@ -1,0 +1,1 @@
+"""The channel runtime: channel processes and the greenlet pool they run in."""

@@ -1,0 +1,534 @@
+"""The Redis adapter's connection loops: the publisher and the listener greenlets.
+
+Mixins of :class:`~phx_gevent.pubsub.redis.RedisAdapter`, which holds the
+state they share (declared below for the type checker) and decides when they
+run; the outbox rules they apply are :mod:`phx_gevent.pubsub.outbox`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import gevent
+from gevent.event import Event
+
+from .. import supervise, telemetry
+from ..errors import BroadcastTimeout
+from ..flow import flow
+from . import codec
+from .outbox import HistoryCmd, Item, Outbox
+
+try:
+    import redis
+    from redis.exceptions import RedisError, ResponseError
+except ImportError:  # pragma: no cover - redis-py is a requirement, but fail clearly without it
+    redis = None  # type: ignore[assignment]
+    RedisError = ResponseError = Exception  # type: ignore[assignment,misc]
+
+__all__ = ["CONN_ERRORS", "PublishLoop", "ReceiveLoop"]
+
+log = logging.getLogger(__name__)
+
+_monotonic = time.monotonic
+
+# Errors that mean "the connection is unusable": reconnect.
+CONN_ERRORS = (RedisError, OSError, ValueError, IndexError, TypeError)
+
+
+class _Backoff:
+    """Exponential backoff with jitter between ``low`` and ``high`` seconds."""
+
+    __slots__ = ("low", "high", "current")
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low = low
+        self.high = high
+        self.current = low
+
+    def next(self) -> float:
+        delay = self.current
+        self.current = min(self.high, self.current * 2)
+        # Jitter: nodes that lost Redis together do not reconnect in lockstep.
+        return delay * random.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.current = self.low
+
+
+class _AdapterState:
+    """What the loops share with the adapter (set by ``RedisAdapter.__init__`` and ``_reset_state``)."""
+
+    if TYPE_CHECKING:  # pragma: no cover - declarations for the type checker only
+        node_name: str
+        backoff: tuple[float, float]
+        batch_size: int
+        direct_ttl: float
+        health_check_interval: float
+        max_pending: int
+        max_inbox: int
+        max_inbox_bytes: int
+        flow_control: bool
+        publish_timeout: float
+        replay_wait: float
+        replay_window: float
+        socket_timeout: float
+        _where: str
+        _stop: Event
+        _greenlets: list[Any]
+        _pub_conn: Any
+        _sub_conn: Any
+        _receive: Callable[[dict[str, Any]], None] | None
+        _counters: dict[str, int]
+        _last_error: str | None
+        _bchan: bytes
+        _dchan: bytes
+        _echo: bytes
+        _echo_history: bytes
+        _out: Outbox
+        _out_event: Event
+        _space: Event
+        _inbox: deque[bytes]
+        _inbox_bytes: int
+        _in_event: Event
+        _pub_ok: bool
+        _sub_ok: bool
+        _pub_down_since: float | None
+        _sub_down_since: float | None
+        _sub_ready: Event
+        _in_outage: bool
+        _outage_began: float
+        _subscribers_seen: int
+        _gaps: dict[str, Any]
+        _append_sha: bytes | None
+        _reload_scripts: bool
+        _expired_unlogged: int
+        _log_drop_out: supervise.LogLimiter
+        _log_expired: supervise.LogLimiter
+        _log_pub_retry: supervise.LogLimiter
+        _log_sub_retry: supervise.LogLimiter
+        _log_drop_in: supervise.LogLimiter
+        _log_overload: supervise.LogLimiter
+        _log_invalid: supervise.LogLimiter
+        _log_delivery: supervise.LogLimiter
+
+        def _alive(self, gen: int) -> bool: ...
+        def _history_fallback(self, item: Item) -> Item: ...
+        def _convert_history(self) -> None: ...
+        def _reset_gaps(self, conn: Any) -> None: ...
+        def _load_scripts(self, conn: Any) -> None: ...
+
+
+class PublishLoop(_AdapterState):
+    """The publisher greenlet: writes the outbox to Redis in pipelined batches, replays after an outage."""
+
+    def _make_room(self, size: int) -> bool:
+        current = gevent.getcurrent()
+        if self._pub_down_since is None and self.publish_timeout > 0 and current not in self._greenlets:
+            # Redis is there but slower than we publish: slow the caller down a little.
+            deadline = _monotonic() + self.publish_timeout
+            while self._out.full(size) and self._pub_down_since is None:
+                remaining = deadline - _monotonic()
+                if remaining <= 0:
+                    break
+                self._space.clear()
+                self._space.wait(remaining)
+        dropped, accepted = self._out.drop_oldest(size, self._history_fallback)
+        if not accepted:
+            dropped += 1  # everything left is being written: the new envelope is the one dropped
+        if dropped:
+            self._counters["publish_dropped"] += dropped
+            suppressed = self._log_drop_out.ready()
+            if suppressed is not None:
+                log.warning(
+                    "phx_gevent: Redis publish queue full (%d envelopes, %d bytes; Redis %s): dropped %d "
+                    "envelope(s) not forwarded to other nodes (%d total)",
+                    len(self._out),
+                    self._out.pending_bytes,
+                    "connected" if self._pub_ok else "unreachable",
+                    dropped + suppressed,
+                    self._counters["publish_dropped"],
+                )
+        return accepted
+
+    def _expire(self) -> None:
+        expired = self._out.expire(_monotonic(), self.replay_window, self.direct_ttl, self._history_fallback)
+        if expired:
+            self._counters["publish_expired"] += expired
+            self._expired_unlogged += expired
+            if self._log_expired.ready() is not None:
+                log.warning(
+                    "phx_gevent: %d envelopes waited too long for Redis (broadcasts: %.1fs, direct messages: "
+                    "%.1fs) and were dropped (not forwarded; %d in total)",
+                    self._expired_unlogged,
+                    self.replay_window,
+                    self.direct_ttl,
+                    self._counters["publish_expired"],
+                )
+                self._expired_unlogged = 0
+            self._space.set()
+
+    def _pub_failed(self, exc: BaseException) -> None:
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        self._convert_history()
+        now = _monotonic()
+        if self._pub_ok or self._pub_down_since is None:
+            self._pub_ok = False
+            self._pub_down_since = now
+            self._outage_started()
+            log.warning(
+                "phx_gevent: Redis %s unreachable for publishing (%s); broadcasts reach this process only, "
+                "the last %.0fs (at most %d envelopes) are kept for replay",
+                self._where,
+                self._last_error,
+                self.replay_window,
+                self.max_pending,
+            )
+            self._log_pub_retry.ready()
+        elif self._log_pub_retry.ready() is not None:
+            log.warning(
+                "phx_gevent: Redis %s still unreachable after %.0fs (%s); %d envelopes waiting",
+                self._where,
+                now - self._pub_down_since,
+                self._last_error,
+                len(self._out),
+            )
+        self._space.set()  # publishers waiting for room stop waiting: the queue is now the replay buffer
+
+    def _outage_started(self) -> None:
+        # One outage = from the first side that loses Redis until both are back.
+        if not self._in_outage:
+            self._in_outage = True
+            self._outage_began = _monotonic()
+            self._counters["outages"] += 1
+            if telemetry.pubsub_down.receivers:
+                meta = {"node": self.node_name, "adapter": repr(self), "reason": self._last_error}
+                telemetry.emit(telemetry.pubsub_down, self, {}, meta)
+
+    def _outage_over(self) -> None:
+        if self._in_outage and self._pub_down_since is None and self._sub_down_since is None:
+            self._in_outage = False
+            if telemetry.pubsub_up.receivers:
+                took = {"duration": _monotonic() - self._outage_began}
+                telemetry.emit(telemetry.pubsub_up, self, took, {"node": self.node_name, "adapter": repr(self)})
+
+    def _run_publisher(self, gen: int) -> None:
+        conn = self._pub_conn
+        backoff = _Backoff(*self.backoff)
+        last_io = _monotonic()
+        while self._alive(gen):
+            try:
+                if not conn.is_connected:
+                    if self._pub_down_since is not None:
+                        self._expire()
+                    conn.connect()
+                    last_io = _monotonic()
+                    self._load_scripts(conn)
+                    if self._pub_down_since is None:
+                        self._probe(conn)
+                if self._pub_down_since is not None:
+                    self._recovered(conn, gen)
+                    backoff.reset()
+                    if not self._alive(gen):
+                        return
+                self._pub_ok = True
+                if not self._out:
+                    self._out_event.clear()
+                    if not self._out.queue and not self._out_event.wait(self.health_check_interval):
+                        if self._alive(gen):
+                            # Idle: check the connection, and count the nodes for the next replay.
+                            self._probe(conn)
+                            last_io = _monotonic()
+                    continue
+                if _monotonic() - last_io > 1.0 and conn.can_read(0):
+                    # Idle connection became readable: the server closed it (restart).
+                    raise redis.ConnectionError("connection closed by the server while idle")
+                self._send_batch(conn)
+                last_io = _monotonic()
+            except CONN_ERRORS as exc:
+                conn.disconnect()
+                self._out.requeue()
+                if not self._alive(gen):
+                    return
+                self._pub_failed(exc)
+                self._stop.wait(backoff.next())
+            except Exception:
+                # A bug must not end the only publish path: log, pause, go on.
+                supervise.failed("Redis publisher")
+                conn.disconnect()
+                self._out.requeue()
+                self._stop.wait(backoff.next())
+
+    def _probe(self, conn: Any) -> None:
+        conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
+        self._subscribers_seen = int(conn.read_response()[1])
+
+    def _recovered(self, conn: Any, gen: int) -> None:
+        # Back after an outage: drop what is too old, wait (bounded) for the
+        # other nodes to resubscribe, so the replay is not published to nobody.
+        self._expire()
+        self._reset_gaps(conn)
+        pending = len(self._out)
+        waited = 0.0
+        if pending and self._subscribers_seen > 1:
+            start = _monotonic()
+            deadline = start + self.replay_wait
+            while self._alive(gen):
+                conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
+                count = int(conn.read_response()[1])
+                if count >= self._subscribers_seen or _monotonic() >= deadline:
+                    self._subscribers_seen = count
+                    break
+                self._stop.wait(0.05)
+            waited = _monotonic() - start
+            self._expire()
+            pending = len(self._out)
+        down_since = self._pub_down_since if self._pub_down_since is not None else _monotonic()
+        log.warning(
+            "phx_gevent: Redis %s reachable again for publishing after %.1fs; replaying %d envelopes%s",
+            self._where,
+            _monotonic() - down_since,
+            pending,
+            f" (waited {waited:.1f}s for other nodes to resubscribe)" if waited >= 0.05 else "",
+        )
+        self._counters["replayed"] += pending
+        self._counters["reconnects"] += 1
+        self._pub_down_since = None
+        self._pub_ok = True
+        self._outage_over()
+
+    def _send_batch(self, conn: Any) -> None:
+        out = self._out
+        if not out.inflight:
+            queue = out.queue
+            if queue and queue[0][0] < _monotonic() - self.direct_ttl:
+                self._expire()  # a backlog: stale direct messages are not worth sending
+        inflight = out.take(self.batch_size)
+        if not inflight:
+            return
+        bchan = self._bchan
+        counters = self._counters
+        try:
+            if self._reload_scripts:
+                self._reload_scripts = False
+                self._load_scripts(conn)
+            if self._gaps:
+                self._reset_gaps(conn)
+            sha = self._append_sha
+            conn.send_packed_command(
+                conn.pack_commands(
+                    [
+                        (b"PUBLISH", channel, data)
+                        if isinstance(channel, bytes)
+                        else (b"EVALSHA", sha, 2, *channel.args)
+                        for _, channel, data in inflight
+                    ]
+                ),
+                check_health=False,
+            )
+        except CONN_ERRORS:
+            # Possibly partly written: what Redis did not acknowledge is sent again.
+            counters["resent"] += len(inflight)
+            raise
+        while inflight:
+            try:
+                receivers = conn.read_response()
+            except ResponseError as exc:
+                # Refused by Redis (ACL, ...): this one is lost, the connection is fine.
+                receivers = None
+                counters["publish_errors"] += 1
+                if type(inflight[0][1]) is HistoryCmd:
+                    log.error("phx_gevent: Redis refused a history append on %r: %s", inflight[0][1].topic, exc)
+                    self._history_fallback(inflight[0])
+                    if b"NOSCRIPT" in str(exc).encode():
+                        self._reload_scripts = True
+                else:
+                    log.error("phx_gevent: Redis refused to publish on %r: %s", inflight[0][1], exc)
+            except CONN_ERRORS:
+                counters["resent"] += len(inflight)
+                raise
+            _, channel, _data = out.acknowledged()
+            counters["published"] += 1
+            if receivers is not None:
+                if channel == bchan:
+                    self._subscribers_seen = int(receivers)
+                elif not receivers:
+                    counters["direct_unrouted"] += 1
+        self._space.set()
+
+
+class ReceiveLoop(_AdapterState):
+    """The listener greenlet (SUBSCRIBE) and the delivery greenlet that hands envelopes to the local layer."""
+
+    if TYPE_CHECKING:  # pragma: no cover
+
+        def _outage_started(self) -> None: ...
+        def _outage_over(self) -> None: ...
+
+    def _run_listener(self, gen: int) -> None:
+        conn = self._sub_conn
+        backoff = _Backoff(*self.backoff)
+        hc = self.health_check_interval
+        while self._alive(gen):
+            try:
+                conn.connect()
+                conn.send_command("SUBSCRIBE", self._bchan, self._dchan, check_health=False)
+                confirmed = 0
+                while self._alive(gen):
+                    if not conn.can_read(timeout=hc):
+                        conn.send_command("PING", check_health=False)
+                        if not conn.can_read(timeout=self.socket_timeout):
+                            raise redis.TimeoutError(f"no answer to PING within {self.socket_timeout}s")
+                        continue
+                    msg = conn.read_response()
+                    kind = msg[0]
+                    if kind == b"message":
+                        self._on_message(msg[1], msg[2])
+                    elif kind == b"subscribe":
+                        confirmed += 1
+                        if confirmed == 2:
+                            self._sub_recovered()
+                            backoff.reset()
+            except CONN_ERRORS as exc:
+                conn.disconnect()
+                if not self._alive(gen):
+                    return
+                self._sub_failed(exc)
+                self._stop.wait(backoff.next())
+            except Exception:
+                supervise.failed("Redis listener")
+                conn.disconnect()
+                self._stop.wait(backoff.next())
+
+    def _sub_failed(self, exc: BaseException) -> None:
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        now = _monotonic()
+        if self._sub_ok or self._sub_down_since is None:
+            self._sub_ok = False
+            self._sub_down_since = now
+            self._outage_started()
+            log.warning(
+                "phx_gevent: Redis %s unreachable for receiving (%s); until it is back this process "
+                "misses what other nodes publish",
+                self._where,
+                self._last_error,
+            )
+            self._log_sub_retry.ready()
+        elif self._log_sub_retry.ready() is not None:
+            log.warning(
+                "phx_gevent: Redis %s still unreachable for receiving after %.0fs (%s)",
+                self._where,
+                now - self._sub_down_since,
+                self._last_error,
+            )
+
+    def _sub_recovered(self) -> None:
+        if self._sub_down_since is not None:
+            log.warning(
+                "phx_gevent: Redis %s reachable again for receiving after %.1fs; resubscribed",
+                self._where,
+                _monotonic() - self._sub_down_since,
+            )
+            self._counters["reconnects"] += 1
+            self._sub_down_since = None
+            # Tell the local layer (in order, through the inbox) to catch up on history topics.
+            self._inbox.append(b"")
+            self._in_event.set()
+        self._sub_ok = True
+        self._sub_ready.set()
+        self._outage_over()
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        # The listener's only work: drop our echo, queue the rest; never wait.
+        if channel == self._bchan and data.startswith(self._echo) and not data.startswith(self._echo_history):
+            self._counters["echo_dropped"] += 1
+            return
+        if len(self._inbox) >= self.max_inbox or self._inbox_bytes + len(data) > self.max_inbox_bytes:
+            self._counters["receive_dropped"] += 1
+            suppressed = self._log_drop_in.ready()
+            if suppressed is not None:
+                log.warning(
+                    "phx_gevent: Redis inbox full (%d envelopes, %d bytes): dropped %d envelope(s) from "
+                    "other nodes (%d total); local delivery is slower than what arrives",
+                    len(self._inbox),
+                    self._inbox_bytes,
+                    suppressed + 1,
+                    self._counters["receive_dropped"],
+                )
+            return
+        self._inbox.append(data)
+        self._inbox_bytes += len(data)
+        self._in_event.set()
+
+    def _run_delivery(self, gen: int) -> None:
+        inbox = self._inbox
+        counters = self._counters
+        node = self.node_name
+        since_yield = 0
+        while self._alive(gen):
+            if not inbox:
+                self._in_event.clear()
+                if not inbox:
+                    self._in_event.wait(self.health_check_interval)
+                since_yield = 0
+                continue
+            data = inbox.popleft()
+            self._inbox_bytes -= len(data)
+            if not data:
+                receive = self._receive
+                if receive is not None:
+                    try:
+                        receive({"k": "sync", "n": node, "t": "", "e": "", "p": None, "x": None})
+                    except Exception:
+                        log.exception("phx_gevent: catching up on history topics failed")
+                continue
+            try:
+                envelope = codec.decode(data)
+            except Exception as exc:
+                # Whatever the data does to the decoder, the next envelope is delivered.
+                counters["invalid"] += 1
+                if self._log_invalid.ready() is not None:
+                    log.warning("phx_gevent: ignored an invalid message from Redis: %s", exc)
+                continue
+            if envelope["k"] == "b":
+                if self.flow_control:
+                    try:
+                        flow.wait()
+                    except BroadcastTimeout:
+                        counters["overload_dropped"] += 1
+                        suppressed = self._log_overload.ready()
+                        if suppressed is not None:
+                            log.warning(
+                                "phx_gevent: dropped %d broadcast(s) from other nodes: this process stayed "
+                                "above its high-water mark (%d total)",
+                                suppressed + 1,
+                                counters["overload_dropped"],
+                            )
+                        continue
+                    if not self._alive(gen):
+                        return
+            elif envelope.get("to") != node:
+                continue
+            counters["received"] += 1
+            receive = self._receive
+            if receive is not None:
+                try:
+                    receive(envelope)
+                except Exception:
+                    counters["delivery_errors"] += 1
+                    self._log_delivery.log(
+                        log,
+                        logging.ERROR,
+                        "phx_gevent: delivering an envelope from node %r failed",
+                        envelope["n"],
+                        exc_info=True,
+                    )
+            since_yield += 1
+            if since_yield >= 64:
+                # A burst from Redis must not starve requests and writers.
+                since_yield = 0
+                gevent.sleep(0)
