@@ -56,7 +56,7 @@ def _bad_host(environ: Any, start_response: Any) -> list[bytes]:
     return [b"Host not allowed"]
 
 
-class _HeaderItems(tuple):
+class _HeaderItems(tuple[tuple[str, str], ...]):
     """The request headers of an upgraded connection as (name, value) pairs, with ``items()``."""
 
     __slots__ = ()
