@@ -28,7 +28,7 @@ from .runtime import runtime
 from .serializers import V1, V2, Serializer
 from .socket import Socket, SocketState
 from .transports import http as phx_http
-from .transports.websocket import handshake
+from .transports.handshake import handshake
 
 __all__ = ["Endpoint", "SocketMount"]  # SocketMount lives in mount.py (Flask-free)
 
