@@ -27,6 +27,7 @@ from .pubsub import Adapter, PubSub
 from .runtime import runtime
 from .serializers import V1, V2, Serializer
 from .socket import Socket, SocketState
+from .transports import fastpath
 from .transports import http as phx_http
 from .transports.handshake import handshake
 
@@ -140,6 +141,8 @@ class Endpoint:
         self.blueprint = Blueprint(name, __name__)
         self.mounts: list[SocketMount] = []
         self.apps: list[Flask] = []
+        # (WebSocket path, mount) of the mounts whose upgrades take the fast path.
+        self._upgrades: list[tuple[str, SocketMount]] = []
         self._paths: list[str] = []
         self._missed: set[str] = set()
         #: True once a shutdown drain began (readiness answers 503).
@@ -188,6 +191,8 @@ class Endpoint:
         if "phx" not in app.cli.commands:
             app.cli.add_command(phx)
         self.apps.append(app)
+        for rule, mount in self._upgrades:
+            _fast_upgrades(app, rule, mount)
 
     def _check_request(self) -> Any:
         # Before any view (sockets included): the real client address, then the Host.
@@ -355,6 +360,10 @@ class Endpoint:
             rule = base + ws_opts.path
             for websocket_rule in (True, False):
                 self._add_rule(rule, f"socket{index}_ws_{int(websocket_rule)}", view, websocket_rule)
+            if not names:  # an exact path: its upgrades may skip Flask's dispatch (transports/fastpath.py)
+                self._upgrades.append((rule, mount))
+                for app in self.apps:
+                    _fast_upgrades(app, rule, mount)
         if lp_opts is not None:
             from .transports.longpoll import LongPoll
 
@@ -527,6 +536,16 @@ class Endpoint:
             "mounts": {m.path: m.partitions.stats() for m in self.mounts},
             "pubsub": self.pubsub.adapter.stats() if self.pubsub.adapter is not None else {},
         }
+
+
+def _fast_upgrades(app: Flask, rule: str, mount: SocketMount) -> None:
+    fast = fastpath.install(app)
+    if fast is not None:
+        fast.paths.setdefault(rule, mount)  # as Flask's routing: the first socket on a path wins
+
+
+# The fast path runs this before_request function itself (the others send upgrades through Flask).
+setattr(Endpoint._check_request, fastpath.HOOK_MARK, True)
 
 
 def _owner(value: Any) -> Any:

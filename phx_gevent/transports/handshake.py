@@ -71,8 +71,23 @@ def refusal_response(mount: SocketMount, refusal: Refuse | None) -> Response:
 
 def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
     """The Flask view of ``<mount>/websocket``: validate, connect, answer 101 or an error."""
-    environ = request.environ
-    if request.method != "GET":
+    answer = accept(mount, request.environ, path_params)
+    if isinstance(answer, Response):
+        return answer
+    return Response(status=101, headers=answer)
+
+
+def accept(
+    mount: SocketMount, environ: dict[str, Any], path_params: dict[str, Any]
+) -> Response | list[tuple[str, str]]:
+    """Validate the upgrade request and run the mount's connect path (inside the request's context).
+
+    Returns the 101's headers (the upgrade callable is then left in the
+    environ), or the HTTP answer of a refusal or malformed request. Raises
+    what ``connect`` raises, and :class:`~phx_gevent.errors.CallbackReturnError`
+    for a bad ``connect`` or error-handler return value.
+    """
+    if environ.get("REQUEST_METHOD") != "GET":
         return _empty(400)
     if environ.get("HTTP_UPGRADE", "").lower() != "websocket":
         return _empty(400, "expected a WebSocket upgrade")
@@ -138,7 +153,7 @@ def handshake(mount: SocketMount, path_params: dict[str, Any]) -> Response:
     if deflate is not None:
         headers.append(("Sec-WebSocket-Extensions", deflate))
     environ[ENVIRON_UPGRADE] = partial(_run, mount, socket, serializer, deflate is not None)
-    return Response(status=101, headers=headers)
+    return headers
 
 
 def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflate: bool, wsgi_handler: Any) -> None:
