@@ -11,7 +11,9 @@ with ``PHX_DIRECT_SEND=1``).
 
 ``PHX_ROOT`` loads phx_gevent and the example app from another checkout (a
 commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
-``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md).
+``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md);
+``PHX_FAST_UPGRADE=0`` sends every WebSocket upgrade through Flask's dispatch
+(``phx_gevent.transports.fastpath``).
 ``PHX_MEMPROBE=<file>`` traces allocations (tracemalloc) and, on each SIGUSR1,
 appends a snapshot of them plus object counts by type to ``<file>``
 (``benchmarks/memprobe.py`` reads them).
@@ -133,6 +135,10 @@ def main() -> None:
     if os.environ.get("PHX_HISTORY") == "0":
         for route in app_example.UserSocket.channels:
             route.history = None
+    if os.environ.get("PHX_FAST_UPGRADE") == "0":
+        from phx_gevent.transports import fastpath
+
+        fastpath.ENABLED = False
     app, _endpoint = app_example.create_app()
     print(f"PHX_ROOT {ROOT} ({app_example.__file__})", file=sys.stderr, flush=True)
     settings = configure_from_env()

@@ -14,8 +14,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import gevent
-from gevent import GreenletExit
-from gevent.event import AsyncResult
 
 from ..channel import SHUTDOWN, Reply
 from ..errors import CallbackReturnError
@@ -31,37 +29,58 @@ log = logging.getLogger(__name__)
 
 
 def join(proc: ChannelProcess, payload: Any, ref: Any, timeout: float | None) -> bool:
-    """Run ``join`` in the channel greenlet and wait for it; True when joined.
+    """Run ``join`` in the caller's greenlet (the connection's reader, which waits for it anyway); True when joined.
 
-    Past ``timeout`` seconds the join is answered with ``{"reason": "join
-    timeout"}`` and the greenlet is killed.
+    No greenlet is taken for the join itself (a reconnect storm joins
+    thousands at once): the reader handles nothing else of this connection
+    until the join is answered, and other connections have readers of their
+    own. What the join queued (``after_join``) then runs in the channel's
+    own greenlet before this returns (unless it waits). Past ``timeout`` seconds the join is interrupted (a
+    ``gevent.Timeout`` raised where it waits) and answered with ``{"reason":
+    "join timeout"}``.
     """
-    result: AsyncResult = AsyncResult()
-    proc.greenlet = proc.partition.run(_run_join, proc, payload, ref, result)
+    timer = None
+    if timeout is not None:
+        timer = gevent.Timeout(timeout)
+        timer.start()
+    proc.greenlet = gevent.getcurrent()  # for call()'s "cannot call itself" check
     try:
-        return bool(result.get(timeout=timeout))
-    except gevent.Timeout:
-        if result.ready():
-            return bool(result.get())
-        log.error("phx_gevent: join of %r did not answer within %ss; killing it", proc.topic, timeout)
-        proc.state = STOPPED
-        proc._notify_down()
-        greenlet, proc.greenlet = proc.greenlet, None
-        if greenlet is not None:
-            greenlet.kill(block=False)
-        proc.refusal = {"reason": "join timeout"}
-        proc.conn.send_reply(proc.join_ref, ref, proc.topic, "error", proc.refusal)
-        return False
+        joined = _run_join(proc, payload, ref)
+        if timer is not None and not timer.pending and proc.state == JOINING:
+            raise timer  # it expired in the join, which caught and ignored it
+    except gevent.Timeout as exc:
+        if exc is not timer:
+            raise
+        joined = _timed_out(proc, ref, timeout)
+    finally:
+        proc.greenlet = None
+        if timer is not None:
+            timer.close()
+    if joined and proc.mailbox:
+        # What the join queued (after_join) runs in the channel's greenlet, which starts now: the
+        # caller resumes once that run finishes or waits, as when the join had a greenlet of its own.
+        proc._activate()
+        gevent.sleep(0)
+    return joined
 
 
-def _run_join(proc: ChannelProcess, payload: Any, ref: Any, result: AsyncResult) -> None:
-    conn = proc.conn
+def _timed_out(proc: ChannelProcess, ref: Any, timeout: float | None) -> bool:
     if proc.state != JOINING:
-        return  # given up (join timeout) before this run even started
+        return proc.state == JOINED  # answered just as the timer fired
+    log.error("phx_gevent: join of %r did not answer within %ss; gave up on it", proc.topic, timeout)
+    proc.state = STOPPED
+    proc._notify_down()
+    proc.refusal = {"reason": "join timeout"}
+    proc.conn.send_reply(proc.join_ref, ref, proc.topic, "error", proc.refusal)
+    return False
+
+
+def _run_join(proc: ChannelProcess, payload: Any, ref: Any) -> bool:
+    conn = proc.conn
     try:
         outcome = proc.instance.join(proc.topic, payload, proc.socket)
         if proc.state != JOINING:
-            return  # the reader gave up on us (join timeout)
+            return False  # given up meanwhile (the channel was killed)
         if not isinstance(outcome, Reply) or outcome.status not in ("ok", "error"):
             raise CallbackReturnError(
                 f"{type(proc.instance).__name__}.join must return ok(...) or error(...), got {outcome!r}"
@@ -72,13 +91,12 @@ def _run_join(proc: ChannelProcess, payload: Any, ref: Any, result: AsyncResult)
             proc._notify_down()
             proc.refusal = outcome.response
             conn.send_reply(proc.join_ref, ref, proc.topic, "error", outcome.response)
-            result.set(False)
             # As Phoenix: a refused join stops the channel with :shutdown, running terminate.
             proc._terminate(SHUTDOWN)
-            return
+            return False
         if proc.history is not None and isinstance(payload, dict) and ("since" in payload or "last" in payload):
             if not join_recovering(proc, payload, ref, outcome):
-                return  # given up while reading the history (join timeout, connection gone)
+                return False  # given up while reading the history (connection gone)
         else:
             # Encode first: a join reply that cannot be encoded is a crashed join.
             data = conn.serializer.encode_reply(proc.join_ref, ref, proc.topic, "ok", outcome.response)
@@ -90,9 +108,7 @@ def _run_join(proc: ChannelProcess, payload: Any, ref: Any, result: AsyncResult)
             proc.socket.joined = True
             conn.send_encoded(data)
         proc.partition.joined += 1
-        result.set(True)
-    except GreenletExit:
-        raise
+        return True
     except Exception as exc:
         proc.conn.log_error("phx_gevent: %s.join crashed for %r", type(proc.instance).__name__, proc.topic)
         if proc.state == JOINING:
@@ -102,14 +118,5 @@ def _run_join(proc: ChannelProcess, payload: Any, ref: Any, result: AsyncResult)
             conn.channel_exited(proc)
             proc.refusal = {"reason": "join crashed"}
             conn.send_reply(proc.join_ref, ref, proc.topic, "error", proc.refusal)
-            result.set(False)
             proc._terminate(exc)  # a crashed process runs terminate with the exception
-            return
-        result.set(False)
-        return
-    finally:
-        proc.greenlet = None
-    # The join is answered: run what the join queued (after_join) in this greenlet.
-    if proc.mailbox:
-        proc.greenlet = gevent.getcurrent()
-        proc._run()
+        return False

@@ -279,10 +279,10 @@ class ChannelProcess:
             self._activate()
 
     def join(self, payload: Any, ref: Any, timeout: float | None) -> bool:
-        """Run ``join`` in the channel greenlet and wait for it; True when joined (see :mod:`.joining`).
+        """Run ``join`` (in the calling reader's greenlet) and answer it; True when joined (see :mod:`.joining`).
 
-        Past ``timeout`` seconds the join is answered with ``{"reason": "join
-        timeout"}`` and the greenlet is killed.
+        Past ``timeout`` seconds the join is interrupted and answered with
+        ``{"reason": "join timeout"}``.
         """
         return join(self, payload, ref, timeout)
 
@@ -379,13 +379,15 @@ class ChannelProcess:
 
         A callback still running is interrupted (``GreenletExit``), waiting up
         to 5 s, as Phoenix kills a replaced channel. ``terminate`` then runs
-        in a fresh greenlet of the channel's partition.
+        in a fresh greenlet of the channel's partition. A join still running
+        is not interrupted (it runs in the caller's greenlet, which is not the
+        channel's to kill): it finds the channel stopped when it returns.
         """
         was_joined = self.state == JOINED
         if not self._detach(reason):
             return
         greenlet, self.greenlet = self.greenlet, None
-        if greenlet is not None and greenlet is not gevent.getcurrent():
+        if was_joined and greenlet is not None and greenlet is not gevent.getcurrent():
             greenlet.kill(block=True, timeout=KILL_TIMEOUT)
         if was_joined:
             self.partition.run(self._terminate, reason)
