@@ -165,6 +165,12 @@ class Connection:
             log.log(self.log_level, "disconnecting socket %r", self.socket.id)
         self.transport.close(CLOSE_GOING_AWAY, "disconnected")
 
+    def shutdown(self) -> None:
+        """Close because the server stops (1001, going away): phoenix.js reconnects."""
+        if self.closed:
+            return
+        self.transport.close(CLOSE_GOING_AWAY, "server stopping")
+
     def drain(self) -> None:
         """Close for a server restart (1012): the client reconnects elsewhere."""
         if self.closed:

@@ -24,13 +24,14 @@ import gevent
 from gevent import Timeout, pywsgi
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 
-from . import telemetry
 from .errors import NotMonkeyPatchedError
+from .shutdown import close_websockets, drain_all
 from .transports import http as phx_http
 from .transports.http import ENVIRON_CLOSE
 from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
 
 __all__ = [
+    "PacedAccept",
     "WebSocketHandler",
     "Server",
     "check_patched",
@@ -185,80 +186,50 @@ class WebSocketHandler(_GeventWebSocketHandler):
         super(_GeventWebSocketHandler, self).log_request()
 
 
-def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
-    """Close every connection holding channels, of every endpoint in this process, with 1012, in batches.
+#: Connections accepted per turn of the event loop while clients keep arriving (gevent's default is 100).
+ACCEPT_BATCH = 32
 
-    As Phoenix drains channel processes at shutdown, connections without a
-    joined channel are left alone (they end with the server). Batches follow
-    each mount's ``drainer`` options; the whole drain stops at ``deadline``
-    (a ``time.monotonic()`` value). Returns how many were drained. Used by
-    the gunicorn worker on SIGTERM and by :class:`Server` (``serve()``).
+
+class PacedAccept:
+    """Accept a batch, then no more until the hub has run what that batch queued (a reconnect storm).
+
+    gevent accepts up to ``max_accept`` connections whenever the listener is
+    readable, and each starts a greenlet through the hub's callback queue.
+    In a storm that queue grows faster than the handshakes are served, and
+    everything else that goes through it (replies the flusher coalesces,
+    worker greenlets woken for connected clients' heartbeats, channel runs)
+    waits behind thousands of handshakes: heartbeats were missed. Pausing
+    after a full batch until the queue has caught up keeps that wait to one
+    batch; the clients still to be accepted wait in the kernel's listen
+    backlog meanwhile. Mixed into :class:`Server` and the gunicorn worker's
+    server.
     """
-    from .endpoint import endpoints
 
-    drained = 0
-    for endpoint in list(endpoints):
-        endpoint.draining = True  # readiness probes answer 503 from now on
-        for mount in endpoint.mounts:
-            opts = mount.drainer
-            if opts is None:
-                continue
-            size = max(1, int(opts.batch_size))
-            interval = float(opts.batch_interval)
-            end = min(deadline, time.monotonic() + float(opts.shutdown))
-            done: set[int] = set()
-            total, index = sum(1 for c in mount.connections if c.channels), 0
-            while time.monotonic() < end:
-                # Connections already told to close may linger for their close
-                # handshake: never count them twice.
-                batch = [c for c in list(mount.connections) if c.channels and id(c) not in done][:size]
-                if not batch:
-                    break
-                for conn in batch:
-                    done.add(id(conn))
-                    conn.drain()
-                drained += len(batch)
-                _drain_event(endpoint, mount, len(batch), total, index, size, interval)
-                index += 1
-                # Wait for this batch to go (bounded), then for the rest of the interval.
-                pause_end = min(end, time.monotonic() + interval)
-                while time.monotonic() < pause_end and any(c in mount.connections for c in batch):
-                    sleep(0.05)
-                remaining = pause_end - time.monotonic()
-                if remaining > 0 and any(c.channels and id(c) not in done for c in mount.connections):
-                    sleep(remaining)
-    return drained
+    max_accept = ACCEPT_BATCH
+    _phx_accepted = 0
+
+    def do_handle(self, *args: Any) -> None:
+        self._phx_accepted += 1
+        super().do_handle(*args)  # type: ignore[misc]
+
+    def _do_read(self) -> None:
+        self._phx_accepted = 0
+        super()._do_read()  # type: ignore[misc]
+        server: Any = self
+        if self._phx_accepted >= self.max_accept and server._watcher is not None:
+            # A full batch: more clients are likely waiting. Resume once this batch has had its turn.
+            server.stop_accepting()
+            server.loop.run_callback(server._start_accepting_if_started)
 
 
-def _drain_event(endpoint: Any, mount: Any, count: int, total: int, index: int, size: int, interval: float) -> None:
-    # phoenix.socket_drain, once per batch, and Phoenix's log line at the mount's level.
-    rounds = max(1, -(-total // size))
-    if telemetry.socket_drain.receivers:
-        telemetry.emit(
-            telemetry.socket_drain,
-            endpoint,
-            {"count": count, "total": total, "index": index, "rounds": rounds},
-            {"mount": mount.path, "interval": interval},
-        )
-    if mount.log_level is not None:
-        log.log(
-            mount.log_level,
-            "%s shutting down, disconnecting %d of %d connections (round %d of %d)",
-            type(mount.handler).__name__,
-            count,
-            total,
-            index + 1,
-            rounds,
-        )
-
-
-class Server(pywsgi.WSGIServer):
+class Server(PacedAccept, pywsgi.WSGIServer):
     """gevent's WSGI server that drains channel-holding connections (close 1012) before it stops.
 
     :meth:`serve_forever` (so :func:`serve`) handles SIGTERM as the gunicorn
     worker does: stop accepting, :func:`drain_all` within ``drain_timeout``
     seconds (default 30), then stop; Ctrl-C drains too. :meth:`drain` does
-    the same on demand. :meth:`stop` alone does not drain.
+    the same on demand. :meth:`stop` alone does not drain in batches: it
+    closes every WebSocket this server accepted with 1001 (going away).
     """
 
     #: Seconds the drain on SIGTERM may take in all.
@@ -272,6 +243,18 @@ class Server(pywsgi.WSGIServer):
         if count:
             log.info("phx_gevent: drained %d connections (close 1012)", count)
         return count
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, close this server's WebSockets with 1001, then stop as gevent's server does.
+
+        The close frames get up to ``timeout`` seconds (default
+        :attr:`stop_timeout`) to go out; then the connections are shut down
+        and their channels terminate. Handlers still running after that are
+        killed (gevent's rule).
+        """
+        self.close()
+        close_websockets(self, self.stop_timeout if timeout is None else timeout)
+        super().stop(timeout=timeout)
 
     def _drain_and_stop(self) -> None:
         try:

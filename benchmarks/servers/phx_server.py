@@ -13,7 +13,8 @@ with ``PHX_DIRECT_SEND=1``).
 commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
 ``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md);
 ``PHX_FAST_UPGRADE=0`` sends every WebSocket upgrade through Flask's dispatch
-(``phx_gevent.transports.fastpath``).
+(``phx_gevent.transports.fastpath``); ``PHX_PACED_ACCEPT=0`` accepts as gevent
+does (``phx_gevent.server.PacedAccept`` off).
 ``PHX_MEMPROBE=<file>`` traces allocations (tracemalloc) and, on each SIGUSR1,
 appends a snapshot of them plus object counts by type to ``<file>``
 (``benchmarks/memprobe.py`` reads them).
@@ -158,6 +159,12 @@ def main() -> None:
 
     print(f"SETTINGS {settings}", file=sys.stderr, flush=True)
     server = make_server(app, args.host, args.port, log=None, backlog=args.backlog)
+    if os.environ.get("PHX_PACED_ACCEPT") == "0" and hasattr(server, "_phx_accepted"):
+        # gevent's own accept loop: up to 100 connections per readiness, no pause.
+        from gevent import pywsgi
+
+        server.max_accept = 100
+        server._do_read = pywsgi.WSGIServer._do_read.__get__(server)
     if os.environ.get("PHX_DASHBOARD_OPEN") == "1":
         open_dashboard(server.server_port)
     serve(server)

@@ -159,6 +159,7 @@ def accept(
 def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflate: bool, wsgi_handler: Any) -> None:
     """Called by the WSGI handler after the 101 went out: serve the connection until it ends."""
     sock = wsgi_handler.socket
+    server = getattr(wsgi_handler, "server", None)  # its stop() closes the connection (phx_gevent.shutdown)
     configure_socket(sock)
     leftover = b""
     rfile = getattr(wsgi_handler, "rfile", None)
@@ -190,12 +191,14 @@ def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflat
         # reads are served by an I/O watcher (see WebSocketTransport.watch).
         sock = _detach(wsgi_handler, sock)
         transport = WebSocketTransport(sock, mount.websocket, serializer, leftover, deflate)
+        transport.server = server
         conn = Connection(mount, socket, serializer, transport)
         transport.conn = conn
         conn.start()
         transport.watch(wsgi_handler)
         return
     transport = WebSocketTransport(sock, mount.websocket, serializer, leftover, deflate)
+    transport.server = server
     conn = Connection(mount, socket, serializer, transport)
     transport.conn = conn
     conn.start()

@@ -14,6 +14,7 @@ written goes through the connection's :class:`~phx_gevent.transports.writer.Writ
 from __future__ import annotations
 
 import logging
+import socket as _pysocket
 import struct
 import time
 from typing import Any
@@ -120,6 +121,7 @@ class WebSocketTransport:
         "tokens",
         "refilled",
         "throttled",
+        "server",
     )
 
     def __init__(
@@ -157,6 +159,8 @@ class WebSocketTransport:
         self.refilled = self.last_recv
         #: How many messages had to wait for the rate limit.
         self.throttled = 0
+        #: The WSGI server that accepted the connection (its ``stop()`` closes it), if known.
+        self.server: Any = None
 
     # -- transport interface for Connection ---------------------------------------------
 
@@ -177,6 +181,13 @@ class WebSocketTransport:
         if self._timer is None:
             self._timer = gevent.get_hub().loop.timer(self.opts.close_timeout)
             self._timer.start(self.writer.abort)
+
+    def shut(self) -> None:
+        """Shut the socket down both ways: the reader sees the end and the connection terminates."""
+        try:
+            self.sock.shutdown(_pysocket.SHUT_RDWR)
+        except OSError:
+            pass
 
     # -- reading ------------------------------------------------------------------------
 
