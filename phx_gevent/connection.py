@@ -275,7 +275,13 @@ class Connection:
         topic = msg.topic
         event = msg.event
         if topic == "phoenix" and event == "heartbeat":
-            self.send_reply(None, msg.ref, "phoenix", "ok", {})
+            data = self.serializer.encode_reply(None, msg.ref, "phoenix", "ok", {})
+            # Not behind a busy flusher (a reconnect storm): a late reply makes phoenix.js reconnect.
+            send_now = getattr(self.transport, "send_now", None)
+            if send_now is not None:
+                send_now(data)
+            else:
+                self.transport.send(data)
             return
         proc = self.channels.get(topic)
         if event == "phx_join":

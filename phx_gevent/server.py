@@ -18,6 +18,7 @@ import socket as _pysocket
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import gevent
@@ -186,40 +187,74 @@ class WebSocketHandler(_GeventWebSocketHandler):
         super(_GeventWebSocketHandler, self).log_request()
 
 
-#: Connections accepted per turn of the event loop while clients keep arriving (gevent's default is 100).
+#: Handler greenlets started per turn of the hub's callback queue while accepted connections wait.
 ACCEPT_BATCH = 32
 
 
 class PacedAccept:
-    """Accept a batch, then no more until the hub has run what that batch queued (a reconnect storm).
+    """Accept at once, but start the accepted connections' handlers a batch per turn of the hub's queue.
 
-    gevent accepts up to ``max_accept`` connections whenever the listener is
-    readable, and each starts a greenlet through the hub's callback queue.
-    In a storm that queue grows faster than the handshakes are served, and
-    everything else that goes through it (replies the flusher coalesces,
-    worker greenlets woken for connected clients' heartbeats, channel runs)
-    waits behind thousands of handshakes: heartbeats were missed. Pausing
-    after a full batch until the queue has caught up keeps that wait to one
-    batch; the clients still to be accepted wait in the kernel's listen
-    backlog meanwhile. Mixed into :class:`Server` and the gunicorn worker's
-    server.
+    gevent starts a handler greenlet per accepted connection through the
+    hub's callback queue (up to 100 per readiness of the listener). In a
+    reconnect storm that queue grew faster than the handshakes were served,
+    and everything else that goes through it (replies the flusher
+    coalesces, worker greenlets woken for connected clients' heartbeats,
+    channel runs) waited behind thousands of handshakes: heartbeats were
+    missed. Here accepted connections wait in a queue of their own; a
+    callback starts up to :data:`ACCEPT_BATCH` of them and queues itself
+    behind what they queued, so other work waits for at most one batch.
+    Accepting is not slowed, so the kernel's listen backlog stays empty (a
+    full backlog drops SYNs, and clients retry only after a second).
+    Mixed into :class:`Server` and the gunicorn worker's server.
     """
 
-    max_accept = ACCEPT_BATCH
-    _phx_accepted = 0
+    _phx_pending: deque[tuple[Any, ...]] | None = None
+    _phx_armed = False
+    _phx_timer: Any = None
 
     def do_handle(self, *args: Any) -> None:
-        self._phx_accepted += 1
-        super().do_handle(*args)  # type: ignore[misc]
+        pending = self._phx_pending
+        if pending is None:
+            pending = self._phx_pending = deque()
+        pending.append(args)
+        if not self._phx_armed:
+            self._phx_armed = True
+            self.loop.run_callback(self._phx_start)  # type: ignore[attr-defined]
 
-    def _do_read(self) -> None:
-        self._phx_accepted = 0
-        super()._do_read()  # type: ignore[misc]
+    def _phx_start(self) -> None:
+        # Hub callback: start a batch, then come back behind what it queued.
+        self._phx_armed = False
+        pending = self._phx_pending
+        if not pending:
+            return
         server: Any = self
-        if self._phx_accepted >= self.max_accept and server._watcher is not None:
-            # A full batch: more clients are likely waiting. Resume once this batch has had its turn.
-            server.stop_accepting()
-            server.loop.run_callback(server._start_accepting_if_started)
+        handle = super().do_handle  # type: ignore[misc]
+        for _ in range(ACCEPT_BATCH):
+            if not pending:
+                return
+            if server.full():
+                # A bounded pool (gunicorn's worker_connections) is full: look again shortly.
+                self._phx_armed = True
+                if self._phx_timer is None:
+                    self._phx_timer = server.loop.timer(0.01)
+                self._phx_timer.start(self._phx_start)
+                return
+            handle(*pending.popleft())
+        self._phx_armed = True
+        server.loop.run_callback(self._phx_start)
+
+    def close(self) -> None:
+        super().close()  # type: ignore[misc]
+        if self._phx_timer is not None:
+            self._phx_timer.close()
+            self._phx_timer = None
+        pending, self._phx_pending = self._phx_pending, None
+        while pending:
+            args = pending.popleft()
+            try:
+                self.do_close(*args)  # type: ignore[attr-defined]
+            except OSError:
+                pass
 
 
 class Server(PacedAccept, pywsgi.WSGIServer):

@@ -159,12 +159,32 @@ def main() -> None:
 
     print(f"SETTINGS {settings}", file=sys.stderr, flush=True)
     server = make_server(app, args.host, args.port, log=None, backlog=args.backlog)
-    if os.environ.get("PHX_PACED_ACCEPT") == "0" and hasattr(server, "_phx_accepted"):
-        # gevent's own accept loop: up to 100 connections per readiness, no pause.
+    paced = os.environ.get("PHX_PACED_ACCEPT")
+    if paced in ("0", "pause") and hasattr(server, "_phx_start"):
+        # gevent's own start of accepted connections: a handler greenlet each, at once.
         from gevent import pywsgi
 
-        server.max_accept = 100
-        server._do_read = pywsgi.WSGIServer._do_read.__get__(server)
+        server.do_handle = pywsgi.WSGIServer.do_handle.__get__(server)
+        if paced == "pause":
+            # The alternative evaluated: accept 32, then stop accepting until the hub ran that batch.
+            plain_read = pywsgi.WSGIServer._do_read.__get__(server)
+            plain_handle = server.do_handle
+            server.max_accept = 32
+            accepted = [0]
+
+            def counted_handle(*a: object) -> None:
+                accepted[0] += 1
+                plain_handle(*a)
+
+            def paused_read() -> None:
+                accepted[0] = 0
+                plain_read()
+                if accepted[0] >= 32 and server._watcher is not None:
+                    server.stop_accepting()
+                    server.loop.run_callback(server._start_accepting_if_started)
+
+            server.do_handle = counted_handle
+            server._do_read = paused_read
     if os.environ.get("PHX_DASHBOARD_OPEN") == "1":
         open_dashboard(server.server_port)
     serve(server)

@@ -35,7 +35,7 @@ def join(proc: ChannelProcess, payload: Any, ref: Any, timeout: float | None) ->
     thousands at once): the reader handles nothing else of this connection
     until the join is answered, and other connections have readers of their
     own. What the join queued (``after_join``) then runs in the channel's
-    own greenlet before this returns (unless it waits). Past ``timeout`` seconds the join is interrupted (a
+    own greenlet, from the hub's next turn. Past ``timeout`` seconds the join is interrupted (a
     ``gevent.Timeout`` raised where it waits) and answered with ``{"reason":
     "join timeout"}``.
     """
@@ -57,10 +57,9 @@ def join(proc: ChannelProcess, payload: Any, ref: Any, timeout: float | None) ->
         if timer is not None:
             timer.close()
     if joined and proc.mailbox:
-        # What the join queued (after_join) runs in the channel's greenlet, which starts now: the
-        # caller resumes once that run finishes or waits, as when the join had a greenlet of its own.
+        # What the join queued (after_join) runs in the channel's greenlet, from the hub's next turn;
+        # the reader goes on meanwhile (later messages of this channel queue behind it, in order).
         proc._activate()
-        gevent.sleep(0)
     return joined
 
 

@@ -173,6 +173,15 @@ class WebSocketTransport:
         else:
             self.writer.write(frame(OP_BINARY, data))
 
+    def send_now(self, data: str | bytes) -> None:
+        """As :meth:`send`, but out at once when nothing is queued before it (heartbeat replies)."""
+        if self.deflate:
+            self.writer.write_now(_deflate_message(data))
+        elif isinstance(data, str):
+            self.writer.write_now(text_frame(data))
+        else:
+            self.writer.write_now(frame(OP_BINARY, data))
+
     def close(self, code: int | None = None, reason: str = "") -> None:
         """Send a close frame after what is queued; reset the TCP connection if the peer does not answer."""
         if self.writer.state != WRITER_OPEN:
