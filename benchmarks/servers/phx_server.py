@@ -127,8 +127,45 @@ def open_dashboard(port: int) -> None:
     gevent.spawn_later(0.2, run)
 
 
+def install_gclog() -> None:
+    """Log every garbage collection of generation 2 (and any over 20 ms) and event-loop stalls to stderr.
+
+    ``PHX_GCLOG=1``.
+    """
+    import gc
+    import time
+
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        took = time.perf_counter() - started[0]
+        if info["generation"] == 2 or took > 0.02:
+            line = f"GC gen{info['generation']} {took * 1000:.1f} ms, {info['collected']} collected"
+            print(line, file=sys.stderr, flush=True)
+
+    gc.callbacks.append(callback)
+
+    import gevent
+
+    def watch_stalls() -> None:
+        # The event loop's stalls: a 50 ms sleep that wakes more than 250 ms late.
+        while True:
+            before = time.perf_counter()
+            gevent.sleep(0.05)
+            late = time.perf_counter() - before - 0.05
+            if late > 0.25:
+                print(f"STALL {late * 1000:.0f} ms", file=sys.stderr, flush=True)
+
+    gevent.spawn(watch_stalls)
+
+
 def main() -> None:
     args = parse_args("phx_gevent benchmark server")
+    if os.environ.get("PHX_GCLOG") == "1":
+        install_gclog()
     if os.environ.get("PHX_MEMPROBE"):
         install_memprobe(os.environ["PHX_MEMPROBE"])
     if os.environ.get("PHX_OBSERVE") == "0" and hasattr(app_example, "add_observability"):
