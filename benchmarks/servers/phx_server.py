@@ -13,8 +13,10 @@ with ``PHX_DIRECT_SEND=1``).
 commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
 ``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md);
 ``PHX_FAST_UPGRADE=0`` sends every WebSocket upgrade through Flask's dispatch
-(``phx_gevent.transports.fastpath``); ``PHX_PACED_ACCEPT=0`` accepts as gevent
-does (``phx_gevent.server.PacedAccept`` off).
+(``phx_gevent.transports.fastpath``); ``PHX_PACED_ACCEPT=0`` starts accepted
+connections as gevent does (``phx_gevent.server.PacedAccept`` off), ``=pause`` pauses
+the accepts after each batch instead (the variant evaluated); ``PHX_GCLOG=1`` logs
+generation-2 collections and event-loop stalls to stderr.
 ``PHX_MEMPROBE=<file>`` traces allocations (tracemalloc) and, on each SIGUSR1,
 appends a snapshot of them plus object counts by type to ``<file>``
 (``benchmarks/memprobe.py`` reads them).
