@@ -85,6 +85,31 @@ class Clock:
         return self.now
 
 
+def test_timers_run_in_deadline_order_and_a_key_holds_one_timer():
+    from phx_gevent.client.timers import Backoff, Timers
+
+    clock = Clock()
+    timers = Timers(clock)
+    ran: list[str] = []
+    timers.set("a", 2.0, lambda: ran.append("a"))
+    timers.set("b", 1.0, lambda: ran.append("b"))
+    timers.set("a", 3.0, lambda: ran.append("a2"))  # replaces the first "a"
+    timers.set("c", 0.5, lambda: ran.append("c"))
+    timers.cancel("c")
+    assert timers.next_deadline() == clock.now + 1.0 and timers.deadline("a") == clock.now + 3.0
+    assert timers.pop_due() is None  # nothing due yet
+    clock.now += 5
+    while (callback := timers.pop_due()) is not None:
+        callback()
+    assert ran == ["b", "a2"] and timers.next_deadline() is None and "a" not in timers
+    backoff = Backoff(timers, "r", lambda: None, lambda tries: float(tries))
+    backoff.schedule_timeout()
+    backoff.schedule_timeout()
+    assert backoff.pending and timers.deadline("r") == clock.now + 2.0
+    backoff.reset()
+    assert not backoff.pending and backoff.tries == 0
+
+
 class Harness:
     """A SocketCore with a fake clock; ``sent`` holds decoded frames as lists."""
 
