@@ -10,7 +10,20 @@ to Phoenix servers as well as to phx_gevent. Needs the ``client`` extra
 (``pip install 'phx_gevent[client]'``: websocket-client).
 """
 
-from .core import CLOSED, ERRORED, JOINED, JOINING, LEAVING, Channel, Push, SocketCore, reconnect_after, rejoin_after
+from .core import (
+    CLOSED,
+    ERRORED,
+    JOINED,
+    JOINING,
+    LEAVING,
+    LONGPOLL,
+    WEBSOCKET,
+    Channel,
+    Push,
+    SocketCore,
+    reconnect_after,
+    rejoin_after,
+)
 from .longpoll import LongPollClient
 from .presence import Presence, sync_diff, sync_state
 from .threaded import Client, ClientChannel, ClientPush, Reply
@@ -21,6 +34,8 @@ __all__ = [
     "JOINED",
     "JOINING",
     "LEAVING",
+    "LONGPOLL",
+    "WEBSOCKET",
     "LongPollClient",
     "Channel",
     "Presence",

@@ -10,7 +10,7 @@ a channel talks to the socket through its public methods (``push``,
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from .timers import Backoff
@@ -128,12 +128,39 @@ class Push:
 
 
 class Channel:
-    """One topic on a socket (phoenix.js's Channel): ``join``, ``push``, ``leave``, ``on(event)``."""
+    """One topic on a socket (phoenix.js's Channel): ``join``, ``push``, ``leave``, ``on(event)``.
 
-    def __init__(self, socket: SocketCore, topic: str, params: Any | Callable[[], Any] = None) -> None:
+    ``recover=True`` follows docs/recovery.md the way its phoenix.js snippet
+    does, for channels with history: the join payload gets ``since`` (the
+    offset of the last message received, ``None`` before any) and, while no
+    offset is known, ``last`` (when given); every message carrying an
+    offset in its ref slot updates :attr:`offset`; :attr:`recovered` is the
+    last join reply's ``recovered`` (``False``: the gap is older than the
+    history, refetch). Raises ``TypeError`` when ``recover`` is set and the
+    params are not a dict (or a function returning one), ``ValueError`` for
+    a ``last`` that is not a positive int.
+    """
+
+    def __init__(
+        self,
+        socket: SocketCore,
+        topic: str,
+        params: Any | Callable[[], Any] = None,
+        *,
+        recover: bool = False,
+        last: int | None = None,
+    ) -> None:
+        if recover and params is not None and not callable(params) and not isinstance(params, Mapping):
+            raise TypeError(f"recover=True adds 'since' to the join params: they must be a dict, got {params!r}")
+        if last is not None and (not isinstance(last, int) or isinstance(last, bool) or last < 1):
+            raise ValueError(f"last is a number of messages (1 to 100), got {last!r}")
         self.socket = socket
         self.topic = topic
         self.params = params if params is not None else {}
+        self.recover = recover
+        self.last = last
+        self.offset: str | None = None
+        self.recovered: bool | None = None
         self.state = CLOSED
         self.timeout = socket.timeout
         self.joined_once = False
@@ -152,7 +179,15 @@ class Channel:
 
     def _join_params(self) -> Any:
         # Evaluated on every (re)join, like phoenix.js's params closure.
-        return self.params() if callable(self.params) else self.params
+        params = self.params() if callable(self.params) else self.params
+        if not self.recover:
+            return params
+        if not isinstance(params, Mapping):
+            raise TypeError(f"recover=True needs dict join params, the function returned {params!r}")
+        params = {**params, "since": self.offset}
+        if self.offset is None and self.last is not None:
+            params["last"] = self.last
+        return params
 
     @property
     def join_ref(self) -> str | None:
@@ -242,7 +277,10 @@ class Channel:
         if self.socket.connected:
             self._do_rejoin()
 
-    def _on_join_ok(self, _: Any) -> None:
+    def _on_join_ok(self, response: Any) -> None:
+        if self.recover:
+            recovered = response.get("recovered") if isinstance(response, dict) else None
+            self.recovered = recovered if isinstance(recovered, bool) else None
         self.state = JOINED
         self._rejoin.reset()
         buffered, self._buffer = self._buffer, []
@@ -296,6 +334,10 @@ class Channel:
             self._on_close()
         elif event == ERROR:
             self._on_error()
+        elif self.recover and ref and isinstance(ref, str) and not event.startswith("phx_"):
+            # A kept broadcast carries its offset in the ref slot (docs/recovery.md); replies and
+            # phx_* frames use the slot for refs.
+            self.offset = ref
         for _, want, callback in list(self._bindings):
             if want == event:
                 self.socket.run_callback(callback, payload, ref, join_ref or self.join_ref)

@@ -7,8 +7,10 @@ A driver owns the transport and a clock. It tells the core what happened
 asks for, taken from :meth:`~SocketCore.take_actions`:
 
 ``("open",)``
-    Open the transport (the URL is the driver's business), then report
-    ``transport_opened()`` or ``transport_closed()``.
+    Open the transport named by :attr:`SocketCore.transport` (``"websocket"``
+    or ``"longpoll"``; the URL is the driver's business), then report
+    ``transport_opened()`` or ``transport_closed()``. With a fallback set,
+    :meth:`SocketCore.fallback_deadline` bounds the WebSocket attempt.
 ``("send", data)``
     Write one frame: ``str`` text, ``bytes`` binary.
 ``("close", code, reason)``
@@ -28,7 +30,9 @@ a join timeout (which first sends a ``phx_leave`` for that join) or a
 ``phx_close`` closes a channel for good; pushes buffered (their timeout
 running) while the channel is not joined, socket-level frames buffered while
 disconnected and flushed on open before channels rejoin; messages with a
-stale ``join_ref`` dropped.
+stale ``join_ref`` dropped; with ``long_poll_fallback`` (phoenix.js's
+``longPollFallbackMs``, here in seconds), the fallback from WebSocket to
+long-poll (switched for good, as phoenix.js does); no heartbeats over long-poll.
 
 Callbacks (``channel.on``, ``push.receive``, ``on_open``...) run inside the
 core's methods, i.e. in the driver's thread; they may call the core again.
@@ -39,8 +43,9 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
+from ..options import ConfigurationError
 from . import wire
 from .channel import CLOSED, ERRORED, JOINED, JOINING, LEAVING, Channel, Push
 from .timers import Backoff, Timers, reconnect_after, rejoin_after
@@ -56,7 +61,12 @@ __all__ = [
     "JOINED",
     "JOINING",
     "LEAVING",
+    "LONGPOLL",
+    "WEBSOCKET",
 ]
+
+WEBSOCKET, LONGPOLL = "websocket", "longpoll"
+_FALLBACK = ("fallback",)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +80,14 @@ class SocketCore:
         Seconds (phoenix.js: 30 and 10). ``timeout`` is the default for joins and pushes.
     ``reconnect_after``, ``rejoin_after``
         ``f(tries) -> seconds``; default phoenix.js's schedules.
+    ``transport``
+        ``"websocket"`` (default) or ``"longpoll"``: the transport to open.
+    ``long_poll_fallback``
+        Seconds (phoenix.js's ``longPollFallbackMs``, in milliseconds there):
+        when set, each WebSocket attempt that fails to open, or that does not
+        answer a first heartbeat within this time, switches the socket to
+        long-poll for good. Raises ``ConfigurationError`` (a ``ValueError``)
+        unless ``0 < long_poll_fallback <= 60``, or for another ``transport``.
     """
 
     def __init__(
@@ -80,7 +98,26 @@ class SocketCore:
         timeout: float = 10.0,
         reconnect_after: Callable[[int], float] = reconnect_after,
         rejoin_after: Callable[[int], float] = rejoin_after,
+        transport: str = WEBSOCKET,
+        long_poll_fallback: float | None = None,
     ) -> None:
+        if transport not in (WEBSOCKET, LONGPOLL):
+            raise ConfigurationError(f"transport is 'websocket' or 'longpoll', got {transport!r}")
+        if long_poll_fallback is not None:
+            if isinstance(long_poll_fallback, bool) or not isinstance(long_poll_fallback, (int, float)):
+                raise ConfigurationError(f"long_poll_fallback is a number of seconds, got {long_poll_fallback!r}")
+            if not 0 < long_poll_fallback <= 60:
+                hint = f" (phoenix.js's longPollFallbackMs is in milliseconds: {long_poll_fallback} ms is " + (
+                    f"{long_poll_fallback / 1000:g} s)" if long_poll_fallback > 60 else "too short)"
+                )
+                raise ConfigurationError(
+                    f"long_poll_fallback is {long_poll_fallback} seconds; use 0 < seconds <= 60, e.g. 2.5{hint}"
+                )
+        self.transport = transport
+        self.long_poll_fallback = long_poll_fallback
+        self.primary_passed_health_check = False  # phoenix.js's primaryPassedHealthCheck
+        self._attempt: str | None = None  # a WebSocket attempt that may fall back: "opening", "pinging"
+        self._ping_ref: str | None = None
         self.clock = clock
         self.heartbeat_interval = heartbeat_interval
         self.timeout = timeout
@@ -111,14 +148,20 @@ class SocketCore:
         self._wanted = False
         self._reconnect.reset()
         self._stop_heartbeat()
+        self._end_attempt()
         if self.state in ("open", "connecting"):
             self._close_requested = "disconnect"
             self.state = "closing"
             self._actions.append(("close", code, reason))
 
-    def channel(self, topic: str, params: Any | Callable[[], Any] = None) -> Channel:
-        """A new :class:`Channel` for ``topic``; ``params`` (or a function returning them) are the join payload."""
-        ch = Channel(self, topic, params)
+    def channel(
+        self, topic: str, params: Any | Callable[[], Any] = None, *, recover: bool = False, last: int | None = None
+    ) -> Channel:
+        """A new :class:`Channel` for ``topic``; ``params`` (or a function returning them) are the join payload.
+
+        ``recover`` and ``last``: history recovery on rejoin, see :class:`Channel` (raises as it does).
+        """
+        ch = Channel(self, topic, params, recover=recover, last=last)
         self.channels.append(ch)
         return ch
 
@@ -154,6 +197,10 @@ class SocketCore:
         """The clock value at which :meth:`advance` has work, or ``None``."""
         return self.timers.next_deadline()
 
+    def fallback_deadline(self) -> float | None:
+        """The clock value at which a WebSocket attempt falls back to long-poll, or ``None``."""
+        return self.timers.deadline(_FALLBACK)
+
     def advance(self) -> None:
         """Run every timer that is due on the clock (heartbeats, timeouts, reconnects, rejoins)."""
         while (callback := self.timers.pop_due()) is not None:
@@ -169,6 +216,12 @@ class SocketCore:
         for frame in buffered:
             self._write(*frame)
         self._schedule_heartbeat()
+        if self._attempt == "opening":
+            # phoenix.js: the WebSocket opened; it must answer a ping within a new period, or fall back.
+            self._attempt = "pinging"
+            self.timers.set(_FALLBACK, cast(float, self.long_poll_fallback), lambda: self._fall_back("no answer"))
+            self._ping_ref = self.make_ref()
+            self._write(None, self._ping_ref, "phoenix", "heartbeat", {})
         for callback in list(self._callbacks["open"]):
             self.run_callback(callback)
         for ch in list(self.channels):
@@ -186,7 +239,11 @@ class SocketCore:
         for callback in list(self._callbacks["close"]):
             self.run_callback(callback, code, reason)
         requested, self._close_requested = self._close_requested, None
-        if requested != "disconnect" and self._wanted:
+        if requested is None and self._attempt == "opening":
+            self._fall_back(reason)  # the WebSocket failed to open: phoenix.js falls back at once
+        elif requested == "fallback" and self._wanted:
+            self._open()
+        elif requested != "disconnect" and self._wanted:
             self._reconnect.schedule_timeout()
 
     def receive(self, data: str | bytes) -> None:
@@ -200,6 +257,9 @@ class SocketCore:
             self._pending_heartbeat = None
             self.timers.cancel(("hb_timeout",))
             self._schedule_heartbeat()
+        if msg.ref is not None and msg.ref == self._ping_ref and msg.topic == "phoenix":
+            self.primary_passed_health_check = True
+            self._end_attempt()
         for ch in list(self.channels):
             if ch.is_member(msg.topic, msg.join_ref):
                 ch.trigger(msg.event, msg.payload, msg.ref, msg.join_ref)
@@ -217,7 +277,31 @@ class SocketCore:
 
     def _open(self) -> None:
         self.state = "connecting"
+        self._end_attempt()
+        if self.long_poll_fallback is not None and self.transport == WEBSOCKET:
+            # phoenix.js's connectWithFallback, on every connect and reconnect over WebSocket.
+            self._attempt = "opening"
+            self.timers.set(_FALLBACK, self.long_poll_fallback, lambda: self._fall_back("timeout"))
         self._actions.append(("open",))
+
+    def _end_attempt(self) -> None:
+        self._attempt = self._ping_ref = None
+        self.timers.cancel(_FALLBACK)
+
+    def _fall_back(self, reason: Any) -> None:
+        # phoenix.js's fallback(): long-poll from now on; an open or opening WebSocket is closed
+        # (its channels rejoin over long-poll), and long-poll opens at once, without backoff.
+        self._end_attempt()
+        self.transport = LONGPOLL
+        log.info("phx_gevent client: falling back to long-poll (%s)", reason)
+        if self.state in ("open", "connecting"):
+            self._stop_heartbeat()
+            self._close_requested = "fallback"
+            self.state = "closing"
+            self._actions.append(("close", 1000, "falling back to long-poll"))
+        elif self.state == "closed" and self._wanted:
+            self._reconnect.reset()
+            self._open()
 
     def _reconnect_timer(self) -> None:
         if self._wanted and self.state == "closed":
@@ -250,7 +334,8 @@ class SocketCore:
         channel.forget_pushes()
 
     def _schedule_heartbeat(self) -> None:
-        if self.heartbeat_interval and self.connected:
+        # phoenix.js sends no heartbeats over long-poll (its skipHeartbeat).
+        if self.heartbeat_interval and self.connected and self.transport == WEBSOCKET:
             self.timers.set(("heartbeat",), self.heartbeat_interval, self._send_heartbeat)
 
     def _stop_heartbeat(self) -> None:

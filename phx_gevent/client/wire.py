@@ -8,13 +8,14 @@ no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import ujson
 
 from ..serializers import DecodeError, EncodeError, Message, dumps
 
-__all__ = ["DecodeError", "EncodeError", "Message", "decode", "encode", "REPLY"]
+__all__ = ["DecodeError", "EncodeError", "Message", "decode", "encode", "query_params", "REPLY"]
 
 REPLY = "phx_reply"
 _BINARY = (bytes, bytearray, memoryview)
@@ -113,3 +114,46 @@ def decode(data: str | bytes) -> Message:
     if not isinstance(topic, str) or not isinstance(event, str):
         raise DecodeError("topic and event must be strings")
     return Message(join_ref, ref, topic, event, payload)
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as JavaScript's String(true)
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise EncodeError(
+        f"connect params hold strings, numbers, booleans, None, dicts and lists; got {type(value).__name__}"
+    )
+
+
+def _flatten(key: str, value: Any, out: list[tuple[str, str]]) -> None:
+    if value is None:
+        return  # phoenix.js's serialize leaves out null values
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{key}[{k}]", v, out)
+    elif isinstance(value, (list, tuple)):
+        if all(not isinstance(v, (Mapping, list, tuple)) for v in value):
+            out.extend((f"{key}[]", _scalar(v)) for v in value if v is not None)
+        else:
+            for i, v in enumerate(value):
+                _flatten(f"{key}[{i}]", v, out)
+    else:
+        out.append((key, _scalar(value)))
+
+
+def query_params(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Connect params as query pairs, nested the way Plug (and phx_gevent's server) decodes them.
+
+    ``{"user": {"id": 7, "tags": ["a", "b"]}}`` gives ``user[id]=7``,
+    ``user[tags][]=a``, ``user[tags][]=b``: the server sees
+    ``{"user": {"id": "7", "tags": ["a", "b"]}}``. As with phoenix.js, the
+    values arrive as strings (``True`` as ``"true"``) and ``None`` is left
+    out; a list holding dicts or lists is sent by index (``a[0][b]=c``, as
+    phoenix.js sends every list), arriving as a dict keyed ``"0"``, ``"1"``...
+    Raises :class:`EncodeError` for a value of another type (bytes, objects).
+    """
+    out: list[tuple[str, str]] = []
+    for key, value in params.items():
+        _flatten(str(key), value, out)
+    return out
