@@ -79,7 +79,7 @@ def test_disconnect_cancels_the_fallback():
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [(2500, "2500 seconds.*milliseconds: 2500 ms is 2.5 s"), (0, "0 < seconds <= 60"), ("2", "number of seconds")],
+    [(2500, "2500 seconds.*milliseconds"), (0, "positive number of seconds"), ("2", "number of seconds")],
 )
 def test_a_fallback_in_milliseconds_is_refused_naming_the_unit(value, message):
     with pytest.raises(ConfigurationError, match=message):

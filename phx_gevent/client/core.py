@@ -45,7 +45,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
-from ..options import ConfigurationError
+from ..options import ConfigurationError, check_seconds
 from . import wire
 from .channel import CLOSED, ERRORED, JOINED, JOINING, LEAVING, Channel, Push
 from .timers import Backoff, Timers, reconnect_after, rejoin_after
@@ -104,15 +104,8 @@ class SocketCore:
         if transport not in (WEBSOCKET, LONGPOLL):
             raise ConfigurationError(f"transport is 'websocket' or 'longpoll', got {transport!r}")
         if long_poll_fallback is not None:
-            if isinstance(long_poll_fallback, bool) or not isinstance(long_poll_fallback, (int, float)):
-                raise ConfigurationError(f"long_poll_fallback is a number of seconds, got {long_poll_fallback!r}")
-            if not 0 < long_poll_fallback <= 60:
-                hint = f" (phoenix.js's longPollFallbackMs is in milliseconds: {long_poll_fallback} ms is " + (
-                    f"{long_poll_fallback / 1000:g} s)" if long_poll_fallback > 60 else "too short)"
-                )
-                raise ConfigurationError(
-                    f"long_poll_fallback is {long_poll_fallback} seconds; use 0 < seconds <= 60, e.g. 2.5{hint}"
-                )
+            # phoenix.js's longPollFallbackMs counts milliseconds: 2500 here is refused, naming the unit.
+            check_seconds("long_poll_fallback", long_poll_fallback, maximum=60.0)
         self.transport = transport
         self.long_poll_fallback = long_poll_fallback
         self.primary_passed_health_check = False  # phoenix.js's primaryPassedHealthCheck
