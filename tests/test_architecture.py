@@ -225,3 +225,33 @@ def test_the_core_layers_do_not_import_flask():
     for path in core:
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"^\s*(from|import) (flask|werkzeug)\b", text, re.M), f"{path.name} imports Flask"
+
+
+#: Most lines a module of phx_gevent/ may have (CONTRIBUTING.md: "each module one job, none much over 500").
+MAX_MODULE_LINES = 500
+#: Modules still over it, each with who is splitting it. Remove an entry when its module shrinks
+#: (the test below fails while an entry is no longer needed, so the list only gets shorter).
+OVERSIZED_MODULES = {
+    "channels/process.py": "issue 14A: ChannelProcess split",
+    "transports/websocket.py": "issue 14A: WebSocket transport split",
+    "pubsub/redis.py": "issues 13A/13B: Redis adapter",
+    "pubsub/redis_loops.py": "issues 13A/13B: Redis adapter",
+    "endpoint.py": "to split: the broadcast API and the metrics/dashboard hooks out of the Flask extension",
+    "transports/writer.py": "to split: the Flusher out of the Writer (hot path: re-run the benchmarks)",
+}
+
+
+def test_modules_stay_under_the_size_limit():
+    import pathlib
+
+    root = pathlib.Path(phx_gevent.__file__).parent
+    sizes = {
+        path.relative_to(root).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+        for path in root.rglob("*.py")
+    }
+    over = {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES and name not in OVERSIZED_MODULES}
+    assert not over, f"modules over {MAX_MODULE_LINES} lines (split them by job, see docs/architecture.md): {over}"
+    stale = {name: sizes.get(name) for name in OVERSIZED_MODULES if sizes.get(name, 0) <= MAX_MODULE_LINES}
+    assert not stale, (
+        f"these modules are now within {MAX_MODULE_LINES} lines (or gone): remove them from OVERSIZED_MODULES: {stale}"
+    )

@@ -149,6 +149,14 @@ class Harness:
         sent, self.sent = self.sent, []
         return sent
 
+    def joining(self, topic: str = "room:1") -> tuple[Any, list[Any]]:
+        """A channel whose join was just sent (no reply yet), and that join frame."""
+        ch = self.core.channel(topic)
+        ch.join()
+        self.pump()
+        (join,) = self.take()
+        return ch, join
+
     def joined(self, topic: str = "room:1") -> Any:
         ch = self.core.channel(topic, {"p": 1})
         ch.join()
@@ -282,10 +290,7 @@ def test_phx_error_rejoins_with_a_new_join_ref_and_phx_close_is_final():
 def test_pushes_wait_for_the_join_and_expired_ones_are_never_sent():
     h = Harness(heartbeat_interval=0, timeout=10.0)
     h.open()
-    ch = h.core.channel("room:1")
-    ch.join()
-    h.pump()
-    (join,) = h.take()
+    ch, join = h.joining()
     outcomes: list[Any] = []
     ch.push("early", {"n": 1}, timeout=2.0).receive("timeout", lambda r: outcomes.append("early timeout"))
     ch.push("late", {"n": 2}).receive("ok", lambda r: outcomes.append("late ok"))
@@ -303,10 +308,7 @@ def test_pushes_wait_for_the_join_and_expired_ones_are_never_sent():
 def test_a_join_timeout_leaves_that_join_then_rejoins():
     h = Harness(heartbeat_interval=0, timeout=10.0)
     h.open()
-    ch = h.core.channel("room:1")
-    ch.join()
-    h.pump()
-    (join,) = h.take()
+    ch, join = h.joining()
     h.tick(10.0)
     (leave,) = h.take()
     assert leave == [join[0], leave[1], "room:1", "phx_leave", {}]
