@@ -237,7 +237,6 @@ OVERSIZED_MODULES = {
     "transports/websocket.py": "issue 14A: WebSocket transport split",
     "pubsub/redis.py": "issues 13A/13B: Redis adapter",
     "pubsub/redis_loops.py": "issues 13A/13B: Redis adapter",
-    "transports/writer.py": "to split: the Flusher out of the Writer (hot path: re-run the benchmarks)",
 }
 
 
