@@ -32,7 +32,15 @@ from ..runtime import runtime
 from . import frames
 from .flusher import Flusher
 
-__all__ = ["WriterState", "Writer", "GreenletWriter", "Flusher", "configure_socket", "make_writer"]
+__all__ = [
+    "WriterState",
+    "Writer",
+    "GreenletWriter",
+    "Flusher",
+    "configure_socket",
+    "emit_slow_client_drop",
+    "make_writer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +78,7 @@ def configure_socket(sock: Any) -> None:
             pass
 
 
-def _dropped(sender: Any, reason: str, queued: int, transport: str = "websocket") -> None:
+def emit_slow_client_drop(sender: Any, reason: str, queued: int, transport: str = "websocket") -> None:
     """Emit ``phx_gevent.slow_client_drop`` (when observed) for a connection dropped by the overload policy."""
     if telemetry.slow_client_drop.receivers:
         telemetry.emit(
@@ -207,7 +215,7 @@ class Writer:
                 flow.slow_timeout,
                 self.qbytes,
             )
-        _dropped(self, reason, self.qbytes)
+        emit_slow_client_drop(self, reason, self.qbytes)
         self.abort(frames.CLOSE_POLICY, "slow client")
 
     # -- flushing -------------------------------------------------------------------------
