@@ -20,7 +20,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from . import options
 from .broadcaster import Broadcaster
 from .flow import flow
-from .mount import SocketMount, _log_level
+from .mount import SocketMount, parse_log_level
 from .options import DrainerOptions, LongPollOptions, WebSocketOptions
 from .pubsub import Adapter, PubSub
 from .runtime import runtime
@@ -334,7 +334,7 @@ class Endpoint(Broadcaster):
             auth_token=bool(auth_token),
             check_origin=origin,
             connect_info=keys,
-            log_level=_log_level(log),
+            log_level=parse_log_level(log),
             partitions=partitions,
             join_timeout=join_timeout,
             drainer=drain_opts,

@@ -254,3 +254,30 @@ def test_modules_stay_under_the_size_limit():
     assert not stale, (
         f"these modules are now within {MAX_MODULE_LINES} lines (or gone): remove them from OVERSIZED_MODULES: {stale}"
     )
+
+
+#: Private names still imported from another module: (importing module, name) -> why it is left.
+PRIVATE_IMPORTS = {
+    ("transports/websocket.py", "_deflate_message"): "issue 14A reshapes the WebSocket transport",
+    ("pubsub/history_redis.py", "_tail"): "issue 9B works on the history modules",
+}
+
+
+def test_no_module_imports_private_names_of_another():
+    import ast
+    import pathlib
+
+    root = pathlib.Path(phx_gevent.__file__).parent
+    found = set()
+    for path in root.rglob("*.py"):
+        name = path.relative_to(root).as_posix()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("phx_gevent")):
+                for alias in node.names:
+                    # Private helpers (``_name``); the mailbox tags of channels/states.py (``_CALL``...) are its API.
+                    if alias.name.startswith("_") and not alias.name.startswith("__") and not alias.name.isupper():
+                        found.add((name, alias.name))
+    unexpected = found - set(PRIVATE_IMPORTS)
+    assert not unexpected, f"private names imported across modules (make them public, or move the code): {unexpected}"
+    stale = set(PRIVATE_IMPORTS) - found
+    assert not stale, f"no longer imported: remove from PRIVATE_IMPORTS: {stale}"
