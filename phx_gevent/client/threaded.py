@@ -180,6 +180,8 @@ class Client:
         off. Raises ``ConfigurationError`` for a value in milliseconds.
     ``poll_timeout``
         Seconds one long-poll request may take (phoenix.js's ``longpollerTimeout``).
+    ``transport``
+        ``"websocket"`` (default) or ``"longpoll"`` (what :class:`LongPollClient` sets).
     """
 
     def __init__(
