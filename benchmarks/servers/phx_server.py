@@ -14,7 +14,7 @@ commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
 ``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md);
 ``PHX_FAST_UPGRADE=0`` sends every WebSocket upgrade through Flask's dispatch
 (``phx_gevent.transports.fastpath``); ``PHX_PACED_ACCEPT=0`` starts accepted
-connections as gevent does (``phx_gevent.server.PacedAccept`` off), ``=pause`` pauses
+connections as gevent does (``phx_gevent.accepting.PacedAccept`` off), ``=pause`` pauses
 the accepts after each batch instead (the variant evaluated); ``PHX_GCLOG=1`` logs
 generation-2 collections and event-loop stalls to stderr.
 ``PHX_MEMPROBE=<file>`` traces allocations (tracemalloc) and, on each SIGUSR1,
@@ -46,6 +46,11 @@ from phx_gevent import make_server  # noqa: E402
 from phx_gevent.flow import flow  # noqa: E402
 from phx_gevent.transports import writer  # noqa: E402
 
+try:  # the flusher has a module of its own (in writer.py before it)
+    from phx_gevent.transports import flusher as _flusher
+except ImportError:  # an older tree (PHX_ROOT)
+    _flusher = writer
+
 try:  # the direct-send budget belongs to the runtime (module globals of the writer before it)
     from phx_gevent.runtime import runtime as _budget
 
@@ -65,14 +70,14 @@ def configure_from_env() -> dict:
     if "PHX_MAX_QUEUED" in env:
         flow.configure(max_queued_bytes=int(env["PHX_MAX_QUEUED"]))
     if "PHX_CHUNK" in env:
-        writer.CHUNK = int(env["PHX_CHUNK"])
+        _flusher.CHUNK = int(env["PHX_CHUNK"])
     if "PHX_DIRECT_BUDGET" in env:
         setattr(_budget, _BUDGET, int(env["PHX_DIRECT_BUDGET"]))
     if "PHX_DIRECT_PERIOD" in env:
         setattr(_budget, _PERIOD, float(env["PHX_DIRECT_PERIOD"]))
     return {
         "direct_send": flow.direct_send,
-        "chunk": writer.CHUNK,
+        "chunk": _flusher.CHUNK,
         "direct_budget": getattr(_budget, _BUDGET),
         "direct_period": getattr(_budget, _PERIOD),
         "sndbuf": flow.sndbuf,

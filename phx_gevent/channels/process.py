@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.event import Event
 
-from ..channel import DUPLICATE_JOIN, Channel
+from ..channel import DUPLICATE_JOIN, Channel, intercepted_events
 from ..errors import CallTimeout, ChannelError, ChannelExited, ConnectionOverloaded
 from .callbacks import dispatch
 from .joining import join
@@ -87,7 +87,7 @@ class ChannelProcess:
         self.instance: Channel = route.channel()
         self.socket = conn.socket.copy_for_channel(topic, route.channel, join_ref, route.assigns)
         self.socket.channel_pid = self
-        self.intercept = route.channel._intercept_set
+        self.intercept = intercepted_events(route.channel)
         # Fastlane target: broadcasts go straight to the connection's writer.
         self.writer = conn.writer
         self.owner = self

@@ -45,7 +45,7 @@ from .frames import (
 from .writer import CLOSED as WRITER_CLOSED
 from .writer import OPEN as WRITER_OPEN
 from .writer import make_writer
-from .ws_encoders import DeflateWebSocketEncoder, _deflate_message, encoder_for
+from .ws_encoders import DeflateWebSocketEncoder, deflate_message, encoder_for
 
 __all__ = ["WebSocketOptions", "WebSocketTransport", "encoder_for", "DeflateWebSocketEncoder"]
 
@@ -167,7 +167,7 @@ class WebSocketTransport:
     def send(self, data: str | bytes) -> None:
         """Queue one encoded message as a text (``str``) or binary (``bytes``) frame."""
         if self.deflate:
-            self.writer.write(_deflate_message(data))
+            self.writer.write(deflate_message(data))
         elif isinstance(data, str):
             self.writer.write(text_frame(data))
         else:
@@ -176,7 +176,7 @@ class WebSocketTransport:
     def send_now(self, data: str | bytes) -> None:
         """As :meth:`send`, but out at once when nothing is queued before it (heartbeat replies)."""
         if self.deflate:
-            self.writer.write_now(_deflate_message(data))
+            self.writer.write_now(deflate_message(data))
         elif isinstance(data, str):
             self.writer.write_now(text_frame(data))
         else:
