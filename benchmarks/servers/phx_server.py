@@ -16,7 +16,8 @@ commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
 (``phx_gevent.transports.fastpath``); ``PHX_PACED_ACCEPT=0`` starts accepted
 connections as gevent does (``phx_gevent.accepting.PacedAccept`` off), ``=pause`` pauses
 the accepts after each batch instead (the variant evaluated); ``PHX_GCLOG=1`` logs
-generation-2 collections and event-loop stalls to stderr.
+generation-2 collections and event-loop stalls to stderr; ``PHX_GC=off`` disables the
+cyclic garbage collector (a diagnostic, never a setting).
 ``PHX_MEMPROBE=<file>`` traces allocations (tracemalloc) and, on each SIGUSR1,
 appends a snapshot of them plus object counts by type to ``<file>``
 (``benchmarks/memprobe.py`` reads them).
@@ -173,6 +174,10 @@ def main() -> None:
     args = parse_args("phx_gevent benchmark server")
     if os.environ.get("PHX_GCLOG") == "1":
         install_gclog()
+    if os.environ.get("PHX_GC") == "off":
+        import gc
+
+        gc.disable()  # a diagnostic only: how much of a storm is the cyclic collector's
     if os.environ.get("PHX_MEMPROBE"):
         install_memprobe(os.environ["PHX_MEMPROBE"])
     if os.environ.get("PHX_OBSERVE") == "0" and hasattr(app_example, "add_observability"):
