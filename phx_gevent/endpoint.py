@@ -183,7 +183,7 @@ class Endpoint:
         if not app.error_handler_spec.get(None, {}).get(404):
             app.register_error_handler(NotFound, self._not_found)
         # Polls of live long-poll sessions skip Flask's request dispatch (docs/longpoll.md).
-        from .transports.longpoll.view import LongPollRoutes
+        from .transports.longpoll.routes import LongPollRoutes
 
         app.wsgi_app = LongPollRoutes(app, app.wsgi_app, self.mounts, self.admit)  # type: ignore[method-assign]
         # `flask phx run`: Flask's own `flask run` cannot serve our WebSockets.

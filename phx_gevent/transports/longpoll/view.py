@@ -15,7 +15,6 @@ the handshake are (docs/longpoll.md).
 from __future__ import annotations
 
 import logging
-import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Any
@@ -32,13 +31,14 @@ from ...pubsub.request import Responder, Silence
 from ...serializers import dumps, loads
 from ...socket import Refuse, SocketState
 from .. import http as phx_http
+from .answers import Answer, content_length, json_answer, plain_answer, poll_answer, query_token
 from .session import GONE, MISSING, LongPollSession, literal
 from .tokens import SessionTokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...mount import SocketMount
 
-__all__ = ["DEFAULTS", "LongPoll", "LongPollRoutes"]
+__all__ = ["DEFAULTS", "LongPoll"]
 
 log = logging.getLogger(__name__)
 
@@ -49,75 +49,11 @@ DEFAULTS: dict[str, Any] = defaults(LongPollOptions)
 
 # Addresses remembered by the creation rate limit before the full buckets are forgotten.
 _MAX_BUCKETS = 10_000
-_HEADERS = [("Cache-Control", "no-store"), ("Access-Control-Allow-Origin", "*")]
-_JSON_TYPE = ("Content-Type", "application/json; charset=utf-8")
-_PLAIN_TYPE = ("Content-Type", "text/plain; charset=utf-8")
 _TOKEN_HEADER = "X-Phoenix-Longpoll-Token"
 _TOKEN_ENVIRON = "HTTP_X_PHOENIX_LONGPOLL_TOKEN"
-_REASONS = {200: "200 OK", 400: "400 BAD REQUEST", 408: "408 REQUEST TIMEOUT", 413: "413 REQUEST ENTITY TOO LARGE"}
-_REASONS.update({429: "429 TOO MANY REQUESTS", 503: "503 SERVICE UNAVAILABLE"})
 
 # One line a minute for refusals a client can cause at will (rate, max_sessions).
 _log_refused = supervise.LogLimiter()
-
-
-class _Answer:
-    """A long-poll response: HTTP status, body bytes, extra headers; ``close`` ends the connection after it."""
-
-    __slots__ = ("status", "body", "json", "headers", "close")
-
-    def __init__(self, status: int, body: bytes, json: bool = True, close: bool = False) -> None:
-        self.status = status
-        self.body = body
-        self.json = json
-        self.headers: list[tuple[str, str]] = []
-        self.close = close
-
-    def response(self) -> Response:
-        """The Flask response (inside the request)."""
-        resp = Response(self.body, status=self.status, headers=[_JSON_TYPE if self.json else _PLAIN_TYPE, *_HEADERS])
-        resp.headers.extend(self.headers)
-        return phx_http.close_after(resp) if self.close else resp
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
-        """Answer as a WSGI application (outside Flask)."""
-        headers = [_JSON_TYPE if self.json else _PLAIN_TYPE, ("Content-Length", str(len(self.body))), *_HEADERS]
-        headers += self.headers
-        if self.close:
-            headers.append(("Connection", "close"))
-            environ[phx_http.ENVIRON_CLOSE] = True
-        start_response(_REASONS.get(self.status) or f"{self.status} UNKNOWN", headers)
-        return [self.body]
-
-
-def _json(data: dict[str, Any], close: bool = False) -> _Answer:
-    # The envelope is always HTTP 200: phoenix.js reads only the body's status.
-    return _Answer(200, dumps(data).encode("utf-8"), close=close)
-
-
-def _poll_json(status: int, token: str | None, messages: list[bytes]) -> _Answer:
-    # The frames are ready JSON string literals (session.literal): the body is one join.
-    head = b'{"status":%d,"token":%s,"messages":[' % (status, literal(token) or b"null" if token else b"null")
-    return _Answer(200, b"".join((head, b",".join(messages), b"]}")))
-
-
-def _plain(status: int, body: str = "", close: bool = False) -> _Answer:
-    # Not JSON, so the client sees status 0 ("transport error") and retries.
-    return _Answer(status, body.encode("utf-8"), json=False, close=close)
-
-
-def _content_length(environ: dict[str, Any]) -> int | None:
-    # As Werkzeug reads it: none for a chunked body or a value that is not a count.
-    if environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
-        return None
-    value = environ.get("CONTENT_LENGTH")
-    if not value:
-        return None
-    try:
-        length = int(value)
-    except ValueError:
-        return None
-    return length if length >= 0 else None
 
 
 def _refusal(refusal: Refuse | None) -> dict[str, Any]:
@@ -191,7 +127,7 @@ class LongPoll:
         assert answer is not None  # only the WSGI layer (path_params None) is ever told to ask Flask
         return answer.response()
 
-    def answer(self, environ: dict[str, Any], app: Flask, path_params: dict[str, Any] | None) -> _Answer | None:
+    def answer(self, environ: dict[str, Any], app: Flask, path_params: dict[str, Any] | None) -> Answer | None:
         """Serve one request to ``<socket path>/longpoll`` from its WSGI environ.
 
         ``path_params`` ``None`` means outside Flask (:class:`LongPollRoutes`):
@@ -207,7 +143,7 @@ class LongPoll:
             if fast:
                 return None
             log.warning("%s", phx_http.origin_refusal(environ, self.check_origin, "long-poll request", mount.path))
-            return _json({"status": 403})
+            return json_answer({"status": 403})
         # Idempotent; also brings a forked worker's node name up to date before tokens are compared.
         mount.pubsub.start()
         method = environ.get("REQUEST_METHOD")
@@ -215,36 +151,41 @@ class LongPoll:
             if fast:
                 return None
             if method != "OPTIONS":
-                return _plain(400)
-            answer = _plain(200)
+                return plain_answer(400)
+            answer = plain_answer(200)
             answer.headers += [
                 ("Access-Control-Allow-Headers", environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "")),
                 ("Access-Control-Allow-Methods", "get, post, options"),
                 ("Access-Control-Max-Age", "3600"),
             ]
             return answer
-        try:
-            params = phx_http.parse_params(environ.get("QUERY_STRING", ""))
-        except phx_http.ParamsError:
-            return None if fast else _plain(400, "bad query string")
-        token = environ.get(_TOKEN_ENVIRON) or params.get("token")
-        owner = self.tokens.verify(token, app)
+        params: dict[str, Any] = {}
         if fast:
+            # Later requests' params are ignored but for the token (PROTOCOL.md 4.2): only it is read.
+            token = environ.get(_TOKEN_ENVIRON) or query_token(environ.get("QUERY_STRING", ""))
+            owner = self.tokens.verify(token, app)
             # Outside Flask only a live session of this process: the rest needs the view.
             if owner is None or owner[0] != mount.endpoint.node_name:
                 return None
             session = self.sessions.get(owner[1])
             if session is None or session.closed:
                 return None
+        else:
+            try:
+                params = phx_http.parse_params(environ.get("QUERY_STRING", ""))
+            except phx_http.ParamsError:
+                return plain_answer(400, "bad query string")
+            token = environ.get(_TOKEN_ENVIRON) or params.get("token")
+            owner = self.tokens.verify(token, app)
         if method == "POST":
             return self._post(environ, owner)
         if owner is not None:
             status, messages = self._poll(*owner)
             if status in (200, 204):
-                return _poll_json(status, token, messages)
+                return poll_answer(status, token, messages)
             if status == GONE:
                 # The session ended while this poll was held: tell the client now.
-                return _json({"status": GONE, "token": None, "messages": []})
+                return json_answer({"status": GONE, "token": None, "messages": []})
         if path_params is None:
             return None  # the session ended before the poll began: the view makes a new one
         # No token, a bad or expired one, or its session is gone: a new session (PROTOCOL.md 4.2).
@@ -253,10 +194,10 @@ class LongPoll:
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def _new_session(self, environ: dict[str, Any], app: Flask, params: dict[str, Any]) -> _Answer:
+    def _new_session(self, environ: dict[str, Any], app: Flask, params: dict[str, Any]) -> Answer:
         mount = self.mount
         if not self._address_allowed(environ.get("REMOTE_ADDR") or ""):
-            return _plain(429, "too many long-poll sessions from this address")
+            return plain_answer(429, "too many long-poll sessions from this address")
         if len(self.sessions) + self._creating >= self.max_sessions and not self._evict_unpolled():
             _log_refused.log(
                 log,
@@ -264,7 +205,7 @@ class LongPoll:
                 "phx_gevent: refusing a long-poll session: max_sessions (%d) reached",
                 self.max_sessions,
             )
-            return _plain(503, "too many long-poll sessions")
+            return plain_answer(503, "too many long-poll sessions")
         extra = {"auth_token": environ.get("HTTP_X_PHOENIX_AUTHTOKEN")} if self.auth_token else None
         info = mount.build_connect_info(environ, params, self.connect_info, extra)
         self._creating += 1
@@ -273,7 +214,7 @@ class LongPoll:
         finally:
             self._creating -= 1
         if not isinstance(socket, SocketState):
-            return _json(_refusal(socket))
+            return json_answer(_refusal(socket))
         serializer = socket.serializer
         session_id = secrets.token_urlsafe(16)
         session = LongPollSession(self, session_id, serializer)
@@ -284,7 +225,7 @@ class LongPoll:
         conn.start()
         session.start()
         token = session.token = self.tokens.sign(self.mount.endpoint.node_name, session_id, app)
-        return _json({"status": GONE, "token": token, "messages": []})
+        return json_answer({"status": GONE, "token": token, "messages": []})
 
     def _address_allowed(self, address: str) -> bool:
         rate = self.address_rate
@@ -343,35 +284,35 @@ class LongPoll:
             return status, [f for f in frames if f is not None]
         return (GONE, []) if status == GONE else (MISSING, [])
 
-    def _post(self, environ: dict[str, Any], owner: tuple[str, str] | None) -> _Answer:
-        length = _content_length(environ)
+    def _post(self, environ: dict[str, Any], owner: tuple[str, str] | None) -> Answer:
+        length = content_length(environ)
         if length is not None and length > self.max_body_bytes:
             # Answered on the headers; the body is never read: the connection closes.
-            return _plain(413, "long-poll body too large", close=True)
+            return plain_answer(413, "long-poll body too large", close=True)
         if owner is None:
             # The token is checked before a byte of the body is read (nobody
             # unauthenticated makes the server hold an upload).
-            return _json({"status": GONE}, close=True)
+            return json_answer({"status": GONE}, close=True)
         reserved = length if length is not None else 0
         if reserved and not flow.reserve_input(reserved):
             log.warning("phx_gevent: refused a long-poll POST: max_incomplete_input_bytes reached")
-            return _plain(503, "server busy", close=True)
+            return plain_answer(503, "server busy", close=True)
         try:
             body = self._read_body(environ, reserved)
         except gevent.Timeout:
             log.info("phx_gevent: a long-poll POST body took over %.1fs to arrive", flow.input_timeout)
-            return _plain(408, "long-poll body too slow", close=True)
+            return plain_answer(408, "long-poll body too slow", close=True)
         except _Busy:
-            return _plain(503, "server busy", close=True)
+            return plain_answer(503, "server busy", close=True)
         finally:
             if reserved:
                 flow.release_input(reserved)
         if body is None:
-            return _plain(413, "long-poll body too large", close=True)
+            return plain_answer(413, "long-poll body too large", close=True)
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
-            return _plain(400, "long-poll body is not UTF-8")
+            return plain_answer(400, "long-poll body is not UTF-8")
         mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
         ndjson = mimetype == "application/x-ndjson"
         if ndjson:
@@ -399,8 +340,8 @@ class LongPoll:
                 if status not in (200, 400, 408, GONE):
                     status = GONE
         if status == 400:
-            return _plain(400, "undecodable long-poll message")
-        return _json({"status": status})
+            return plain_answer(400, "undecodable long-poll message")
+        return json_answer({"status": status})
 
     def _read_body(self, environ: dict[str, Any], reserved: int) -> bytes | None:
         """The body, read in bounded chunks within ``input_timeout``; None past ``max_body_bytes``.
@@ -464,58 +405,3 @@ class LongPoll:
             responder.answer({"status": status})
         except Exception:
             log.exception("phx_gevent: serving a long-poll request from node %r failed", responder.node)
-
-
-class LongPollRoutes:
-    """WSGI middleware in front of a Flask app: the polls and POSTs of live long-poll sessions, without Flask.
-
-    A poll is the long-poll client's "read the next frames", as a WebSocket
-    reads a frame: it needs none of the app's request dispatch (request
-    context, session cookie, URL routing, ``before_request`` hooks, a
-    response object), which cost more than the poll itself. A request to a
-    long-poll path whose token names a live session of this process is
-    answered here (:meth:`LongPoll.answer` with no path params); everything
-    else (new sessions, refusals, preflights, sessions of other processes,
-    any other URL) goes to ``wsgi_app`` unchanged. ``Endpoint.init_app``
-    installs it as ``app.wsgi_app``. ``admit(environ)`` runs first (the
-    endpoint's allowed-hosts and trusted-proxies rules); ``False`` sends the
-    request to Flask.
-    """
-
-    def __init__(self, app: Flask, wsgi_app: Any, mounts: list[SocketMount], admit: Any) -> None:
-        self.app = app
-        self.wsgi_app = wsgi_app
-        self.mounts = mounts
-        self.admit = admit
-        self._count = -1
-        self._exact: dict[str, LongPoll] = {}
-        self._patterns: list[tuple[re.Pattern[str], LongPoll]] = []
-
-    def _routes(self) -> None:
-        # Mounts are only ever added: rebuild when their number changed.
-        self._count = len(self.mounts)
-        self._exact, self._patterns = {}, []
-        for mount in self.mounts:
-            lp = mount.longpoll
-            if lp is None:
-                continue
-            path = ("" if mount.path == "/" else mount.path) + lp.path
-            if "/:" not in path:
-                self._exact[path] = lp
-                continue
-            parts = [("[^/]+" if seg.startswith(":") and len(seg) > 1 else re.escape(seg)) for seg in path.split("/")]
-            self._patterns.append((re.compile("/".join(parts)), lp))
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        """Serve ``environ`` (the WSGI call)."""
-        if self._count != len(self.mounts):
-            self._routes()
-        path = environ.get("PATH_INFO", "")
-        lp = self._exact.get(path)
-        if lp is None and self._patterns:
-            lp = next((lp for pattern, lp in self._patterns if pattern.fullmatch(path)), None)
-        if lp is not None and self.admit(environ):
-            answer = lp.answer(environ, self.app, None)
-            if answer is not None:
-                return answer(environ, start_response)
-        return self.wsgi_app(environ, start_response)
