@@ -312,6 +312,12 @@ class PhxConn {
 // -- Socket.IO (Flask-SocketIO) -------------------------------------------------------------
 
 let ioFactory = null;
+let sioKeepAliveAgent = null;
+
+function sioAgent() {
+  if (sioKeepAliveAgent === null) sioKeepAliveAgent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
+  return sioKeepAliveAgent;
+}
 
 class SioConn {
   constructor(i) {
@@ -329,6 +335,8 @@ class SioConn {
         reconnection: false,
         timeout: 30000,
         perMessageDeflate: false,
+        // cfg.sioKeepAlive: keep polling connections alive, as a browser does (see run.py, SIO_KEEPALIVE=1).
+        ...(cfg.sioKeepAlive ? { agent: sioAgent() } : {}),
       }));
       s.on("connect", () => {
         this.open = true;
