@@ -27,7 +27,7 @@ from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 from . import telemetry
 from .errors import NotMonkeyPatchedError
 from .transports import http as phx_http
-from .transports.head import read_headers
+from .transports.head import PlainHeaders, environ_headers, read_headers
 from .transports.http import ENVIRON_CLOSE
 from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
 
@@ -79,10 +79,37 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     _head_timer: Any = None
     _phx_timer: Any = None
+    # pywsgi's per-request attributes (untyped there): the status line (bytes, or an error text) and code.
+    status: Any = None
+    code: Any = None
 
     def MessageClass(self, *args: Any) -> Any:
         # The request's headers without the email parser in the usual case (transports/head.py).
         return read_headers(*args)
+
+    def _headers(self) -> Any:
+        headers = self.headers
+        if headers.__class__ is PlainHeaders:
+            return environ_headers(headers)  # no folded lines to join: straight from the pairs
+        return super()._headers()
+
+    def _sendall(self, data: Any) -> None:
+        # Most responses fit the socket's send buffer: one send() does it (gevent's
+        # sendall() asks the kernel for SO_SNDBUF first, a second syscall each time).
+        if not data:
+            return
+        sock = self.socket
+        try:
+            sent = sock.send(data)
+            if sent < len(data):
+                sock.sendall(memoryview(data)[sent:])
+        except OSError as ex:
+            # What pywsgi records for a failed write (the access log shows it).
+            self.status = f"socket error: {ex}"
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += len(data)
 
     def handle_one_request(self) -> Any:
         timeout = getattr(self.server, "phx_header_timeout", DEFAULT_HEADER_TIMEOUT)

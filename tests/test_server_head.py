@@ -13,7 +13,7 @@ from http import client
 import pytest
 from gevent import pywsgi
 
-from phx_gevent.transports.head import read_headers
+from phx_gevent.transports.head import PlainHeaders, environ_headers, read_headers
 
 BLOCKS = [
     b"Host: a\r\n\r\n",
@@ -41,6 +41,8 @@ def read_both(block: bytes) -> tuple[tuple[object, ...], tuple[object, ...]]:
         fp = io.BytesIO(block)
         msg = reader(fp, 0)
         environ_pairs = list(pywsgi.WSGIHandler._headers(type("H", (), {"headers": msg})()))
+        if isinstance(msg, PlainHeaders):  # what phx_gevent's handler yields for the environ
+            environ_pairs = list(environ_headers(msg))
         out.append((msg.status, list(msg.items()), list(msg.headers), environ_pairs, msg.get("host"), fp.read()))
     return tuple(out[0]), tuple(out[1])
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from gevent.pywsgi import OldMessage
 
-__all__ = ["read_headers"]
+__all__ = ["PlainHeaders", "environ_headers", "read_headers"]
 
 # As http.client: longest header line and most header lines.
 _MAXLINE = 65536
@@ -28,6 +28,21 @@ _MAXHEADERS = 100
 # space, then ':', the value without its leading blanks, and the line end; nothing else may hold CR or LF.
 _SIMPLE = re.compile(rb"([\x21-\x39\x3b-\x7e]+):[ \t]*([^\r\n]*)\r?\n\Z")
 _END = (b"\r\n", b"\n", b"")
+_NOT_HTTP = ("CONTENT_TYPE", "CONTENT_LENGTH")
+
+
+class PlainHeaders(OldMessage):
+    """A header block of plain ``Name: value`` lines only (what :func:`read_headers` builds itself)."""
+
+
+def environ_headers(headers: PlainHeaders) -> Any:
+    """The ``HTTP_*`` environ pairs of ``headers``, as pywsgi's ``WSGIHandler._headers`` yields them."""
+    for key, value in headers._headers:
+        if "_" in key:
+            continue  # pywsgi drops names with underscores (they could pass for dashes)
+        key = key.replace("-", "_").upper()
+        if key not in _NOT_HTTP:
+            yield "HTTP_" + key, value.strip()
 
 
 def read_headers(fp: Any, *args: Any) -> Any:
@@ -58,6 +73,6 @@ def read_headers(fp: Any, *args: Any) -> Any:
             text = b"".join(lines).decode("iso-8859-1")
             return email.parser.Parser(_class=OldMessage).parsestr(text)
         pairs.append((m[1].decode("latin-1"), m[2].decode("latin-1")))
-    msg = OldMessage()
+    msg = PlainHeaders()
     msg._headers = pairs  # what the email parser fills in for these lines
     return msg

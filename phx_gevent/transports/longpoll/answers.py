@@ -9,6 +9,8 @@ but the envelope.
 
 from __future__ import annotations
 
+import time
+from email.utils import formatdate
 from typing import Any
 
 from flask import Response
@@ -24,6 +26,15 @@ _JSON_TYPE = ("Content-Type", "application/json; charset=utf-8")
 _PLAIN_TYPE = ("Content-Type", "text/plain; charset=utf-8")
 _REASONS = {200: "200 OK", 400: "400 BAD REQUEST", 408: "408 REQUEST TIMEOUT", 413: "413 REQUEST ENTITY TOO LARGE"}
 _REASONS.update({429: "429 TOO MANY REQUESTS", 503: "503 SERVICE UNAVAILABLE"})
+# The Date header, made once a second (the server would format it for every poll).
+_date: list[Any] = [0, ""]
+
+
+def _http_date() -> str:
+    now = int(time.time())
+    if now != _date[0]:
+        _date[0], _date[1] = now, formatdate(now, usegmt=True)
+    return str(_date[1])
 
 
 class Answer:
@@ -47,6 +58,7 @@ class Answer:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> list[bytes]:
         """Answer as a WSGI application (outside Flask)."""
         headers = [_JSON_TYPE if self.json else _PLAIN_TYPE, ("Content-Length", str(len(self.body))), *_HEADERS]
+        headers.append(("Date", _http_date()))
         headers += self.headers
         if self.close:
             headers.append(("Connection", "close"))
