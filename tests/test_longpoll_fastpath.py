@@ -123,3 +123,20 @@ def test_remembered_tokens_expire_and_follow_the_secret_key(monkeypatch):
     app.config["SECRET_KEY"] = "one"
     tokens.forget(fresh)
     assert tokens.verify(fresh, app) == ("node-a", "sid-3")
+
+
+def test_a_failure_outside_flask_is_a_logged_500_and_the_server_goes_on(live_server, monkeypatch, caplog):
+    app, endpoint = make_app(longpoll={"window_ms": 300})
+    lp = LP(live_server(app))
+    lp.open()
+    mount_lp = longpoll_of(endpoint)
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(mount_lp, "_poll", broken)
+    resp = lp.request("GET", token=lp.token)
+    assert resp.status == 500 and resp.headers["connection"] == "close"
+    assert any("long-poll request" in r.getMessage() and r.exc_info for r in caplog.records)
+    monkeypatch.undo()
+    assert lp.poll() == {"status": 204, "token": lp.token, "messages": []}

@@ -25,7 +25,7 @@ _HEADERS = [("Cache-Control", "no-store"), ("Access-Control-Allow-Origin", "*")]
 _JSON_TYPE = ("Content-Type", "application/json; charset=utf-8")
 _PLAIN_TYPE = ("Content-Type", "text/plain; charset=utf-8")
 _REASONS = {200: "200 OK", 400: "400 BAD REQUEST", 408: "408 REQUEST TIMEOUT", 413: "413 REQUEST ENTITY TOO LARGE"}
-_REASONS.update({429: "429 TOO MANY REQUESTS", 503: "503 SERVICE UNAVAILABLE"})
+_REASONS.update({429: "429 TOO MANY REQUESTS", 500: "500 INTERNAL SERVER ERROR", 503: "503 SERVICE UNAVAILABLE"})
 # The Date header, made once a second (the server would format it for every poll).
 _date: list[Any] = [0, ""]
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import TYPE_CHECKING, Any
+
+from .answers import plain_answer
 
 if TYPE_CHECKING:  # pragma: no cover
     from flask import Flask
@@ -12,6 +15,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .view import LongPoll
 
 __all__ = ["LongPollRoutes"]
+
+log = logging.getLogger(__name__)
 
 
 class LongPollRoutes:
@@ -63,7 +68,12 @@ class LongPollRoutes:
         if lp is None and self._patterns:
             lp = next((lp for pattern, lp in self._patterns if pattern.fullmatch(path)), None)
         if lp is not None and self.admit(environ):
-            answer = lp.answer(environ, self.app, None)
+            try:
+                answer = lp.answer(environ, self.app, None)
+            except Exception:
+                # What Flask does for a view that raised: logged, a 500, the process goes on.
+                log.exception("phx_gevent: serving a long-poll request to %s failed", path)
+                answer = plain_answer(500, "Internal Server Error", close=True)
             if answer is not None:
                 return answer(environ, start_response)
         return self.wsgi_app(environ, start_response)
