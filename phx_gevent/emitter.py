@@ -39,6 +39,7 @@ from .pubsub import codec
 from .pubsub import history as _history
 from .pubsub.base import make_node_name
 from .pubsub.local import check_broadcast
+from .pubsub.routing import channel_for, check_routing, split_routing
 
 try:
     import redis
@@ -73,6 +74,10 @@ class Emitter:
     ``prefix``
         The endpoint's ``pubsub_prefix`` (default ``"phx"``, the same as
         :class:`~phx_gevent.Endpoint`'s).
+    ``routing``
+        The servers' routing (``"topic"``, the default, or ``"broadcast"``;
+        see :mod:`phx_gevent.pubsub.routing`); also read from the URL's
+        ``routing=`` query parameter.
     ``timeout``
         Seconds a call keeps retrying while Redis is unreachable; past it the
         call raises :class:`~phx_gevent.errors.EmitterUnavailable`. One attempt
@@ -101,6 +106,7 @@ class Emitter:
         redis_url: str | Any,
         prefix: str = "phx",
         *,
+        routing: str | None = None,
         timeout: float = 5.0,
         connect_timeout: float = 2.0,
         socket_timeout: float = 5.0,
@@ -120,7 +126,10 @@ class Emitter:
         self.prefix = prefix
         self.timeout = float(timeout)
         self.node_name = node_name or make_node_name("emitter")
-        self._channel = f"{prefix}:b".encode()
+        if isinstance(redis_url, str):
+            redis_url, self.routing = split_routing(redis_url, routing)
+        else:
+            self.routing = check_routing(routing or "topic")
         self.rules_ttl = float(rules_ttl)
         self._rules: _history.HistoryRules | None = None
         self._rules_until = 0.0
@@ -161,6 +170,7 @@ class Emitter:
         url, prefix = getattr(adapter, "url", None), getattr(adapter, "prefix", None)
         if not isinstance(url, str) or not isinstance(prefix, str):
             raise ValueError(f"{endpoint!r} has no Redis adapter (Endpoint(pubsub='redis://...'))")
+        options.setdefault("routing", getattr(adapter, "routing", None))
         return cls(url, prefix, **options)
 
     def __repr__(self) -> str:
@@ -273,9 +283,9 @@ class Emitter:
     def _command(self, rules: _history.HistoryRules, envelope: dict[str, Any], data: bytes) -> tuple[Any, ...]:
         config = rules.for_topic(envelope["t"]) if rules else None
         if config is None or not config.keeps(envelope["e"]):
-            return (b"PUBLISH", self._channel, data)
+            return (b"PUBLISH", channel_for(self.prefix, self.routing, envelope["t"]), data)
         # The servers' own script: offset, stream append and PUBLISH in one atomic step.
-        args, _ = _history.append_args(self.prefix, self.node_name, envelope, config, False)
+        args, _ = _history.append_args(self.prefix, self.node_name, envelope, config, False, self.routing)
         return (b"EVAL", _history.APPEND_SCRIPT, 2, *args)
 
     def _publish(self, items: list[tuple[dict[str, Any], bytes]]) -> list[str | None]:

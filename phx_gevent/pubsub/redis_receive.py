@@ -39,6 +39,7 @@ from ..errors import BroadcastTimeout
 from ..flow import flow
 from . import codec
 from .redis_loops import CONN_ERRORS, _AdapterState, _Backoff
+from .routing import topic_channel
 from .subscriptions import Batch
 
 try:
@@ -61,9 +62,49 @@ class ReceiveLoop(_AdapterState):
     """The listener, the subscription writer and the delivery greenlets (see the module docstring)."""
 
     if TYPE_CHECKING:  # pragma: no cover
+        prefix: str
 
         def _outage_started(self) -> None: ...
         def _outage_over(self) -> None: ...
+
+    # -- routing: what the local layer holds ----------------------------------------------
+
+    def _channel(self, topic: str) -> bytes:
+        """The channel broadcasts on ``topic`` are published to (:mod:`phx_gevent.pubsub.routing`)."""
+        return topic_channel(self.prefix, topic) if self.routing == "topic" else self._bchan
+
+    def interest(self, topic: str) -> None:
+        """One more local holder of ``topic``: with topic routing, its channel is subscribed (batched)."""
+        if self.routing == "topic" and self._subs.acquire(topic_channel(self.prefix, topic)) is not None:
+            self._bus_event.set()
+
+    def release(self, topic: str) -> None:
+        """One local holder of ``topic`` fewer: the last one unsubscribes its channel after ``linger`` seconds."""
+        if self.routing == "topic":
+            self._subs.release(topic_channel(self.prefix, topic), _monotonic())
+            self._bus_event.set()
+
+    def wait_routed(self, topic: str, timeout: float | None = None) -> bool:
+        """Wait until Redis confirmed this node's subscription to ``topic``'s channel (see :meth:`Adapter.wait_routed`).
+
+        Returns True at once with broadcast routing or when it is in place;
+        False after ``timeout`` (default ``subscribe_timeout``) seconds, or at
+        once while the listener cannot reach Redis. Never raises.
+        """
+        if self.routing != "topic":
+            return True
+        channel = topic_channel(self.prefix, topic)
+        subs = self._subs
+        batch = subs.acquire(channel)
+        try:
+            if batch is None:
+                return True
+            if not self._running or self._sub_down_since is not None:
+                return False  # an outage: the join succeeds locally, the subscription follows the reconnection
+            return self._wait_batch(batch, self.subscribe_timeout if timeout is None else timeout)
+        finally:
+            # The caller subscribes right after (no greenlet switch): the linger this starts is cancelled.
+            subs.release(channel, _monotonic())
 
     # -- the listener ---------------------------------------------------------------------
 

@@ -114,6 +114,9 @@ class SubscriptionManager:
         # Channels nobody holds, still subscribed: UNSUBSCRIBE due at (oldest first).
         self._linger: dict[bytes, float] = {}
         self._inflight: deque[Batch] = deque()
+        #: A channel sent last in a restore round (:meth:`reset`): the Redis adapter's
+        #: counted channel, so that once other nodes count it, the others are in place.
+        self.tail: bytes | None = None
         #: Counters: commands written, channels subscribed and unsubscribed, rounds, resets.
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -276,6 +279,10 @@ class SubscriptionManager:
         self._batch_of.clear()
         self._linger.clear()
         self._pending = dict.fromkeys(self._refs)
+        tail = self.tail
+        if tail is not None and tail in self._pending:
+            del self._pending[tail]
+            self._pending[tail] = None
         self._state = dict.fromkeys(self._refs, State.PENDING)
         self._next = Batch()
         self._next.remaining.update(self._refs)
