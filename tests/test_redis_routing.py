@@ -208,3 +208,31 @@ def test_routing_is_chosen_by_option_or_url_and_checked(redis_server):  # noqa: 
     assert RedisAdapter(redis_server.url + "?routing=broadcast", routing="topic").routing == "topic"
     with pytest.raises(ValueError, match="routing must be one of"):
         RedisAdapter(redis_server.url, routing="sharded")
+
+
+def test_a_subscription_refused_by_an_acl_is_logged_and_the_node_keeps_working(redis_server, caplog):  # noqa: F811
+    prefix = f"r{next(_prefixes)}"
+    # This user may subscribe to the node channels and to topics starting "ok", nothing else.
+    redis_server.command(
+        "ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "resetchannels",
+        f"&{prefix}:d:*", f"&{prefix}:n", f"&{prefix}:t:{{ok*",
+    )  # fmt: skip
+    url = redis_server.url.replace("redis://", "redis://limited:pw@")
+    a = PubSub(RedisAdapter(url, prefix=prefix, backoff=(0.05, 0.3)))
+    b = PubSub(RedisAdapter(redis_server.url, prefix=prefix, backoff=(0.05, 0.3)))
+    try:
+        for node in (a, b):
+            node.start()
+        wait_until(lambda: a.adapter.connected and b.adapter.connected, TIMEOUT, "both nodes")
+        assert a.wait_routed("denied:1") is False
+        a.subscribe("denied:1", Sub())
+        assert "refused a subscription" in caplog.text and stat(a, "subscribe_errors") == 1
+        ok = Sub()
+        assert a.wait_routed("ok:1")  # the connection was not dropped: later rounds work
+        a.subscribe("ok:1", ok)
+        b.broadcast("ok:1", "e", {"after": "refusal"})
+        wait_until(lambda: ok.got == [{"after": "refusal"}], TIMEOUT, "the allowed topic")
+        assert stat(a, "reconnects") == 0 and stat(a, "outages") == 0
+    finally:
+        a.stop()
+        b.stop()

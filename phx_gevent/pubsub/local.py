@@ -160,8 +160,7 @@ class PubSub:
         """
         if self.adapter is None:
             return True
-        self.start()
-        return self.adapter.wait_routed(topic, timeout)
+        return self.adapter.wait_routed(topic, timeout)  # not started yet (e.g. at import): False at once
 
     def subscriber_count(self, topic: str) -> int:
         """How many subscribers ``topic`` has in this process."""

@@ -312,6 +312,7 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
                 "direct_unrouted",
                 "received",
                 "messages",
+                "subscribe_errors",
                 "echo_dropped",
                 "receive_dropped",
                 "overload_dropped",

@@ -44,8 +44,10 @@ from .subscriptions import Batch
 
 try:
     import redis
+    from redis.exceptions import ResponseError
 except ImportError:  # pragma: no cover - redis-py is a requirement, but fail clearly without it
     redis = None  # type: ignore[assignment]
+    ResponseError = Exception  # type: ignore[assignment,misc]
 
 __all__ = ["ReceiveLoop", "SUBSCRIBE", "UNSUBSCRIBE"]
 
@@ -127,7 +129,11 @@ class ReceiveLoop(_AdapterState):
                         if not conn.can_read(timeout=self.socket_timeout):
                             raise redis.TimeoutError(f"no answer to PING within {self.socket_timeout}s")
                         continue
-                    msg = conn.read_response()
+                    try:
+                        msg = conn.read_response()
+                    except ResponseError as exc:
+                        self._subscribe_refused(exc)
+                        continue
                     if msg[0] == b"message":
                         self._on_message(msg[1], msg[2])
                     elif self._on_reply(msg[0], msg[1]):
@@ -155,6 +161,23 @@ class ReceiveLoop(_AdapterState):
         elif kind == b"unsubscribe":
             self._subs.unsubscribed(channel)
         return False
+
+    def _subscribe_refused(self, exc: BaseException) -> None:
+        # An error reply on the subscriber connection answers a SUBSCRIBE (or UNSUBSCRIBE): the
+        # connection is fine, reconnecting would only repeat it. The rounds in flight give up.
+        self._counters["subscribe_errors"] += 1
+        batches = self._subs.refused()
+        self._wake(batches)
+        self._bus_event.set()
+        if any(batch is self._restore for batch in batches):
+            self._sub_recovered()  # the other channels of the restore round are in place
+        log.error(
+            "phx_gevent: Redis %s refused a subscription (%s): some topics' broadcasts from other nodes will not "
+            "reach this node; an ACL user needs the channels of the prefix (e.g. `&%s:*`)",
+            self._where,
+            exc,
+            self.prefix,
+        )
 
     def _bus_lost(self, conn: Any) -> None:
         self._bus_up = False

@@ -126,6 +126,7 @@ class SubscriptionManager:
                 "unsubscribed",
                 "rounds",
                 "resets",
+                "refused",
             ),
             0,
         )
@@ -256,6 +257,26 @@ class SubscriptionManager:
         except ValueError:
             pass
         return batch
+
+    def refused(self) -> list[Batch]:
+        """Redis refused a subscription command (e.g. an ACL without the channels): give up the rounds in flight.
+
+        Their unconfirmed channels count as active (never retried on this
+        connection: the refusal would repeat); returns the batches, done and
+        not ``ok``, whose waiters must stop waiting.
+        """
+        failed = list(self._inflight)
+        self._inflight.clear()
+        for batch in failed:
+            for channel in batch.remaining:
+                if self._state.get(channel) is State.SUBSCRIBING:
+                    self._state[channel] = State.ACTIVE
+                self._batch_of.pop(channel, None)
+            batch.remaining.clear()
+            batch.done = True
+            batch.ok = False
+        self.counters["refused"] += len(failed)
+        return failed
 
     def unsubscribed(self, channel: bytes) -> None:
         """Redis confirmed the UNSUBSCRIBE of ``channel`` (ignored when it is held again since)."""
