@@ -128,6 +128,23 @@ def test_a_broadcast_right_after_a_confirmed_route_reaches_the_new_subscriber(no
         wait_until(lambda sub=sub: sub.got, TIMEOUT, f"the broadcast on {topic}")
 
 
+def test_wait_routed_returns_only_once_redis_confirmed_the_subscription(nodes):
+    a, b = nodes(2)
+    channel = topic_channel(a.adapter.prefix, "room:held")
+    a.adapter._bus_lock.acquire()  # the subscription writer cannot write: nothing reaches Redis
+    try:
+        waiter = gevent.spawn(a.wait_routed, "room:held")
+        gevent.idle()  # every runnable greenlet ran: the waiter is parked on the round's confirmation
+        assert not waiter.ready() and a.adapter._subs.refs(channel) == 1
+    finally:
+        a.adapter._bus_lock.release()
+    assert waiter.get(timeout=TIMEOUT) is True and a.adapter._subs.is_active(channel)
+    sub = Sub()
+    a.subscribe("room:held", sub)
+    b.broadcast("room:held", "e", {"n": 1})
+    wait_until(lambda: sub.got == [{"n": 1}], TIMEOUT, "the broadcast")
+
+
 def test_a_join_storm_is_batched_into_a_few_subscribe_commands(nodes, redis_server):  # noqa: F811
     (a,) = nodes(1, linger=0.05)
     calls = command_calls(redis_server, "subscribe")
