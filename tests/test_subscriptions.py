@@ -20,7 +20,13 @@ def confirm_all(m: SubscriptionManager, commands) -> list:
             batch = m.confirm(ch)
             if batch is not None:
                 done.append(batch)
+    check(m)
     return done
+
+
+def check(m: SubscriptionManager) -> None:
+    """The counted active channels are the channels in the ACTIVE state."""
+    assert m.stats()["active"] == sum(1 for s in m._state.values() if s is State.ACTIVE)
 
 
 def test_the_first_holder_subscribes_and_later_ones_share_it():
@@ -71,6 +77,7 @@ def test_the_last_holder_leaving_unsubscribes_after_the_linger():
     cmds = m.take(11.0)
     assert cmds.unsubscribe == [[A]] and m.state(A) is State.UNSUBSCRIBING
     m.unsubscribed(A)
+    check(m)
     assert m.state(A) is None and m.counters["unsubscribe_commands"] == 1
 
 
@@ -144,6 +151,7 @@ def test_a_lost_connection_abandons_waiters_and_restores_every_held_channel_in_o
     restore, abandoned = m.reset()
     assert {id(b) for b in abandoned} == {id(inflight), id(waiting)}
     assert all(b.done and not b.ok for b in abandoned)
+    check(m)
     assert restore.remaining == {B, C} and m.next_due() is None
     cmds = m.take(0.0)
     assert cmds.batch is restore and sorted(cmds.subscribe[0]) == [B, C]
@@ -158,6 +166,16 @@ def test_the_tail_channel_goes_last_in_a_restore_round():
         m.acquire(ch)
     m.reset()
     assert m.take(0.0).subscribe == [[b"phx:d:me", A, B, b"phx:n"]]
+
+
+def test_a_refused_round_gives_up_without_retrying():
+    m = SubscriptionManager()
+    batch = m.acquire(A)
+    m.take(0.0)
+    assert m.refused() == [batch] and batch.done and not batch.ok
+    check(m)
+    assert m.acquire(A) is None and m.take(0.0) == ([], [], None)  # not sent again on this connection
+    assert m.counters["refused"] == 1
 
 
 def test_unknown_replies_and_extra_releases_are_ignored():

@@ -181,6 +181,7 @@ class Lifecycle(_AdapterState):
                 self._space.clear()
                 self._space.wait(max(0.0, min(0.1, deadline - _monotonic())))
         self._running = False
+        self._bus_up = False
         self._gen += 1
         self._stop.set()
         self._out_event.set()

@@ -253,6 +253,8 @@ class ReceiveLoop(_AdapterState):
         packed += [(SUBSCRIBE, *chs) for chs in commands.subscribe]
         try:
             with self._bus_lock:
+                if not self._bus_up:
+                    return  # lost while waiting for the lock: the listener's reset sends these again
                 # One write per round, whatever the number of channels: one round trip.
                 conn.send_packed_command(conn.pack_commands(packed), check_health=False)
         except CONN_ERRORS as exc:
