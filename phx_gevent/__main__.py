@@ -41,7 +41,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         sub.add_argument("--prefix", default="phx", help="the endpoint's pubsub_prefix (default: phx)")
         sub.add_argument(
             "--routing",
-            choices=("topic", "broadcast"),
+            choices=("topic", "broadcast", "dual"),
             default=None,
             help="the servers' Redis routing (default: the URL's routing= parameter, else topic)",
         )

@@ -39,7 +39,7 @@ from .pubsub import codec
 from .pubsub import history as _history
 from .pubsub.base import make_node_name
 from .pubsub.local import check_broadcast
-from .pubsub.routing import channel_for, check_routing, split_routing
+from .pubsub.routing import broadcast_channel, channel_for, check_routing, mark, split_routing
 
 try:
     import redis
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 # Failures worth another attempt: the connection, not the command.
 _RETRY = (RedisConnectionError, RedisTimeoutError, OSError)
+# "dual" routing: a broadcast on its topic's channel and, marked, on the broadcast channel.
+_DUAL_PUBLISH = "redis.call('PUBLISH', ARGV[1], ARGV[2]) return redis.call('PUBLISH', ARGV[3], ARGV[4])"
 # Envelopes per pipelined write in broadcast_many (and at most this many bytes).
 _CHUNK = 1000
 _CHUNK_BYTES = 1024 * 1024
@@ -75,9 +77,9 @@ class Emitter:
         The endpoint's ``pubsub_prefix`` (default ``"phx"``, the same as
         :class:`~phx_gevent.Endpoint`'s).
     ``routing``
-        The servers' routing (``"topic"``, the default, or ``"broadcast"``;
-        see :mod:`phx_gevent.pubsub.routing`); also read from the URL's
-        ``routing=`` query parameter.
+        The servers' routing (``"topic"``, the default, ``"broadcast"``, or
+        ``"dual"`` while they switch; see :mod:`phx_gevent.pubsub.routing`);
+        also read from the URL's ``routing=`` query parameter.
     ``timeout``
         Seconds a call keeps retrying while Redis is unreachable; past it the
         call raises :class:`~phx_gevent.errors.EmitterUnavailable`. One attempt
@@ -283,7 +285,11 @@ class Emitter:
     def _command(self, rules: _history.HistoryRules, envelope: dict[str, Any], data: bytes) -> tuple[Any, ...]:
         config = rules.for_topic(envelope["t"]) if rules else None
         if config is None or not config.keeps(envelope["e"]):
-            return (b"PUBLISH", channel_for(self.prefix, self.routing, envelope["t"]), data)
+            channel = channel_for(self.prefix, self.routing, envelope["t"])
+            if self.routing == "dual":
+                # Both copies in one command (one reply per message, as the retries count them).
+                return (b"EVAL", _DUAL_PUBLISH, 0, channel, data, broadcast_channel(self.prefix), mark(data))
+            return (b"PUBLISH", channel, data)
         # The servers' own script: offset, stream append and PUBLISH in one atomic step.
         args, _ = _history.append_args(self.prefix, self.node_name, envelope, config, False, self.routing)
         return (b"EVAL", _history.APPEND_SCRIPT, 2, *args)

@@ -77,7 +77,7 @@ from .redis_appends import HistoryAppends
 from .redis_lifecycle import NOT_PATCHED_MESSAGE, Lifecycle, _after_fork, _register_exit_flush
 from .redis_loops import PublishLoop
 from .redis_receive import ReceiveLoop
-from .routing import broadcast_channel, direct_channel, direct_prefix, nodes_channel, split_routing
+from .routing import broadcast_channel, direct_channel, direct_prefix, mark, nodes_channel, split_routing
 from .subscriptions import SubscriptionManager
 
 try:
@@ -106,8 +106,10 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
     ``routing``
         ``"topic"`` (default): a node subscribes to the channels of the topics
         it has local subscribers for and receives only their broadcasts;
-        ``"broadcast"``: every node receives every broadcast on one channel.
-        Every node and emitter of one app must use the same routing
+        ``"broadcast"``: every node receives every broadcast on one channel;
+        ``"dual"``: both, to switch a running cluster with rolling restarts
+        (broadcast -> dual -> topic; :mod:`phx_gevent.pubsub.routing`).
+        Nodes hear each other within one step of that order
         (docs/redis-envelope.md). Also read from the URL's ``routing=``
         query parameter. Raises ``ValueError`` for another value.
     ``subscribe_timeout``
@@ -266,8 +268,9 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
         # node through Redis, so the first ones wait for it (bounded).
         self._sub_ready = Event()
         prefix = self.prefix
+        self._dual = self.routing == "dual"
         # Topic routing: <prefix>:n is only counted (PUBSUB NUMSUB), never published to.
-        self._bchan = broadcast_channel(prefix) if self.routing == "broadcast" else nodes_channel(prefix)
+        self._bchan = nodes_channel(prefix) if self.routing == "topic" else broadcast_channel(prefix)
         self._dprefix = direct_prefix(prefix)
         self._dchan = direct_channel(prefix, node)
         # The channels held for the adapter's life; a forked child has a new direct channel.
@@ -314,6 +317,7 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
                 "messages",
                 "subscribe_errors",
                 "echo_dropped",
+                "dual_dropped",
                 "receive_dropped",
                 "overload_dropped",
                 "invalid",
@@ -405,7 +409,13 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
             return
         if self._out.full(size) and not self._make_room(size):
             return
-        self._out.add((_monotonic(), channel, data))
+        now = _monotonic()
+        self._out.add((now, channel, data))
+        if self.routing == "dual" and envelope["k"] == "b":
+            # The copy for nodes still on broadcast routing (dual nodes drop it: they have the first).
+            marked = mark(data)
+            if not self._out.full(len(marked)) or self._make_room(len(marked)):
+                self._out.add((now, self._bchan, marked))
         self._out_event.set()
 
     @property

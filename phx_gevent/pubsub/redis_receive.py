@@ -39,7 +39,7 @@ from ..errors import BroadcastTimeout
 from ..flow import flow
 from . import codec
 from .redis_loops import CONN_ERRORS, _AdapterState, _Backoff
-from .routing import topic_channel
+from .routing import is_marked, topic_channel
 from .subscriptions import Batch
 
 try:
@@ -65,6 +65,7 @@ class ReceiveLoop(_AdapterState):
 
     if TYPE_CHECKING:  # pragma: no cover
         prefix: str
+        _dual: bool
 
         def _outage_started(self) -> None: ...
         def _outage_over(self) -> None: ...
@@ -73,16 +74,16 @@ class ReceiveLoop(_AdapterState):
 
     def _channel(self, topic: str) -> bytes:
         """The channel broadcasts on ``topic`` are published to (:mod:`phx_gevent.pubsub.routing`)."""
-        return topic_channel(self.prefix, topic) if self.routing == "topic" else self._bchan
+        return self._bchan if self.routing == "broadcast" else topic_channel(self.prefix, topic)
 
     def interest(self, topic: str) -> None:
         """One more local holder of ``topic``: with topic routing, its channel is subscribed (batched)."""
-        if self.routing == "topic" and self._subs.acquire(topic_channel(self.prefix, topic)) is not None:
+        if self.routing != "broadcast" and self._subs.acquire(topic_channel(self.prefix, topic)) is not None:
             self._bus_event.set()
 
     def release(self, topic: str) -> None:
         """One local holder of ``topic`` fewer: the last one unsubscribes its channel after ``linger`` seconds."""
-        if self.routing == "topic":
+        if self.routing != "broadcast":
             self._subs.release(topic_channel(self.prefix, topic), _monotonic())
             self._bus_event.set()
 
@@ -93,7 +94,7 @@ class ReceiveLoop(_AdapterState):
         False after ``timeout`` (default ``subscribe_timeout``) seconds, or at
         once while the listener cannot reach Redis. Never raises.
         """
-        if self.routing != "topic":
+        if self.routing == "broadcast":
             return True
         channel = topic_channel(self.prefix, topic)
         subs = self._subs
@@ -278,6 +279,9 @@ class ReceiveLoop(_AdapterState):
     def _on_message(self, channel: bytes, data: bytes) -> None:
         # The listener's only work: drop our echo, queue the rest; never wait.
         self._counters["messages"] += 1
+        if self._dual and channel == self._bchan and is_marked(data):
+            self._counters["dual_dropped"] += 1  # a dual node's copy: this node has it from the topic's channel
+            return
         if channel != self._dchan and data.startswith(self._echo) and not data.startswith(self._echo_history):
             self._counters["echo_dropped"] += 1
             return
