@@ -225,6 +225,10 @@ def test_routing_is_chosen_by_option_or_url_and_checked(redis_server):  # noqa: 
     assert RedisAdapter(redis_server.url + "?routing=broadcast", routing="topic").routing == "topic"
     with pytest.raises(ValueError, match="routing must be one of"):
         RedisAdapter(redis_server.url, routing="sharded")
+    with pytest.raises(ValueError, match="linger"):
+        RedisAdapter(redis_server.url, linger=-1)
+    with pytest.raises(ValueError, match="subscribe_chunk"):
+        RedisAdapter(redis_server.url, subscribe_chunk=0)
     from phx_gevent.pubsub.routing import split_routing
 
     assert split_routing("unix:///tmp/r.sock?db=2&routing=dual", None) == ("unix:///tmp/r.sock?db=2", "dual")
