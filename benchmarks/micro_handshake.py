@@ -80,8 +80,8 @@ def run(app, n: int) -> float:
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
     apps = {"fast path": make(True), "Flask dispatch": make(False)}
-    assert isinstance(apps["fast path"].wsgi_app, fastpath.UpgradeFastPath)
-    assert not isinstance(apps["Flask dispatch"].wsgi_app, fastpath.UpgradeFastPath)
+    assert isinstance(fastpath.install(apps["fast path"]), fastpath.UpgradeFastPath)
+    assert fastpath.install(apps["Flask dispatch"]) is None
     results: dict[str, list[float]] = {k: [] for k in apps}
     for app in apps.values():
         run(app, 200)  # warm up

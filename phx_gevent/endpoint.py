@@ -140,8 +140,6 @@ class Endpoint(Broadcaster):
         self.blueprint = Blueprint(name, __name__)
         self.mounts: list[SocketMount] = []
         self.apps: list[Flask] = []
-        # (WebSocket path, mount) of the mounts whose upgrades take the fast path.
-        self._upgrades: list[tuple[str, SocketMount]] = []
         self._paths: list[str] = []
         self._missed: set[str] = set()
         #: True once a shutdown drain began (readiness answers 503).
@@ -184,25 +182,38 @@ class Endpoint(Broadcaster):
         # registered later replaces this one anyway).
         if not app.error_handler_spec.get(None, {}).get(404):
             app.register_error_handler(NotFound, self._not_found)
+        # Upgrades (transports/fastpath.py, innermost) and live long-polls skip Flask's dispatch.
+        fastpath.install(app)
+        from .transports.longpoll.routes import LongPollRoutes
+
+        app.wsgi_app = LongPollRoutes(app, app.wsgi_app, self.mounts, self.admit)  # type: ignore[method-assign]
         # `flask phx run`: Flask's own `flask run` cannot serve our WebSockets.
         from .cli import phx
 
         if "phx" not in app.cli.commands:
             app.cli.add_command(phx)
         self.apps.append(app)
-        for rule, mount in self._upgrades:
-            _fast_upgrades(app, rule, mount)
 
-    def _check_request(self) -> Any:
-        # Before any view (sockets included): the real client address, then the Host.
-        environ = request.environ
+    def admit(self, environ: dict[str, Any]) -> bool:
+        """Apply ``trusted_proxies`` (the real client address) to ``environ``; whether its Host is allowed.
+
+        Runs before any view (sockets included) and before the long-poll
+        requests served outside Flask. Idempotent; never raises.
+        """
         if self.trusted_proxies and phx_http.ENVIRON_PEER not in environ:
             client = phx_http.client_address(environ, self.trusted_proxies)
             if client is not None:
                 environ[phx_http.ENVIRON_PEER] = environ.get("REMOTE_ADDR")
                 environ["REMOTE_ADDR"] = client
-                request.remote_addr = client  # Werkzeug copied it when it made the request
-        if not phx_http.host_allowed(environ, self.allowed_hosts):
+        return phx_http.host_allowed(environ, self.allowed_hosts)
+
+    def _check_request(self) -> Any:
+        environ = request.environ
+        peer = environ.get("REMOTE_ADDR")
+        allowed = self.admit(environ)
+        if environ.get("REMOTE_ADDR") != peer:
+            request.remote_addr = environ["REMOTE_ADDR"]  # Werkzeug copied it when it made the request
+        if not allowed:
             return phx_http.close_after(Response("Host not allowed", status=400, mimetype="text/plain"))
         return None
 
@@ -359,10 +370,6 @@ class Endpoint(Broadcaster):
             rule = base + ws_opts.path
             for websocket_rule in (True, False):
                 self._add_rule(rule, f"socket{index}_ws_{int(websocket_rule)}", view, websocket_rule)
-            if not names:  # an exact path: its upgrades may skip Flask's dispatch (transports/fastpath.py)
-                self._upgrades.append((rule, mount))
-                for app in self.apps:
-                    _fast_upgrades(app, rule, mount)
         if lp_opts is not None:
             from .transports.longpoll import LongPoll
 
@@ -473,12 +480,6 @@ class Endpoint(Broadcaster):
             "mounts": {m.path: m.partitions.stats() for m in self.mounts},
             "pubsub": self.pubsub.adapter.stats() if self.pubsub.adapter is not None else {},
         }
-
-
-def _fast_upgrades(app: Flask, rule: str, mount: SocketMount) -> None:
-    fast = fastpath.install(app)
-    if fast is not None:
-        fast.paths.setdefault(rule, mount)  # as Flask's routing: the first socket on a path wins
 
 
 # The fast path runs this before_request function itself (the others send upgrades through Flask).

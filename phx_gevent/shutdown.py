@@ -15,7 +15,7 @@ import gevent
 
 from .transports.writer import CLOSED as WRITER_CLOSED
 
-__all__ = ["close_websockets"]
+__all__ = ["StopClosesWebSockets", "close_websockets"]
 
 log = logging.getLogger(__name__)
 
@@ -57,3 +57,20 @@ def close_websockets(server: Any, timeout: float, sleep: Any = gevent.sleep) -> 
     if conns:
         log.info("phx_gevent: closed %d WebSocket connections (close 1001) as the server stopped", len(conns))
     return len(conns)
+
+
+class StopClosesWebSockets:
+    """Mixed into :class:`phx_gevent.server.Server`: its ``stop()`` closes the WebSockets it accepted first."""
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, close this server's WebSockets with 1001, then stop as gevent's server does.
+
+        The close frames get up to ``timeout`` seconds (default
+        ``stop_timeout``) to go out; then the connections are shut down and
+        their channels terminate. Handlers still running after that are
+        killed (gevent's rule).
+        """
+        server: Any = self
+        server.close()
+        close_websockets(server, server.stop_timeout if timeout is None else timeout)
+        super().stop(timeout=timeout)  # type: ignore[misc]

@@ -93,6 +93,11 @@ def _run_join(proc: ChannelProcess, payload: Any, ref: Any) -> bool:
             # As Phoenix: a refused join stops the channel with :shutdown, running terminate.
             proc._terminate(SHUTDOWN)
             return False
+        # Per-topic routing: Redis confirms this node's subscription before the reply, so a
+        # broadcast published after the reply reaches it from any node (bounded; not during an outage).
+        conn.pubsub.wait_routed(proc.topic)
+        if proc.state != JOINING:
+            return False
         if proc.history is not None and isinstance(payload, dict) and ("since" in payload or "last" in payload):
             if not join_recovering(proc, payload, ref, outcome):
                 return False  # given up while reading the history (connection gone)

@@ -95,15 +95,34 @@ class UpgradeFastPath:
         self.inner = inner
         #: Exact WebSocket paths (``PATH_INFO``) of socket mounts without path parameters.
         self.paths: dict[str, SocketMount] = {}
+        self._mounts = -1  # how many mounts the app's endpoints had when ``paths`` was built
 
     def __call__(self, environ: dict[str, Any], start_response: _StartResponse) -> Iterable[bytes]:
         if "HTTP_UPGRADE" in environ and environ.get("REQUEST_METHOD") == "GET" and ENVIRON_HANDLER in environ:
-            mount = self.paths.get(environ.get("PATH_INFO", ""))
+            path = environ.get("PATH_INFO", "")
+            mount = self.paths.get(path) or self._refresh(path)
             if mount is not None:
                 checks = self._checks(mount)
                 if checks is not None:
                     return self._serve(mount, checks, environ, start_response)
         return self.inner(environ, start_response)
+
+    def _refresh(self, path: str) -> SocketMount | None:
+        # A miss: sockets may have been mounted since the paths were collected (cheap when not).
+        from ..endpoint import Endpoint
+
+        endpoints = [e for e in list(self.app.extensions.values()) if isinstance(e, Endpoint)]
+        count = sum(len(e.mounts) for e in endpoints)
+        if count != self._mounts:
+            self._mounts = count
+            self.paths = {}
+            for endpoint in endpoints:
+                for mount in endpoint.mounts:
+                    base = "" if mount.path == "/" else mount.path
+                    if mount.websocket is not None and ":" not in base:
+                        # As Flask's routing: the first socket on a path wins.
+                        self.paths.setdefault(base + mount.websocket.path, mount)
+        return self.paths.get(path)
 
     def _checks(self, mount: SocketMount) -> list[Any] | None:
         # The before_request functions Flask would run for this route, when the fast path may run
