@@ -189,7 +189,9 @@ class SentinelServers:
             return False
         # Promotable: the sentinel has the replica's own INFO and sees its link to the primary up.
         return any(
-            r.get("port") == str(self.replica.port) and r.get("flags") == "slave" and r.get("master-link-status") == "ok"
+            r.get("port") == str(self.replica.port)
+            and r.get("flags") == "slave"
+            and r.get("master-link-status") == "ok"
             for r in replicas
         )
 

@@ -132,7 +132,7 @@ class RedisTarget:
 
     def node_connection(self, host: str, port: int, **overrides: Any) -> Any:
         """A new, unconnected redis-py ``Connection`` to one cluster node (TLS and credentials applied)."""
-        kwargs = {k: v for k, v in self.kwargs.items() if k not in ("connection_class", "db", "path", "ssl")}
+        kwargs = {k: v for k, v in self.kwargs.items() if k not in ("connection_class", "db", "path", "ssl", "host", "port")}
         kwargs.update(overrides)
         cls = SSLConnection if self.tls else redis.Connection
         return cls(host=host, port=int(port), **kwargs)
@@ -223,7 +223,9 @@ def target(url: str | Sequence[Any] | RedisTarget, **options: Any) -> RedisTarge
             )
         service, db = parts[0], parts[1] if len(parts) > 1 else "0"
         if len(parts) > 2 or not db.isdigit():
-            raise ValueError(f"cannot read {'/'.join(parts)!r} as <primary name>/<db>: e.g. redis+sentinel://h:26379/mymaster/0")
+            raise ValueError(
+                f"cannot read {'/'.join(parts)!r} as <primary name>/<db>: e.g. redis+sentinel://h:26379/mymaster/0"
+            )
         single = f"{base}://{userinfo}{at}{nodes[0][0]}:{nodes[0][1]}/{db}" + (f"?{query}" if query else "")
         kwargs = _node_kwargs(single, options, tls)
         kwargs.pop("host", None)
