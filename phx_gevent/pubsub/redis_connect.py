@@ -132,7 +132,9 @@ class RedisTarget:
 
     def node_connection(self, host: str, port: int, **overrides: Any) -> Any:
         """A new, unconnected redis-py ``Connection`` to one cluster node (TLS and credentials applied)."""
-        kwargs = {k: v for k, v in self.kwargs.items() if k not in ("connection_class", "db", "path", "ssl", "host", "port")}
+        kwargs = {
+            k: v for k, v in self.kwargs.items() if k not in ("connection_class", "db", "path", "ssl", "host", "port")
+        }
         kwargs.update(overrides)
         cls = SSLConnection if self.tls else redis.Connection
         return cls(host=host, port=int(port), **kwargs)
