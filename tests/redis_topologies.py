@@ -42,6 +42,8 @@ class ClusterServers:
         self.dir = tempfile.mkdtemp(prefix="phx-cluster-")
         self.nodes: list[RedisServer] = []
         self.bus_ports: list[int] = []
+        #: Slots moved away from their first owner (``move_slot``): slot -> node index.
+        self.moved: dict[int, int] = {}
         for i in range(primaries):
             node_dir = os.path.join(self.dir, str(i))
             os.mkdir(node_dir)
@@ -101,11 +103,50 @@ class ClusterServers:
         from redis.crc import key_slot
 
         slot = key_slot(key.encode() if isinstance(key, str) else key)
+        if slot in self.moved:
+            return self.moved[slot]
         count = len(self.nodes)
         for i in range(count):
             if i * 16384 // count <= slot <= (i + 1) * 16384 // count - 1:
                 return i
         raise AssertionError(slot)
+
+    def node_id(self, index: int) -> str:
+        return str(self.nodes[index].command("CLUSTER", "MYID"))
+
+    def move_slot(self, slot: int, dest: int, timeout: float = 20.0) -> None:
+        """Migrate ``slot`` (and its keys) to node ``dest``, as ``redis-cli --cluster reshard`` does."""
+        source = self.owner_of_slot(slot)
+        if source == dest:
+            return
+        src, dst = self.nodes[source], self.nodes[dest]
+        src_id, dst_id = self.node_id(source), self.node_id(dest)
+        dst.command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        src.command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        while keys := src.command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+            src.command("MIGRATE", "127.0.0.1", dst.port, "", 0, 5000, "KEYS", *keys)
+        for server in (dst, src, *[n for n in self.nodes if n not in (src, dst)]):
+            server.command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        self.moved[slot] = dest
+        wait_until(
+            lambda: all(self._owner_seen(n, slot) == dst.port for n in self.nodes),
+            timeout,
+            f"every node to agree that slot {slot} moved",
+            interval=0.05,
+        )
+
+    def owner_of_slot(self, slot: int) -> int:
+        if slot in self.moved:
+            return self.moved[slot]
+        count = len(self.nodes)
+        return next(i for i in range(count) if i * 16384 // count <= slot <= (i + 1) * 16384 // count - 1)
+
+    @staticmethod
+    def _owner_seen(server: RedisServer, slot: int) -> int | None:
+        for entry in server.command("CLUSTER", "SLOTS"):
+            if int(entry[0]) <= slot <= int(entry[1]):
+                return int(entry[2][1])
+        return None
 
     def kill(self, index: int) -> None:
         """SIGKILL one primary; the others keep serving their slots."""

@@ -85,9 +85,9 @@ class Sub:
 class Cluster:
     """Factory of started nodes for one kind of setup; stops them at the end."""
 
-    def __init__(self, kind: str, redis: RedisServer | None = None, redis_cluster: Any = None) -> None:
+    def __init__(self, kind: str, redis: RedisServer | None = None, shards: Any = None) -> None:
         self.kind = kind
-        self.redis_cluster = redis_cluster
+        self.redis_cluster = shards
         self.distinct = kind != "local"
         self.redis = redis
         self.bus = MemoryBus()

@@ -179,3 +179,35 @@ def test_two_gunicorn_workers_share_broadcasts_presence_and_longpoll_over_the_cl
         assert len(js.find(ev="open", socket=sid)) == 1 and not js.find(ev="close", socket=sid)
     finally:
         proxy.stop()
+
+
+def test_a_slot_migration_moves_the_topic_to_its_new_shard(redis_cluster, nodes):  # noqa: F811
+    from redis.crc import key_slot
+
+    a, b = nodes(2)
+    topic = topics_by_shard(redis_cluster, nodes.prefix, per_shard=1)[0][0]
+    slot = key_slot(topic_channel(nodes.prefix, topic))
+    rec = Recorder(b, topic)
+    assert b.wait_routed(topic, 5)
+    a.broadcast(topic, "before", {})
+    rec.wait(1)
+    redis_cluster.move_slot(slot, 2)
+    try:
+        # Redis drops b's subscription (sunsubscribe) and a's SPUBLISH answers MOVED: both read the
+        # slot map again; b subscribes on the new shard, a publishes there.
+        wait_until(lambda: b.adapter.shard_for(topic) == ("127.0.0.1", redis_cluster.nodes[2].port), 15, "b's map")
+        wait_until(lambda: b.wait_routed(topic, 1), 15, "b subscribed on the new shard")
+        wait_until(
+            lambda: (
+                topic_channel(nodes.prefix, topic).decode()
+                in redis_cluster.nodes[2].command("PUBSUB", "SHARDCHANNELS", f"{nodes.prefix}:t:*")
+            ),
+            15,
+            "the channel on the new primary",
+        )
+        for i in range(3):
+            a.broadcast(topic, "after", {"i": i})
+        wait_until(lambda: rec.events().count("after") == 3, 15, "the broadcasts after the migration")
+        assert b.adapter.stats()["map_changes"] >= 1
+    finally:
+        redis_cluster.move_slot(slot, 0)

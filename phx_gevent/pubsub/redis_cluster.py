@@ -24,7 +24,6 @@ Only topic routing exists here (a single broadcast channel would not shard).
 
 from __future__ import annotations
 
-import bisect
 import functools
 import inspect
 import logging
@@ -44,6 +43,7 @@ from .base import Adapter, make_node_name
 from .outbox import Item
 from .redis import RedisAdapter
 from .redis_shard import ShardAdapter, item_slot
+from .redis_slots import Address, SlotMap, cluster_client, discover
 from .routing import direct_channel, topic_channel
 
 try:
@@ -52,12 +52,11 @@ try:
 except ImportError:  # pragma: no cover
     redis = None  # type: ignore[assignment]
 
-__all__ = ["RedisClusterAdapter", "SlotMap", "cluster_client", "discover", "redis_adapter"]
+__all__ = ["RedisClusterAdapter", "SlotMap", "cluster_client", "discover", "redis_adapter"]  # re-exported
 
 log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
-Address = tuple[str, int]
 
 # RedisAdapter's own options (the rest are redis-py connection options).
 _ADAPTER_OPTIONS = frozenset(inspect.signature(RedisAdapter.__init__).parameters) - {
@@ -74,75 +73,6 @@ def _after_fork(ref: weakref.ref[RedisClusterAdapter]) -> None:
     adapter = ref()
     if adapter is not None:
         adapter._forked()
-
-
-class SlotMap:
-    """Which primary serves which hash slot (from ``CLUSTER SLOTS``); pure, no I/O."""
-
-    def __init__(self, ranges: Sequence[tuple[int, int, Address]]) -> None:
-        self.ranges = sorted(ranges)
-        self._starts = [r[0] for r in self.ranges]
-
-    @classmethod
-    def from_reply(cls, reply: Any, default_host: str) -> SlotMap:
-        """Parse a RESP2 ``CLUSTER SLOTS`` reply (an empty host means the node we asked)."""
-        ranges = []
-        for entry in reply:
-            start, end, primary = int(entry[0]), int(entry[1]), entry[2]
-            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
-            ranges.append((start, end, (host if host and host != "?" else default_host, int(primary[1]))))
-        return cls(ranges)
-
-    def owner(self, slot: int) -> Address | None:
-        """The primary of ``slot``, or ``None`` when no node serves it."""
-        i = bisect.bisect_right(self._starts, slot) - 1
-        if i >= 0:
-            start, end, address = self.ranges[i]
-            if start <= slot <= end:
-                return address
-        return None
-
-    def primaries(self) -> set[Address]:
-        """Every primary that serves at least one slot."""
-        return {r[2] for r in self.ranges}
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, SlotMap) and self.ranges == other.ranges
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def discover(target: redis_connect.RedisTarget, seeds: Sequence[Address], timeout: float = 2.0) -> SlotMap:
-    """The slot map, asked of the first of ``seeds`` that answers; raises ``redis.ConnectionError`` if none does."""
-    errors = []
-    for host, port in seeds:
-        conn = target.node_connection(host, port, socket_timeout=timeout, socket_connect_timeout=timeout)
-        try:
-            conn.connect()
-            conn.send_command("CLUSTER", "SLOTS", check_health=False)
-            reply = conn.read_response()
-            if isinstance(reply, Exception):
-                raise reply
-            if reply:
-                return SlotMap.from_reply(reply, host)
-            errors.append(f"{host}:{port}: no slots assigned")
-        except (redis.RedisError, OSError) as exc:
-            errors.append(f"{host}:{port}: {type(exc).__name__}: {exc}")
-        finally:
-            conn.disconnect()
-    raise redis.ConnectionError("no Redis Cluster node answered CLUSTER SLOTS (" + "; ".join(errors) + ")")
-
-
-def cluster_client(target: redis_connect.RedisTarget, **options: Any) -> Any:
-    """A redis-py ``RedisCluster`` client for ``target`` (history reads, rules, the Emitter): routes by key."""
-    from redis.cluster import ClusterNode, RedisCluster
-
-    kwargs = {k: v for k, v in target.kwargs.items() if k not in ("host", "port", "db", "connection_class", "path")}
-    kwargs.update(options)
-    if target.tls:
-        kwargs["ssl"] = True
-    nodes = [ClusterNode(host, port) for host, port in target.nodes]
-    return RedisCluster(startup_nodes=nodes, **kwargs)
 
 
 def redis_adapter(url: str | Sequence[Any], prefix: str = "phx", **options: Any) -> Adapter:

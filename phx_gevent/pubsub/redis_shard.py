@@ -34,10 +34,10 @@ from .subscriptions import State
 try:
     import redis
     from redis.crc import key_slot
-    from redis.exceptions import ResponseError
+    from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
 except ImportError:  # pragma: no cover
     redis = None  # type: ignore[assignment]
-    ResponseError = Exception  # type: ignore[assignment,misc]
+    ResponseError = AskError = ClusterDownError = MovedError = TryAgainError = Exception  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .redis_cluster import RedisClusterAdapter
@@ -53,8 +53,10 @@ SHARDED_GAP_SCRIPT = _history.GAP_SCRIPT.replace("redis.call('PUBLISH'", "redis.
 
 def is_redirect(exc: BaseException) -> bool:
     """Whether a Redis error says the slot lives elsewhere (``MOVED``, ``ASK``) or the cluster is reconfiguring."""
-    text = str(exc)
-    return text.startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")) or "MOVED " in text
+    # redis-py parses these replies into their own classes (and strips the word from the message).
+    if isinstance(exc, (AskError, ClusterDownError, MovedError, TryAgainError)):
+        return True
+    return str(exc).startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"))
 
 
 def item_slot(item: Item) -> int:
