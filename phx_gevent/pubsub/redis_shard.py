@@ -155,6 +155,9 @@ class ShardAdapter(RedisAdapter):
         if isinstance(exc, _SlotMoved) or (isinstance(exc, ResponseError) and is_redirect(exc)):
             self._counters["moved"] = self._counters.get("moved", 0) + 1
             self.cluster.refresh(f"subscription redirected: {exc}")
+        else:
+            # The shard is unreachable: a replica may have been promoted in its place.
+            self.cluster.refresh(f"shard {self._where} unreachable: {exc}")
         super()._sub_failed(exc)
 
     def _refused(self, item: Item, exc: BaseException) -> bool:
