@@ -211,3 +211,36 @@ def test_a_slot_migration_moves_the_topic_to_its_new_shard(redis_cluster, nodes)
         assert b.adapter.stats()["map_changes"] >= 1
     finally:
         redis_cluster.move_slot(slot, 0)
+
+
+def test_under_gunicorn_one_primary_down_leaves_other_rooms_crossing_workers(redis_cluster, gunicorn, js):  # noqa: F811
+    server = gunicorn(workers=2, env={"REDIS_URL": redis_cluster.url}, args=[*ACCESS])
+    live = "room:cluster-live"
+    victim = (redis_cluster.owner(topic_channel("phx", live)) + 1) % 3  # a shard the live room is not on
+    down = topics_by_shard(redis_cluster, "phx", per_shard=1)[victim][0]
+    clients = spread(js, server, live)
+    one = clients[0]
+    other = next(c for c in clients if c.pid != one.pid)
+    second = {}
+    for c in (one, other):
+        second[c.sid] = js.channel(c.sid, down)
+        assert js.join(second[c.sid])["status"] == "ok"
+    redis_cluster.kill(victim)
+    try:
+        since = js.mark()
+        assert js.push(one.cid, "new_msg", {"body": "during"})["status"] == "ok"
+        other.wait("new_msg", since, body="during")
+    finally:
+        redis_cluster.restart(victim)
+
+    # Back: the workers resubscribe on the restarted shard; the room crosses workers again.
+    def crossed() -> bool:
+        since = js.mark()
+        js.push(second[one.sid], "new_msg", {"body": "after"})
+        try:
+            js.wait(ev="chan", channel=second[other.sid], event="new_msg", since=since, timeout=1)
+            return True
+        except AssertionError:
+            return False
+
+    wait_until(crossed, 30, "a broadcast on the restarted shard's room to cross workers", interval=0.2)
