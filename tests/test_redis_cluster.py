@@ -244,3 +244,32 @@ def test_under_gunicorn_one_primary_down_leaves_other_rooms_crossing_workers(red
             return False
 
     wait_until(crossed, 30, "a broadcast on the restarted shard's room to cross workers", interval=0.2)
+
+
+def test_a_promoted_replica_takes_over_its_primarys_topics():
+    # A cluster of its own: one primary (every slot) and its replica.
+    cluster = ClusterServers(1, replicas=1)
+    a = b = None
+    try:
+        cluster.start()
+        a = PubSub(RedisClusterAdapter(cluster.url, prefix="fo", backoff=(0.05, 0.2)))
+        b = PubSub(RedisClusterAdapter(cluster.url, prefix="fo", backoff=(0.05, 0.2)))
+        a.start()
+        b.start()
+        rec = Recorder(b, "room:fo")
+        assert b.wait_routed("room:fo", 5)
+        a.broadcast("room:fo", "before", {})
+        rec.wait(1)
+        cluster.failover(1)
+        # The old primary (now a replica) drops the shard subscriptions; both nodes read the new map.
+        promoted = ("127.0.0.1", cluster.nodes[1].port)
+        wait_until(lambda: a.adapter.shard_for("room:fo") == promoted == b.adapter.shard_for("room:fo"), 15, "maps")
+        wait_until(lambda: b.wait_routed("room:fo", 1), 15, "b subscribed on the promoted replica")
+        a.broadcast("room:fo", "after", {})
+        wait_until(lambda: "after" in rec.events(), 15, "the broadcast through the promoted replica")
+        assert list(b.adapter.stats()["shards"]) == [f"127.0.0.1:{cluster.nodes[1].port}"]
+    finally:
+        for node in (a, b):
+            if node is not None:
+                node.stop()
+        cluster.close()
