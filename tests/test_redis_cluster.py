@@ -273,3 +273,28 @@ def test_a_promoted_replica_takes_over_its_primarys_topics():
             if node is not None:
                 node.stop()
         cluster.close()
+
+
+def test_a_node_started_before_its_cluster_subscribes_and_sends_once_it_is_up(caplog):
+    cluster = ClusterServers(1)  # ports chosen, not started yet
+    nodes_: list[PubSub] = []
+    try:
+        b = PubSub(RedisClusterAdapter(cluster.url, prefix="early", backoff=(0.05, 0.2)))
+        b.start()  # does not raise: the slot map is read in the background until the cluster answers
+        nodes_.append(b)
+        rec = Recorder(b, "room:early")
+        assert not b.wait_routed("room:early", 0.1)  # no map yet: the join would succeed locally at once
+        assert "not reachable yet" in caplog.text
+        a = PubSub(RedisClusterAdapter(cluster.url, prefix="early", backoff=(0.05, 0.2)))
+        a.start()
+        nodes_.append(a)
+        a.broadcast("room:early", "held", {})  # kept until the map is known
+        cluster.start()
+        wait_until(lambda: b.wait_routed("room:early", 1), 20, "b's interest subscribed once the cluster is up")
+        a.broadcast("room:early", "later", {})
+        wait_until(lambda: "later" in rec.events(), 15, "a broadcast after the cluster came up")
+        assert a.adapter.stats()["published"] >= 1
+    finally:
+        for node in nodes_:
+            node.stop()
+        cluster.close()
