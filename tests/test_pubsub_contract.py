@@ -108,11 +108,11 @@ class Cluster:
                 adapter = RedisClusterAdapter(self.redis_cluster.url, prefix=self.prefix, backoff=(0.05, 0.3))
             else:
                 assert self.redis is not None
-                routing = "broadcast" if self.kind == "redis-broadcast" else "topic"
+                routing = {"redis-broadcast": "broadcast", "redis-dual": "dual"}.get(self.kind, "topic")
                 adapter = RedisAdapter(self.redis.url, prefix=self.prefix, backoff=(0.05, 0.3), routing=routing)
             node = PubSub(adapter)
             node.start()
-            if self.kind in ("redis", "cluster"):
+            if self.kind in ("redis", "redis-dual", "cluster"):
                 _routed_subscriptions(node)
             nodes.append(node)
         self.nodes.extend(nodes)
@@ -151,13 +151,13 @@ def _cluster(kind: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
         redis.close()
 
 
-@pytest.fixture(params=["local", "memory", "redis", "redis-broadcast", "cluster"])
+@pytest.fixture(params=["local", "memory", "redis", "redis-broadcast", "redis-dual", "cluster"])
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """Every setup, the single-process local layer included."""
     yield from _cluster(request.param, request)
 
 
-@pytest.fixture(params=["memory", "redis", "redis-broadcast", "cluster"])
+@pytest.fixture(params=["memory", "redis", "redis-broadcast", "redis-dual", "cluster"])
 def nodes(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """Setups with distinct nodes, for node-to-node behaviour."""
     yield from _cluster(request.param, request)

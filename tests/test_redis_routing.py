@@ -225,6 +225,10 @@ def test_routing_is_chosen_by_option_or_url_and_checked(redis_server):  # noqa: 
     assert RedisAdapter(redis_server.url + "?routing=broadcast", routing="topic").routing == "topic"
     with pytest.raises(ValueError, match="routing must be one of"):
         RedisAdapter(redis_server.url, routing="sharded")
+    from phx_gevent.pubsub.routing import split_routing
+
+    assert split_routing("unix:///tmp/r.sock?db=2&routing=dual", None) == ("unix:///tmp/r.sock?db=2", "dual")
+    assert split_routing("redis://h:1/0?routing=broadcast", None) == ("redis://h:1/0", "broadcast")
 
 
 def test_a_subscription_refused_by_an_acl_is_logged_and_the_node_keeps_working(redis_server, caplog):  # noqa: F811

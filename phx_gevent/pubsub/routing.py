@@ -31,7 +31,7 @@ them to resubscribe before replaying an outage).
 from __future__ import annotations
 
 from typing import Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 __all__ = [
     "ROUTINGS",
@@ -121,10 +121,13 @@ def split_routing(url: str, routing: str | None) -> tuple[str, Routing]:
     an unknown routing.
     """
     from_url = None
-    if "routing=" in url:
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        kept = [(k, v) for k, v in query if k != "routing"]
-        from_url = next((v for k, v in query if k == "routing"), None)
-        url = urlunsplit(parts._replace(query=urlencode(kept)))
+    base, sep, query = url.partition("?")
+    if sep:
+        # By hand, not urlsplit/urlunsplit: those turn "unix:///path" into "unix:/path".
+        params = [p for p in query.split("&") if p]
+        for param in params:
+            if param.startswith("routing="):
+                from_url = unquote(param[len("routing=") :])
+        kept = [p for p in params if not p.startswith("routing=")]
+        url = base + ("?" + "&".join(kept) if kept else "")
     return url, check_routing(routing or from_url or "topic")
