@@ -10,6 +10,9 @@ delivery greenlets, speaking sharded pub/sub (Redis 7+):
   (Redis refuses a cross-slot one), all of a round still written at once;
 - history appends run the same scripts with ``SPUBLISH`` (legal: the topic's
   channel and its history keys share the ``{topic}`` hash tag, one slot);
+- the nodes are counted (``PUBSUB SHARDNUMSUB``) on a counting channel in
+  this shard's slots, so a replay after this shard's outage waits for the
+  other nodes to resubscribe here, as with one Redis;
 - ``MOVED``/``ASK`` on a publish hands the envelope back to the cluster
   adapter, which refreshes its slot map and sends it to the new owner; on a
   subscription (an error, or a ``sunsubscribe`` Redis pushes when a slot
