@@ -197,7 +197,9 @@ class Observer:
         drops[metadata["reason"]] = drops.get(metadata["reason"], 0) + 1
 
     def _on_pubsub_down(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        if sender is self.endpoint.pubsub.adapter:
+        adapter = self.endpoint.pubsub.adapter
+        # A Redis Cluster's shards report their own outages (sender.cluster is the endpoint's adapter).
+        if adapter is not None and (sender is adapter or getattr(sender, "cluster", None) is adapter):
             self.counters["pubsub_outages"] += 1
 
     def _on_presence(self, sender: Any, measurements: Any, metadata: Any) -> None:

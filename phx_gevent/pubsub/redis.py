@@ -62,7 +62,7 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -70,14 +70,14 @@ from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 
 from .. import supervise
-from . import codec
+from . import codec, redis_connect
 from .base import Adapter, make_node_name
 from .outbox import Outbox
 from .redis_appends import HistoryAppends
 from .redis_lifecycle import NOT_PATCHED_MESSAGE, Lifecycle, after_fork, register_exit_flush
 from .redis_loops import PublishLoop
 from .redis_receive import ReceiveLoop
-from .routing import broadcast_channel, direct_channel, direct_prefix, mark, nodes_channel, split_routing
+from .routing import broadcast_channel, check_routing, direct_channel, direct_prefix, mark, nodes_channel, split_routing
 from .subscriptions import SubscriptionManager
 
 try:
@@ -163,7 +163,7 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[Any] | redis_connect.RedisTarget,
         prefix: str = "phx",
         *,
         routing: str | None = None,
@@ -203,7 +203,10 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
         ):
             if int(value) <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        url, self.routing = split_routing(url, routing)
+        if isinstance(url, str):
+            url, self.routing = split_routing(url, routing)
+        else:
+            self.routing = check_routing(routing or "topic")
         if subscribe_timeout < 0 or linger < 0:
             raise ValueError(f"subscribe_timeout and linger are seconds >= 0, got {subscribe_timeout!r}, {linger!r}")
         if int(subscribe_chunk) < 1:
@@ -240,8 +243,15 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
         redis_kwargs.setdefault("socket_connect_timeout", float(connect_timeout))
         redis_kwargs["protocol"] = 2
         # Parses the URL now, so a bad one fails at configuration time; connects nothing.
-        self._pool = redis.ConnectionPool.from_url(url, **redis_kwargs)
-        self._where = self._describe()
+        #: Where Redis is (:mod:`phx_gevent.pubsub.redis_connect`): one server or a Sentinel-managed primary.
+        self.target = redis_connect.target(url, **redis_kwargs)
+        if self.target.kind == "cluster":
+            raise ValueError(
+                "RedisAdapter serves one Redis (or a Sentinel primary); for a Redis Cluster use "
+                "phx_gevent.pubsub.redis_cluster.RedisClusterAdapter, or redis_adapter(url) to pick by URL"
+            )
+        self._pool = self.target.pool()
+        self._where = self.target.describe()
 
         self._receive: Callable[[dict[str, Any]], None] | None = None
         self._running = False
@@ -279,11 +289,11 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
         now = _monotonic()
         for channel in self._fixed:
             self._subs.release(channel, now)
-        self._fixed = (self._dchan, self._bchan)
+        self._fixed = self._fixed_channels()
         for channel in self._fixed:
             self._subs.acquire(channel)
         # Subscribed last on a new connection: once other nodes count it, the rest is in place.
-        self._subs.tail = self._bchan
+        self._subs.tail = self._bchan if self._bchan in self._fixed else None
         self._restore = self._subs.reset()[0]
         self._bus_event = Event()
         self._bus_lock = BoundedSemaphore(1)
@@ -343,6 +353,10 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
 
     def __repr__(self) -> str:
         return f"<RedisAdapter {self._where} prefix={self.prefix!r} node={self.node_name!r}>"
+
+    def _fixed_channels(self) -> tuple[bytes, ...]:
+        # The channels this connection holds for the adapter's life (a cluster shard: its own).
+        return (self._dchan, self._bchan)
 
     # -- Adapter interface ----------------------------------------------------------------
 

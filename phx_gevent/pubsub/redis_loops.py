@@ -139,6 +139,17 @@ class AdapterState:
 class PublishLoop(AdapterState):
     """The publisher greenlet: writes the outbox to Redis in pipelined batches, replays after an outage."""
 
+    #: The command a broadcast or direct message is written with (a Redis Cluster shard: SPUBLISH).
+    _publish_cmd = b"PUBLISH"
+    #: Whether nodes are counted (PUBSUB NUMSUB) for the replay after an outage.
+    _count_nodes = True
+    #: How they are counted: ``PUBSUB NUMSUB`` (a cluster shard: ``SHARDNUMSUB`` of its own counting channel).
+    _numsub = b"NUMSUB"
+
+    def _refused(self, item: Item, exc: BaseException) -> bool:
+        """Redis refused ``item``: True when it was taken care of (a cluster shard re-routes a moved slot)."""
+        return False
+
     def _make_room(self, size: int) -> bool:
         current = gevent.getcurrent()
         if self._pub_down_since is None and self.publish_timeout > 0 and current not in self._greenlets:
@@ -277,7 +288,7 @@ class PublishLoop(AdapterState):
                 self._stop.wait(backoff.next())
 
     def _probe(self, conn: Any) -> None:
-        conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
+        conn.send_command(b"PUBSUB", self._numsub, self._bchan, check_health=False)
         self._subscribers_seen = int(conn.read_response()[1])
 
     def _recovered(self, conn: Any, gen: int) -> None:
@@ -291,7 +302,7 @@ class PublishLoop(AdapterState):
             start = _monotonic()
             deadline = start + self.replay_wait
             while self._alive(gen):
-                conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
+                conn.send_command(b"PUBSUB", self._numsub, self._bchan, check_health=False)
                 count = int(conn.read_response()[1])
                 if count >= self._subscribers_seen or _monotonic() >= deadline:
                     self._subscribers_seen = count
@@ -334,14 +345,16 @@ class PublishLoop(AdapterState):
                 self._reset_gaps(conn)
             sha = self._append_sha
             commands: list[tuple[Any, ...]] = [
-                (b"PUBLISH", channel, data) if isinstance(channel, bytes) else (b"EVALSHA", sha, 2, *channel.args)
+                (self._publish_cmd, channel, data)
+                if isinstance(channel, bytes)
+                else (b"EVALSHA", sha, 2, *channel.args)
                 for _, channel, data in inflight
             ]
             # Topic routing: a PUBLISH answers how many nodes hold that topic, not how many nodes
             # there are; count them with the batch (at most ten times a second) for the next replay.
-            probe = self.routing == "topic" and _monotonic() - self._probed > 0.1
+            probe = self._count_nodes and self.routing == "topic" and _monotonic() - self._probed > 0.1
             if probe:
-                commands.append((b"PUBSUB", b"NUMSUB", bchan))
+                commands.append((b"PUBSUB", self._numsub, bchan))
             conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         except CONN_ERRORS:
             # Possibly partly written: what Redis did not acknowledge is sent again.
@@ -353,13 +366,16 @@ class PublishLoop(AdapterState):
             except ResponseError as exc:
                 # Refused by Redis (ACL, ...): this one is lost, the connection is fine.
                 receivers = None
-                counters["publish_errors"] += 1
-                if type(inflight[0][1]) is HistoryCmd:
+                if self._refused(inflight[0], exc):
+                    pass  # sent elsewhere (a Redis Cluster slot that moved)
+                elif type(inflight[0][1]) is HistoryCmd:
+                    counters["publish_errors"] += 1
                     log.error("phx_gevent: Redis refused a history append on %r: %s", inflight[0][1].topic, exc)
                     self._history_fallback(inflight[0])
                     if b"NOSCRIPT" in str(exc).encode():
                         self._reload_scripts = True
                 else:
+                    counters["publish_errors"] += 1
                     log.error("phx_gevent: Redis refused to publish on %r: %s", inflight[0][1], exc)
             except CONN_ERRORS:
                 counters["resent"] += len(inflight)
