@@ -208,10 +208,11 @@ class Endpoint(Broadcaster):
         return phx_http.host_allowed(environ, self.allowed_hosts)
 
     def _check_request(self) -> Any:
-        environ = request.environ
+        # current_environ: an upgrade's request object is made only if something reads it.
+        environ = fastpath.current_environ()
         peer = environ.get("REMOTE_ADDR")
         allowed = self.admit(environ)
-        if environ.get("REMOTE_ADDR") != peer:
+        if environ.get("REMOTE_ADDR") != peer and fastpath.request_made():
             request.remote_addr = environ["REMOTE_ADDR"]  # Werkzeug copied it when it made the request
         if not allowed:
             return phx_http.close_after(Response("Host not allowed", status=400, mimetype="text/plain"))

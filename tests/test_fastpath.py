@@ -122,3 +122,55 @@ def test_middleware_installed_before_the_endpoint_keeps_the_flask_path(live_serv
     assert dispatched == ["/socket/websocket"]
     assert SEEN[-1]["ua"] == "via-middleware"
     ws.close()
+
+
+class CountingRequest(Flask.request_class):  # type: ignore[misc, valid-type]
+    made = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        type(self).made += 1
+        super().__init__(*args, **kwargs)
+
+
+class ParamsOnlySocket(Socket):
+    def connect(self, params: dict, socket: Any, connect_info: dict):
+        return socket if params.get("user") else None
+
+
+class RuleReadingSocket(Socket):
+    def connect(self, params: dict, socket: Any, connect_info: dict):
+        # The request object made on first read, matched as Flask's push would have.
+        SEEN.append({"rule": request.url_rule.rule, "endpoint": request.endpoint, "view_args": request.view_args})
+        return socket
+
+
+def test_a_connect_that_reads_no_request_makes_no_request_object(live_server):
+    app = Flask("lazy_request_app")
+    app.request_class = CountingRequest
+    Endpoint(app).socket("/socket", ParamsOnlySocket)
+    srv = live_server(app)
+    CountingRequest.made = 0
+    ws = RawWS(srv.port, "/socket/websocket?vsn=2.0.0&user=u1")
+    assert ws.status == 101
+    ws.send_json([None, "1", "phoenix", "heartbeat", {}])
+    assert ws.recv_json()[3] == "phx_reply"
+    assert CountingRequest.made == 0
+    refused = RawWS(srv.port, "/socket/websocket?vsn=2.0.0")  # refused: Flask's response path reads it
+    assert refused.status == 403
+    ws.close()
+
+
+def test_the_request_made_lazily_is_matched_and_trusted_hosts_still_apply(live_server):
+    SEEN.clear()
+    app = Flask("lazy_rule_app")
+    Endpoint(app).socket("/socket", RuleReadingSocket)
+    srv = live_server(app)
+    ws = RawWS(srv.port, "/socket/websocket?vsn=2.0.0")
+    assert ws.status == 101
+    assert SEEN == [{"rule": "/socket/websocket", "endpoint": SEEN[0]["endpoint"], "view_args": {}}]
+    assert SEEN[0]["endpoint"].startswith("phx_gevent.")  # the endpoint blueprint's WebSocket view
+    ws.close()
+    app.config["TRUSTED_HOSTS"] = ["trusted.example"]
+    untrusted = RawWS(srv.port, "/socket/websocket?vsn=2.0.0", headers={"Host": "evil.example"})
+    assert untrusted.status == 400
+    assert len(SEEN) == 1  # connect never ran

@@ -25,7 +25,10 @@ appends a snapshot of them plus object counts by type to ``<file>``
 Observability (docs/observability.md): ``PHX_OBSERVE=0`` builds the example
 without its health, metrics and dashboard (no telemetry receivers at all);
 ``PHX_DASHBOARD_OPEN=1`` keeps one dashboard channel joined (as an open page
-would) for the whole run.
+would) for the whole run; ``PHX_OBSERVE_INTERVAL`` sets the sampler's period (s).
+``PHX_IDLE_TIMEOUT`` sets the WebSocket idle timeout (s, ``0``: none), for
+clients slowed down by valgrind (``benchmarks/callgrind.py``), and
+``PHX_NO_SWEEP=1`` turns the sweeper's once-a-second pass into a no-op there.
 """
 
 from gevent import monkey
@@ -170,6 +173,37 @@ def install_gclog() -> None:
     gevent.spawn(watch_stalls)
 
 
+def stop_sweeps() -> None:
+    """Make the WebSocket sweeper's once-a-second pass over every connection a no-op (this tree's or an older one's).
+
+    For instruction counts only (``benchmarks/callgrind.py``): under valgrind a
+    second of wall time is a varying number of operations, so work done per
+    second would blur the count per operation. No idle or slow-client drops then.
+    """
+    import importlib
+
+    places = (("phx_gevent.transports.sweeper", "IdleSweeper"), ("phx_gevent.transports.websocket", "_IdleSweeper"))
+    for name, cls in places:
+        try:
+            sweeper = getattr(importlib.import_module(name), cls)
+        except (ImportError, AttributeError):
+            continue
+        sweeper._sweep = lambda self: None
+
+
+def set_idle_timeout(endpoint, seconds: float | None) -> None:
+    """Every WebSocket mount's idle timeout (``None``: none), on this tree's options or an older one's."""
+    import dataclasses
+
+    for mount in endpoint.mounts:
+        if getattr(mount, "websocket", None) is None:
+            continue
+        if dataclasses.is_dataclass(mount.websocket):
+            mount.websocket = dataclasses.replace(mount.websocket, timeout=seconds)
+        else:  # an older commit's plain options object
+            mount.websocket.timeout = seconds
+
+
 def main() -> None:
     args = parse_args("phx_gevent benchmark server")
     if os.environ.get("PHX_GCLOG") == "1":
@@ -190,6 +224,13 @@ def main() -> None:
 
         fastpath.ENABLED = False
     app, _endpoint = app_example.create_app()
+    if os.environ.get("PHX_OBSERVE_INTERVAL") and getattr(_endpoint, "observer", None) is not None:
+        # Seconds between two sampler ticks (benchmarks/callgrind.py moves them out of its counts).
+        _endpoint.observer.interval = float(os.environ["PHX_OBSERVE_INTERVAL"])
+    if os.environ.get("PHX_NO_SWEEP") == "1":
+        stop_sweeps()
+    if os.environ.get("PHX_IDLE_TIMEOUT"):
+        set_idle_timeout(_endpoint, float(os.environ["PHX_IDLE_TIMEOUT"]) or None)
     print(f"PHX_ROOT {ROOT} ({app_example.__file__})", file=sys.stderr, flush=True)
     settings = configure_from_env()
     settings["root"] = str(ROOT)

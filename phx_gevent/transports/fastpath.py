@@ -32,10 +32,12 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, Response
-from flask.ctx import RequestContext
+from flask import Flask, Response, request
+from flask.ctx import RequestContext, _sentinel
+from flask.globals import _cv_app, _cv_request
 from flask.sessions import SessionMixin
-from flask.signals import request_finished, request_started
+from flask.signals import request_finished, request_started, request_tearing_down
+from werkzeug.exceptions import HTTPException
 
 from .handshake import accept
 from .websocket import ENVIRON_HANDLER
@@ -66,7 +68,91 @@ ENABLED = True
 
 
 class _UpgradeContext(RequestContext):
-    """A request context whose session is opened the first time something reads it."""
+    """A request context whose request object and session are made the first time something reads them.
+
+    A connect that reads neither ``request`` nor ``session`` (the usual one:
+    ``params`` and ``connect_info`` come from the WSGI environ) costs no
+    werkzeug ``Request``, URL adapter or URL match; the first read of
+    ``request`` makes all three as Flask's push would have (``url_rule``,
+    ``view_args``, ``routing_exception``), so everything that reads them later
+    (error handlers, ``url_for``, teardown functions) sees what it always did.
+    """
+
+    def __init__(self, app: Flask, environ: dict[str, Any], session: Any) -> None:
+        # Flask's __init__ minus the request and the URL adapter, made on first use.
+        self.app = app
+        self.environ = environ
+        self._request: Any = None
+        self._adapter: Any = None
+        self.flashes = None
+        self._session = session
+        self._after_request_functions = []
+        self._cv_tokens = []
+
+    @property  # type: ignore[override]
+    def request(self) -> Any:
+        """The werkzeug request, made (and matched against the URL map) on first use."""
+        req = self._request
+        if req is None:
+            req = self._request = self.app.request_class(self.environ)
+            req.json_module = self.app.json
+            try:
+                self._adapter = self.app.create_url_adapter(req)
+            except HTTPException as exc:
+                req.routing_exception = exc
+            if self._adapter is not None:
+                self.match_request()
+        return req
+
+    @request.setter
+    def request(self, value: Any) -> None:
+        self._request = value
+
+    @property  # type: ignore[override]
+    def url_adapter(self) -> Any:
+        """The request's URL adapter (``url_for`` builds with it), made with the request."""
+        if self._request is None:
+            self.request  # noqa: B018 - makes the request and its adapter
+        return self._adapter
+
+    @url_adapter.setter
+    def url_adapter(self, value: Any) -> None:
+        self._adapter = value
+
+    def push(self) -> None:
+        """Flask's push: the app context and this request context, with no session and no URL match yet."""
+        app_ctx = _cv_app.get(None)
+        if app_ctx is None or app_ctx.app is not self.app:
+            app_ctx = self.app.app_context()
+            app_ctx.push()
+        else:
+            app_ctx = None
+        self._cv_tokens.append((_cv_request.set(self), app_ctx))
+
+    def pop(self, exc: BaseException | None = _sentinel) -> None:  # type: ignore[assignment]
+        """Flask's pop; a request object nobody made is neither made nor closed."""
+        clear = len(self._cv_tokens) == 1
+        try:
+            if clear:
+                if exc is _sentinel:
+                    exc = sys.exc_info()[1]
+                app = self.app
+                if self._request is None and not any(app.teardown_request_funcs.values()):
+                    # Flask's teardown minus its walk over the request's blueprints (which makes the
+                    # request): with no teardown function anywhere, only the signal is left.
+                    request_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
+                else:
+                    app.do_teardown_request(exc)
+                req = self._request
+                if req is not None:
+                    req.close()
+        finally:
+            token, app_ctx = self._cv_tokens.pop()
+            _cv_request.reset(token)
+            if clear and self._request is not None:
+                self.environ["werkzeug.request"] = None
+            if app_ctx is not None:
+                app_ctx.pop(exc)
 
     @property
     def session(self) -> SessionMixin:
@@ -85,6 +171,20 @@ class _UpgradeContext(RequestContext):
                 session = interface.make_null_session(self.app)
             self._session = session
         return session
+
+
+def current_environ() -> dict[str, Any]:
+    """The WSGI environ of the current request, without making its request object when it has none yet."""
+    ctx = _cv_request.get(None)
+    if isinstance(ctx, _UpgradeContext):
+        return ctx.environ
+    return request.environ
+
+
+def request_made() -> bool:
+    """False while the current request is an upgrade whose request object nothing has made yet."""
+    ctx = _cv_request.get(None)
+    return not isinstance(ctx, _UpgradeContext) or ctx._request is not None
 
 
 class UpgradeFastPath:
@@ -154,6 +254,11 @@ class UpgradeFastPath:
                 ctx.push()
                 try:
                     rv: Any = None
+                    if app.config["TRUSTED_HOSTS"] is not None:
+                        # The host check Flask makes with the URL adapter (a 400 for an untrusted Host).
+                        routing_exception = ctx.request.routing_exception
+                        if routing_exception is not None:
+                            raise routing_exception
                     for check in checks:
                         rv = check()
                         if rv is not None:
