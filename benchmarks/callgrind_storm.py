@@ -123,7 +123,7 @@ def workload(kind: str, port: int, count: int, batch: int) -> list[Conn]:
 
 def run_once(kind: str, root: str, env: dict[str, str], count: int, batch: int) -> int:
     """Serve under callgrind, connect+join ``count`` clients, stop; the server's total instructions."""
-    out = Path(tempfile.mkdtemp(prefix="phx-callgrind-")) / "callgrind.out"
+    out = Path(tempfile.mkdtemp(prefix="phx-cgstorm-")) / "callgrind.out"
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
     cmd += [sys.executable, str(SERVERS[kind]), "--port", "0"]
     full_env = {
@@ -166,6 +166,7 @@ def run_once(kind: str, root: str, env: dict[str, str], count: int, batch: int) 
     if m is None:
         raise RuntimeError(f"no totals in {out}")
     out.unlink()
+    out.parent.rmdir()
     return int(m.group(1))
 
 

@@ -120,6 +120,8 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     _head_timer: Any = None
     _phx_timer: Any = None
+    #: TCP_NODELAY is set on this connection (handle() did it).
+    phx_nodelay = False
     # pywsgi's per-request attributes (untyped there): the status line (bytes, or an error text) and code.
     status: Any = None
     code: Any = None
@@ -187,6 +189,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
         # headers then body, and Nagle would hold the body ~40 ms.
         try:
             self.socket.setsockopt(_pysocket.IPPROTO_TCP, _pysocket.TCP_NODELAY, 1)
+            self.phx_nodelay = True  # an upgrade's transport need not set it again (a syscall per connection)
         except (OSError, AttributeError):
             pass
         try:
@@ -229,7 +232,10 @@ class WebSocketHandler(_GeventWebSocketHandler):
         # The parsed request headers (an email.message.Message, ~1 KB) are
         # only read again by gunicorn's access log, through ``.items()``.
         headers = getattr(self, "headers", None)
-        if headers is not None and not isinstance(headers, _HeaderItems):
+        if isinstance(headers, PlainHeaders):
+            # Plain lines only (transports/head.py): items() would return these pairs unchanged.
+            self.headers = _HeaderItems(headers._headers)
+        elif headers is not None and not isinstance(headers, _HeaderItems):
             self.headers = _HeaderItems(headers.items())
         self.close_connection = True
         self._write_upgrade()

@@ -174,3 +174,30 @@ def test_the_request_made_lazily_is_matched_and_trusted_hosts_still_apply(live_s
     untrusted = RawWS(srv.port, "/socket/websocket?vsn=2.0.0", headers={"Host": "evil.example"})
     assert untrusted.status == 400
     assert len(SEEN) == 1  # connect never ran
+
+
+def test_app_context_signals_and_teardown_still_run_on_the_fast_path(live_server):
+    from flask import appcontext_popped, appcontext_pushed
+
+    app, dispatched = make_app()
+    events: list[str] = []
+    app.teardown_appcontext(lambda exc: events.append("teardown_appcontext"))
+
+    def pushed(sender: Any, **_: Any) -> None:
+        events.append("pushed")
+
+    def popped(sender: Any, **_: Any) -> None:
+        events.append("popped")
+
+    appcontext_pushed.connect(pushed, app)
+    appcontext_popped.connect(popped, app)
+    try:
+        srv = live_server(app)
+        ws = RawWS(srv.port, "/socket/websocket?vsn=2.0.0")
+        assert ws.status == 101
+        assert dispatched == []
+        assert events == ["pushed", "teardown_appcontext", "popped"]
+        ws.close()
+    finally:
+        appcontext_pushed.disconnect(pushed, app)
+        appcontext_popped.disconnect(popped, app)

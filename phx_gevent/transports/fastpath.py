@@ -36,7 +36,14 @@ from flask import Flask, Response, request
 from flask.ctx import RequestContext, _sentinel
 from flask.globals import _cv_app, _cv_request
 from flask.sessions import SessionMixin
-from flask.signals import request_finished, request_started, request_tearing_down
+from flask.signals import (
+    appcontext_popped,
+    appcontext_pushed,
+    appcontext_tearing_down,
+    request_finished,
+    request_started,
+    request_tearing_down,
+)
 from werkzeug.exceptions import HTTPException
 
 from .handshake import accept
@@ -121,10 +128,14 @@ class _UpgradeContext(RequestContext):
 
     def push(self) -> None:
         """Flask's push: the app context and this request context, with no session and no URL match yet."""
+        app = self.app
         app_ctx = _cv_app.get(None)
-        if app_ctx is None or app_ctx.app is not self.app:
-            app_ctx = self.app.app_context()
-            app_ctx.push()
+        if app_ctx is None or app_ctx.app is not app:
+            # AppContext.push, its signal sent only when someone listens (blinker's send costs even then).
+            app_ctx = app.app_context()
+            app_ctx._cv_tokens.append(_cv_app.set(app_ctx))
+            if appcontext_pushed.receivers:
+                appcontext_pushed.send(app, _async_wrapper=app.ensure_sync)
         else:
             app_ctx = None
         self._cv_tokens.append((_cv_request.set(self), app_ctx))
@@ -140,7 +151,8 @@ class _UpgradeContext(RequestContext):
                 if self._request is None and not any(app.teardown_request_funcs.values()):
                     # Flask's teardown minus its walk over the request's blueprints (which makes the
                     # request): with no teardown function anywhere, only the signal is left.
-                    request_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
+                    if request_tearing_down.receivers:
+                        request_tearing_down.send(app, _async_wrapper=app.ensure_sync, exc=exc)
                 else:
                     app.do_teardown_request(exc)
                 req = self._request
@@ -152,7 +164,21 @@ class _UpgradeContext(RequestContext):
             if clear and self._request is not None:
                 self.environ["werkzeug.request"] = None
             if app_ctx is not None:
-                app_ctx.pop(exc)
+                self._pop_app(app_ctx, exc)
+
+    def _pop_app(self, app_ctx: Any, exc: BaseException | None) -> None:
+        # AppContext.pop, its signals sent only when someone listens.
+        app = self.app
+        try:
+            if len(app_ctx._cv_tokens) == 1 and (app.teardown_appcontext_funcs or appcontext_tearing_down.receivers):
+                app.do_teardown_appcontext(exc)
+        finally:
+            ctx = _cv_app.get()
+            _cv_app.reset(app_ctx._cv_tokens.pop())
+        if ctx is not app_ctx:
+            raise AssertionError(f"Popped wrong app context. ({ctx!r} instead of {app_ctx!r})")
+        if appcontext_popped.receivers:
+            appcontext_popped.send(app, _async_wrapper=app.ensure_sync)
 
     @property
     def session(self) -> SessionMixin:

@@ -160,7 +160,7 @@ def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflat
     """Called by the WSGI handler after the 101 went out: serve the connection until it ends."""
     sock = wsgi_handler.socket
     server = getattr(wsgi_handler, "server", None)  # its stop() closes the connection (phx_gevent.shutdown)
-    configure_socket(sock)
+    configure_socket(sock, nodelay=not getattr(wsgi_handler, "phx_nodelay", False))
     leftover = b""
     rfile = getattr(wsgi_handler, "rfile", None)
     if rfile is not None:

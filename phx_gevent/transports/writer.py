@@ -65,12 +65,13 @@ CLOSED = WriterState.CLOSED
 _WRITE = 2
 
 
-def configure_socket(sock: Any) -> None:
-    """Set TCP_NODELAY (pitfall 7 of STACK_NOTES.md) and the capped send buffer."""
-    try:
-        sock.setsockopt(_pysocket.IPPROTO_TCP, _pysocket.TCP_NODELAY, 1)
-    except OSError:
-        pass  # not TCP (unix socket): nothing to do
+def configure_socket(sock: Any, nodelay: bool = True) -> None:
+    """Set TCP_NODELAY (pitfall 7 of STACK_NOTES.md; ``nodelay=False``: already set) and the capped send buffer."""
+    if nodelay:
+        try:
+            sock.setsockopt(_pysocket.IPPROTO_TCP, _pysocket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (unix socket): nothing to do
     if flow.sndbuf:
         try:
             sock.setsockopt(_pysocket.SOL_SOCKET, _pysocket.SO_SNDBUF, flow.sndbuf)
