@@ -120,8 +120,7 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     _head_timer: Any = None
     _phx_timer: Any = None
-    #: TCP_NODELAY is set on this connection (handle() did it).
-    phx_nodelay = False
+    phx_nodelay = False  # TCP_NODELAY set by handle()
     # pywsgi's per-request attributes (untyped there): the status line (bytes, or an error text) and code.
     status: Any = None
     code: Any = None
@@ -232,11 +231,9 @@ class WebSocketHandler(_GeventWebSocketHandler):
         # The parsed request headers (an email.message.Message, ~1 KB) are
         # only read again by gunicorn's access log, through ``.items()``.
         headers = getattr(self, "headers", None)
-        if isinstance(headers, PlainHeaders):
-            # Plain lines only (transports/head.py): items() would return these pairs unchanged.
-            self.headers = _HeaderItems(headers._headers)
-        elif headers is not None and not isinstance(headers, _HeaderItems):
-            self.headers = _HeaderItems(headers.items())
+        if headers is not None and not isinstance(headers, _HeaderItems):
+            # Plain lines only (transports/head.py): items() would return those pairs unchanged.
+            self.headers = _HeaderItems(headers._headers if type(headers) is PlainHeaders else headers.items())
         self.close_connection = True
         self._write_upgrade()
         upgrade(self)
