@@ -19,7 +19,11 @@ appends a snapshot of them plus object counts by type to ``<file>``
 Observability (docs/observability.md): ``PHX_OBSERVE=0`` builds the example
 without its health, metrics and dashboard (no telemetry receivers at all);
 ``PHX_DASHBOARD_OPEN=1`` keeps one dashboard channel joined (as an open page
-would) for the whole run.
+would) for the whole run; ``PHX_OBSERVE_INTERVAL`` sets the sampler's period (s).
+``PHX_GCLOG=1`` prints each garbage collection of generation 1 or 2 with its
+duration to stderr. ``PHX_IDLE_TIMEOUT`` sets the WebSocket idle timeout (s, ``0``: none), for
+clients slowed down by valgrind (``benchmarks/callgrind.py``), and
+``PHX_NO_SWEEP=1`` turns the sweeper's once-a-second pass into a no-op there.
 """
 
 from gevent import monkey
@@ -124,8 +128,61 @@ def open_dashboard(port: int) -> None:
     gevent.spawn_later(0.2, run)
 
 
+def install_gclog() -> None:
+    """Print every garbage collection of generation 1 or 2 (its duration) to stderr: pauses the hub cannot hide."""
+    import gc
+    import time
+
+    started: list[float] = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if info["generation"] == 0:
+            return
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            ms = (time.perf_counter() - started[0]) * 1e3
+            gen, collected = info["generation"], info["collected"]
+            print(f"GCLOG gen{gen} {ms:.2f} ms collected {collected}", file=sys.stderr, flush=True)
+
+    gc.callbacks.append(callback)
+
+
+def stop_sweeps() -> None:
+    """Make the WebSocket sweeper's once-a-second pass over every connection a no-op (this tree's or an older one's).
+
+    For instruction counts only (``benchmarks/callgrind.py``): under valgrind a
+    second of wall time is a varying number of operations, so work done per
+    second would blur the count per operation. No idle or slow-client drops then.
+    """
+    import importlib
+
+    places = (("phx_gevent.transports.sweeper", "IdleSweeper"), ("phx_gevent.transports.websocket", "_IdleSweeper"))
+    for name, cls in places:
+        try:
+            sweeper = getattr(importlib.import_module(name), cls)
+        except (ImportError, AttributeError):
+            continue
+        sweeper._sweep = lambda self: None
+
+
+def set_idle_timeout(endpoint, seconds: float | None) -> None:
+    """Every WebSocket mount's idle timeout (``None``: none), on this tree's options or an older one's."""
+    import dataclasses
+
+    for mount in endpoint.mounts:
+        if getattr(mount, "websocket", None) is None:
+            continue
+        if dataclasses.is_dataclass(mount.websocket):
+            mount.websocket = dataclasses.replace(mount.websocket, timeout=seconds)
+        else:  # an older commit's plain options object
+            mount.websocket.timeout = seconds
+
+
 def main() -> None:
     args = parse_args("phx_gevent benchmark server")
+    if os.environ.get("PHX_GCLOG") == "1":
+        install_gclog()
     if os.environ.get("PHX_MEMPROBE"):
         install_memprobe(os.environ["PHX_MEMPROBE"])
     if os.environ.get("PHX_OBSERVE") == "0" and hasattr(app_example, "add_observability"):
@@ -134,6 +191,13 @@ def main() -> None:
         for route in app_example.UserSocket.channels:
             route.history = None
     app, _endpoint = app_example.create_app()
+    if os.environ.get("PHX_OBSERVE_INTERVAL") and getattr(_endpoint, "observer", None) is not None:
+        # Seconds between two sampler ticks (benchmarks/callgrind.py moves them out of its counts).
+        _endpoint.observer.interval = float(os.environ["PHX_OBSERVE_INTERVAL"])
+    if os.environ.get("PHX_NO_SWEEP") == "1":
+        stop_sweeps()
+    if os.environ.get("PHX_IDLE_TIMEOUT"):
+        set_idle_timeout(_endpoint, float(os.environ["PHX_IDLE_TIMEOUT"]) or None)
     print(f"PHX_ROOT {ROOT} ({app_example.__file__})", file=sys.stderr, flush=True)
     settings = configure_from_env()
     settings["root"] = str(ROOT)
