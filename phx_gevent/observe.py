@@ -308,8 +308,7 @@ class Observer:
             self._last, self._rates = (now, counters), rates
         mounts = []
         channels: dict[str, int] = {}
-        # The dashboard's list: (channels, connection, mount path) of the first MAX_CONNECTIONS * 4;
-        # only the MAX_CONNECTIONS listed are described (a dict each), not all of them.
+        # The dashboard's list: of the first MAX_CONNECTIONS * 4, only those listed are described.
         conns: list[tuple[int, Any, str]] = []
         cap = MAX_CONNECTIONS * 4 if self.gossip else 0
         total = 0
@@ -318,9 +317,7 @@ class Observer:
             routes: dict[str, int] = {}
             route_of: dict[str, str] = {}
             path = mount.path
-            # One pass over every connection: keep the body lean, and let the hub run
-            # between slices, so that a tick at tens of thousands of connections does not
-            # hold up deliveries for milliseconds (a broadcast waits for at most one slice).
+            # A lean pass, yielding between slices: a broadcast waits for one slice, not a whole tick.
             for conn in list(mount.connections):
                 if total % SLICE == SLICE - 1:
                     gevent.sleep(0)

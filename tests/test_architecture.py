@@ -259,7 +259,6 @@ def test_modules_stay_under_the_size_limit():
 #: Private names still imported from another module: (importing module, name) -> why it is left.
 PRIVATE_IMPORTS = {
     ("transports/websocket.py", "_deflate_message"): "issue 14A reshapes the WebSocket transport",
-    ("pubsub/history_redis.py", "_tail"): "issue 9B works on the history modules",
 }
 
 
