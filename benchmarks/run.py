@@ -477,6 +477,10 @@ def with_server(c: Contender, args: argparse.Namespace, cfg: dict[str, Any], tim
     server = start_script_server(c.kind, c.env, SERVER_CORE if args.pin else None, c.label)
     try:
         cfg = {"proto": PROTO[c.kind], "port": server.port, "serverPids": server.pids, **cfg}
+        if c.env.get("SIO_KEEPALIVE") == "1":
+            # socket.io-client's polling under Node opens a connection per request (xmlhttprequest-ssl
+            # without an agent); a browser keeps them alive. This variant gives it a keep-alive agent.
+            cfg["sioKeepAlive"] = True
         return run_loadgen(cfg, CLIENT_CORE if args.pin else None, timeout)
     finally:
         server.stop()
@@ -559,10 +563,18 @@ def cmd_fanout(args: argparse.Namespace) -> None:
         raise SystemExit("--longpoll: only phx and sio have a long-poll transport")
     results = interleaved(contenders, args.reps, lambda c, rep: with_server(c, args, cfg, timeout))
     mb(results)
+    metrics = FANOUT_METRICS
+    if args.longpoll:
+        # Poll responses per second (all clients) and the broadcasts one carried, in the saturation window.
+        metrics = [
+            *FANOUT_METRICS,
+            ("polls/s", "saturation.pollsPerSec", 0),
+            ("msgs per poll", "saturation.msgsPerPoll", 1),
+        ]
     md = table(
         contenders,
         results,
-        FANOUT_METRICS,
+        metrics,
         [
             ("delivered msgs/s", "saturation.deliveredPerSec"),
             ("server us/delivery", "saturation.serverUsPerDelivery"),
@@ -784,12 +796,20 @@ def cmd_workers(args: argparse.Namespace) -> None:
             Contender("2 workers + Redis, plain topic", "gunicorn", {"WORKERS": "2", "REDIS": "1", **nohist}),
             Contender("2 workers + Redis, history topic", "gunicorn", {"WORKERS": "2", "REDIS": "1"}),
         ]
+    if args.routing:
+        # Per-topic routing (the default) next to one channel for all: both workers hold the topic.
+        contenders = [
+            Contender("2 workers + Redis, topic routing", "gunicorn", {"WORKERS": "2", "REDIS": "1"}),
+            Contender("2 workers + Redis, broadcast routing", "gunicorn", {"WORKERS": "2", "REDIS": "broadcast"}),
+        ]
     timeout = 120 + args.lat_seconds + args.sat_seconds + 2 * args.drain_seconds
 
     with redis_server() as url:
 
         def one(c: Contender, rep: int) -> dict[str, Any]:
-            env = {"REDIS_URL": url} if c.env.get("REDIS") else {}
+            env = {}
+            if c.env.get("REDIS"):
+                env["REDIS_URL"] = url + ("?routing=broadcast" if c.env["REDIS"] == "broadcast" else "")
             server = start_gunicorn(int(c.env["WORKERS"]), args.subs + 500, env, None, c.label)
             try:
                 cfg = {"proto": "phx", "port": server.port, "serverPids": server.pids, **fanout_cfg(args, args.subs)}
@@ -892,6 +912,9 @@ def main(argv: list[str] | None = None) -> None:
     common(p, reps=2)
     fanout_opts(p)
     p.add_argument("--history", action="store_true", help="compare room:lobby without and with history (2 workers)")
+    p.add_argument(
+        "--routing", action="store_true", help="compare the Redis adapter's topic and broadcast routings (2 workers)"
+    )
     p.set_defaults(func=cmd_workers)
 
     args = parser.parse_args(argv)

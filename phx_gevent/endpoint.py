@@ -26,8 +26,9 @@ from .pubsub import Adapter, PubSub
 from .runtime import runtime
 from .serializers import V1, V2, Serializer
 from .socket import Socket
+from .transports import fastpath
 from .transports import http as phx_http
-from .transports.websocket import handshake
+from .transports.handshake import handshake
 
 __all__ = ["Endpoint", "SocketMount"]  # SocketMount lives in mount.py (Flask-free)
 
@@ -156,9 +157,9 @@ class Endpoint(Broadcaster):
         if isinstance(pubsub, PubSub):
             return pubsub
         if isinstance(pubsub, str):
-            from .pubsub.redis import RedisAdapter
+            from .pubsub.redis_cluster import redis_adapter
 
-            return PubSub(RedisAdapter(pubsub, prefix=prefix))
+            return PubSub(redis_adapter(pubsub, prefix=prefix))
         if isinstance(pubsub, Adapter):
             return PubSub(pubsub)
         raise TypeError(f"pubsub must be None, a Redis URL, an Adapter or a PubSub; got {pubsub!r}")
@@ -181,6 +182,11 @@ class Endpoint(Broadcaster):
         # registered later replaces this one anyway).
         if not app.error_handler_spec.get(None, {}).get(404):
             app.register_error_handler(NotFound, self._not_found)
+        # Upgrades (transports/fastpath.py, innermost) and live long-polls skip Flask's dispatch.
+        fastpath.install(app)
+        from .transports.longpoll.routes import LongPollRoutes
+
+        app.wsgi_app = LongPollRoutes(app, app.wsgi_app, self.mounts, self.admit)  # type: ignore[method-assign]
         # `flask phx run`: Flask's own `flask run` cannot serve our WebSockets.
         from .cli import phx
 
@@ -188,16 +194,26 @@ class Endpoint(Broadcaster):
             app.cli.add_command(phx)
         self.apps.append(app)
 
-    def _check_request(self) -> Any:
-        # Before any view (sockets included): the real client address, then the Host.
-        environ = request.environ
+    def admit(self, environ: dict[str, Any]) -> bool:
+        """Apply ``trusted_proxies`` (the real client address) to ``environ``; whether its Host is allowed.
+
+        Runs before any view (sockets included) and before the long-poll
+        requests served outside Flask. Idempotent; never raises.
+        """
         if self.trusted_proxies and phx_http.ENVIRON_PEER not in environ:
             client = phx_http.client_address(environ, self.trusted_proxies)
             if client is not None:
                 environ[phx_http.ENVIRON_PEER] = environ.get("REMOTE_ADDR")
                 environ["REMOTE_ADDR"] = client
-                request.remote_addr = client  # Werkzeug copied it when it made the request
-        if not phx_http.host_allowed(environ, self.allowed_hosts):
+        return phx_http.host_allowed(environ, self.allowed_hosts)
+
+    def _check_request(self) -> Any:
+        environ = request.environ
+        peer = environ.get("REMOTE_ADDR")
+        allowed = self.admit(environ)
+        if environ.get("REMOTE_ADDR") != peer:
+            request.remote_addr = environ["REMOTE_ADDR"]  # Werkzeug copied it when it made the request
+        if not allowed:
             return phx_http.close_after(Response("Host not allowed", status=400, mimetype="text/plain"))
         return None
 
@@ -464,6 +480,10 @@ class Endpoint(Broadcaster):
             "mounts": {m.path: m.partitions.stats() for m in self.mounts},
             "pubsub": self.pubsub.adapter.stats() if self.pubsub.adapter is not None else {},
         }
+
+
+# The fast path runs this before_request function itself (the others send upgrades through Flask).
+setattr(Endpoint._check_request, fastpath.HOOK_MARK, True)
 
 
 def _view(mount: SocketMount, names: list[str], target: Any) -> Any:

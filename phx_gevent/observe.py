@@ -52,9 +52,7 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 200
 #: Connections counted by a snapshot between two yields to the hub.
 SLICE = 500
-
 _first = itemgetter(0)  # the sort key of (count, ...) tuples: a C call, not a lambda per item
-
 #: Topics listed per node, by local channel subscribers.
 TOP_TOPICS = 10
 #: Topics whose presences are listed (by number of keys).
@@ -203,7 +201,9 @@ class Observer:
         drops[metadata["reason"]] = drops.get(metadata["reason"], 0) + 1
 
     def _on_pubsub_down(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        if sender is self.endpoint.pubsub.adapter:
+        adapter = self.endpoint.pubsub.adapter
+        # A Redis Cluster's shards report their own outages (sender.cluster is the endpoint's adapter).
+        if adapter is not None and (sender is adapter or getattr(sender, "cluster", None) is adapter):
             self.counters["pubsub_outages"] += 1
 
     def _on_presence(self, sender: Any, measurements: Any, metadata: Any) -> None:
@@ -316,8 +316,7 @@ class Observer:
             per = {"websocket": 0, "longpoll": 0}
             routes: dict[str, int] = {}
             route_of: dict[str, str] = {}
-            path = mount.path
-            # A lean pass, yielding between slices: a broadcast waits for one slice, not a whole tick.
+            path = mount.path  # a lean pass, yielding between slices: a broadcast waits for one slice
             for conn in list(mount.connections):
                 if total % SLICE == SLICE - 1:
                     gevent.sleep(0)
@@ -336,12 +335,10 @@ class Observer:
             for pattern, n in routes.items():
                 channels[pattern] = channels.get(pattern, 0) + n
             mounts.append({"path": mount.path, "handler": type(mount.handler).__name__, **per, "channels": routes})
-        # nlargest keeps the first of equal keys, so the list is the one describing all of them gave.
-        listed = [
-            _describe(conn, path, list(conn.channels))
-            for _, conn, path in heapq.nlargest(MAX_CONNECTIONS, conns, key=_first)
-        ]
+        top = heapq.nlargest(MAX_CONNECTIONS, conns, key=_first)  # keeps the first of equal keys
+        listed = [_describe(conn, path, list(conn.channels)) for _, conn, path in top]
         adapter = pubsub.adapter
+        bus = {} if adapter is None else adapter.stats()
         return {
             "node": endpoint.node_name,
             "pid": os.getpid(),
@@ -359,7 +356,11 @@ class Observer:
                 "adapter": None if adapter is None else type(adapter).__name__,
                 "connected": pubsub_connected(endpoint),
                 "rtt": self.rtt,
-                "last_error": None if adapter is None else adapter.stats().get("last_error"),
+                "last_error": bus.get("last_error"),
+                # Topic routing: what this node had to read from Redis, and how many channels it holds.
+                "routing": bus.get("routing"),
+                "messages": bus.get("messages"),
+                "subscriptions": bus.get("channels"),
             },
             "presence": _local_presence(pubsub),
             "conns": listed,

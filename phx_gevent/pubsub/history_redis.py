@@ -33,6 +33,7 @@ from .history import (
     parse_offset,
     recovery_from,
 )
+from .routing import MARK, broadcast_channel, channel_for, mark
 
 __all__ = [
     "APPEND_SCRIPT",
@@ -53,8 +54,9 @@ _monotonic = time.monotonic
 
 
 #: KEYS: meta hash, stream. ARGV: new epoch, size, ttl ms, reset ("1"/"0"), channel,
-#: message head, message tail, stored body, meta ttl ms. Bumps the counter, appends,
-#: publishes ``head .. offset .. tail`` and returns the offset, atomically.
+#: message head, message tail, stored body, meta ttl ms[, second channel, its head]. Bumps
+#: the counter, appends, publishes ``head .. offset .. tail`` (and, "dual" routing, the
+#: marked copy on the second channel) and returns the offset, atomically.
 APPEND_SCRIPT = """
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'e')
@@ -71,6 +73,9 @@ redis.call('PEXPIRE', stream, ARGV[3])
 redis.call('PEXPIRE', meta, ARGV[9])
 local offset = epoch .. '-' .. seq
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. offset .. ARGV[7])
+if ARGV[10] then
+  redis.call('PUBLISH', ARGV[10], ARGV[11] .. offset .. ARGV[7])
+end
 return offset
 """
 
@@ -97,7 +102,7 @@ end
 return {epoch, cur, now, entries}
 """
 
-#: KEYS: meta hash, stream. ARGV: size, ttl ms, meta ttl ms, channel, head, tail.
+#: KEYS: meta hash, stream. ARGV: size, ttl ms, meta ttl ms, channel, head, tail[, second channel, its head].
 #: Marks a gap: messages of the topic went by without offsets (a node could not
 #: reach Redis). The marker takes an offset of its own, so no recovery spans it;
 #: it is published (nodes skip it) so that nobody sees a jump in the offsets.
@@ -115,6 +120,9 @@ redis.call('PEXPIRE', stream, ARGV[2])
 redis.call('PEXPIRE', meta, ARGV[3])
 local offset = epoch .. '-' .. seq
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. offset .. ARGV[6])
+if ARGV[7] then
+  redis.call('PUBLISH', ARGV[7], ARGV[8] .. offset .. ARGV[6])
+end
 return offset
 """
 
@@ -143,45 +151,54 @@ def meta_ttl_ms(config: HistoryConfig) -> int:
 
 
 def append_args(
-    prefix: str, node: str, envelope: dict[str, Any], config: HistoryConfig, reset: bool
+    prefix: str, node: str, envelope: dict[str, Any], config: HistoryConfig, reset: bool, routing: str = "topic"
 ) -> tuple[tuple[Any, ...], bytes]:
-    """``(keys and args of APPEND_SCRIPT, plain codec message)`` for a broadcast envelope."""
+    """``(keys and args of APPEND_SCRIPT, plain codec message)`` for a broadcast envelope.
+
+    The script publishes on the topic's channel under ``routing``
+    (:func:`phx_gevent.pubsub.routing.channel_for`).
+    """
     plain = codec.encode(envelope, node)
     head = codec.echo_prefix(node)
     body = plain[len(head) :]
     meta, stream = history_keys(prefix, envelope["t"])
-    args = (
+    args: tuple[Any, ...] = (
         meta,
         stream,
         new_epoch(),
         config.size,
         int(config.ttl * 1000),
         "1" if reset else "0",
-        f"{prefix}:b",
+        channel_for(prefix, routing, envelope["t"]),
         head + b'{"o":"',
         b'",' + body[1:],
         body,
         meta_ttl_ms(config),
     )
+    if routing == "dual":
+        args += (broadcast_channel(prefix), head + MARK + b'"o":"')
     return args, plain
 
 
-def gap_args(prefix: str, node: str, topic: str, config: HistoryConfig) -> tuple[Any, ...]:
-    """Keys and args of :data:`GAP_SCRIPT` for ``topic``."""
+def gap_args(prefix: str, node: str, topic: str, config: HistoryConfig, routing: str = "topic") -> tuple[Any, ...]:
+    """Keys and args of :data:`GAP_SCRIPT` for ``topic`` (published on its channel under ``routing``)."""
     marker = codec.encode({"k": "b", "n": node, "t": topic, "e": "phx_gap", "p": {}, "x": None}, node)
     head = codec.echo_prefix(node)
     body = marker[len(head) :]
     meta, stream = history_keys(prefix, topic)
-    return (
+    args: tuple[Any, ...] = (
         meta,
         stream,
         config.size,
         int(config.ttl * 1000),
         meta_ttl_ms(config),
-        f"{prefix}:b",
+        channel_for(prefix, routing, topic),
         head + b'{"o":"',
         b'","g":1,' + body[1:],
     )
+    if routing == "dual":
+        args += (broadcast_channel(prefix), head + MARK + b'"o":"')
+    return args
 
 
 def _decode_stored(body: bytes) -> tuple[str, Any]:
@@ -293,9 +310,12 @@ class RedisHistory:
 
         if isinstance(url_or_pool, str):
             pool = redis.BlockingConnectionPool.from_url(url_or_pool, max_connections=max_concurrent, timeout=wait)
+            self.client = redis.Redis(connection_pool=pool)
+        elif hasattr(url_or_pool, "execute_command"):
+            # A ready client (a RedisCluster: each script goes to the slot of its {topic} keys).
+            self.client = url_or_pool
         else:
-            pool = url_or_pool
-        self.client = redis.Redis(connection_pool=pool)
+            self.client = redis.Redis(connection_pool=url_or_pool)
         self.prefix = prefix
         self.wait = float(wait)
         self._sem = BoundedSemaphore(max_concurrent)
@@ -411,6 +431,7 @@ def publish_with_history(
     *,
     rules: HistoryRules | None = None,
     node: str | None = None,
+    routing: str = "topic",
 ) -> str | None:
     """Broadcast from outside the servers (an emitter), with an offset on history topics.
 
@@ -421,6 +442,7 @@ def publish_with_history(
     (:data:`APPEND_SCRIPT`) and its offset returned; otherwise it is
     published plain and ``None`` returned. Raises ``TypeError`` for a payload
     that cannot be encoded and ``redis.RedisError`` when Redis fails.
+    ``routing`` is the servers' (:mod:`phx_gevent.pubsub.routing`).
     """
     from .base import make_node_name
     from .local import check_broadcast
@@ -432,8 +454,11 @@ def publish_with_history(
     envelope = {"k": "b", "n": node, "t": topic, "e": event, "p": payload, "x": None}
     config = rules.for_topic(topic)
     if config is None or not config.keeps(event):
-        client.publish(f"{prefix}:b", codec.encode(envelope, node))
+        data = codec.encode(envelope, node)
+        client.publish(channel_for(prefix, routing, topic), data)
+        if routing == "dual":
+            client.publish(broadcast_channel(prefix), mark(data))
         return None
-    args, _ = append_args(prefix, node, envelope, config, False)
+    args, _ = append_args(prefix, node, envelope, config, False, routing)
     offset = client.eval(APPEND_SCRIPT, 2, *args)
     return offset.decode() if isinstance(offset, bytes) else offset

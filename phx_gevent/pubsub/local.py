@@ -7,19 +7,8 @@ would cost ~25x a loop iteration). The application may connect its own
 receivers to the same signal, for one topic or for all; each runs isolated
 from the others' failures.
 
-A subscriber is any object with:
-
-``owner``
-    Identity compared with the ``broadcast_from`` sender (a channel process).
-``intercept``
-    A container of event names handled by :meth:`deliver` instead of the
-    fastlane (:data:`ALL_EVENTS` for subscribers that want everything).
-``writer``
-    The connection's writer: ``writer.encoder.broadcast(topic, event,
-    payload)`` gives the ready frame (``None`` to skip this connection) and
-    ``writer.write(frame)`` queues it.
-``deliver(topic, event, payload)``
-    Called for intercepted events.
+A subscriber is a :class:`phx_gevent.contracts.Subscriber`. A topic's first subscriber (or
+receiver) calls ``Adapter.interest``: per-topic routing then receives its broadcasts.
 
 The fastlane encodes a broadcast once per distinct encoder (serializer and
 framing) and hands the same bytes to every connection (PROTOCOL.md 5.7).
@@ -82,6 +71,7 @@ class PubSub:
         self.signal = Signal(f"{name}.broadcast")
         self.signal.connect(self._dispatch, weak=False)
         self._handlers: dict[str, Callable[[Any, str], None]] = {}
+        self._receivers: dict[tuple[Any, Any], None] = {}
         self._started = False
         #: Topic patterns that keep history, and where it is kept.
         self.history_rules = HistoryRules()
@@ -131,6 +121,8 @@ class PubSub:
         t = self.topics.get(topic)
         if t is None:
             t = self.topics[topic] = Topic(topic)
+            if self.adapter is not None:
+                self.adapter.interest(topic)
         t.subs[sub] = None
 
     def unsubscribe(self, topic: str, sub: Subscriber) -> None:
@@ -141,6 +133,15 @@ class PubSub:
         t.subs.pop(sub, None)
         if not t.subs:
             del self.topics[topic]
+            if self.adapter is not None:
+                self.adapter.release(topic)
+
+    def wait_routed(self, topic: str, timeout: float | None = None) -> bool:
+        """Wait until other nodes' broadcasts on ``topic`` reach this process (a join calls it before its reply).
+
+        False after ``timeout`` (default: the adapter's), or at once while the adapter is down. Never raises.
+        """
+        return True if self.adapter is None else self.adapter.wait_routed(topic, timeout)
 
     def subscriber_count(self, topic: str) -> int:
         """How many subscribers ``topic`` has in this process."""
@@ -153,13 +154,20 @@ class PubSub:
         For one topic, or every topic when ``topic`` is omitted. The receiver is
         held strongly; an exception in it is logged and does not affect delivery.
         It runs inside the broadcaster's greenlet: keep it short and non-blocking.
+        For one topic it returns once broadcasts from other nodes reach it (:meth:`wait_routed`, bounded).
         """
+        if topic is not ANY and (receiver, topic) not in self._receivers and self.adapter is not None:
+            self._receivers[(receiver, topic)] = None
+            self.adapter.interest(topic)
+            self.wait_routed(topic)
         self.signal.connect(receiver, sender=topic, weak=False)
         return receiver
 
     def disconnect(self, receiver: Callable[..., Any], topic: Any = ANY) -> None:
         """Undo :meth:`connect`."""
         self.signal.disconnect(receiver, sender=topic)
+        if self._receivers.pop((receiver, topic), 0) is None and self.adapter is not None:
+            self.adapter.release(topic)
 
     # -- history ------------------------------------------------------------------------
 

@@ -2,21 +2,24 @@
 
 ``Endpoint(app, pubsub="redis://host:6379/0")`` (or ``unix:///path/redis.sock``,
 ``rediss://...``) builds one. Each process is a node with its own name and
-runs three greenlets, started lazily in the process that serves requests:
+runs four greenlets, started lazily in the process that serves requests:
 
 publisher
     The only path to Redis for outgoing envelopes. :meth:`RedisAdapter.publish`
     encodes the envelope in the caller (so later changes to the payload do not
     leak) and appends it to a bounded queue; the publisher sends what is
-    queued in pipelined batches on one connection, in order. Envelopes leave
+    queued in pipelined batches on one connection, in order, each broadcast
+    on its topic's channel (:mod:`phx_gevent.pubsub.routing`). Envelopes leave
     the queue only once Redis acknowledged them, so the queue is also the
-    replay buffer of an outage.
-listener
-    One subscribed connection (the broadcast channel and this node's direct
-    channel). It drops this node's own echo by the sender name at the front
-    of each message and appends the rest to a bounded inbox; it never waits
-    for local delivery, so Redis never disconnects it for a full output
-    buffer. Drops are counted and logged.
+    replay buffer of an outage. (:mod:`phx_gevent.pubsub.redis_loops`)
+listener and subscription writer
+    One subscribed connection: this node's direct channel, and the channels
+    of the topics with local subscribers (topic routing, reference-counted
+    and batched by :mod:`phx_gevent.pubsub.subscriptions`) or the one
+    broadcast channel (broadcast routing). The listener drops this node's own
+    echo by the sender name at the front of each message and appends the rest
+    to a bounded inbox; it never waits for local delivery, so Redis never
+    disconnects it for a full output buffer. (:mod:`phx_gevent.pubsub.redis_receive`)
 delivery
     Takes envelopes from the inbox in order, waits while the process is above
     its high-water mark (:mod:`phx_gevent.flow`; a broadcast still blocked
@@ -26,7 +29,7 @@ delivery
 Redis outages: local delivery is not affected (the local layer delivers
 before the adapter sees the envelope). Publishing never waits for Redis: it
 queues. The publisher and the listener reconnect with exponential backoff and
-jitter; the listener resubscribes. After a reconnection the publisher waits
+jitter; the listener resubscribes every held channel in one round. After a reconnection the publisher waits
 (at most ``replay_wait`` seconds) until as many nodes are subscribed as before
 the outage, then sends what was queued during the outage, dropping what is
 older than ``replay_window`` seconds (direct node-to-node messages: older
@@ -53,28 +56,29 @@ JSON, see :mod:`phx_gevent.pubsub.codec`).
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import os
-import re
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-import gevent
 from gevent.event import Event
+from gevent.lock import BoundedSemaphore
 
 from .. import supervise
-from ..errors import NotMonkeyPatchedError
-from . import codec
-from . import history_redis as _history
+from . import codec, redis_connect
 from .base import Adapter, make_node_name
-from .outbox import HistoryCmd, Outbox
-from .redis_loops import CONN_ERRORS, PublishLoop, ReceiveLoop
+from .outbox import Outbox
+from .redis_appends import HistoryAppends
+from .redis_lifecycle import NOT_PATCHED_MESSAGE, Lifecycle, after_fork, register_exit_flush
+from .redis_loops import PublishLoop
+from .redis_receive import ReceiveLoop
+from .routing import broadcast_channel, check_routing, direct_channel, direct_prefix, mark, nodes_channel, split_routing
+from .subscriptions import SubscriptionManager
 
 try:
     import redis
@@ -87,49 +91,8 @@ log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
 
-#: Why the adapter refuses to start in an unpatched process, and the two fixes.
-NOT_PATCHED_MESSAGE = (
-    "phx_gevent: the Redis adapter needs gevent's monkey-patching, and this process is not patched: "
-    "its greenlets would wait for Redis on blocking sockets and stall every connection (clients would "
-    "never get their joins). Fix: make `from gevent import monkey; monkey.patch_all()` the first lines "
-    "of the program that serves the app, before any other import (gunicorn -k "
-    "phx_gevent.worker.GeventWebSocketWorker patches by itself). To broadcast from a process that does "
-    "not serve requests (a script, a cron job, a Celery task), use phx_gevent.Emitter(redis_url) instead "
-    "of an Endpoint (docs/background-jobs.md)."
-)
 
-
-#: Adapters started in this process (flushed at interpreter exit).
-_started: weakref.WeakSet[RedisAdapter] = weakref.WeakSet()
-_exit_hook = False
-
-
-def _register_exit_flush(adapter: RedisAdapter) -> None:
-    global _exit_hook
-    _started.add(adapter)
-    if not _exit_hook:
-        _exit_hook = True
-        atexit.register(_flush_at_exit)
-
-
-def _flush_at_exit() -> None:
-    # A script that broadcast and exits: what is queued goes to Redis before the
-    # interpreter ends (bounded by each adapter's close_timeout), or is logged as dropped.
-    for adapter in list(_started):
-        if adapter._running and adapter._owner_pid == os.getpid():
-            try:
-                adapter.stop()
-            except Exception:
-                log.exception("phx_gevent: flushing %r at exit failed", adapter)
-
-
-def _after_fork(ref: weakref.ref[RedisAdapter]) -> None:
-    adapter = ref()
-    if adapter is not None:
-        adapter._forked()
-
-
-class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
+class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
     """Carries envelopes between nodes over Redis pub/sub (see the module docstring).
 
     ``url``
@@ -137,8 +100,29 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         ``unix:///path/to/redis.sock?db=0``. Raises ``ValueError`` when it
         cannot be parsed; nothing connects before :meth:`start`.
     ``prefix``
-        Channel prefix (``<prefix>:b`` for broadcasts, ``<prefix>:d:<node>``
-        for direct messages), so several apps can share one Redis.
+        Channel prefix (``<prefix>:t:{<topic>}`` or ``<prefix>:b`` for
+        broadcasts, ``<prefix>:d:<node>`` for direct messages), so several
+        apps can share one Redis.
+    ``routing``
+        ``"topic"`` (default): a node subscribes to the channels of the topics
+        it has local subscribers for and receives only their broadcasts;
+        ``"broadcast"``: every node receives every broadcast on one channel;
+        ``"dual"``: both, to switch a running cluster with rolling restarts
+        (broadcast -> dual -> topic; :mod:`phx_gevent.pubsub.routing`).
+        Nodes hear each other within one step of that order
+        (docs/redis-envelope.md). Also read from the URL's ``routing=``
+        query parameter. Raises ``ValueError`` for another value.
+    ``subscribe_timeout``
+        Seconds a join waits for Redis to confirm the subscription to its
+        topic's channel (topic routing), so that a broadcast published after
+        the join reply reaches it; the join goes on without it after that,
+        and at once while Redis is unreachable.
+    ``linger``
+        Seconds a topic's channel stays subscribed after its last local
+        subscriber left (a quick rejoin costs no UNSUBSCRIBE/SUBSCRIBE).
+    ``subscribe_chunk``
+        Channels per SUBSCRIBE command; the channels of one round are all
+        written at once.
     ``node_name``
         Default: :func:`~phx_gevent.pubsub.base.make_node_name`, renewed in a
         forked child.
@@ -179,9 +163,13 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[Any] | redis_connect.RedisTarget,
         prefix: str = "phx",
         *,
+        routing: str | None = None,
+        subscribe_timeout: float = 5.0,
+        linger: float = 1.0,
+        subscribe_chunk: int = 1000,
         node_name: str | None = None,
         max_pending: int = 10_000,
         max_pending_bytes: int = 16 * 1024 * 1024,
@@ -215,6 +203,18 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         ):
             if int(value) <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
+        if isinstance(url, str):
+            url, self.routing = split_routing(url, routing)
+        else:
+            self.routing = check_routing(routing or "topic")
+        if subscribe_timeout < 0 or linger < 0:
+            raise ValueError(f"subscribe_timeout and linger are seconds >= 0, got {subscribe_timeout!r}, {linger!r}")
+        if int(subscribe_chunk) < 1:
+            raise ValueError(f"subscribe_chunk must be at least 1 channel, got {subscribe_chunk!r}")
+        self.subscribe_timeout = float(subscribe_timeout)
+        # Pure bookkeeping of the subscriber connection (subscriptions.py); kept across a fork.
+        self._subs = SubscriptionManager(linger, subscribe_chunk)
+        self._fixed: tuple[bytes, ...] = ()
         if backoff[0] <= 0 or backoff[1] < backoff[0]:
             raise ValueError(f"backoff must be (first, max) with 0 < first <= max, got {backoff!r}")
         self.url = url
@@ -243,8 +243,15 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         redis_kwargs.setdefault("socket_connect_timeout", float(connect_timeout))
         redis_kwargs["protocol"] = 2
         # Parses the URL now, so a bad one fails at configuration time; connects nothing.
-        self._pool = redis.ConnectionPool.from_url(url, **redis_kwargs)
-        self._where = self._describe()
+        #: Where Redis is (:mod:`phx_gevent.pubsub.redis_connect`): one server or a Sentinel-managed primary.
+        self.target = redis_connect.target(url, **redis_kwargs)
+        if self.target.kind == "cluster":
+            raise ValueError(
+                "RedisAdapter serves one Redis (or a Sentinel primary); for a Redis Cluster use "
+                "phx_gevent.pubsub.redis_cluster.RedisClusterAdapter, or redis_adapter(url) to pick by URL"
+            )
+        self._pool = self.target.pool()
+        self._where = self.target.describe()
 
         self._receive: Callable[[dict[str, Any]], None] | None = None
         self._running = False
@@ -258,7 +265,7 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         self._ping_pid = 0
         self._owner_pid = os.getpid()
         self._reset_state()
-        os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
+        os.register_at_fork(after_in_child=functools.partial(after_fork, weakref.ref(self)))
 
     supports_history = True
 
@@ -272,14 +279,30 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         # Set once the listener is first subscribed: history broadcasts reach this
         # node through Redis, so the first ones wait for it (bounded).
         self._sub_ready = Event()
-        self._bchan = f"{self.prefix}:b".encode()
-        self._dprefix = f"{self.prefix}:d:"
-        self._dchan = (self._dprefix + node).encode()
+        prefix = self.prefix
+        self._dual = self.routing == "dual"
+        # Topic routing: <prefix>:n is only counted (PUBSUB NUMSUB), never published to.
+        self._bchan = nodes_channel(prefix) if self.routing == "topic" else broadcast_channel(prefix)
+        self._dprefix = direct_prefix(prefix)
+        self._dchan = direct_channel(prefix, node)
+        # The channels held for the adapter's life; a forked child has a new direct channel.
+        now = _monotonic()
+        for channel in self._fixed:
+            self._subs.release(channel, now)
+        self._fixed = self._fixed_channels()
+        for channel in self._fixed:
+            self._subs.acquire(channel)
+        # Subscribed last on a new connection: once other nodes count it, the rest is in place.
+        self._subs.tail = self._bchan if self._bchan in self._fixed else None
+        self._restore = self._subs.reset()[0]
+        self._bus_event = Event()
+        self._bus_lock = BoundedSemaphore(1)
+        self._bus_up = False
         self._echo = codec.echo_prefix(node)
         # Our own history messages come back (the script publishes them): keep those.
         self._echo_history = self._echo + b'{"o":"'
         # Outgoing: queued, then in flight (written, not yet acknowledged); its rules are pure (outbox.py).
-        self._out = Outbox(self.max_pending, self.max_pending_bytes, self._bchan)
+        self._out = Outbox(self.max_pending, self.max_pending_bytes, self._dprefix)
         self._out_event = Event()
         self._space = Event()
         self._inbox: deque[bytes] = deque()
@@ -292,6 +315,7 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         self._in_outage = False
         self._outage_began = 0.0
         self._subscribers_seen = 0
+        self._probed = 0.0
         self._counters: dict[str, int] = dict.fromkeys(
             (
                 "published",
@@ -302,7 +326,10 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
                 "resent",
                 "direct_unrouted",
                 "received",
+                "messages",
+                "subscribe_errors",
                 "echo_dropped",
+                "dual_dropped",
                 "receive_dropped",
                 "overload_dropped",
                 "invalid",
@@ -327,23 +354,9 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
     def __repr__(self) -> str:
         return f"<RedisAdapter {self._where} prefix={self.prefix!r} node={self.node_name!r}>"
 
-    def _describe(self) -> str:
-        # Where Redis is, for logs: never the password.
-        kw = self._pool.connection_kwargs
-        if "path" in kw:
-            return f"unix:{kw['path']}"
-        return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
-
-    def _connection(self, role: str) -> Any:
-        kwargs = dict(self._pool.connection_kwargs)
-        # RESP2: pub/sub messages are plain arrays and every Redis version speaks it.
-        kwargs["protocol"] = 2
-        for key in list(kwargs):
-            if key.startswith(("maint_notifications", "oss_cluster_maint")):
-                del kwargs[key]  # RESP3-only machinery (redis-py 8 enables it by default)
-        kwargs["client_name"] = re.sub(r"[^!-~]", "_", f"{self.prefix}:{role}:{self.node_name}")
-        kwargs.setdefault("driver_info", None)
-        return self._pool.connection_class(**kwargs)
+    def _fixed_channels(self) -> tuple[bytes, ...]:
+        # The channels this connection holds for the adapter's life (a cluster shard: its own).
+        return (self._dchan, self._bchan)
 
     # -- Adapter interface ----------------------------------------------------------------
 
@@ -367,7 +380,7 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         self._stop = Event()
         self._pub_conn = self._connection("pub")
         self._sub_conn = self._connection("sub")
-        _register_exit_flush(self)
+        register_exit_flush(self)
         # Supervised: a greenlet that dies anyway (a bug) is restarted and
         # counted (``stats()["restarts"]``), never left dead behind a
         # "connected" adapter.
@@ -376,6 +389,7 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
             supervise.spawn("Redis publisher", self._supervised, self._run_publisher, gen, alive=alive),
             supervise.spawn("Redis listener", self._supervised, self._run_listener, gen, alive=alive),
             supervise.spawn("Redis delivery", self._supervised, self._run_delivery, gen, alive=alive),
+            supervise.spawn("Redis subscriptions", self._supervised, self._run_subscriber, gen, alive=alive),
         ]
         log.debug("phx_gevent: Redis adapter %r started", self)
 
@@ -403,7 +417,7 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         if self._owner_pid != os.getpid():
             self.ensure_started()
         data = codec.encode(envelope, self.node_name)
-        channel = self._bchan if envelope["k"] == "b" else (self._dprefix + envelope["to"]).encode()
+        channel = self._channel(envelope["t"]) if envelope["k"] == "b" else self._dprefix + envelope["to"].encode()
         size = len(data)
         if size > self.max_pending_bytes:
             self._counters["publish_errors"] += 1
@@ -411,147 +425,14 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
             return
         if self._out.full(size) and not self._make_room(size):
             return
-        self._out.add((_monotonic(), channel, data))
+        now = _monotonic()
+        self._out.add((now, channel, data))
+        if self.routing == "dual" and envelope["k"] == "b":
+            # The copy for nodes still on broadcast routing (dual nodes drop it: they have the first).
+            marked = mark(data)
+            if not self._out.full(len(marked)) or self._make_room(len(marked)):
+                self._out.add((now, self._bchan, marked))
         self._out_event.set()
-
-    def publish_history(self, envelope: dict[str, Any], config: Any) -> bool:
-        """Queue the history append of a broadcast (see :meth:`Adapter.publish_history`).
-
-        Returns False while Redis is known to be unreachable: the caller then
-        delivers locally without an offset (:meth:`history_gap` is recorded).
-        Raises ``TypeError``/``OverflowError`` when the payload cannot be encoded.
-        """
-        if self._owner_pid != os.getpid():
-            self.ensure_started()
-        topic = envelope["t"]
-        if not self._sub_ready.is_set() and self._running and self._pub_down_since is None:
-            # Just started: our own echo would be lost before the listener subscribed.
-            self._sub_ready.wait(self.socket_timeout)
-        if self._pub_down_since is not None or not self._running or not self._sub_ready.is_set():
-            self.history_gap(topic, config)
-            return False
-        # A gap recorded earlier is marked (_reset_gaps) before this append is sent.
-        args, plain = _history.append_args(self.prefix, self.node_name, envelope, config, False)
-        size = len(plain)
-        if self._out.full(size) and not self._make_room(size):
-            self.history_gap(topic, config)
-            return False
-        self._out.add((_monotonic(), HistoryCmd(args, topic, config), plain))
-        self._out_event.set()
-        return True
-
-    def history_pool(self, max_connections: int = 8, timeout: float = 5.0) -> Any:
-        """A blocking connection pool to the same Redis (same options), for history reads."""
-        kwargs = dict(self._pool.connection_kwargs)
-        for key in list(kwargs):
-            if key.startswith(("maint_notifications", "oss_cluster_maint")):
-                del kwargs[key]
-        return redis.BlockingConnectionPool(
-            connection_class=self._pool.connection_class, max_connections=max_connections, timeout=timeout, **kwargs
-        )
-
-    def history_gap(self, topic: str, config: Any) -> None:
-        """Record that ``topic``'s history missed a message: its epoch changes before the next append."""
-        self._gaps[topic] = config
-
-    def _history_fallback(self, item: tuple[Any, Any, bytes]) -> tuple[Any, Any, bytes]:
-        # A history append that will not run: deliver here without offset, mark the
-        # gap, and forward it to the other nodes as a plain broadcast instead.
-        cmd = item[1]
-        self.history_gap(cmd.topic, cmd.config)
-        callback = self.on_history_fallback
-        if callback is not None:
-            try:
-                callback(item[2])
-            except Exception:
-                log.exception("phx_gevent: local delivery of a history broadcast failed")
-        return (item[0], self._bchan, item[2])
-
-    def _convert_history(self) -> None:
-        # Redis is unreachable: queued history appends become plain broadcasts
-        # (kept for replay like any other), delivered here at once without offset.
-        self._out.convert_history(self._history_fallback)
-
-    def _reset_gaps(self, conn: Any) -> None:
-        # Back after an outage: mark a gap in the history of every topic that had
-        # messages delivered without offsets, before anything else is published.
-        for topic, config in list(self._gaps.items()):
-            args = _history.gap_args(self.prefix, self.node_name, topic, config)
-            conn.send_command("EVAL", _history.GAP_SCRIPT, 2, *args)
-            conn.read_response()
-            self._gaps.pop(topic, None)
-
-    def _load_scripts(self, conn: Any) -> None:
-        conn.send_command("SCRIPT", "LOAD", _history.APPEND_SCRIPT, check_health=False)
-        sha = conn.read_response()
-        self._append_sha = sha if isinstance(sha, bytes) else str(sha).encode()
-
-    def stop(self, timeout: float | None = None) -> int:
-        """Send what is queued, for at most ``timeout`` seconds, then disconnect; returns how many were dropped.
-
-        ``timeout`` defaults to ``close_timeout``. It stops waiting early
-        once the publisher found Redis unreachable (no point waiting for a
-        reconnection at exit). What is still queued then is dropped, counted
-        (``publish_dropped``) and logged as a warning. Called by
-        ``Endpoint.close()``, by the gunicorn worker at shutdown, and at
-        interpreter exit for an adapter still running.
-        """
-        if not self._running:
-            return 0
-        if timeout is None:
-            timeout = self.close_timeout
-        deadline = _monotonic() + timeout
-        current = gevent.getcurrent()
-        if current not in self._greenlets:
-            while self._out and self._pub_down_since is None and _monotonic() < deadline:
-                # Waiting on a gevent event lets the publisher run, even in a process that never
-                # yields otherwise (a script at exit).
-                self._space.clear()
-                self._space.wait(max(0.0, min(0.1, deadline - _monotonic())))
-        self._running = False
-        self._gen += 1
-        self._stop.set()
-        self._out_event.set()
-        self._in_event.set()
-        others = [g for g in self._greenlets if g is not current]
-        gevent.killall(others, block=True, timeout=max(0.1, deadline - _monotonic()))
-        self._greenlets = []
-        for conn in (self._pub_conn, self._sub_conn):
-            if conn is not None:
-                conn.disconnect()
-        self._pub_ok = self._sub_ok = False
-        lost = self._out.clear()
-        if lost:
-            self._counters["publish_dropped"] += lost
-            log.warning(
-                "phx_gevent: Redis adapter stopped with %d envelope(s) not forwarded to other nodes "
-                "(Redis %s %s within %.1fs)",
-                lost,
-                self._where,
-                "unreachable" if self._pub_down_since is not None else "too slow",
-                timeout,
-            )
-        self._inbox.clear()
-        self._inbox_bytes = 0
-        return lost
-
-    def ping(self) -> float | None:
-        """Seconds one ``PING`` takes to Redis on a connection of its own; ``None`` when it fails.
-
-        Blocks the calling greenlet up to ``socket_timeout`` (the dashboard
-        runs it in a greenlet of its own). Never raises for a Redis problem.
-        """
-        if self._ping_conn is None or self._ping_pid != os.getpid():
-            self._ping_conn, self._ping_pid = self._connection("ping"), os.getpid()
-        conn = self._ping_conn
-        try:
-            start = _monotonic()
-            conn.send_command("PING", check_health=False)
-            conn.read_response()
-            return _monotonic() - start
-        except CONN_ERRORS:
-            conn.disconnect()
-            return None
 
     @property
     def connected(self) -> bool:
@@ -571,9 +452,25 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         (inbox full), ``overload_dropped`` (remote broadcasts dropped by
         flow control), ``invalid`` (undecodable messages), ``subscribers``
         (nodes subscribed at the last broadcast).
+
+        ``messages`` counts every message read from Redis (echoes and
+        invalid ones included: what this node had to receive), ``received``
+        the envelopes handed to the local layer. ``channels`` (subscriptions
+        Redis confirmed), ``channels_held`` (channels wanted), ``channels_pending``
+        (waiting to be sent), ``subscribe_commands``, ``unsubscribe_commands``
+        and ``subscribe_rounds`` (pipelined writes of SUBSCRIBEs) describe the
+        subscriber connection; ``routing`` is the routing.
         """
+        subs = self._subs.stats()
         return {
             **self._counters,
+            "routing": self.routing,
+            "channels": subs["active"],
+            "channels_held": subs["channels"],
+            "channels_pending": subs["pending"],
+            "subscribe_commands": subs["subscribe_commands"],
+            "unsubscribe_commands": subs["unsubscribe_commands"],
+            "subscribe_rounds": subs["rounds"],
             "node": self.node_name,
             "connected": self.connected,
             "publisher_connected": self._pub_ok,
@@ -586,40 +483,6 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         }
 
     # -- process lifecycle ----------------------------------------------------------------
-
-    def _check_patched(self) -> None:
-        # Refuse rather than log and go on: unpatched, the listener's blocking
-        # read holds the whole process and clients never get their joins.
-        from gevent import monkey
-
-        if not monkey.is_module_patched("socket"):
-            raise NotMonkeyPatchedError(NOT_PATCHED_MESSAGE)
-
-    def _forked(self) -> None:
-        # In a child right after fork(): nothing here may switch greenlets.
-        # The parent's greenlets and connections are left for _cleanup_stale.
-        self._gen += 1
-        self._stale.extend(c for c in (self._pub_conn, self._sub_conn) if c is not None)
-        self._stale.extend(self._greenlets)
-        self._greenlets = []
-        self._pub_conn = self._sub_conn = None
-        self._running = False
-        if self._node_auto:
-            self.node_name = make_node_name()
-        self._reset_state()
-
-    def _cleanup_stale(self) -> None:
-        stale, self._stale = self._stale, []
-        for item in stale:
-            if isinstance(item, gevent.Greenlet):
-                item.kill(block=False)
-            else:
-                # redis-py only shuts a socket down in the process that opened it:
-                # this closes our copy and leaves the parent's connection alone.
-                try:
-                    item.disconnect()
-                except Exception:
-                    log.debug("phx_gevent: closing an inherited Redis connection failed", exc_info=True)
 
     def _alive(self, gen: int) -> bool:
         return self._running and gen == self._gen
