@@ -252,9 +252,7 @@ def test_modules_stay_under_the_size_limit():
 
 
 #: Private names still imported from another module: (importing module, name) -> why it is left.
-PRIVATE_IMPORTS = {
-    ("pubsub/history_redis.py", "_tail"): "issue 9B works on the history modules",
-}
+PRIVATE_IMPORTS: dict[tuple[str, str], str] = {}
 
 
 def test_no_module_imports_private_names_of_another():
