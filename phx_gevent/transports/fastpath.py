@@ -99,7 +99,7 @@ class _UpgradeContext(RequestContext):
         self._after_request_functions = []
         self._cv_tokens = []
 
-    @property  # type: ignore[override]
+    @property
     def request(self) -> Any:
         """The werkzeug request, made (and matched against the URL map) on first use."""
         req = self._request
@@ -118,7 +118,7 @@ class _UpgradeContext(RequestContext):
     def request(self, value: Any) -> None:
         self._request = value
 
-    @property  # type: ignore[override]
+    @property
     def url_adapter(self) -> Any:
         """The request's URL adapter (``url_for`` builds with it), made with the request."""
         if self._request is None:
