@@ -120,7 +120,6 @@ class WebSocketHandler(_GeventWebSocketHandler):
 
     _head_timer: Any = None
     _phx_timer: Any = None
-    phx_nodelay = False  # TCP_NODELAY set by handle()
     # pywsgi's per-request attributes (untyped there): the status line (bytes, or an error text) and code.
     status: Any = None
     code: Any = None
@@ -228,11 +227,10 @@ class WebSocketHandler(_GeventWebSocketHandler):
         # connection may live for days: keep only what the access log reads.
         for key in [k for k in environ if k.startswith(("werkzeug.", "flask."))]:
             del environ[key]
-        # The parsed request headers (an email.message.Message, ~1 KB) are
-        # only read again by gunicorn's access log, through ``.items()``.
+        # The parsed request headers (an email.message.Message, ~1 KB) are only read again by
+        # gunicorn's access log, through ``.items()`` (of plain lines, head.py: the pairs as they are).
         headers = getattr(self, "headers", None)
         if headers is not None and not isinstance(headers, _HeaderItems):
-            # Plain lines only (transports/head.py): items() would return those pairs unchanged.
             self.headers = _HeaderItems(headers._headers if type(headers) is PlainHeaders else headers.items())
         self.close_connection = True
         self._write_upgrade()
