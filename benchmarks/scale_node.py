@@ -1,0 +1,165 @@
+#!/usr/bin/env python3
+"""One node of the many-node scale benchmark (benchmarks/scale.py starts several).
+
+    python benchmarks/scale_node.py CONFIG.json INDEX
+
+A node is what one gunicorn worker is to the Redis bus: a gevent process with
+its own :class:`~phx_gevent.pubsub.PubSub` and its own Redis adapter (its own
+Redis connections), with local subscribers on the topics the config assigns
+to node ``INDEX``. The subscribers stand in for WebSocket connections: each
+topic has one subscriber whose writer encodes the frame with the real
+WebSocket encoder (what a topic with subscribers costs once per broadcast)
+and counts it; no socket is written.
+
+It speaks line-delimited commands on stdin and answers on stdout:
+
+``READY {json}`` (printed once, after every subscription is in place)
+``reset``  -> ``OK``: zero the counters and start the CPU clock of the window
+``report`` -> one JSON line: envelopes received from Redis (the adapter's
+             ``received``), envelopes with local interest, frames delivered,
+             CPU seconds of this process since ``reset``, the adapter's stats
+``quit``   -> stops the adapter and exits
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import inspect  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+ROOT = Path(os.environ.get("PHX_ROOT") or Path(__file__).resolve().parents[1])
+sys.path.insert(0, str(ROOT))
+
+import gevent  # noqa: E402
+from gevent.fileobject import FileObjectThread  # noqa: E402
+
+from phx_gevent.pubsub import PubSub  # noqa: E402
+from phx_gevent.pubsub.redis import RedisAdapter  # noqa: E402
+from phx_gevent.serializers import V2JSONSerializer  # noqa: E402
+from phx_gevent.transports.ws_encoders import encoder_for  # noqa: E402
+
+
+class CountingWriter:
+    """Stands in for the writers of a topic's connections: counts the frames it is given."""
+
+    __slots__ = ("encoder", "frames")
+
+    def __init__(self, encoder: Any) -> None:
+        self.encoder = encoder
+        self.frames = 0
+
+    def write(self, frame: Any) -> None:
+        self.frames += 1
+
+
+class Sub:
+    """A local subscriber (the Subscriber protocol of phx_gevent.contracts) on the fastlane."""
+
+    __slots__ = ("writer",)
+    owner = None
+    intercept = frozenset()
+
+    def __init__(self, writer: CountingWriter) -> None:
+        self.writer = writer
+
+    def deliver(self, topic: str, event: str, payload: Any) -> None:  # pragma: no cover - nothing intercepted
+        pass
+
+
+class CountingPubSub(PubSub):
+    """PubSub that counts, of the envelopes the adapter hands it, those with a local subscriber."""
+
+    useful = 0
+
+    def _receive(self, envelope: dict[str, Any]) -> None:
+        if envelope.get("k") == "b" and envelope.get("t") in self.topics:
+            self.useful += 1
+        super()._receive(envelope)
+
+
+def make_adapter(cfg: dict[str, Any], index: int) -> RedisAdapter:
+    """The node's adapter; ``routing`` is passed only to an adapter that knows the option."""
+    kwargs: dict[str, Any] = {"prefix": cfg["prefix"], "node_name": f"scale-node-{index}"}
+    params = inspect.signature(RedisAdapter.__init__).parameters
+    if cfg.get("routing") and "routing" in params:
+        kwargs["routing"] = cfg["routing"]
+    elif cfg.get("routing") not in (None, "broadcast"):
+        raise SystemExit(f"this tree's RedisAdapter has no routing option (asked for {cfg['routing']!r})")
+    return RedisAdapter(cfg["url"], **kwargs)
+
+
+def subscribed(adapter: RedisAdapter, topics: int) -> bool:
+    """True once the adapter's listener is in place for every topic (when it says how many it holds)."""
+    if not adapter.connected:
+        return False
+    stats = adapter.stats()
+    for key in ("channels_subscribed", "subscribed_channels", "subscriptions"):
+        if isinstance(stats.get(key), int):
+            pending = stats.get("subscribe_pending") or stats.get("pending_subscribe") or 0
+            return stats[key] >= topics and not pending
+    return True
+
+
+def main() -> None:
+    cfg = json.loads(Path(sys.argv[1]).read_text())
+    index = int(sys.argv[2])
+    topics: list[str] = cfg["assignment"][index]
+    adapter = make_adapter(cfg, index)
+    pubsub = CountingPubSub(adapter)
+    encoder = encoder_for(V2JSONSerializer())
+    writers = []
+    for topic in topics:
+        writer = CountingWriter(encoder)
+        writers.append(writer)
+        pubsub.subscribe(topic, Sub(writer))
+    pubsub.start()
+    deadline = time.monotonic() + 60
+    while not subscribed(adapter, len(topics)) and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    out = sys.stdout
+    ready = {"node": index, "topics": len(topics), "connected": adapter.connected, "stats": adapter.stats()}
+    out.write("READY " + json.dumps(ready, default=str) + "\n")
+    out.flush()
+    cpu0 = time.process_time()
+    wall0 = time.monotonic()
+    base: dict[str, Any] = {}
+    # Commands arrive on a pipe: read it in a thread so the adapter's greenlets keep running.
+    stdin = FileObjectThread(sys.stdin, "r")
+    for line in stdin:
+        cmd = line.strip()
+        if cmd == "reset":
+            pubsub.useful = 0
+            for writer in writers:
+                writer.frames = 0
+            base = dict(adapter.stats())
+            cpu0 = time.process_time()
+            wall0 = time.monotonic()
+            out.write("OK\n")
+        elif cmd == "report":
+            stats = adapter.stats()
+            report = {
+                "node": index,
+                "topics": len(topics),
+                "received": stats["received"] - base.get("received", 0),
+                "useful": pubsub.useful,
+                "frames": sum(w.frames for w in writers),
+                "cpu": time.process_time() - cpu0,
+                "wall": time.monotonic() - wall0,
+                "dropped": stats.get("receive_dropped", 0) - base.get("receive_dropped", 0),
+                "stats": stats,
+            }
+            out.write(json.dumps(report, default=str) + "\n")
+        elif cmd == "quit":
+            break
+        out.flush()
+    pubsub.stop(2.0)
+
+
+if __name__ == "__main__":
+    main()
