@@ -62,7 +62,8 @@ class Sub:
     """A local subscriber (the Subscriber protocol of phx_gevent.contracts) on the fastlane."""
 
     __slots__ = ("writer",)
-    owner = None
+    # Not None: a broadcast from another node has from_=None, and the fan-out skips from_'s own subscribers.
+    owner = object()
     intercept = frozenset()
 
     def __init__(self, writer: CountingWriter) -> None:

@@ -1,0 +1,87 @@
+"""Smoke test of benchmarks/scale.py (issue 13's many-node benchmark): tiny sizes, nothing timed.
+
+It runs the real script end to end so it does not rot, and checks what the
+benchmark exists to show: with the single broadcast channel every node
+receives every broadcast of the cluster; with per-topic routing a node
+receives exactly the broadcasts of the topics it has subscribers for; in
+both, every subscriber got every broadcast of its topics. Needs
+redis-server (skips without it, fails under CI) and, for the join
+latency, Node (the ``ws`` package of the project's node_modules).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from phx_gevent.pubsub.redis import RedisAdapter
+from tests.conftest import CI
+from tests.jsclient import node_available
+from tests.servers import require_redis
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALE = ROOT / "benchmarks" / "scale.py"
+HAS_ROUTING = "routing" in inspect.signature(RedisAdapter.__init__).parameters
+
+
+def run(tmp_path: Path, *args: str) -> Any:
+    """Run ``benchmarks/scale.py`` with ``args``; the results it saved (raw JSON)."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(SCALE), *args, "--reps", "1", "--max-wait", "0", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+        env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = list((out / "raw").glob("*.json"))
+    assert len(files) == 1, proc.stderr[-3000:]
+    assert list(out.glob("*.md")), "the Markdown summary was not written"
+    return json.loads(files[0].read_text())["results"]
+
+
+def test_nodes_receive_what_their_routing_promises(tmp_path: Path) -> None:
+    require_redis()
+    variants = ["--variant", "broadcast=broadcast@single"]
+    if HAS_ROUTING:
+        variants += ["--variant", "topic=topic@single"]
+    args = ["--nodes", "3", "--users", "60", "--shared", "1", "--rate", "150", "--seconds", "1", "--drain", "20"]
+    results = run(tmp_path, "nodes", *args, *variants)
+    for label, (result,) in results.items():
+        assert "error" not in result, (label, result)
+        published = result["published"]
+        assert published == 150, result
+        for node in result["nodes"]:
+            # Every broadcast of a node's topics reached its subscriber, once.
+            assert node["useful"] == node["expected"] > 0, (label, node)
+            assert node["frames"] == node["expected"], (label, node)
+            assert node["dropped"] == 0, (label, node)
+            if label == "broadcast":
+                assert node["received"] == published, (label, node)
+            else:
+                assert node["received"] == node["expected"] < published, (label, node)
+
+
+def test_joins_measures_join_latency_on_gunicorn_and_redis(tmp_path: Path) -> None:
+    require_redis()
+    reason = node_available()
+    if reason is not None:
+        if CI:
+            pytest.fail(f"the scale smoke test cannot run under CI: {reason}")
+        pytest.skip(reason)
+    routings = "broadcast,topic" if HAS_ROUTING else "broadcast"
+    results = run(tmp_path, "joins", "--routings", routings, "--clients", "40", "--trickle", "10")
+    for routing, (result,) in results.items():
+        assert "error" not in result, (routing, result)
+        for phase, n in (("storm", 40), ("trickle", 10)):
+            assert result[phase]["joined"] == n and result[phase]["failed"] == 0, (routing, phase, result[phase])
+            assert result[phase]["joinOnlyMs"]["n"] == n, (routing, phase, result[phase])
