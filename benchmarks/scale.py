@@ -313,6 +313,7 @@ def one_nodes_run(args: argparse.Namespace, routing: str, redis_kind: str, topic
     """Start the Redis setup and the nodes, publish, wait for delivery, collect every figure."""
     with ExitStack() as stack:
         setup = stack.enter_context(redis_setup(redis_kind))
+        setup.reset_stats()
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="phx-scale-")))
         cfg = {"url": setup.url, "prefix": "scale", "routing": routing, "assignment": topics}
         cfg_path = tmp / "cfg.json"
@@ -324,6 +325,8 @@ def one_nodes_run(args: argparse.Namespace, routing: str, redis_kind: str, topic
         for node in nodes:
             node.wait_ready(90)
         start_seconds = time.monotonic() - t_start
+        # What subscribing every node's topics cost each shard (batched SUBSCRIBEs), before the window.
+        setup_stats = setup.shard_stats()
         for node in nodes:
             node.ask("reset")
         setup.reset_stats()
@@ -381,6 +384,7 @@ def one_nodes_run(args: argparse.Namespace, routing: str, redis_kind: str, topic
             "start_seconds": start_seconds,
             "nodes": reports,
             "shards": shards,
+            "setup_shards": setup_stats,
             "load_before": load0,
             "load_after": os.getloadavg()[0],
         }
@@ -433,32 +437,52 @@ def nodes_markdown(args: argparse.Namespace, variants: list[tuple[str, str, str]
             f"| {_med(cores):.3f} | {_med(us_pub):.1f} | {_med(us_rec):.1f} |"
         )
     lines.append("")
-    lines.append("Per Redis server (shard), median over repetitions:")
+    for label, _, _ in variants:
+        runs = [r for r in results[label] if "error" not in r]
+        if runs:
+            lines.append(
+                f"- {label}: all nodes started and subscribed in {_med([r['start_seconds'] for r in runs]):.1f} s "
+                f"(median over repetitions); publishing took {_med([r['publish_seconds'] for r in runs]):.1f} s."
+            )
     lines.append("")
     lines.append(
-        "| variant | shard | commands | PUBLISH / SPUBLISH | SUBSCRIBE / SSUBSCRIBE calls | channels subscribed "
-        "| MB out | est. envelopes out | Redis CPU s |"
+        "Per Redis server (shard), median over repetitions. The window starts once every node is subscribed; "
+        "'setup' is what subscribing every node's topics cost before it. Envelopes out: the shard's bytes out "
+        "divided by the bytes per envelope of the same run (all shards' bytes out / all envelopes the nodes "
+        "received)."
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("")
+    lines.append(
+        "| variant | shard | commands | PUBLISH / SPUBLISH | MB out | envelopes out (est.) | Redis CPU s "
+        "| setup: channels subscribed | setup: SUBSCRIBE / SSUBSCRIBE commands | setup: commands |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for label, _, _ in variants:
         runs = [r for r in results[label] if "error" not in r]
         if not runs:
             continue
         for i in range(len(runs[0]["shards"])):
             sh = [r["shards"][i] for r in runs]
+            su = [r["setup_shards"][i] for r in runs]
 
             def cmd(s: dict[str, Any], *names: str) -> int:
                 return sum(int(s["commands"].get(n, 0)) for n in names)
 
-            env_bytes = 200  # one pub/sub message to a node: the ~170-byte envelope plus RESP framing
+            # Bytes per message a node received, from the same run (every received envelope left some
+            # shard): splits the nodes' total over the shards by their bytes out.
+            env_bytes = [
+                sum(s["net_out_bytes"] for s in r["shards"]) / max(1, sum(n["received"] for n in r["nodes"]))
+                for r in runs
+            ]
             lines.append(
                 f"| {label} | {i + 1} | {_med([s['total_commands'] for s in sh]):,.0f} "
                 f"| {_med([cmd(s, 'publish', 'spublish') for s in sh]):,.0f} "
-                f"| {_med([cmd(s, 'subscribe', 'ssubscribe') for s in sh]):,.0f} "
-                f"| {_med([max(s['channels'], s['shard_channels']) for s in sh]):,.0f} "
                 f"| {_med([s['net_out_bytes'] / 1e6 for s in sh]):.1f} "
-                f"| {_med([s['net_out_bytes'] / env_bytes for s in sh]):,.0f} "
-                f"| {_med([s['cpu_window'] for s in sh]):.2f} |"
+                f"| {_med([s['net_out_bytes'] / b for s, b in zip(sh, env_bytes, strict=True)]):,.0f} "
+                f"| {_med([s['cpu_window'] for s in sh]):.2f} "
+                f"| {_med([max(s['channels'], s['shard_channels']) for s in su]):,.0f} "
+                f"| {_med([cmd(s, 'subscribe', 'ssubscribe') for s in su]):,.0f} "
+                f"| {_med([s['total_commands'] for s in su]):,.0f} |"
             )
     loads = [(r["load_before"], r["load_after"]) for rs in results.values() for r in rs if "error" not in r]
     if loads:
