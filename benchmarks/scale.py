@@ -411,7 +411,7 @@ def nodes_markdown(args: argparse.Namespace, variants: list[tuple[str, str, str]
     lines.append("")
     lines.append(
         "| variant | published | received per node | with local interest per node | received / interest "
-        "| received / published | missing deliveries | CPU per node (cores) | node CPU us per published broadcast "
+        "| received / published | missing deliveries | CPU per node (s) | node CPU us per published broadcast "
         "| node CPU us per received |"
     )
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
@@ -424,7 +424,7 @@ def nodes_markdown(args: argparse.Namespace, variants: list[tuple[str, str, str]
         use = [_med([n["useful"] for n in r["nodes"]]) for r in runs]
         pub = [r["published"] for r in runs]
         missing = [sum(max(0, n["expected"] - n["useful"]) for n in r["nodes"]) for r in runs]
-        cores = [_med([n["cpu"] / max(1e-9, n["wall"]) for n in r["nodes"]]) for r in runs]
+        cores = [_med([n["cpu"] for n in r["nodes"]]) for r in runs]
         us_pub = [_med([n["cpu"] * 1e6 / max(1, r["published"]) for n in r["nodes"]]) for r in runs]
         us_rec = [_med([n["cpu"] * 1e6 / max(1, n["received"]) for n in r["nodes"]]) for r in runs]
         first = runs[0]["nodes"]
@@ -434,7 +434,7 @@ def nodes_markdown(args: argparse.Namespace, variants: list[tuple[str, str, str]
             f"{max(n['useful'] for n in first):,}) "
             f"| {_med([a / max(1, b) for a, b in zip(rec, use, strict=True)]):.2f} "
             f"| {_med([a / max(1, b) for a, b in zip(rec, pub, strict=True)]):.3f} | {max(missing)} "
-            f"| {_med(cores):.3f} | {_med(us_pub):.1f} | {_med(us_rec):.1f} |"
+            f"| {_med(cores):.2f} | {_med(us_pub):.1f} | {_med(us_rec):.1f} |"
         )
     lines.append("")
     for label, _, _ in variants:
