@@ -132,6 +132,18 @@ class Adapter(Protocol):
         """Append to the topic's shared history and publish to every node; False when it cannot now."""
         ...
 
+    def interest(self, topic: str) -> None:
+        """One more local holder of ``topic``: receive its broadcasts from other nodes (reference-counted)."""
+        ...
+
+    def release(self, topic: str) -> None:
+        """One local holder of ``topic`` fewer."""
+        ...
+
+    def wait_routed(self, topic: str, timeout: float | None = None) -> bool:
+        """Wait (bounded) until broadcasts on ``topic`` from other nodes reach this node; False when not."""
+        ...
+
     def stop(self) -> None:
         """Stop receiving and release connections."""
         ...

@@ -9,7 +9,7 @@ D = b"phx:d:other-node"  # a direct message's channel
 
 
 def make(max_pending=10, max_bytes=1000):
-    return Outbox(max_pending, max_bytes, B)
+    return Outbox(max_pending, max_bytes, b"phx:d:")
 
 
 def test_bounds_count_queued_and_in_flight_envelopes_and_bytes():

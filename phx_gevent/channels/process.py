@@ -387,6 +387,11 @@ class ChannelProcess:
                 # As Phoenix: a refused join stops the channel with :shutdown, running terminate.
                 self._terminate(SHUTDOWN)
                 return
+            # Per-topic routing: Redis confirms this node's subscription before the reply, so a
+            # broadcast published after the reply reaches it from any node (bounded; not during an outage).
+            conn.pubsub.wait_routed(self.topic)
+            if self.state != JOINING:
+                return
             if self.history is not None and isinstance(payload, dict) and ("since" in payload or "last" in payload):
                 if not self._join_recovering(payload, ref, outcome):
                     return  # given up while reading the history (join timeout, connection gone)

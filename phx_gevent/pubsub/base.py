@@ -44,6 +44,9 @@ class Adapter:
     """
 
     node_name: str
+    #: How broadcasts reach other nodes: ``"broadcast"`` (every node receives every
+    #: one) or ``"topic"`` (only nodes with an :meth:`interest` in the topic).
+    routing: str = "broadcast"
     #: True when the adapter implements :meth:`publish_history` (shared offsets).
     supports_history: bool = False
 
@@ -76,6 +79,32 @@ class Adapter:
         without an offset. Only adapters with ``supports_history``.
         """
         return False
+
+    def interest(self, topic: str) -> None:
+        """One more local holder of ``topic`` (reference-counted with :meth:`release`).
+
+        The local layer calls it for the first subscriber of a topic, for a
+        receiver connected to one topic and while a join waits
+        (:meth:`wait_routed`). Adapters that route per topic (Redis,
+        ``routing="topic"``) receive a topic's broadcasts from other nodes
+        only while it has holders; the default delivers every broadcast to
+        every node and ignores it. Never blocks, never raises because the bus
+        is down.
+        """
+
+    def release(self, topic: str) -> None:
+        """One local holder of ``topic`` fewer (see :meth:`interest`); never blocks."""
+
+    def wait_routed(self, topic: str, timeout: float | None = None) -> bool:
+        """Wait until broadcasts other nodes publish on ``topic`` from now on reach this node.
+
+        Holds ``topic`` (:meth:`interest`) while it waits. Returns True at
+        once when they already do, False after ``timeout`` seconds (the
+        adapter's own default when ``None``) or at once while the bus is
+        unreachable: the caller goes on (a join still succeeds during an
+        outage). Never raises because the bus is down.
+        """
+        return True
 
     def stop(self, timeout: float | None = None) -> int:
         """Forward what is still queued (for at most ``timeout`` seconds), stop receiving, release connections.

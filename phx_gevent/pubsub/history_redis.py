@@ -33,6 +33,7 @@ from .history import (
     new_epoch,
     parse_offset,
 )
+from .routing import channel_for
 
 __all__ = [
     "APPEND_SCRIPT",
@@ -143,9 +144,13 @@ def meta_ttl_ms(config: HistoryConfig) -> int:
 
 
 def append_args(
-    prefix: str, node: str, envelope: dict[str, Any], config: HistoryConfig, reset: bool
+    prefix: str, node: str, envelope: dict[str, Any], config: HistoryConfig, reset: bool, routing: str = "topic"
 ) -> tuple[tuple[Any, ...], bytes]:
-    """``(keys and args of APPEND_SCRIPT, plain codec message)`` for a broadcast envelope."""
+    """``(keys and args of APPEND_SCRIPT, plain codec message)`` for a broadcast envelope.
+
+    The script publishes on the topic's channel under ``routing``
+    (:func:`phx_gevent.pubsub.routing.channel_for`).
+    """
     plain = codec.encode(envelope, node)
     head = codec.echo_prefix(node)
     body = plain[len(head) :]
@@ -157,7 +162,7 @@ def append_args(
         config.size,
         int(config.ttl * 1000),
         "1" if reset else "0",
-        f"{prefix}:b",
+        channel_for(prefix, routing, envelope["t"]),
         head + b'{"o":"',
         b'",' + body[1:],
         body,
@@ -166,8 +171,8 @@ def append_args(
     return args, plain
 
 
-def gap_args(prefix: str, node: str, topic: str, config: HistoryConfig) -> tuple[Any, ...]:
-    """Keys and args of :data:`GAP_SCRIPT` for ``topic``."""
+def gap_args(prefix: str, node: str, topic: str, config: HistoryConfig, routing: str = "topic") -> tuple[Any, ...]:
+    """Keys and args of :data:`GAP_SCRIPT` for ``topic`` (published on its channel under ``routing``)."""
     marker = codec.encode({"k": "b", "n": node, "t": topic, "e": "phx_gap", "p": {}, "x": None}, node)
     head = codec.echo_prefix(node)
     body = marker[len(head) :]
@@ -178,7 +183,7 @@ def gap_args(prefix: str, node: str, topic: str, config: HistoryConfig) -> tuple
         config.size,
         int(config.ttl * 1000),
         meta_ttl_ms(config),
-        f"{prefix}:b",
+        channel_for(prefix, routing, topic),
         head + b'{"o":"',
         b'","g":1,' + body[1:],
     )
@@ -411,6 +416,7 @@ def publish_with_history(
     *,
     rules: HistoryRules | None = None,
     node: str | None = None,
+    routing: str = "topic",
 ) -> str | None:
     """Broadcast from outside the servers (an emitter), with an offset on history topics.
 
@@ -421,6 +427,7 @@ def publish_with_history(
     (:data:`APPEND_SCRIPT`) and its offset returned; otherwise it is
     published plain and ``None`` returned. Raises ``TypeError`` for a payload
     that cannot be encoded and ``redis.RedisError`` when Redis fails.
+    ``routing`` is the servers' (:mod:`phx_gevent.pubsub.routing`).
     """
     from .base import make_node_name
     from .local import check_broadcast
@@ -432,8 +439,8 @@ def publish_with_history(
     envelope = {"k": "b", "n": node, "t": topic, "e": event, "p": payload, "x": None}
     config = rules.for_topic(topic)
     if config is None or not config.keeps(event):
-        client.publish(f"{prefix}:b", codec.encode(envelope, node))
+        client.publish(channel_for(prefix, routing, topic), codec.encode(envelope, node))
         return None
-    args, _ = append_args(prefix, node, envelope, config, False)
+    args, _ = append_args(prefix, node, envelope, config, False, routing)
     offset = client.eval(APPEND_SCRIPT, 2, *args)
     return offset.decode() if isinstance(offset, bytes) else offset

@@ -82,6 +82,8 @@ class PubSub:
         self.signal = Signal(f"{name}.broadcast")
         self.signal.connect(self._dispatch, weak=False)
         self._handlers: dict[str, Callable[[Any, str], None]] = {}
+        # Receivers connected to one topic: each holds the topic's route (adapter.interest).
+        self._receivers: dict[tuple[Any, Any], None] = {}
         self._started = False
         #: Topic patterns that keep history, and where it is kept.
         self.history_rules = HistoryRules()
@@ -131,6 +133,8 @@ class PubSub:
         t = self.topics.get(topic)
         if t is None:
             t = self.topics[topic] = Topic(topic)
+            if self.adapter is not None:
+                self.adapter.interest(topic)  # never blocks: see wait_routed
         t.subs[sub] = None
 
     def unsubscribe(self, topic: str, sub: Subscriber) -> None:
@@ -141,6 +145,23 @@ class PubSub:
         t.subs.pop(sub, None)
         if not t.subs:
             del self.topics[topic]
+            if self.adapter is not None:
+                self.adapter.release(topic)
+
+    def wait_routed(self, topic: str, timeout: float | None = None) -> bool:
+        """Wait until broadcasts other nodes publish on ``topic`` from now on reach this process.
+
+        With per-topic routing (the Redis adapter's default) a process
+        receives a topic's broadcasts once Redis confirmed its subscription,
+        which :meth:`subscribe` only starts; a channel join calls this before
+        its reply. True at once without an adapter or when already routed;
+        False after ``timeout`` (the adapter's ``subscribe_timeout`` when
+        ``None``), or at once while Redis is unreachable. Never raises.
+        """
+        if self.adapter is None:
+            return True
+        self.start()
+        return self.adapter.wait_routed(topic, timeout)
 
     def subscriber_count(self, topic: str) -> int:
         """How many subscribers ``topic`` has in this process."""
@@ -153,13 +174,23 @@ class PubSub:
         For one topic, or every topic when ``topic`` is omitted. The receiver is
         held strongly; an exception in it is logged and does not affect delivery.
         It runs inside the broadcaster's greenlet: keep it short and non-blocking.
+        For one topic, it returns once broadcasts from other nodes reach it
+        (:meth:`wait_routed`, bounded); a receiver for every topic gets, with
+        per-topic routing, the broadcasts of topics this process subscribes to.
         """
+        key = (receiver, topic)
+        if topic is not ANY and key not in self._receivers and self.adapter is not None:
+            self._receivers[key] = None
+            self.adapter.interest(topic)
+            self.wait_routed(topic)
         self.signal.connect(receiver, sender=topic, weak=False)
         return receiver
 
     def disconnect(self, receiver: Callable[..., Any], topic: Any = ANY) -> None:
         """Undo :meth:`connect`."""
         self.signal.disconnect(receiver, sender=topic)
+        if self._receivers.pop((receiver, topic), 0) is None and self.adapter is not None:
+            self.adapter.release(topic)
 
     # -- history ------------------------------------------------------------------------
 

@@ -45,9 +45,9 @@ Item = tuple[float, "bytes | HistoryCmd", bytes]
 class Outbox:
     """Queued and in-flight envelopes of one Redis adapter, with their bounds (see the module doc)."""
 
-    __slots__ = ("queue", "inflight", "pending_bytes", "max_pending", "max_pending_bytes", "bchan", "_next_scan")
+    __slots__ = ("queue", "inflight", "pending_bytes", "max_pending", "max_pending_bytes", "dprefix", "_next_scan")
 
-    def __init__(self, max_pending: int, max_pending_bytes: int, broadcast_channel: bytes) -> None:
+    def __init__(self, max_pending: int, max_pending_bytes: int, direct_prefix: bytes) -> None:
         #: Waiting to be written, oldest first.
         self.queue: deque[Item] = deque()
         #: Written, not yet acknowledged, in the order written.
@@ -56,8 +56,8 @@ class Outbox:
         self.pending_bytes = 0
         self.max_pending = max_pending
         self.max_pending_bytes = max_pending_bytes
-        #: The broadcast channel: items for any other channel are direct messages.
-        self.bchan = broadcast_channel
+        #: What the channels of direct messages start with (any other channel carries broadcasts).
+        self.dprefix = direct_prefix
         self._next_scan = 0.0
 
     def __len__(self) -> int:
@@ -109,9 +109,11 @@ class Outbox:
         direct_limit = now - direct_ttl
         if queue and queue[0][0] < direct_limit and now >= self._next_scan:
             self._next_scan = now + 0.1
-            bchan = self.bchan
+            dprefix = self.dprefix
             kept = [
-                item for item in queue if item[1] == bchan or type(item[1]) is HistoryCmd or item[0] >= direct_limit
+                item
+                for item in queue
+                if item[0] >= direct_limit or type(item[1]) is HistoryCmd or not item[1].startswith(dprefix)  # type: ignore[union-attr]
             ]
             if len(kept) != len(queue):
                 expired += len(queue) - len(kept)

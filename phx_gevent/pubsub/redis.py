@@ -2,21 +2,24 @@
 
 ``Endpoint(app, pubsub="redis://host:6379/0")`` (or ``unix:///path/redis.sock``,
 ``rediss://...``) builds one. Each process is a node with its own name and
-runs three greenlets, started lazily in the process that serves requests:
+runs four greenlets, started lazily in the process that serves requests:
 
 publisher
     The only path to Redis for outgoing envelopes. :meth:`RedisAdapter.publish`
     encodes the envelope in the caller (so later changes to the payload do not
     leak) and appends it to a bounded queue; the publisher sends what is
-    queued in pipelined batches on one connection, in order. Envelopes leave
+    queued in pipelined batches on one connection, in order, each broadcast
+    on its topic's channel (:mod:`phx_gevent.pubsub.routing`). Envelopes leave
     the queue only once Redis acknowledged them, so the queue is also the
-    replay buffer of an outage.
-listener
-    One subscribed connection (the broadcast channel and this node's direct
-    channel). It drops this node's own echo by the sender name at the front
-    of each message and appends the rest to a bounded inbox; it never waits
-    for local delivery, so Redis never disconnects it for a full output
-    buffer. Drops are counted and logged.
+    replay buffer of an outage. (:mod:`phx_gevent.pubsub.redis_loops`)
+listener and subscription writer
+    One subscribed connection: this node's direct channel, and the channels
+    of the topics with local subscribers (topic routing, reference-counted
+    and batched by :mod:`phx_gevent.pubsub.subscriptions`) or the one
+    broadcast channel (broadcast routing). The listener drops this node's own
+    echo by the sender name at the front of each message and appends the rest
+    to a bounded inbox; it never waits for local delivery, so Redis never
+    disconnects it for a full output buffer. (:mod:`phx_gevent.pubsub.redis_receive`)
 delivery
     Takes envelopes from the inbox in order, waits while the process is above
     its high-water mark (:mod:`phx_gevent.flow`; a broadcast still blocked
@@ -26,7 +29,7 @@ delivery
 Redis outages: local delivery is not affected (the local layer delivers
 before the adapter sees the envelope). Publishing never waits for Redis: it
 queues. The publisher and the listener reconnect with exponential backoff and
-jitter; the listener resubscribes. After a reconnection the publisher waits
+jitter; the listener resubscribes every held channel in one round. After a reconnection the publisher waits
 (at most ``replay_wait`` seconds) until as many nodes are subscribed as before
 the outage, then sends what was queued during the outage, dropping what is
 older than ``replay_window`` seconds (direct node-to-node messages: older
@@ -67,14 +70,18 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
+from gevent.lock import BoundedSemaphore
 
 from .. import supervise
 from ..errors import NotMonkeyPatchedError
 from . import codec
-from . import history_redis as _history
 from .base import Adapter, make_node_name
-from .outbox import HistoryCmd, Outbox
-from .redis_loops import CONN_ERRORS, PublishLoop, ReceiveLoop
+from .outbox import Outbox
+from .redis_appends import HistoryAppends
+from .redis_loops import CONN_ERRORS, PublishLoop
+from .redis_receive import ReceiveLoop
+from .routing import broadcast_channel, direct_channel, direct_prefix, nodes_channel, split_routing, topic_channel
+from .subscriptions import SubscriptionManager
 
 try:
     import redis
@@ -129,7 +136,7 @@ def _after_fork(ref: weakref.ref[RedisAdapter]) -> None:
         adapter._forked()
 
 
-class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
+class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
     """Carries envelopes between nodes over Redis pub/sub (see the module docstring).
 
     ``url``
@@ -137,8 +144,27 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         ``unix:///path/to/redis.sock?db=0``. Raises ``ValueError`` when it
         cannot be parsed; nothing connects before :meth:`start`.
     ``prefix``
-        Channel prefix (``<prefix>:b`` for broadcasts, ``<prefix>:d:<node>``
-        for direct messages), so several apps can share one Redis.
+        Channel prefix (``<prefix>:t:{<topic>}`` or ``<prefix>:b`` for
+        broadcasts, ``<prefix>:d:<node>`` for direct messages), so several
+        apps can share one Redis.
+    ``routing``
+        ``"topic"`` (default): a node subscribes to the channels of the topics
+        it has local subscribers for and receives only their broadcasts;
+        ``"broadcast"``: every node receives every broadcast on one channel.
+        Every node and emitter of one app must use the same routing
+        (docs/redis-envelope.md). Also read from the URL's ``routing=``
+        query parameter. Raises ``ValueError`` for another value.
+    ``subscribe_timeout``
+        Seconds a join waits for Redis to confirm the subscription to its
+        topic's channel (topic routing), so that a broadcast published after
+        the join reply reaches it; the join goes on without it after that,
+        and at once while Redis is unreachable.
+    ``linger``
+        Seconds a topic's channel stays subscribed after its last local
+        subscriber left (a quick rejoin costs no UNSUBSCRIBE/SUBSCRIBE).
+    ``subscribe_chunk``
+        Channels per SUBSCRIBE command; the channels of one round are all
+        written at once.
     ``node_name``
         Default: :func:`~phx_gevent.pubsub.base.make_node_name`, renewed in a
         forked child.
@@ -182,6 +208,10 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         url: str,
         prefix: str = "phx",
         *,
+        routing: str | None = None,
+        subscribe_timeout: float = 5.0,
+        linger: float = 1.0,
+        subscribe_chunk: int = 1000,
         node_name: str | None = None,
         max_pending: int = 10_000,
         max_pending_bytes: int = 16 * 1024 * 1024,
@@ -215,6 +245,13 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         ):
             if int(value) <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
+        url, self.routing = split_routing(url, routing)
+        if subscribe_timeout < 0:
+            raise ValueError(f"subscribe_timeout must be >= 0 seconds, got {subscribe_timeout!r}")
+        self.subscribe_timeout = float(subscribe_timeout)
+        # Pure bookkeeping of the subscriber connection (subscriptions.py); kept across a fork.
+        self._subs = SubscriptionManager(linger, subscribe_chunk)
+        self._fixed: tuple[bytes, ...] = ()
         if backoff[0] <= 0 or backoff[1] < backoff[0]:
             raise ValueError(f"backoff must be (first, max) with 0 < first <= max, got {backoff!r}")
         self.url = url
@@ -272,14 +309,27 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         # Set once the listener is first subscribed: history broadcasts reach this
         # node through Redis, so the first ones wait for it (bounded).
         self._sub_ready = Event()
-        self._bchan = f"{self.prefix}:b".encode()
-        self._dprefix = f"{self.prefix}:d:"
-        self._dchan = (self._dprefix + node).encode()
+        prefix = self.prefix
+        # Topic routing: <prefix>:n is only counted (PUBSUB NUMSUB), never published to.
+        self._bchan = broadcast_channel(prefix) if self.routing == "broadcast" else nodes_channel(prefix)
+        self._dprefix = direct_prefix(prefix)
+        self._dchan = direct_channel(prefix, node)
+        # The channels held for the adapter's life; a forked child has a new direct channel.
+        now = _monotonic()
+        for channel in self._fixed:
+            self._subs.release(channel, now)
+        self._fixed = (self._bchan, self._dchan)
+        for channel in self._fixed:
+            self._subs.acquire(channel)
+        self._restore = self._subs.reset()[0]
+        self._bus_event = Event()
+        self._bus_lock = BoundedSemaphore(1)
+        self._bus_up = False
         self._echo = codec.echo_prefix(node)
         # Our own history messages come back (the script publishes them): keep those.
         self._echo_history = self._echo + b'{"o":"'
         # Outgoing: queued, then in flight (written, not yet acknowledged); its rules are pure (outbox.py).
-        self._out = Outbox(self.max_pending, self.max_pending_bytes, self._bchan)
+        self._out = Outbox(self.max_pending, self.max_pending_bytes, self._dprefix)
         self._out_event = Event()
         self._space = Event()
         self._inbox: deque[bytes] = deque()
@@ -302,6 +352,7 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
                 "resent",
                 "direct_unrouted",
                 "received",
+                "messages",
                 "echo_dropped",
                 "receive_dropped",
                 "overload_dropped",
@@ -345,7 +396,44 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         kwargs.setdefault("driver_info", None)
         return self._pool.connection_class(**kwargs)
 
+    def _channel(self, topic: str) -> bytes:
+        """The channel broadcasts on ``topic`` are published to (:mod:`phx_gevent.pubsub.routing`)."""
+        return topic_channel(self.prefix, topic) if self.routing == "topic" else self._bchan
+
     # -- Adapter interface ----------------------------------------------------------------
+
+    def interest(self, topic: str) -> None:
+        """One more local holder of ``topic``: with topic routing, its channel is subscribed (batched)."""
+        if self.routing == "topic" and self._subs.acquire(topic_channel(self.prefix, topic)) is not None:
+            self._bus_event.set()
+
+    def release(self, topic: str) -> None:
+        """One local holder of ``topic`` fewer: the last one unsubscribes its channel after ``linger`` seconds."""
+        if self.routing == "topic":
+            self._subs.release(topic_channel(self.prefix, topic), _monotonic())
+            self._bus_event.set()
+
+    def wait_routed(self, topic: str, timeout: float | None = None) -> bool:
+        """Wait until Redis confirmed this node's subscription to ``topic``'s channel (see :meth:`Adapter.wait_routed`).
+
+        Returns True at once with broadcast routing or when it is in place;
+        False after ``timeout`` (default ``subscribe_timeout``) seconds, or at
+        once while the listener cannot reach Redis. Never raises.
+        """
+        if self.routing != "topic":
+            return True
+        channel = topic_channel(self.prefix, topic)
+        subs = self._subs
+        batch = subs.acquire(channel)
+        try:
+            if batch is None:
+                return True
+            if not self._running or self._sub_down_since is not None:
+                return False  # an outage: the join succeeds locally, the subscription follows the reconnection
+            return self._wait_batch(batch, self.subscribe_timeout if timeout is None else timeout)
+        finally:
+            # The caller subscribes right after (no greenlet switch): the linger this starts is cancelled.
+            subs.release(channel, _monotonic())
 
     def start(self, receive: Callable[[dict[str, Any]], None]) -> None:
         """Connect and begin forwarding and receiving (greenlets in this process; idempotent).
@@ -376,6 +464,7 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
             supervise.spawn("Redis publisher", self._supervised, self._run_publisher, gen, alive=alive),
             supervise.spawn("Redis listener", self._supervised, self._run_listener, gen, alive=alive),
             supervise.spawn("Redis delivery", self._supervised, self._run_delivery, gen, alive=alive),
+            supervise.spawn("Redis subscriptions", self._supervised, self._run_subscriber, gen, alive=alive),
         ]
         log.debug("phx_gevent: Redis adapter %r started", self)
 
@@ -403,7 +492,7 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         if self._owner_pid != os.getpid():
             self.ensure_started()
         data = codec.encode(envelope, self.node_name)
-        channel = self._bchan if envelope["k"] == "b" else (self._dprefix + envelope["to"]).encode()
+        channel = self._channel(envelope["t"]) if envelope["k"] == "b" else self._dprefix + envelope["to"].encode()
         size = len(data)
         if size > self.max_pending_bytes:
             self._counters["publish_errors"] += 1
@@ -413,78 +502,6 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
             return
         self._out.add((_monotonic(), channel, data))
         self._out_event.set()
-
-    def publish_history(self, envelope: dict[str, Any], config: Any) -> bool:
-        """Queue the history append of a broadcast (see :meth:`Adapter.publish_history`).
-
-        Returns False while Redis is known to be unreachable: the caller then
-        delivers locally without an offset (:meth:`history_gap` is recorded).
-        Raises ``TypeError``/``OverflowError`` when the payload cannot be encoded.
-        """
-        if self._owner_pid != os.getpid():
-            self.ensure_started()
-        topic = envelope["t"]
-        if not self._sub_ready.is_set() and self._running and self._pub_down_since is None:
-            # Just started: our own echo would be lost before the listener subscribed.
-            self._sub_ready.wait(self.socket_timeout)
-        if self._pub_down_since is not None or not self._running or not self._sub_ready.is_set():
-            self.history_gap(topic, config)
-            return False
-        # A gap recorded earlier is marked (_reset_gaps) before this append is sent.
-        args, plain = _history.append_args(self.prefix, self.node_name, envelope, config, False)
-        size = len(plain)
-        if self._out.full(size) and not self._make_room(size):
-            self.history_gap(topic, config)
-            return False
-        self._out.add((_monotonic(), HistoryCmd(args, topic, config), plain))
-        self._out_event.set()
-        return True
-
-    def history_pool(self, max_connections: int = 8, timeout: float = 5.0) -> Any:
-        """A blocking connection pool to the same Redis (same options), for history reads."""
-        kwargs = dict(self._pool.connection_kwargs)
-        for key in list(kwargs):
-            if key.startswith(("maint_notifications", "oss_cluster_maint")):
-                del kwargs[key]
-        return redis.BlockingConnectionPool(
-            connection_class=self._pool.connection_class, max_connections=max_connections, timeout=timeout, **kwargs
-        )
-
-    def history_gap(self, topic: str, config: Any) -> None:
-        """Record that ``topic``'s history missed a message: its epoch changes before the next append."""
-        self._gaps[topic] = config
-
-    def _history_fallback(self, item: tuple[Any, Any, bytes]) -> tuple[Any, Any, bytes]:
-        # A history append that will not run: deliver here without offset, mark the
-        # gap, and forward it to the other nodes as a plain broadcast instead.
-        cmd = item[1]
-        self.history_gap(cmd.topic, cmd.config)
-        callback = self.on_history_fallback
-        if callback is not None:
-            try:
-                callback(item[2])
-            except Exception:
-                log.exception("phx_gevent: local delivery of a history broadcast failed")
-        return (item[0], self._bchan, item[2])
-
-    def _convert_history(self) -> None:
-        # Redis is unreachable: queued history appends become plain broadcasts
-        # (kept for replay like any other), delivered here at once without offset.
-        self._out.convert_history(self._history_fallback)
-
-    def _reset_gaps(self, conn: Any) -> None:
-        # Back after an outage: mark a gap in the history of every topic that had
-        # messages delivered without offsets, before anything else is published.
-        for topic, config in list(self._gaps.items()):
-            args = _history.gap_args(self.prefix, self.node_name, topic, config)
-            conn.send_command("EVAL", _history.GAP_SCRIPT, 2, *args)
-            conn.read_response()
-            self._gaps.pop(topic, None)
-
-    def _load_scripts(self, conn: Any) -> None:
-        conn.send_command("SCRIPT", "LOAD", _history.APPEND_SCRIPT, check_health=False)
-        sha = conn.read_response()
-        self._append_sha = sha if isinstance(sha, bytes) else str(sha).encode()
 
     def stop(self, timeout: float | None = None) -> int:
         """Send what is queued, for at most ``timeout`` seconds, then disconnect; returns how many were dropped.
@@ -571,9 +588,25 @@ class RedisAdapter(PublishLoop, ReceiveLoop, Adapter):
         (inbox full), ``overload_dropped`` (remote broadcasts dropped by
         flow control), ``invalid`` (undecodable messages), ``subscribers``
         (nodes subscribed at the last broadcast).
+
+        ``messages`` counts every message read from Redis (echoes and
+        invalid ones included: what this node had to receive), ``received``
+        the envelopes handed to the local layer. ``channels`` (subscriptions
+        Redis confirmed), ``channels_held`` (channels wanted), ``channels_pending``
+        (waiting to be sent), ``subscribe_commands``, ``unsubscribe_commands``
+        and ``subscribe_rounds`` (pipelined writes of SUBSCRIBEs) describe the
+        subscriber connection; ``routing`` is the routing.
         """
+        subs = self._subs.stats()
         return {
             **self._counters,
+            "routing": self.routing,
+            "channels": subs["active"],
+            "channels_held": subs["channels"],
+            "channels_pending": subs["pending"],
+            "subscribe_commands": subs["subscribe_commands"],
+            "unsubscribe_commands": subs["unsubscribe_commands"],
+            "subscribe_rounds": subs["rounds"],
             "node": self.node_name,
             "connected": self.connected,
             "publisher_connected": self._pub_ok,

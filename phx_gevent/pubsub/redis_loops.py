@@ -1,8 +1,9 @@
-"""The Redis adapter's connection loops: the publisher and the listener greenlets.
+"""The Redis adapter's publisher greenlet, and the state its connection loops share.
 
 Mixins of :class:`~phx_gevent.pubsub.redis.RedisAdapter`, which holds the
 state they share (declared below for the type checker) and decides when they
-run; the outbox rules they apply are :mod:`phx_gevent.pubsub.outbox`.
+run; the outbox rules they apply are :mod:`phx_gevent.pubsub.outbox`. The
+receiving side is :mod:`phx_gevent.pubsub.redis_receive`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.event import Event
+from gevent.lock import BoundedSemaphore
 
 from .. import supervise, telemetry
-from ..errors import BroadcastTimeout
-from ..flow import flow
-from . import codec
 from .outbox import HistoryCmd, Item, Outbox
+from .subscriptions import Batch, SubscriptionManager
 
 try:
     import redis
@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - redis-py is a requirement, but fail cl
     redis = None  # type: ignore[assignment]
     RedisError = ResponseError = Exception  # type: ignore[assignment,misc]
 
-__all__ = ["CONN_ERRORS", "PublishLoop", "ReceiveLoop"]
+__all__ = ["CONN_ERRORS", "PublishLoop"]
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +85,17 @@ class _AdapterState:
         _receive: Callable[[dict[str, Any]], None] | None
         _counters: dict[str, int]
         _last_error: str | None
+        routing: str
+        subscribe_timeout: float
+        _running: bool
         _bchan: bytes
         _dchan: bytes
+        _dprefix: bytes
+        _subs: SubscriptionManager
+        _restore: Batch
+        _bus_event: Event
+        _bus_lock: BoundedSemaphore
+        _bus_up: bool
         _echo: bytes
         _echo_history: bytes
         _out: Outbox
@@ -121,6 +130,7 @@ class _AdapterState:
         def _convert_history(self) -> None: ...
         def _reset_gaps(self, conn: Any) -> None: ...
         def _load_scripts(self, conn: Any) -> None: ...
+        def _channel(self, topic: str) -> bytes: ...
 
 
 class PublishLoop(_AdapterState):
@@ -311,6 +321,7 @@ class PublishLoop(_AdapterState):
         if not inflight:
             return
         bchan = self._bchan
+        dprefix = self._dprefix
         counters = self._counters
         try:
             if self._reload_scripts:
@@ -356,179 +367,6 @@ class PublishLoop(_AdapterState):
             if receivers is not None:
                 if channel == bchan:
                     self._subscribers_seen = int(receivers)
-                elif not receivers:
+                elif not receivers and isinstance(channel, bytes) and channel.startswith(dprefix):
                     counters["direct_unrouted"] += 1
         self._space.set()
-
-
-class ReceiveLoop(_AdapterState):
-    """The listener greenlet (SUBSCRIBE) and the delivery greenlet that hands envelopes to the local layer."""
-
-    if TYPE_CHECKING:  # pragma: no cover
-
-        def _outage_started(self) -> None: ...
-        def _outage_over(self) -> None: ...
-
-    def _run_listener(self, gen: int) -> None:
-        conn = self._sub_conn
-        backoff = _Backoff(*self.backoff)
-        hc = self.health_check_interval
-        while self._alive(gen):
-            try:
-                conn.connect()
-                conn.send_command("SUBSCRIBE", self._bchan, self._dchan, check_health=False)
-                confirmed = 0
-                while self._alive(gen):
-                    if not conn.can_read(timeout=hc):
-                        conn.send_command("PING", check_health=False)
-                        if not conn.can_read(timeout=self.socket_timeout):
-                            raise redis.TimeoutError(f"no answer to PING within {self.socket_timeout}s")
-                        continue
-                    msg = conn.read_response()
-                    kind = msg[0]
-                    if kind == b"message":
-                        self._on_message(msg[1], msg[2])
-                    elif kind == b"subscribe":
-                        confirmed += 1
-                        if confirmed == 2:
-                            self._sub_recovered()
-                            backoff.reset()
-            except CONN_ERRORS as exc:
-                conn.disconnect()
-                if not self._alive(gen):
-                    return
-                self._sub_failed(exc)
-                self._stop.wait(backoff.next())
-            except Exception:
-                supervise.failed("Redis listener")
-                conn.disconnect()
-                self._stop.wait(backoff.next())
-
-    def _sub_failed(self, exc: BaseException) -> None:
-        self._last_error = f"{type(exc).__name__}: {exc}"
-        now = _monotonic()
-        if self._sub_ok or self._sub_down_since is None:
-            self._sub_ok = False
-            self._sub_down_since = now
-            self._outage_started()
-            log.warning(
-                "phx_gevent: Redis %s unreachable for receiving (%s); until it is back this process "
-                "misses what other nodes publish",
-                self._where,
-                self._last_error,
-            )
-            self._log_sub_retry.ready()
-        elif self._log_sub_retry.ready() is not None:
-            log.warning(
-                "phx_gevent: Redis %s still unreachable for receiving after %.0fs (%s)",
-                self._where,
-                now - self._sub_down_since,
-                self._last_error,
-            )
-
-    def _sub_recovered(self) -> None:
-        if self._sub_down_since is not None:
-            log.warning(
-                "phx_gevent: Redis %s reachable again for receiving after %.1fs; resubscribed",
-                self._where,
-                _monotonic() - self._sub_down_since,
-            )
-            self._counters["reconnects"] += 1
-            self._sub_down_since = None
-            # Tell the local layer (in order, through the inbox) to catch up on history topics.
-            self._inbox.append(b"")
-            self._in_event.set()
-        self._sub_ok = True
-        self._sub_ready.set()
-        self._outage_over()
-
-    def _on_message(self, channel: bytes, data: bytes) -> None:
-        # The listener's only work: drop our echo, queue the rest; never wait.
-        if channel == self._bchan and data.startswith(self._echo) and not data.startswith(self._echo_history):
-            self._counters["echo_dropped"] += 1
-            return
-        if len(self._inbox) >= self.max_inbox or self._inbox_bytes + len(data) > self.max_inbox_bytes:
-            self._counters["receive_dropped"] += 1
-            suppressed = self._log_drop_in.ready()
-            if suppressed is not None:
-                log.warning(
-                    "phx_gevent: Redis inbox full (%d envelopes, %d bytes): dropped %d envelope(s) from "
-                    "other nodes (%d total); local delivery is slower than what arrives",
-                    len(self._inbox),
-                    self._inbox_bytes,
-                    suppressed + 1,
-                    self._counters["receive_dropped"],
-                )
-            return
-        self._inbox.append(data)
-        self._inbox_bytes += len(data)
-        self._in_event.set()
-
-    def _run_delivery(self, gen: int) -> None:
-        inbox = self._inbox
-        counters = self._counters
-        node = self.node_name
-        since_yield = 0
-        while self._alive(gen):
-            if not inbox:
-                self._in_event.clear()
-                if not inbox:
-                    self._in_event.wait(self.health_check_interval)
-                since_yield = 0
-                continue
-            data = inbox.popleft()
-            self._inbox_bytes -= len(data)
-            if not data:
-                receive = self._receive
-                if receive is not None:
-                    try:
-                        receive({"k": "sync", "n": node, "t": "", "e": "", "p": None, "x": None})
-                    except Exception:
-                        log.exception("phx_gevent: catching up on history topics failed")
-                continue
-            try:
-                envelope = codec.decode(data)
-            except Exception as exc:
-                # Whatever the data does to the decoder, the next envelope is delivered.
-                counters["invalid"] += 1
-                if self._log_invalid.ready() is not None:
-                    log.warning("phx_gevent: ignored an invalid message from Redis: %s", exc)
-                continue
-            if envelope["k"] == "b":
-                if self.flow_control:
-                    try:
-                        flow.wait()
-                    except BroadcastTimeout:
-                        counters["overload_dropped"] += 1
-                        suppressed = self._log_overload.ready()
-                        if suppressed is not None:
-                            log.warning(
-                                "phx_gevent: dropped %d broadcast(s) from other nodes: this process stayed "
-                                "above its high-water mark (%d total)",
-                                suppressed + 1,
-                                counters["overload_dropped"],
-                            )
-                        continue
-                    if not self._alive(gen):
-                        return
-            elif envelope.get("to") != node:
-                continue
-            counters["received"] += 1
-            receive = self._receive
-            if receive is not None:
-                try:
-                    receive(envelope)
-                except Exception:
-                    counters["delivery_errors"] += 1
-                    self._log_delivery.log(
-                        log,
-                        logging.ERROR,
-                        "phx_gevent: delivering an envelope from node %r failed",
-                        envelope["n"],
-                        exc_info=True,
-                    )
-            since_yield += 1
-            if since_yield >= 64:
-                # A burst from Redis must not starve requests and writers.
-                since_yield = 0
-                gevent.sleep(0)
