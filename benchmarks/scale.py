@@ -23,8 +23,8 @@ interleaved with the others (A B A B ...). The default is
 ``broadcast@single`` next to ``topic@single``.
 
 ``joins``: the join's added latency. gunicorn with ``--workers`` workers and
-Redis serving the example app (its adapter's routing from ``PHX_ROUTING``,
-benchmarks/servers/scale_app.py); the load generator's storm workload with a
+Redis serving the example app (``REDIS_URL=...?routing=...``, ``room:*``
+without history: benchmarks/servers/nohistory_app.py); the load generator's storm workload with a
 distinct topic per client (``room:scale:<i>``), so every join is the first
 of its topic on its worker: ``--clients`` joins at once, then
 ``--trickle`` joins ``--trickle-concurrency`` at a time; join p50/p99 per
@@ -129,6 +129,11 @@ def _wait_ping(port: int, deadline: float) -> None:
     raise RuntimeError(f"redis-server on port {port} did not answer")
 
 
+def with_routing(url: str, routing: str) -> str:
+    """``url`` with the adapter's and emitter's ``routing`` query (issue 13: ``topic`` or ``broadcast``)."""
+    return f"{url}{'&' if '?' in url else '?'}routing={routing}"
+
+
 def cluster_url(ports: list[int]) -> str:
     """The adapter's and emitter's URL of a cluster (issue 13B's format)."""
     return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports)
@@ -216,17 +221,41 @@ def assignment(nodes: int, users: int, overlap: float, shared: int, seed: int) -
     return out
 
 
+class _RawPublisher:
+    """``broadcast_many`` through redis-py: the adapter's envelope on the routing's channel, pipelined."""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        import redis
+
+        from phx_gevent.pubsub import codec
+        from phx_gevent.pubsub.routing import channel_for, split_routing
+
+        url, routing = split_routing(url, None)
+        self._client = redis.Redis.from_url(url)
+        self._channel = lambda topic: channel_for(prefix, routing, topic)
+        self._encode = codec.encode
+
+    def broadcast_many(self, messages: list[tuple[str, str, Any]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for topic, event, payload in messages:
+            envelope = {"k": "b", "n": "scale-publisher", "t": topic, "e": event, "p": payload, "x": None}
+            pipe.publish(self._channel(topic), self._encode(envelope))
+        pipe.execute()
+
+    def close(self) -> None:
+        self._client.close()
+
+
 def cmd_publish(args: argparse.Namespace) -> None:
     """Internal: publish the seeded sequence through an Emitter; print the count per topic as JSON."""
     sys.path.insert(0, str(ROOT))
-    import inspect
+    import phx_gevent.emitter as emitter_module
 
-    from phx_gevent import Emitter
-
-    kwargs: dict[str, Any] = {}
-    if args.routing and "routing" in inspect.signature(Emitter.__init__).parameters:
-        kwargs["routing"] = args.routing
-    emitter = Emitter(args.url, args.prefix, **kwargs)
+    if "split_routing" in vars(emitter_module) or "routing" in vars(emitter_module):
+        emitter: Any = emitter_module.Emitter(args.url, args.prefix)
+    else:
+        # An Emitter that does not know routing yet: the same envelopes on the same channels (single Redis).
+        emitter = _RawPublisher(args.url, args.prefix)
     rng = random.Random(args.seed + 1)
     counts: dict[str, int] = {}
     pad = "x" * 40
@@ -315,7 +344,8 @@ def one_nodes_run(args: argparse.Namespace, routing: str, redis_kind: str, topic
         setup = stack.enter_context(redis_setup(redis_kind))
         setup.reset_stats()
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="phx-scale-")))
-        cfg = {"url": setup.url, "prefix": "scale", "routing": routing, "assignment": topics}
+        url = with_routing(setup.url, routing)
+        cfg = {"url": url, "prefix": "scale", "routing": routing, "assignment": topics}
         cfg_path = tmp / "cfg.json"
         cfg_path.write_text(json.dumps(cfg))
         nodes = [NodeProc(cfg_path, i, {}) for i in range(len(topics))]
@@ -338,11 +368,9 @@ def one_nodes_run(args: argparse.Namespace, routing: str, redis_kind: str, topic
             str(Path(__file__).resolve()),
             "publish",
             "--url",
-            setup.url,
+            url,
             "--prefix",
             "scale",
-            "--routing",
-            routing,
             "--rate",
             str(args.rate),
             "--seconds",
@@ -555,7 +583,7 @@ def cmd_joins(args: argparse.Namespace) -> None:
             for routing in routings:
                 busy = R.wait_quiet(max_wait=args.max_wait) if args.max_wait else 0.0
                 R.say(f"rep {rep + 1}/{args.reps}: joins with {routing} routing")
-                env = {"REDIS_URL": setup.url, "PHX_ROUTING": routing, "APP": "benchmarks.servers.scale_app:app"}
+                env = {"REDIS_URL": with_routing(setup.url, routing), "APP": "benchmarks.servers.nohistory_app:app"}
                 result: dict[str, Any] = {"busyBefore": round(busy, 2)}
                 try:
                     server = R.start_gunicorn(args.workers, args.clients + args.trickle + 1000, env, None, routing)
@@ -571,7 +599,7 @@ def cmd_joins(args: argparse.Namespace) -> None:
                                 "workload": "storm",
                                 "base": 0,
                                 "clients": n,
-                                "hbMs": 1000,
+                                "hbMs": 100,  # no base clients: only the pauses around the storm
                                 "topic": f"room:scale{phase[0]}{rep}",
                                 "topicPerClient": True,
                                 "stormConcurrency": conc,
@@ -649,7 +677,6 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("publish", help=argparse.SUPPRESS)
     p.add_argument("--url", required=True)
     p.add_argument("--prefix", default="scale")
-    p.add_argument("--routing", default="")
     p.add_argument("--rate", type=float, required=True)
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--users", type=int, required=True)

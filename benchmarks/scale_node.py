@@ -25,7 +25,6 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import inspect  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -85,25 +84,22 @@ class CountingPubSub(PubSub):
 
 
 def make_adapter(cfg: dict[str, Any], index: int) -> RedisAdapter:
-    """The node's adapter; ``routing`` is passed only to an adapter that knows the option."""
-    kwargs: dict[str, Any] = {"prefix": cfg["prefix"], "node_name": f"scale-node-{index}"}
-    params = inspect.signature(RedisAdapter.__init__).parameters
-    if cfg.get("routing") and "routing" in params:
-        kwargs["routing"] = cfg["routing"]
-    elif cfg.get("routing") not in (None, "broadcast"):
-        raise SystemExit(f"this tree's RedisAdapter has no routing option (asked for {cfg['routing']!r})")
-    return RedisAdapter(cfg["url"], **kwargs)
+    """The node's adapter, on ``cfg["url"]`` (whose ``?routing=`` query chooses the design)."""
+    return RedisAdapter(cfg["url"], prefix=cfg["prefix"], node_name=f"scale-node-{index}")
+
+
+def received(stats: dict[str, Any]) -> int:
+    """Every pub/sub message the node read from Redis (``messages``; ``received`` on a tree without it)."""
+    return int(stats.get("messages", stats["received"]))
 
 
 def subscribed(adapter: RedisAdapter, topics: int) -> bool:
-    """True once the adapter's listener is in place for every topic (when it says how many it holds)."""
+    """True once the listener is connected and, under topic routing, every topic's channel is confirmed."""
     if not adapter.connected:
         return False
     stats = adapter.stats()
-    for key in ("channels_subscribed", "subscribed_channels", "subscriptions"):
-        if isinstance(stats.get(key), int):
-            pending = stats.get("subscribe_pending") or stats.get("pending_subscribe") or 0
-            return stats[key] >= topics and not pending
+    if stats.get("routing") == "topic":
+        return int(stats.get("channels", 0)) >= topics and not stats.get("channels_pending")
     return True
 
 
@@ -147,7 +143,8 @@ def main() -> None:
             report = {
                 "node": index,
                 "topics": len(topics),
-                "received": stats["received"] - base.get("received", 0),
+                "received": received(stats) - (received(base) if base else 0),
+                "delivered_envelopes": stats["received"] - base.get("received", 0),
                 "useful": pubsub.useful,
                 "frames": sum(w.frames for w in writers),
                 "cpu": time.process_time() - cpu0,

@@ -11,7 +11,6 @@ latency, Node (the ``ws`` package of the project's node_modules).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -21,14 +20,12 @@ from typing import Any
 
 import pytest
 
-from phx_gevent.pubsub.redis import RedisAdapter
 from tests.conftest import CI
 from tests.jsclient import node_available
 from tests.servers import require_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = ROOT / "benchmarks" / "scale.py"
-HAS_ROUTING = "routing" in inspect.signature(RedisAdapter.__init__).parameters
 
 
 def run(tmp_path: Path, *args: str) -> Any:
@@ -51,11 +48,10 @@ def run(tmp_path: Path, *args: str) -> Any:
 
 def test_nodes_receive_what_their_routing_promises(tmp_path: Path) -> None:
     require_redis()
-    variants = ["--variant", "broadcast=broadcast@single"]
-    if HAS_ROUTING:
-        variants += ["--variant", "topic=topic@single"]
+    variants = ["--variant", "broadcast=broadcast@single", "--variant", "topic=topic@single"]
     args = ["--nodes", "3", "--users", "60", "--shared", "1", "--rate", "150", "--seconds", "1", "--drain", "20"]
     results = run(tmp_path, "nodes", *args, *variants)
+    assert set(results) == {"broadcast", "topic"}
     for label, (result,) in results.items():
         assert "error" not in result, (label, result)
         published = result["published"]
@@ -78,8 +74,8 @@ def test_joins_measures_join_latency_on_gunicorn_and_redis(tmp_path: Path) -> No
         if CI:
             pytest.fail(f"the scale smoke test cannot run under CI: {reason}")
         pytest.skip(reason)
-    routings = "broadcast,topic" if HAS_ROUTING else "broadcast"
-    results = run(tmp_path, "joins", "--routings", routings, "--clients", "40", "--trickle", "10")
+    results = run(tmp_path, "joins", "--routings", "broadcast,topic", "--clients", "40", "--trickle", "10")
+    assert set(results) == {"broadcast", "topic"}
     for routing, (result,) in results.items():
         assert "error" not in result, (routing, result)
         for phase, n in (("storm", 40), ("trickle", 10)):
