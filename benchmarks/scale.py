@@ -357,6 +357,11 @@ def one_nodes_run(args: argparse.Namespace, routing: str, redis_kind: str, topic
         start_seconds = time.monotonic() - t_start
         # What subscribing every node's topics cost each shard (batched SUBSCRIBEs), before the window.
         setup_stats = setup.shard_stats()
+        # The nodes' CPU while nothing is published (the adapter's timers, the runtime): subtracted below.
+        for node in nodes:
+            node.ask("reset")
+        time.sleep(args.idle)
+        idle = [json.loads(node.ask("report")) for node in nodes]
         for node in nodes:
             node.ask("reset")
         setup.reset_stats()
@@ -401,8 +406,10 @@ def one_nodes_run(args: argparse.Namespace, routing: str, redis_kind: str, topic
         shards = setup.shard_stats()
         for s, c0 in zip(shards, shard_cpu0, strict=True):
             s["cpu_window"] = s["cpu"] - c0
-        for r, e in zip(reports, expected, strict=True):
+        for r, e, i in zip(reports, expected, idle, strict=True):
             r["expected"] = e
+            r["idle_cpu_per_s"] = i["cpu"] / max(1e-9, i["wall"])
+            r["busy_cpu"] = max(0.0, r["cpu"] - r["idle_cpu_per_s"] * r["wall"])
             r.pop("stats", None)
         return {
             "routing": routing,
@@ -439,10 +446,10 @@ def nodes_markdown(args: argparse.Namespace, variants: list[tuple[str, str, str]
     lines.append("")
     lines.append(
         "| variant | published | received per node | with local interest per node | received / interest "
-        "| received / published | missing deliveries | CPU per node (s) | node CPU us per published broadcast "
-        "| node CPU us per received |"
+        "| received / published | missing deliveries | CPU per node (s) | idle CPU per node (cores) "
+        "| CPU above idle per node (s) | node us per published broadcast | node us per received |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, _, _ in variants:
         runs = [r for r in results[label] if "error" not in r]
         if not runs:
@@ -453,8 +460,10 @@ def nodes_markdown(args: argparse.Namespace, variants: list[tuple[str, str, str]
         pub = [r["published"] for r in runs]
         missing = [sum(max(0, n["expected"] - n["useful"]) for n in r["nodes"]) for r in runs]
         cores = [_med([n["cpu"] for n in r["nodes"]]) for r in runs]
-        us_pub = [_med([n["cpu"] * 1e6 / max(1, r["published"]) for n in r["nodes"]]) for r in runs]
-        us_rec = [_med([n["cpu"] * 1e6 / max(1, n["received"]) for n in r["nodes"]]) for r in runs]
+        idle = [_med([n.get("idle_cpu_per_s", 0.0) for n in r["nodes"]]) for r in runs]
+        busy = [_med([n.get("busy_cpu", n["cpu"]) for n in r["nodes"]]) for r in runs]
+        us_pub = [_med([n.get("busy_cpu", n["cpu"]) * 1e6 / max(1, r["published"]) for n in r["nodes"]]) for r in runs]
+        us_rec = [_med([n.get("busy_cpu", n["cpu"]) * 1e6 / max(1, n["received"]) for n in r["nodes"]]) for r in runs]
         first = runs[0]["nodes"]
         lines.append(
             f"| {label} | {_med(pub):,.0f} | {_med(rec):,.0f} ({min(n['received'] for n in first):,}-"
@@ -462,8 +471,14 @@ def nodes_markdown(args: argparse.Namespace, variants: list[tuple[str, str, str]
             f"{max(n['useful'] for n in first):,}) "
             f"| {_med([a / max(1, b) for a, b in zip(rec, use, strict=True)]):.2f} "
             f"| {_med([a / max(1, b) for a, b in zip(rec, pub, strict=True)]):.3f} | {max(missing)} "
-            f"| {_med(cores):.2f} | {_med(us_pub):.1f} | {_med(us_rec):.1f} |"
+            f"| {_med(cores):.2f} | {_med(idle):.3f} | {_med(busy):.2f} | {_med(us_pub):.1f} | {_med(us_rec):.1f} |"
         )
+    lines.append("")
+    lines.append(
+        f"CPU: each node's process CPU over the window (publishing, then until every node delivered); idle = "
+        f"its CPU rate over {args.idle:g} s with nothing published, measured just before; the per-broadcast and "
+        "per-received figures use the CPU above idle."
+    )
     lines.append("")
     for label, _, _ in variants:
         runs = [r for r in results[label] if "error" not in r]
@@ -661,6 +676,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=2000.0, help="broadcasts/s cluster-wide")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--drain", type=float, default=30.0, help="longest wait for the nodes to deliver")
+    p.add_argument("--idle", type=float, default=3.0, help="seconds of the idle CPU measurement before publishing")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--variant", action="append", help="LABEL=ROUTING@REDIS (default broadcast@single, topic@single)")
     p.set_defaults(func=cmd_nodes)
