@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import EmitterError, EmitterUnavailable, PayloadError
-from .pubsub import codec
+from .pubsub import codec, redis_connect
 from .pubsub import history as _history
 from .pubsub.base import make_node_name
 from .pubsub.local import check_broadcast
@@ -56,7 +56,12 @@ __all__ = ["Emitter"]
 log = logging.getLogger(__name__)
 
 # Failures worth another attempt: the connection, not the command.
-_RETRY = (RedisConnectionError, RedisTimeoutError, OSError)
+_RETRY: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+if redis is not None:
+    from redis.exceptions import ClusterDownError, RedisClusterException, TryAgainError
+
+    # A Redis Cluster reconfiguring (a shard down, a failover, a slot migrating) is worth another attempt.
+    _RETRY += (ClusterDownError, TryAgainError, RedisClusterException)
 # Envelopes per pipelined write in broadcast_many (and at most this many bytes).
 _CHUNK = 1000
 _CHUNK_BYTES = 1024 * 1024
@@ -126,16 +131,28 @@ class Emitter:
         self._rules_until = 0.0
         self._closed = False
         self._lock = threading.Lock()
-        if isinstance(redis_url, str):
+        #: A Redis Cluster client (``redis+cluster://`` or a list of nodes), else ``None``.
+        self._cluster: Any = None
+        self._pool: Any = None
+        if isinstance(redis_url, (str, list, tuple)):
             redis_kwargs.setdefault("socket_timeout", float(socket_timeout))
             redis_kwargs.setdefault("socket_connect_timeout", float(connect_timeout))
             # RESP2 (every Redis speaks it, as the adapter does); the retries are ours, bounded by `timeout`.
             redis_kwargs["protocol"] = 2
             redis_kwargs["retry"] = Retry(NoBackoff(), 0)
             redis_kwargs.setdefault("client_name", f"{prefix}:emitter")
-            self._pool: redis.ConnectionPool = redis.BlockingConnectionPool.from_url(
-                redis_url, max_connections=int(max_connections), timeout=max(self.timeout, 0.1), **redis_kwargs
-            )
+            # Validates the URL (single, TLS, ACL user, Sentinel, Cluster); connects nothing.
+            target = redis_connect.target(redis_url, **redis_kwargs)
+            self._where = target.describe()
+            if target.kind == "cluster":
+                from .pubsub.redis_cluster import cluster_client
+
+                self._cluster = cluster_client(target, max_connections=int(max_connections))
+                self._pool = None
+            else:
+                self._pool = target.pool(
+                    blocking=True, max_connections=int(max_connections), timeout=max(self.timeout, 0.1)
+                )
             self._own_pool = True
         elif isinstance(redis_url, redis.Redis):
             self._pool = redis_url.connection_pool
@@ -145,7 +162,8 @@ class Emitter:
                 "Emitter expects a Redis URL, a redis.Redis client or an Endpoint/RedisAdapter "
                 f"(see Emitter.for_endpoint), got {type(redis_url).__name__}"
             )
-        self._where = _describe(self._pool)
+        if not isinstance(redis_url, (str, list, tuple)):
+            self._where = _describe(self._pool)
 
     @classmethod
     def for_endpoint(cls, endpoint: Any, **options: Any) -> Emitter:
@@ -159,7 +177,7 @@ class Emitter:
         """
         adapter = getattr(getattr(endpoint, "pubsub", endpoint), "adapter", endpoint)
         url, prefix = getattr(adapter, "url", None), getattr(adapter, "prefix", None)
-        if not isinstance(url, str) or not isinstance(prefix, str):
+        if not isinstance(url, (str, list, tuple)) or not isinstance(prefix, str):
             raise ValueError(f"{endpoint!r} has no Redis adapter (Endpoint(pubsub='redis://...'))")
         return cls(url, prefix, **options)
 
@@ -225,7 +243,10 @@ class Emitter:
         self.broadcast(socket_id, "disconnect", {})
 
     def ping(self) -> None:
-        """Check that Redis answers (within ``timeout``); raises like :meth:`broadcast`."""
+        """Check that Redis answers (within ``timeout``; every primary of a cluster); raises like :meth:`broadcast`."""
+        if self._cluster is not None:
+            self._run(lambda _conn: self._cluster.ping(target_nodes="primaries"), cluster=True)
+            return
         self._run(lambda conn: _roundtrip(conn, [("PING",)]))
 
     def close(self) -> None:
@@ -234,7 +255,9 @@ class Emitter:
             if self._closed:
                 return
             self._closed = True
-        if self._own_pool:
+        if self._cluster is not None:
+            self._cluster.close()
+        elif self._own_pool:
             self._pool.disconnect()
 
     @property
@@ -279,6 +302,8 @@ class Emitter:
         return (b"EVAL", _history.APPEND_SCRIPT, 2, *args)
 
     def _publish(self, items: list[tuple[dict[str, Any], bytes]]) -> list[str | None]:
+        if self._cluster is not None:
+            return self._publish_cluster(items)
         pending = list(items)
         replies: list[Any] = []
 
@@ -296,7 +321,42 @@ class Emitter:
         self._run(attempt)
         return [r.decode() if isinstance(r, bytes) else None for r in replies]
 
-    def _run(self, attempt: Any) -> Any:
+    def _publish_cluster(self, items: list[tuple[dict[str, Any], bytes]]) -> list[str | None]:
+        # Redis Cluster: each message to its topic's shard (SPUBLISH on <prefix>:t:{topic}, or the
+        # sharded append script, whose keys share that slot); redis-py routes by slot and follows MOVED.
+        from .pubsub.redis_shard import SHARDED_APPEND_SCRIPT
+        from .pubsub.routing import topic_channel
+
+        client = self._cluster
+        pending = list(items)
+        replies: list[Any] = []
+
+        def attempt(_conn: Any) -> list[Any]:
+            rules = self._cluster_rules()
+            pipe = client.pipeline(transaction=False)
+            for envelope, data in pending:
+                config = rules.for_topic(envelope["t"]) if rules else None
+                if config is None or not config.keeps(envelope["e"]):
+                    pipe.execute_command("SPUBLISH", topic_channel(self.prefix, envelope["t"]), data)
+                else:
+                    args, _ = _history.append_args(self.prefix, self.node_name, envelope, config, False, "topic")
+                    pipe.execute_command("EVAL", SHARDED_APPEND_SCRIPT, 2, *args)
+            for reply in pipe.execute(raise_on_error=True):
+                replies.append(reply)
+            return replies
+
+        self._run(attempt, cluster=True)
+        return [r.decode() if isinstance(r, bytes) else None for r in replies]
+
+    def _cluster_rules(self) -> _history.HistoryRules:
+        now = time.monotonic()
+        if self._rules is not None and now < self._rules_until:
+            return self._rules
+        rules = _history.load_rules(self._cluster, self.prefix)
+        self._rules, self._rules_until = rules, now + self.rules_ttl
+        return rules
+
+    def _run(self, attempt: Any, cluster: bool = False) -> Any:
         if self._closed:
             raise EmitterError("this Emitter is closed")
         deadline = time.monotonic() + self.timeout
@@ -305,6 +365,8 @@ class Emitter:
         while True:
             tries += 1
             try:
+                if cluster:
+                    return attempt(None)
                 conn = self._pool.get_connection()
                 try:
                     return attempt(conn)
@@ -314,8 +376,6 @@ class Emitter:
                     raise
                 finally:
                     self._pool.release(conn)
-            except ResponseError as exc:
-                raise EmitterError(f"Redis {self._where} refused the message: {exc}") from None
             except _RETRY as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 remaining = deadline - time.monotonic()
@@ -327,6 +387,8 @@ class Emitter:
                 log.debug("phx_gevent: emitter attempt %d to reach Redis %s failed: %s", tries, self._where, reason)
                 time.sleep(min(delay, remaining))
                 delay = min(delay * 2, 1.0)
+            except ResponseError as exc:
+                raise EmitterError(f"Redis {self._where} refused the message: {exc}") from None
             except RedisError as exc:
                 raise EmitterError(f"Redis {self._where} failed: {type(exc).__name__}: {exc}") from None
 

@@ -157,9 +157,9 @@ class Endpoint:
         if isinstance(pubsub, PubSub):
             return pubsub
         if isinstance(pubsub, str):
-            from .pubsub.redis import RedisAdapter
+            from .pubsub.redis_cluster import redis_adapter
 
-            return PubSub(RedisAdapter(pubsub, prefix=prefix))
+            return PubSub(redis_adapter(pubsub, prefix=prefix))
         if isinstance(pubsub, Adapter):
             return PubSub(pubsub)
         raise TypeError(f"pubsub must be None, a Redis URL, an Adapter or a PubSub; got {pubsub!r}")

@@ -144,8 +144,10 @@ class RedisServer:
     server listens on the same port and socket path.
     """
 
-    def __init__(self, directory: str | None = None) -> None:
+    def __init__(self, directory: str | None = None, extra_args: list[str] | tuple[str, ...] = ()) -> None:
         self.binary = require_redis()
+        #: More ``redis-server`` arguments (TLS, ACL users, replication, cluster mode).
+        self.extra_args = list(extra_args)
         self._own_dir = directory is None
         self.dir = directory or tempfile.mkdtemp(prefix="phx-redis-")
         self.unix_path = os.path.join(self.dir, "redis.sock")
@@ -181,6 +183,7 @@ class RedisServer:
                     "--dir", self.dir,
                     "--daemonize", "no",
                     "--loglevel", "warning",
+                    *self.extra_args,
                 ],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

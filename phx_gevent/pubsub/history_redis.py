@@ -298,9 +298,12 @@ class RedisHistory:
 
         if isinstance(url_or_pool, str):
             pool = redis.BlockingConnectionPool.from_url(url_or_pool, max_connections=max_concurrent, timeout=wait)
+            self.client = redis.Redis(connection_pool=pool)
+        elif hasattr(url_or_pool, "execute_command"):
+            # A ready client (a RedisCluster: each script goes to the slot of its {topic} keys).
+            self.client = url_or_pool
         else:
-            pool = url_or_pool
-        self.client = redis.Redis(connection_pool=pool)
+            self.client = redis.Redis(connection_pool=url_or_pool)
         self.prefix = prefix
         self.wait = float(wait)
         self._sem = BoundedSemaphore(max_concurrent)

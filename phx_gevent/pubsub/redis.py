@@ -64,7 +64,7 @@ import re
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -74,13 +74,21 @@ from gevent.lock import BoundedSemaphore
 
 from .. import supervise
 from ..errors import NotMonkeyPatchedError
-from . import codec
+from . import codec, redis_connect
 from .base import Adapter, make_node_name
 from .outbox import Outbox
 from .redis_appends import HistoryAppends
 from .redis_loops import CONN_ERRORS, PublishLoop
 from .redis_receive import ReceiveLoop
-from .routing import broadcast_channel, direct_channel, direct_prefix, nodes_channel, split_routing, topic_channel
+from .routing import (
+    broadcast_channel,
+    check_routing,
+    direct_channel,
+    direct_prefix,
+    nodes_channel,
+    split_routing,
+    topic_channel,
+)
 from .subscriptions import SubscriptionManager
 
 try:
@@ -205,7 +213,7 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[Any] | redis_connect.RedisTarget,
         prefix: str = "phx",
         *,
         routing: str | None = None,
@@ -245,7 +253,10 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
         ):
             if int(value) <= 0:
                 raise ValueError(f"{name} must be positive, got {value!r}")
-        url, self.routing = split_routing(url, routing)
+        if isinstance(url, str):
+            url, self.routing = split_routing(url, routing)
+        else:
+            self.routing = check_routing(routing or "topic")
         if subscribe_timeout < 0:
             raise ValueError(f"subscribe_timeout must be >= 0 seconds, got {subscribe_timeout!r}")
         self.subscribe_timeout = float(subscribe_timeout)
@@ -280,8 +291,15 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
         redis_kwargs.setdefault("socket_connect_timeout", float(connect_timeout))
         redis_kwargs["protocol"] = 2
         # Parses the URL now, so a bad one fails at configuration time; connects nothing.
-        self._pool = redis.ConnectionPool.from_url(url, **redis_kwargs)
-        self._where = self._describe()
+        #: Where Redis is (:mod:`phx_gevent.pubsub.redis_connect`): one server or a Sentinel-managed primary.
+        self.target = redis_connect.target(url, **redis_kwargs)
+        if self.target.kind == "cluster":
+            raise ValueError(
+                "RedisAdapter serves one Redis (or a Sentinel primary); for a Redis Cluster use "
+                "phx_gevent.pubsub.redis_cluster.RedisClusterAdapter, or redis_adapter(url) to pick by URL"
+            )
+        self._pool = self.target.pool()
+        self._where = self.target.describe()
 
         self._receive: Callable[[dict[str, Any]], None] | None = None
         self._running = False
@@ -318,7 +336,7 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
         now = _monotonic()
         for channel in self._fixed:
             self._subs.release(channel, now)
-        self._fixed = (self._bchan, self._dchan)
+        self._fixed = self._fixed_channels()
         for channel in self._fixed:
             self._subs.acquire(channel)
         self._restore = self._subs.reset()[0]
@@ -378,12 +396,9 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
     def __repr__(self) -> str:
         return f"<RedisAdapter {self._where} prefix={self.prefix!r} node={self.node_name!r}>"
 
-    def _describe(self) -> str:
-        # Where Redis is, for logs: never the password.
-        kw = self._pool.connection_kwargs
-        if "path" in kw:
-            return f"unix:{kw['path']}"
-        return f"{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
+    def _fixed_channels(self) -> tuple[bytes, ...]:
+        # The channels this connection holds for the adapter's life.
+        return (self._bchan, self._dchan)
 
     def _connection(self, role: str) -> Any:
         kwargs = dict(self._pool.connection_kwargs)

@@ -136,6 +136,13 @@ class _AdapterState:
 class PublishLoop(_AdapterState):
     """The publisher greenlet: writes the outbox to Redis in pipelined batches, replays after an outage."""
 
+    #: The command a broadcast or direct message is written with (a Redis Cluster shard: SPUBLISH).
+    _publish_cmd = b"PUBLISH"
+
+    def _refused(self, item: Item, exc: BaseException) -> bool:
+        """Redis refused ``item``: True when it was taken care of (a cluster shard re-routes a moved slot)."""
+        return False
+
     def _make_room(self, size: int) -> bool:
         current = gevent.getcurrent()
         if self._pub_down_since is None and self.publish_timeout > 0 and current not in self._greenlets:
@@ -333,7 +340,7 @@ class PublishLoop(_AdapterState):
             conn.send_packed_command(
                 conn.pack_commands(
                     [
-                        (b"PUBLISH", channel, data)
+                        (self._publish_cmd, channel, data)
                         if isinstance(channel, bytes)
                         else (b"EVALSHA", sha, 2, *channel.args)
                         for _, channel, data in inflight
@@ -351,13 +358,16 @@ class PublishLoop(_AdapterState):
             except ResponseError as exc:
                 # Refused by Redis (ACL, ...): this one is lost, the connection is fine.
                 receivers = None
-                counters["publish_errors"] += 1
-                if type(inflight[0][1]) is HistoryCmd:
+                if self._refused(inflight[0], exc):
+                    pass  # sent elsewhere (a Redis Cluster slot that moved)
+                elif type(inflight[0][1]) is HistoryCmd:
+                    counters["publish_errors"] += 1
                     log.error("phx_gevent: Redis refused a history append on %r: %s", inflight[0][1].topic, exc)
                     self._history_fallback(inflight[0])
                     if b"NOSCRIPT" in str(exc).encode():
                         self._reload_scripts = True
                 else:
+                    counters["publish_errors"] += 1
                     log.error("phx_gevent: Redis refused to publish on %r: %s", inflight[0][1], exc)
             except CONN_ERRORS:
                 counters["resent"] += len(inflight)

@@ -55,6 +55,8 @@ _monotonic = time.monotonic
 #: The commands the subscription writer sends (a sharded connection would send SSUBSCRIBE/SUNSUBSCRIBE).
 SUBSCRIBE = b"SUBSCRIBE"
 UNSUBSCRIBE = b"UNSUBSCRIBE"
+# Reply kinds that carry a message (``smessage``: sharded pub/sub of a Redis Cluster shard).
+_MESSAGES = (b"message", b"smessage")
 
 
 class ReceiveLoop(_AdapterState):
@@ -79,6 +81,9 @@ class ReceiveLoop(_AdapterState):
                 self._wake(abandoned)
                 self._bus_up = True
                 self._bus_event.set()
+                if not self._restore.remaining:
+                    # Nothing to hold on this connection (a cluster shard without channels yet): subscribed.
+                    self._sub_recovered()
                 while self._alive(gen):
                     if not conn.can_read(timeout=hc):
                         with self._bus_lock:
@@ -87,7 +92,7 @@ class ReceiveLoop(_AdapterState):
                             raise redis.TimeoutError(f"no answer to PING within {self.socket_timeout}s")
                         continue
                     msg = conn.read_response()
-                    if msg[0] == b"message":
+                    if msg[0] in _MESSAGES:
                         self._on_message(msg[1], msg[2])
                     elif self._on_reply(msg[0], msg[1]):
                         self._sub_recovered()
@@ -185,8 +190,7 @@ class ReceiveLoop(_AdapterState):
 
     def _write_subscriptions(self, commands: Any) -> None:
         conn = self._sub_conn
-        packed = [(UNSUBSCRIBE, *chs) for chs in commands.unsubscribe]
-        packed += [(SUBSCRIBE, *chs) for chs in commands.subscribe]
+        packed = self._subscription_commands(commands)
         try:
             with self._bus_lock:
                 # One write per round, whatever the number of channels: one round trip.
@@ -196,6 +200,12 @@ class ReceiveLoop(_AdapterState):
             log.debug("phx_gevent: writing subscriptions to Redis failed: %s", exc)
             self._bus_up = False
             conn.disconnect()
+
+    def _subscription_commands(self, commands: Any) -> list[tuple[bytes, ...]]:
+        # What a round writes (a Redis Cluster shard writes SSUBSCRIBEs, one per hash slot).
+        packed = [(UNSUBSCRIBE, *chs) for chs in commands.unsubscribe]
+        packed += [(SUBSCRIBE, *chs) for chs in commands.subscribe]
+        return packed
 
     def _wait_batch(self, batch: Batch, timeout: float) -> bool:
         # Called by a join (wait_routed): wait for the batch's confirmation, bounded.
