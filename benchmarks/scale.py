@@ -249,12 +249,15 @@ class _RawPublisher:
 def cmd_publish(args: argparse.Namespace) -> None:
     """Internal: publish the seeded sequence through an Emitter; print the count per topic as JSON."""
     sys.path.insert(0, str(ROOT))
+    import inspect
+
     import phx_gevent.emitter as emitter_module
 
-    if "split_routing" in vars(emitter_module) or "routing" in vars(emitter_module):
+    cluster = args.url.startswith(("redis+cluster://", "rediss+cluster://"))
+    if cluster or "split_routing" in inspect.getsource(emitter_module):
         emitter: Any = emitter_module.Emitter(args.url, args.prefix)
     else:
-        # An Emitter that does not know routing yet: the same envelopes on the same channels (single Redis).
+        # An Emitter that does not follow the routing yet: the same envelopes on the routing's channels.
         emitter = _RawPublisher(args.url, args.prefix)
     rng = random.Random(args.seed + 1)
     counts: dict[str, int] = {}
@@ -344,7 +347,9 @@ def one_nodes_run(args: argparse.Namespace, routing: str, redis_kind: str, topic
         setup = stack.enter_context(redis_setup(redis_kind))
         setup.reset_stats()
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="phx-scale-")))
-        url = with_routing(setup.url, routing)
+        if setup.cluster and routing != "topic":
+            raise SystemExit("a Redis Cluster carries only topic routing (sharded by topic)")
+        url = setup.url if setup.cluster else with_routing(setup.url, routing)
         cfg = {"url": url, "prefix": "scale", "routing": routing, "assignment": topics}
         cfg_path = tmp / "cfg.json"
         cfg_path.write_text(json.dumps(cfg))
@@ -490,9 +495,9 @@ def nodes_markdown(args: argparse.Namespace, variants: list[tuple[str, str, str]
     lines.append("")
     lines.append(
         "Per Redis server (shard), median over repetitions. The window starts once every node is subscribed; "
-        "'setup' is what subscribing every node's topics cost before it. Envelopes out: the shard's bytes out "
-        "divided by the bytes per envelope of the same run (all shards' bytes out / all envelopes the nodes "
-        "received)."
+        "'setup' is what subscribing every node's topics cost before it. Envelopes out: on a cluster, the sum "
+        "of what the nodes read from that shard (their adapters count per shard); on one Redis, its bytes out "
+        "divided by the bytes per envelope of the same run (all bytes out / all envelopes the nodes received)."
     )
     lines.append("")
     lines.append(
@@ -517,11 +522,12 @@ def nodes_markdown(args: argparse.Namespace, variants: list[tuple[str, str, str]
                 sum(s["net_out_bytes"] for s in r["shards"]) / max(1, sum(n["received"] for n in r["nodes"]))
                 for r in runs
             ]
+            outs = [exact_out(r, s) or s["net_out_bytes"] / b for r, s, b in zip(runs, sh, env_bytes, strict=True)]
             lines.append(
                 f"| {label} | {i + 1} | {_med([s['total_commands'] for s in sh]):,.0f} "
                 f"| {_med([cmd(s, 'publish', 'spublish') for s in sh]):,.0f} "
                 f"| {_med([s['net_out_bytes'] / 1e6 for s in sh]):.1f} "
-                f"| {_med([s['net_out_bytes'] / b for s, b in zip(sh, env_bytes, strict=True)]):,.0f} "
+                f"| {_med(outs):,.0f} "
                 f"| {_med([s['cpu_window'] for s in sh]):.2f} "
                 f"| {_med([max(s['channels'], s['shard_channels']) for s in su]):,.0f} "
                 f"| {_med([cmd(s, 'subscribe', 'ssubscribe') for s in su]):,.0f} "
@@ -536,6 +542,15 @@ def nodes_markdown(args: argparse.Namespace, variants: list[tuple[str, str, str]
             + " (2 cores; every node, Redis and the publisher share them, no pinning)."
         )
     return "\n".join(lines)
+
+
+def exact_out(run: dict[str, Any], shard: dict[str, Any]) -> int | None:
+    """Envelopes a shard sent the nodes, summed from the nodes' own per-shard counts (cluster adapters)."""
+    addr = f"127.0.0.1:{shard['port']}"
+    counts = [n.get("per_shard", {}).get(addr) for n in run["nodes"]]
+    if not any(c is not None for c in counts):
+        return None
+    return sum(c or 0 for c in counts)
 
 
 def parse_variants(specs: list[str] | None) -> list[tuple[str, str, str]]:
@@ -600,6 +615,7 @@ def cmd_joins(args: argparse.Namespace) -> None:
                 R.say(f"rep {rep + 1}/{args.reps}: joins with {routing} routing")
                 env = {"REDIS_URL": with_routing(setup.url, routing), "APP": "benchmarks.servers.nohistory_app:app"}
                 result: dict[str, Any] = {"busyBefore": round(busy, 2)}
+                setup.reset_stats()
                 try:
                     server = R.start_gunicorn(args.workers, args.clients + args.trickle + 1000, env, None, routing)
                     try:
@@ -622,6 +638,7 @@ def cmd_joins(args: argparse.Namespace) -> None:
                             result[phase] = R.run_loadgen(cfg, None, 240)
                     finally:
                         server.stop()
+                    result["redis"] = setup.shard_stats()[0]
                 except Exception as exc:
                     result["error"] = f"{type(exc).__name__}: {exc}"
                 results[routing].append(result)
@@ -650,9 +667,18 @@ def cmd_joins(args: argparse.Namespace) -> None:
             f"| {s('trickle.joinMs.p50', 2)} | {s('trickle.joinMs.p99', 2)} | {s('trickle.joinOnlyMs.p50', 2)} "
             f"| {s('trickle.joinOnlyMs.p99', 2)} |"
         )
-        for r in results[routing]:
+    lines.append("")
+    for routing in routings:
+        for i, r in enumerate(results[routing]):
             if "error" in r:
-                lines.append(f"\n{routing}: failed: {r['error']}")
+                lines.append(f"- {routing} rep {i + 1}: failed: {r['error']}")
+            elif "redis" in r:
+                cmds = r["redis"]["commands"]
+                lines.append(
+                    f"- {routing} rep {i + 1}: Redis saw {cmds.get('subscribe', 0):,} SUBSCRIBE and "
+                    f"{cmds.get('unsubscribe', 0):,} UNSUBSCRIBE commands for {args.clients + args.trickle:,} joins "
+                    f"(plus as many socket id topics), {r['redis']['total_commands']:,} commands in all"
+                )
     save(args.name or f"scale-joins-{args.clients}", args, results, "### Join latency\n\n" + "\n".join(lines))
 
 

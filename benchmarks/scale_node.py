@@ -83,9 +83,18 @@ class CountingPubSub(PubSub):
         super()._receive(envelope)
 
 
-def make_adapter(cfg: dict[str, Any], index: int) -> RedisAdapter:
-    """The node's adapter, on ``cfg["url"]`` (whose ``?routing=`` query chooses the design)."""
+def make_adapter(cfg: dict[str, Any], index: int) -> Any:
+    """The node's adapter, on ``cfg["url"]`` (``?routing=`` chooses the design; ``redis+cluster://``: sharded)."""
+    if cfg["url"].startswith(("redis+cluster://", "rediss+cluster://")):
+        from phx_gevent.pubsub.redis_cluster import redis_adapter
+
+        return redis_adapter(cfg["url"], cfg["prefix"], node_name=f"scale-node-{index}")
     return RedisAdapter(cfg["url"], prefix=cfg["prefix"], node_name=f"scale-node-{index}")
+
+
+def per_shard(stats: dict[str, Any]) -> dict[str, int]:
+    """Messages read per shard (``host:port``) by a cluster adapter; empty for one Redis."""
+    return {addr: received(s) for addr, s in (stats.get("shards") or {}).items()}
 
 
 def received(stats: dict[str, Any]) -> int:
@@ -93,7 +102,7 @@ def received(stats: dict[str, Any]) -> int:
     return int(stats.get("messages", stats["received"]))
 
 
-def subscribed(adapter: RedisAdapter, topics: int) -> bool:
+def subscribed(adapter: Any, topics: int) -> bool:
     """True once the listener is connected and, under topic routing, every topic's channel is confirmed."""
     if not adapter.connected:
         return False
@@ -150,6 +159,7 @@ def main() -> None:
                 "cpu": time.process_time() - cpu0,
                 "wall": time.monotonic() - wall0,
                 "dropped": stats.get("receive_dropped", 0) - base.get("receive_dropped", 0),
+                "per_shard": {a: n - per_shard(base).get(a, 0) for a, n in per_shard(stats).items()},
                 "stats": stats,
             }
             out.write(json.dumps(report, default=str) + "\n")
