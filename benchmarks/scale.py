@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/scale.py nodes --nodes 8 --users 16000 --rate 2000 --seconds 10
     .venv/bin/python benchmarks/scale.py nodes --variant c1=topic@cluster1 --variant c3=topic@cluster3
     .venv/bin/python benchmarks/scale.py joins --clients 2000 --workers 2
+    .venv/bin/python benchmarks/scale.py redis --subscribers 0,1,8
 
 ``nodes``: ``--nodes`` node processes (benchmarks/scale_node.py: each its
 own PubSub, Redis adapter and Redis connections, as a gunicorn worker) hold
@@ -29,6 +30,10 @@ distinct topic per client (``room:scale:<i>``), so every join is the first
 of its topic on its worker: ``--clients`` joins at once, then
 ``--trickle`` joins ``--trickle-concurrency`` at a time; join p50/p99 per
 routing, interleaved.
+
+``redis``: what one redis-server's core answers, for the shard count:
+PUBLISH/s from ``redis-benchmark`` (pipelined) with 0, 1, ... subscribed
+readers on the channel.
 
 Results: Markdown under benchmarks/results/ (``scale-nodes*.md``,
 ``scale-joins*.md``) with the exact command, the JSON under results/raw/.
@@ -682,6 +687,76 @@ def cmd_joins(args: argparse.Namespace) -> None:
     save(args.name or f"scale-joins-{args.clients}", args, results, "### Join latency\n\n" + "\n".join(lines))
 
 
+# -- one Redis's PUBLISH capacity ----------------------------------------------------------------------
+
+
+def cmd_redis(args: argparse.Namespace) -> None:
+    """PUBLISH/s one redis-server answers (redis-benchmark, pipelined) with 0, 1, ... subscribers per channel."""
+    bench = shutil.which("redis-benchmark")
+    if bench is None:
+        raise SystemExit("redis-benchmark is not installed (it comes with redis-server)")
+    payload = "x" * args.size
+    rows = []
+    for rep in range(args.reps):
+        for subs in [int(x) for x in args.subscribers.split(",")]:
+            with ExitStack() as stack:
+                setup = stack.enter_context(redis_setup("single"))
+                port = setup.ports[0]
+                readers = []
+                for _ in range(subs):
+                    # A subscriber that reads everything (to /dev/null), as a node's listener does.
+                    cli = subprocess.Popen(
+                        ["redis-cli", "-p", str(port), "SUBSCRIBE", "bench:t:{room:1}"],
+                        stdout=subprocess.DEVNULL,
+                    )
+                    stack.callback(cli.kill)
+                    readers.append(cli)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    numsub = setup.client(port).execute_command("PUBSUB", "NUMSUB", "bench:t:{room:1}")
+                    if int(numsub[1]) >= subs:
+                        break
+                    time.sleep(0.05)
+                cpu0 = setup.shard_stats()[0]["cpu"]
+                cmd = [bench, "-p", str(port), "-n", str(args.n), "-P", str(args.pipeline), "-c", str(args.clients)]
+                cmd += ["-q", "PUBLISH", "bench:t:{room:1}", payload]
+                t0 = time.monotonic()
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
+                seconds = time.monotonic() - t0
+                cpu = setup.shard_stats()[0]["cpu"] - cpu0
+                m = re.search(r"([\d.]+) requests per second", out)
+                rows.append(
+                    {
+                        "rep": rep,
+                        "subscribers": subs,
+                        "publish_per_s": float(m.group(1)) if m else None,
+                        "seconds": seconds,
+                        "redis_cpu": cpu,
+                        "us_cpu_per_publish": cpu * 1e6 / args.n,
+                        "load": os.getloadavg()[0],
+                    }
+                )
+                R.say(f"rep {rep + 1}: {subs} subscriber(s): {rows[-1]['publish_per_s']} PUBLISH/s")
+    lines = [
+        f"One redis-server, `redis-benchmark -n {args.n} -P {args.pipeline} -c {args.clients} PUBLISH "
+        f"<channel> <{args.size} bytes>`, with 0, 1, ... `redis-cli SUBSCRIBE` readers on the channel "
+        f"(each PUBLISH is then written to each of them). {args.reps} interleaved repetitions; medians "
+        "(min-max). Not pinned; the machine was shared (load below).",
+        "",
+        "| subscribers per channel | PUBLISH/s | envelopes out/s | Redis CPU us per PUBLISH |",
+        "|---|---|---|---|",
+    ]
+    for subs in [int(x) for x in args.subscribers.split(",")]:
+        mine = [r for r in rows if r["subscribers"] == subs and r["publish_per_s"]]
+        rate = R.summary([r["publish_per_s"] for r in mine])
+        us = R.summary([r["us_cpu_per_publish"] for r in mine])
+        out_rate = R.summary([r["publish_per_s"] * subs for r in mine]) if subs else None
+        lines.append(f"| {subs} | {R.fmt_summary(rate, 0)} | {R.fmt_summary(out_rate, 0)} | {R.fmt_summary(us, 2)} |")
+    lines.append("")
+    lines.append("Load average (1 min) after each run: " + ", ".join(f"{r['load']:.1f}" for r in rows))
+    save(args.name or "scale-redis-publish", args, rows, "### One Redis: PUBLISH capacity\n\n" + "\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -715,6 +790,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--trickle", type=int, default=500, help="clients of the trickle phase")
     p.add_argument("--trickle-conc", type=int, default=5, help="joins in flight in the trickle phase")
     p.set_defaults(func=cmd_joins)
+
+    p = sub.add_parser("redis", help="PUBLISH/s of one redis-server with 0, 1, ... subscribers per channel")
+    common(p, 3)
+    p.add_argument("--subscribers", default="0,1,8", help="subscribers per channel, comma-separated")
+    p.add_argument("--n", type=int, default=300000, help="PUBLISH commands per run")
+    p.add_argument("--pipeline", type=int, default=32)
+    p.add_argument("--clients", type=int, default=8, help="redis-benchmark connections")
+    p.add_argument("--size", type=int, default=170, help="message bytes (an envelope is ~170)")
+    p.set_defaults(func=cmd_redis)
 
     p = sub.add_parser("publish", help=argparse.SUPPRESS)
     p.add_argument("--url", required=True)

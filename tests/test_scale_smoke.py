@@ -4,7 +4,8 @@ It runs the real script end to end so it does not rot, and checks what the
 benchmark exists to show: with the single broadcast channel every node
 receives every broadcast of the cluster; with per-topic routing a node
 receives exactly the broadcasts of the topics it has subscribers for; in
-both, every subscriber got every broadcast of its topics. Needs
+both, every subscriber got every broadcast of its topics; on a 3-shard Redis
+Cluster, every shard carries its share. Needs
 redis-server (skips without it, fails under CI) and, for the join
 latency, Node (the ``ws`` package of the project's node_modules).
 """
@@ -49,9 +50,10 @@ def run(tmp_path: Path, *args: str) -> Any:
 def test_nodes_receive_what_their_routing_promises(tmp_path: Path) -> None:
     require_redis()
     variants = ["--variant", "broadcast=broadcast@single", "--variant", "topic=topic@single"]
+    variants += ["--variant", "cluster=topic@cluster3"]
     args = ["--nodes", "3", "--users", "60", "--shared", "1", "--rate", "150", "--seconds", "1", "--drain", "20"]
     results = run(tmp_path, "nodes", *args, *variants)
-    assert set(results) == {"broadcast", "topic"}
+    assert set(results) == {"broadcast", "topic", "cluster"}
     for label, (result,) in results.items():
         assert "error" not in result, (label, result)
         published = result["published"]
@@ -65,6 +67,15 @@ def test_nodes_receive_what_their_routing_promises(tmp_path: Path) -> None:
                 assert node["received"] == published, (label, node)
             else:
                 assert node["received"] == node["expected"] < published, (label, node)
+        if label == "cluster":
+            # Three shards, each carrying its topics' broadcasts: what the nodes read from each adds up.
+            assert len(result["shards"]) == 3
+            per_shard = [
+                sum(n["per_shard"].get(f"127.0.0.1:{s['port']}", 0) for n in result["nodes"]) for s in result["shards"]
+            ]
+            assert sum(per_shard) == sum(n["received"] for n in result["nodes"]), per_shard
+            assert all(count > 0 for count in per_shard), per_shard
+            assert sum(s["commands"].get("spublish", 0) for s in result["shards"]) == published
 
 
 def test_joins_measures_join_latency_on_gunicorn_and_redis(tmp_path: Path) -> None:
