@@ -54,6 +54,9 @@ print(n - 1, flush=True)  # the STOP marker is not counted
 """
 
 
+LOBBY = "phx:t:{room:lobby}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -153,8 +156,9 @@ def main() -> None:
             time.sleep(0.05)
 
     every = {
-        "single": ("phx Emitter.broadcast", "phx:b", run_phx_single, lambda: client.publish("phx:b", b"STOP")),
-        "many": ("phx Emitter.broadcast_many", "phx:b", run_phx_many, lambda: client.publish("phx:b", b"STOP")),
+        # Topic routing (the default): room:lobby's broadcasts travel on its own channel.
+        "single": ("phx Emitter.broadcast", LOBBY, run_phx_single, lambda: client.publish(LOBBY, b"STOP")),
+        "many": ("phx Emitter.broadcast_many", LOBBY, run_phx_many, lambda: client.publish(LOBBY, b"STOP")),
         "sio": ("Flask-SocketIO emit", "flask-socketio", run_sio, lambda: client.publish("flask-socketio", b"STOP")),
     }
     contenders = [every[name] for name in args.contenders.split(",")]

@@ -780,12 +780,20 @@ def cmd_workers(args: argparse.Namespace) -> None:
             Contender("2 workers + Redis, plain topic", "gunicorn", {"WORKERS": "2", "REDIS": "1", **nohist}),
             Contender("2 workers + Redis, history topic", "gunicorn", {"WORKERS": "2", "REDIS": "1"}),
         ]
+    if args.routing:
+        # Per-topic routing (the default) next to one channel for all: both workers hold the topic.
+        contenders = [
+            Contender("2 workers + Redis, topic routing", "gunicorn", {"WORKERS": "2", "REDIS": "1"}),
+            Contender("2 workers + Redis, broadcast routing", "gunicorn", {"WORKERS": "2", "REDIS": "broadcast"}),
+        ]
     timeout = 120 + args.lat_seconds + args.sat_seconds + 2 * args.drain_seconds
 
     with redis_server() as url:
 
         def one(c: Contender, rep: int) -> dict[str, Any]:
-            env = {"REDIS_URL": url} if c.env.get("REDIS") else {}
+            env = {}
+            if c.env.get("REDIS"):
+                env["REDIS_URL"] = url + ("?routing=broadcast" if c.env["REDIS"] == "broadcast" else "")
             server = start_gunicorn(int(c.env["WORKERS"]), args.subs + 500, env, None, c.label)
             try:
                 cfg = {"proto": "phx", "port": server.port, "serverPids": server.pids, **fanout_cfg(args, args.subs)}
@@ -885,6 +893,9 @@ def main(argv: list[str] | None = None) -> None:
     common(p, reps=2)
     fanout_opts(p)
     p.add_argument("--history", action="store_true", help="compare room:lobby without and with history (2 workers)")
+    p.add_argument(
+        "--routing", action="store_true", help="compare the Redis adapter's topic and broadcast routings (2 workers)"
+    )
     p.set_defaults(func=cmd_workers)
 
     args = parser.parse_args(argv)

@@ -39,6 +39,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--redis", required=True, metavar="URL", help="the servers' Redis (redis://host:6379/0)")
         sub.add_argument("--prefix", default="phx", help="the endpoint's pubsub_prefix (default: phx)")
+        sub.add_argument(
+            "--routing",
+            choices=("topic", "broadcast", "dual"),
+            default=None,
+            help="the servers' Redis routing (default: the URL's routing= parameter, else topic)",
+        )
 
     b = commands.add_parser(
         "broadcast",
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         emitter = Emitter(
             args.redis,
             args.prefix,
+            routing=args.routing,
             timeout=TIMEOUT,
             connect_timeout=CONNECT_TIMEOUT,
             socket_timeout=SOCKET_TIMEOUT,

@@ -39,6 +39,7 @@ from .pubsub import codec, redis_connect
 from .pubsub import history as _history
 from .pubsub.base import make_node_name
 from .pubsub.local import check_broadcast
+from .pubsub.routing import broadcast_channel, channel_for, check_routing, mark, split_routing
 
 try:
     import redis
@@ -62,6 +63,8 @@ if redis is not None:
 
     # A Redis Cluster reconfiguring (a shard down, a failover, a slot migrating) is worth another attempt.
     _RETRY += (ClusterDownError, TryAgainError, RedisClusterException)
+# "dual" routing: a broadcast on its topic's channel and, marked, on the broadcast channel.
+_DUAL_PUBLISH = "redis.call('PUBLISH', ARGV[1], ARGV[2]) return redis.call('PUBLISH', ARGV[3], ARGV[4])"
 # Envelopes per pipelined write in broadcast_many (and at most this many bytes).
 _CHUNK = 1000
 _CHUNK_BYTES = 1024 * 1024
@@ -78,6 +81,10 @@ class Emitter:
     ``prefix``
         The endpoint's ``pubsub_prefix`` (default ``"phx"``, the same as
         :class:`~phx_gevent.Endpoint`'s).
+    ``routing``
+        The servers' routing (``"topic"``, the default, ``"broadcast"``, or
+        ``"dual"`` while they switch; see :mod:`phx_gevent.pubsub.routing`);
+        also read from the URL's ``routing=`` query parameter.
     ``timeout``
         Seconds a call keeps retrying while Redis is unreachable; past it the
         call raises :class:`~phx_gevent.errors.EmitterUnavailable`. One attempt
@@ -106,6 +113,7 @@ class Emitter:
         redis_url: str | Any,
         prefix: str = "phx",
         *,
+        routing: str | None = None,
         timeout: float = 5.0,
         connect_timeout: float = 2.0,
         socket_timeout: float = 5.0,
@@ -125,7 +133,10 @@ class Emitter:
         self.prefix = prefix
         self.timeout = float(timeout)
         self.node_name = node_name or make_node_name("emitter")
-        self._channel = f"{prefix}:b".encode()
+        if isinstance(redis_url, str):
+            redis_url, self.routing = split_routing(redis_url, routing)
+        else:
+            self.routing = check_routing(routing or "topic")
         self.rules_ttl = float(rules_ttl)
         self._rules: _history.HistoryRules | None = None
         self._rules_until = 0.0
@@ -146,6 +157,9 @@ class Emitter:
             self._where = target.describe()
             if target.kind == "cluster":
                 from .pubsub.redis_cluster import cluster_client
+
+                if self.routing != "topic":
+                    raise ValueError("a Redis Cluster shards by topic: routing must be 'topic' (leave it out)")
 
                 self._cluster = cluster_client(target, max_connections=int(max_connections))
                 self._pool = None
@@ -179,6 +193,7 @@ class Emitter:
         url, prefix = getattr(adapter, "url", None), getattr(adapter, "prefix", None)
         if not isinstance(url, (str, list, tuple)) or not isinstance(prefix, str):
             raise ValueError(f"{endpoint!r} has no Redis adapter (Endpoint(pubsub='redis://...'))")
+        options.setdefault("routing", getattr(adapter, "routing", None))
         return cls(url, prefix, **options)
 
     def __repr__(self) -> str:
@@ -296,9 +311,13 @@ class Emitter:
     def _command(self, rules: _history.HistoryRules, envelope: dict[str, Any], data: bytes) -> tuple[Any, ...]:
         config = rules.for_topic(envelope["t"]) if rules else None
         if config is None or not config.keeps(envelope["e"]):
-            return (b"PUBLISH", self._channel, data)
+            channel = channel_for(self.prefix, self.routing, envelope["t"])
+            if self.routing == "dual":
+                # Both copies in one command (one reply per message, as the retries count them).
+                return (b"EVAL", _DUAL_PUBLISH, 0, channel, data, broadcast_channel(self.prefix), mark(data))
+            return (b"PUBLISH", channel, data)
         # The servers' own script: offset, stream append and PUBLISH in one atomic step.
-        args, _ = _history.append_args(self.prefix, self.node_name, envelope, config, False)
+        args, _ = _history.append_args(self.prefix, self.node_name, envelope, config, False, self.routing)
         return (b"EVAL", _history.APPEND_SCRIPT, 2, *args)
 
     def _publish(self, items: list[tuple[dict[str, Any], bytes]]) -> list[str | None]:

@@ -429,7 +429,9 @@ class Endpoint:
         ``subscriber`` is a channel's socket (broadcasts then arrive in its
         ``handle_info`` as :class:`~phx_gevent.channels.process.Broadcast`), or
         a callable ``f(topic, event=..., payload=..., from_=...)`` run in the
-        broadcaster's greenlet (keep it short).
+        broadcaster's greenlet (keep it short). With the Redis adapter's
+        per-topic routing a callable's subscription returns once broadcasts
+        from other workers reach it (at most ``subscribe_timeout``).
         """
         owner = _owner(subscriber)
         if isinstance(owner, ChannelProcess):

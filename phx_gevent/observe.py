@@ -197,7 +197,9 @@ class Observer:
         drops[metadata["reason"]] = drops.get(metadata["reason"], 0) + 1
 
     def _on_pubsub_down(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        if sender is self.endpoint.pubsub.adapter:
+        adapter = self.endpoint.pubsub.adapter
+        # A Redis Cluster's shards report their own outages (sender.cluster is the endpoint's adapter).
+        if adapter is not None and (sender is adapter or getattr(sender, "cluster", None) is adapter):
             self.counters["pubsub_outages"] += 1
 
     def _on_presence(self, sender: Any, measurements: Any, metadata: Any) -> None:
@@ -325,6 +327,7 @@ class Observer:
             mounts.append({"path": mount.path, "handler": type(mount.handler).__name__, **per, "channels": routes})
         listed = [c for _, c in heapq.nlargest(MAX_CONNECTIONS, conns, key=lambda item: item[0])]
         adapter = pubsub.adapter
+        bus = {} if adapter is None else adapter.stats()
         return {
             "node": endpoint.node_name,
             "pid": os.getpid(),
@@ -342,7 +345,11 @@ class Observer:
                 "adapter": None if adapter is None else type(adapter).__name__,
                 "connected": pubsub_connected(endpoint),
                 "rtt": self.rtt,
-                "last_error": None if adapter is None else adapter.stats().get("last_error"),
+                "last_error": bus.get("last_error"),
+                # Topic routing: what this node had to read from Redis, and how many channels it holds.
+                "routing": bus.get("routing"),
+                "messages": bus.get("messages"),
+                "subscriptions": bus.get("channels"),
             },
             "presence": _local_presence(pubsub),
             "conns": listed,

@@ -26,19 +26,19 @@ _prefixes = itertools.count(1)
 
 
 class Tap:
-    """A raw subscriber on the broadcast channel: what reached Redis, byte for byte."""
+    """A raw subscriber on every topic's channel (topic routing): what reached Redis, byte for byte."""
 
     def __init__(self, server: RedisServer, prefix: str) -> None:
         self.client = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=5)
         self.sub = self.client.pubsub()
-        self.sub.subscribe(f"{prefix}:b")
-        assert self.sub.get_message(timeout=5)["type"] == "subscribe"
+        self.sub.psubscribe(f"{prefix}:t:*")
+        assert self.sub.get_message(timeout=5)["type"] == "psubscribe"
 
     def drain(self, quiet: float = 0.3) -> list[bytes]:
         """Messages until none arrived for ``quiet`` seconds (a bound, not a measurement)."""
         out = []
         while (msg := self.sub.get_message(timeout=quiet)) is not None:
-            if msg["type"] == "message":
+            if msg["type"] == "pmessage":
                 out.append(msg["data"])
         return out
 

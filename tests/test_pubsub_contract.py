@@ -1,4 +1,4 @@
-"""One contract for every PubSub setup: the local layer, MemoryAdapter nodes, Redis nodes.
+"""One contract for every PubSub setup: the local layer, MemoryAdapter nodes, Redis nodes (both routings).
 
 Each test gets ``cluster(n)``: ``n`` started PubSub nodes that share a bus.
 For the local layer (one process, no adapter) the "nodes" are the same
@@ -108,12 +108,15 @@ class Cluster:
                 adapter = RedisClusterAdapter(self.redis_cluster.url, prefix=self.prefix, backoff=(0.05, 0.3))
             else:
                 assert self.redis is not None
-                adapter = RedisAdapter(self.redis.url, prefix=self.prefix, backoff=(0.05, 0.3))
+                routing = {"redis-broadcast": "broadcast", "redis-dual": "dual"}.get(self.kind, "topic")
+                adapter = RedisAdapter(self.redis.url, prefix=self.prefix, backoff=(0.05, 0.3), routing=routing)
             node = PubSub(adapter)
             node.start()
+            if self.kind in ("redis", "redis-dual", "cluster"):
+                _routed_subscriptions(node)
             nodes.append(node)
         self.nodes.extend(nodes)
-        if self.kind in ("redis", "cluster"):
+        if self.kind.startswith("redis") or self.kind == "cluster":
             wait_until(lambda: all(n.adapter.stats()["listener_connected"] for n in nodes), TIMEOUT, "subscriptions")
         return nodes
 
@@ -122,8 +125,24 @@ class Cluster:
             node.stop()
 
 
+def _routed_subscriptions(node: PubSub) -> None:
+    """``node.subscribe`` returns once the topic's route is confirmed, as a channel join waits before its reply.
+
+    With topic routing a subscription reaches Redis asynchronously (batched);
+    the contract is about what a subscriber receives once subscribed, so the
+    tests subscribe the way the channel layer does: route, then subscribe.
+    """
+    plain = node.subscribe
+
+    def subscribe(topic: str, sub: Any) -> None:
+        assert node.wait_routed(topic, TIMEOUT), f"no route to {topic!r}"
+        plain(topic, sub)
+
+    node.subscribe = subscribe  # type: ignore[method-assign]
+
+
 def _cluster(kind: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    redis = RedisServer().start() if kind == "redis" else None
+    redis = RedisServer().start() if kind.startswith("redis") else None
     # A Redis Cluster (3 shards) is started once for the module; each test has its own prefix.
     c = Cluster(kind, redis, request.getfixturevalue("redis_cluster") if kind == "cluster" else None)
     yield c
@@ -132,13 +151,13 @@ def _cluster(kind: str, request: pytest.FixtureRequest) -> Iterator[Cluster]:
         redis.close()
 
 
-@pytest.fixture(params=["local", "memory", "redis", "cluster"])
+@pytest.fixture(params=["local", "memory", "redis", "redis-broadcast", "redis-dual", "cluster"])
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """Every setup, the single-process local layer included."""
     yield from _cluster(request.param, request)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(params=["memory", "redis", "redis-broadcast", "redis-dual", "cluster"])
 def nodes(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """Setups with distinct nodes, for node-to-node behaviour."""
     yield from _cluster(request.param, request)
@@ -367,7 +386,7 @@ def test_a_stopped_node_no_longer_receives_and_can_start_again(nodes):
     # Gone from the bus before b comes back.
     wait_until(lambda: a.adapter.stats()["published"] >= 1, TIMEOUT, "the publication")
     b.start()
-    if nodes.kind == "redis":
+    if nodes.kind.startswith("redis"):
         wait_until(lambda: b.adapter.stats()["listener_connected"], TIMEOUT, "resubscription")
     a.broadcast("stop", "after", {})
     # "after" follows "while_stopped" from the same publisher: had b got that one, it would come first.

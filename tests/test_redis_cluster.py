@@ -211,3 +211,90 @@ def test_a_slot_migration_moves_the_topic_to_its_new_shard(redis_cluster, nodes)
         assert b.adapter.stats()["map_changes"] >= 1
     finally:
         redis_cluster.move_slot(slot, 0)
+
+
+def test_under_gunicorn_one_primary_down_leaves_other_rooms_crossing_workers(redis_cluster, gunicorn, js):  # noqa: F811
+    server = gunicorn(workers=2, env={"REDIS_URL": redis_cluster.url}, args=[*ACCESS])
+    live = "room:cluster-live"
+    victim = (redis_cluster.owner(topic_channel("phx", live)) + 1) % 3  # a shard the live room is not on
+    down = topics_by_shard(redis_cluster, "phx", per_shard=1)[victim][0]
+    clients = spread(js, server, live)
+    one = clients[0]
+    other = next(c for c in clients if c.pid != one.pid)
+    second = {}
+    for c in (one, other):
+        second[c.sid] = js.channel(c.sid, down)
+        assert js.join(second[c.sid])["status"] == "ok"
+    redis_cluster.kill(victim)
+    try:
+        since = js.mark()
+        assert js.push(one.cid, "new_msg", {"body": "during"})["status"] == "ok"
+        other.wait("new_msg", since, body="during")
+    finally:
+        redis_cluster.restart(victim)
+
+    # Back: the workers resubscribe on the restarted shard; the room crosses workers again.
+    def crossed() -> bool:
+        since = js.mark()
+        js.push(second[one.sid], "new_msg", {"body": "after"})
+        try:
+            js.wait(ev="chan", channel=second[other.sid], event="new_msg", since=since, timeout=1)
+            return True
+        except AssertionError:
+            return False
+
+    wait_until(crossed, 30, "a broadcast on the restarted shard's room to cross workers", interval=0.2)
+
+
+def test_a_promoted_replica_takes_over_its_primarys_topics():
+    # A cluster of its own: one primary (every slot) and its replica.
+    cluster = ClusterServers(1, replicas=1)
+    a = b = None
+    try:
+        cluster.start()
+        a = PubSub(RedisClusterAdapter(cluster.url, prefix="fo", backoff=(0.05, 0.2)))
+        b = PubSub(RedisClusterAdapter(cluster.url, prefix="fo", backoff=(0.05, 0.2)))
+        a.start()
+        b.start()
+        rec = Recorder(b, "room:fo")
+        assert b.wait_routed("room:fo", 5)
+        a.broadcast("room:fo", "before", {})
+        rec.wait(1)
+        cluster.failover(1)
+        # The old primary (now a replica) drops the shard subscriptions; both nodes read the new map.
+        promoted = ("127.0.0.1", cluster.nodes[1].port)
+        wait_until(lambda: a.adapter.shard_for("room:fo") == promoted == b.adapter.shard_for("room:fo"), 15, "maps")
+        wait_until(lambda: b.wait_routed("room:fo", 1), 15, "b subscribed on the promoted replica")
+        a.broadcast("room:fo", "after", {})
+        wait_until(lambda: "after" in rec.events(), 15, "the broadcast through the promoted replica")
+        assert list(b.adapter.stats()["shards"]) == [f"127.0.0.1:{cluster.nodes[1].port}"]
+    finally:
+        for node in (a, b):
+            if node is not None:
+                node.stop()
+        cluster.close()
+
+
+def test_a_node_started_before_its_cluster_subscribes_and_sends_once_it_is_up(caplog):
+    cluster = ClusterServers(1)  # ports chosen, not started yet
+    nodes_: list[PubSub] = []
+    try:
+        b = PubSub(RedisClusterAdapter(cluster.url, prefix="early", backoff=(0.05, 0.2)))
+        b.start()  # does not raise: the slot map is read in the background until the cluster answers
+        nodes_.append(b)
+        rec = Recorder(b, "room:early")
+        assert not b.wait_routed("room:early", 0.1)  # no map yet: the join would succeed locally at once
+        assert "not reachable yet" in caplog.text
+        a = PubSub(RedisClusterAdapter(cluster.url, prefix="early", backoff=(0.05, 0.2)))
+        a.start()
+        nodes_.append(a)
+        a.broadcast("room:early", "held", {})  # kept until the map is known
+        cluster.start()
+        wait_until(lambda: b.wait_routed("room:early", 1), 20, "b's interest subscribed once the cluster is up")
+        a.broadcast("room:early", "later", {})
+        wait_until(lambda: "later" in rec.events(), 15, "a broadcast after the cluster came up")
+        assert a.adapter.stats()["published"] >= 1
+    finally:
+        for node in nodes_:
+            node.stop()
+        cluster.close()

@@ -99,6 +99,16 @@ def test_sentinel_failover_moves_the_adapter_to_the_new_primary(redis_sentinel):
         wait_until(lambda: b.wait_routed("room:s", 1), 20, "b's subscription on the new primary")
         a.broadcast("room:s", "after", {})
         wait_until(lambda: rec.events()[-1:] == ["after"], 20, "the broadcast after the failover")
+        # History appends run on the new primary too (the script is loaded there on connect).
+        for node in (a, b):
+            node.keep_history("hist:*", {"size": 5})
+        kept = Recorder(b, "hist:1")
+        assert b.wait_routed("hist:1", 5)
+        a.broadcast("hist:1", "kept", {})
+        kept.wait(1)
+        config = b.history_rules.for_topic("hist:1")
+        recovery = b.history_store.fetch("hist:1", None, 5, config, has_since=False)
+        assert [e.event for e in recovery.entries] == ["kept"]
     finally:
         a.stop()
         b.stop()

@@ -11,6 +11,7 @@ import pytest
 from phx_gevent import supervise
 from phx_gevent.pubsub import PubSub, codec
 from phx_gevent.pubsub.redis import RedisAdapter
+from phx_gevent.pubsub.routing import topic_channel
 from tests.servers import Recorder, RedisServer, redis_server, wait_until  # noqa: F401
 
 TIMEOUT = 10.0
@@ -55,7 +56,8 @@ def _nested(depth: int) -> str:
 def test_a_hostile_envelope_never_stops_cross_node_delivery(nodes, redis_server, body, valid):  # noqa: F811
     a, b = nodes(2)
     remote = Recorder(b, "deep")
-    redis_server.command("PUBLISH", f"{a.adapter.prefix}:b", b"phx1\nintruder:1:aa\n" + body.encode())
+    channel = topic_channel(a.adapter.prefix, "deep")  # topic routing: the topic's own channel
+    redis_server.command("PUBLISH", channel, b"phx1\nintruder:1:aa\n" + body.encode())
     a.broadcast("deep", "after", {"n": 1})
     wait_until(lambda: ("after", {"n": 1}) in remote.got, TIMEOUT, "delivery after the envelope")
     assert [e for e, _ in remote.got] == (["x", "after"] if valid else ["after"])

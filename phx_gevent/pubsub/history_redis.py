@@ -33,7 +33,7 @@ from .history import (
     new_epoch,
     parse_offset,
 )
-from .routing import channel_for
+from .routing import MARK, broadcast_channel, channel_for, mark
 
 __all__ = [
     "APPEND_SCRIPT",
@@ -54,8 +54,9 @@ _monotonic = time.monotonic
 
 
 #: KEYS: meta hash, stream. ARGV: new epoch, size, ttl ms, reset ("1"/"0"), channel,
-#: message head, message tail, stored body, meta ttl ms. Bumps the counter, appends,
-#: publishes ``head .. offset .. tail`` and returns the offset, atomically.
+#: message head, message tail, stored body, meta ttl ms[, second channel, its head]. Bumps
+#: the counter, appends, publishes ``head .. offset .. tail`` (and, "dual" routing, the
+#: marked copy on the second channel) and returns the offset, atomically.
 APPEND_SCRIPT = """
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'e')
@@ -72,6 +73,9 @@ redis.call('PEXPIRE', stream, ARGV[3])
 redis.call('PEXPIRE', meta, ARGV[9])
 local offset = epoch .. '-' .. seq
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. offset .. ARGV[7])
+if ARGV[10] then
+  redis.call('PUBLISH', ARGV[10], ARGV[11] .. offset .. ARGV[7])
+end
 return offset
 """
 
@@ -98,7 +102,7 @@ end
 return {epoch, cur, now, entries}
 """
 
-#: KEYS: meta hash, stream. ARGV: size, ttl ms, meta ttl ms, channel, head, tail.
+#: KEYS: meta hash, stream. ARGV: size, ttl ms, meta ttl ms, channel, head, tail[, second channel, its head].
 #: Marks a gap: messages of the topic went by without offsets (a node could not
 #: reach Redis). The marker takes an offset of its own, so no recovery spans it;
 #: it is published (nodes skip it) so that nobody sees a jump in the offsets.
@@ -116,6 +120,9 @@ redis.call('PEXPIRE', stream, ARGV[2])
 redis.call('PEXPIRE', meta, ARGV[3])
 local offset = epoch .. '-' .. seq
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. offset .. ARGV[6])
+if ARGV[7] then
+  redis.call('PUBLISH', ARGV[7], ARGV[8] .. offset .. ARGV[6])
+end
 return offset
 """
 
@@ -155,7 +162,7 @@ def append_args(
     head = codec.echo_prefix(node)
     body = plain[len(head) :]
     meta, stream = history_keys(prefix, envelope["t"])
-    args = (
+    args: tuple[Any, ...] = (
         meta,
         stream,
         new_epoch(),
@@ -168,6 +175,8 @@ def append_args(
         body,
         meta_ttl_ms(config),
     )
+    if routing == "dual":
+        args += (broadcast_channel(prefix), head + MARK + b'"o":"')
     return args, plain
 
 
@@ -177,7 +186,7 @@ def gap_args(prefix: str, node: str, topic: str, config: HistoryConfig, routing:
     head = codec.echo_prefix(node)
     body = marker[len(head) :]
     meta, stream = history_keys(prefix, topic)
-    return (
+    args: tuple[Any, ...] = (
         meta,
         stream,
         config.size,
@@ -187,6 +196,9 @@ def gap_args(prefix: str, node: str, topic: str, config: HistoryConfig, routing:
         head + b'{"o":"',
         b'","g":1,' + body[1:],
     )
+    if routing == "dual":
+        args += (broadcast_channel(prefix), head + MARK + b'"o":"')
+    return args
 
 
 def _decode_stored(body: bytes) -> tuple[str, Any]:
@@ -442,7 +454,10 @@ def publish_with_history(
     envelope = {"k": "b", "n": node, "t": topic, "e": event, "p": payload, "x": None}
     config = rules.for_topic(topic)
     if config is None or not config.keeps(event):
-        client.publish(channel_for(prefix, routing, topic), codec.encode(envelope, node))
+        data = codec.encode(envelope, node)
+        client.publish(channel_for(prefix, routing, topic), data)
+        if routing == "dual":
+            client.publish(broadcast_channel(prefix), mark(data))
         return None
     args, _ = append_args(prefix, node, envelope, config, False, routing)
     offset = client.eval(APPEND_SCRIPT, 2, *args)

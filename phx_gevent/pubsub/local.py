@@ -7,19 +7,11 @@ would cost ~25x a loop iteration). The application may connect its own
 receivers to the same signal, for one topic or for all; each runs isolated
 from the others' failures.
 
-A subscriber is any object with:
-
-``owner``
-    Identity compared with the ``broadcast_from`` sender (a channel process).
-``intercept``
-    A container of event names handled by :meth:`deliver` instead of the
-    fastlane (:data:`ALL_EVENTS` for subscribers that want everything).
-``writer``
-    The connection's writer: ``writer.encoder.broadcast(topic, event,
-    payload)`` gives the ready frame (``None`` to skip this connection) and
-    ``writer.write(frame)`` queues it.
-``deliver(topic, event, payload)``
-    Called for intercepted events.
+A subscriber is a :class:`phx_gevent.contracts.Subscriber` (``owner``,
+``intercept``, ``writer``, ``deliver``). With an adapter that routes per topic
+(Redis), the first subscriber of a topic (and a receiver for one topic) makes
+the adapter receive that topic's broadcasts from other nodes
+(``Adapter.interest``); :meth:`PubSub.wait_routed` waits until it does.
 
 The fastlane encodes a broadcast once per distinct encoder (serializer and
 framing) and hands the same bytes to every connection (PROTOCOL.md 5.7).
@@ -151,17 +143,12 @@ class PubSub:
     def wait_routed(self, topic: str, timeout: float | None = None) -> bool:
         """Wait until broadcasts other nodes publish on ``topic`` from now on reach this process.
 
-        With per-topic routing (the Redis adapter's default) a process
-        receives a topic's broadcasts once Redis confirmed its subscription,
-        which :meth:`subscribe` only starts; a channel join calls this before
-        its reply. True at once without an adapter or when already routed;
-        False after ``timeout`` (the adapter's ``subscribe_timeout`` when
-        ``None``), or at once while Redis is unreachable. Never raises.
+        :meth:`subscribe` only starts the route (Redis, per-topic routing); a
+        channel join calls this before its reply. True when routed; False after
+        ``timeout`` (default: the adapter's), or at once while the adapter is
+        down or not started. Never raises.
         """
-        if self.adapter is None:
-            return True
-        self.start()
-        return self.adapter.wait_routed(topic, timeout)
+        return True if self.adapter is None else self.adapter.wait_routed(topic, timeout)
 
     def subscriber_count(self, topic: str) -> int:
         """How many subscribers ``topic`` has in this process."""
@@ -174,9 +161,7 @@ class PubSub:
         For one topic, or every topic when ``topic`` is omitted. The receiver is
         held strongly; an exception in it is logged and does not affect delivery.
         It runs inside the broadcaster's greenlet: keep it short and non-blocking.
-        For one topic, it returns once broadcasts from other nodes reach it
-        (:meth:`wait_routed`, bounded); a receiver for every topic gets, with
-        per-topic routing, the broadcasts of topics this process subscribes to.
+        For one topic it returns once broadcasts from other nodes reach it (:meth:`wait_routed`, bounded).
         """
         key = (receiver, topic)
         if topic is not ANY and key not in self._receivers and self.adapter is not None:

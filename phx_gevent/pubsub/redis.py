@@ -56,11 +56,9 @@ JSON, see :mod:`phx_gevent.pubsub.codec`).
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
 import os
-import re
 import time
 import weakref
 from collections import deque
@@ -68,27 +66,18 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-import gevent
 from gevent.event import Event
 from gevent.lock import BoundedSemaphore
 
 from .. import supervise
-from ..errors import NotMonkeyPatchedError
 from . import codec, redis_connect
 from .base import Adapter, make_node_name
 from .outbox import Outbox
 from .redis_appends import HistoryAppends
-from .redis_loops import CONN_ERRORS, PublishLoop
+from .redis_lifecycle import NOT_PATCHED_MESSAGE, Lifecycle, _after_fork, _register_exit_flush
+from .redis_loops import PublishLoop
 from .redis_receive import ReceiveLoop
-from .routing import (
-    broadcast_channel,
-    check_routing,
-    direct_channel,
-    direct_prefix,
-    nodes_channel,
-    split_routing,
-    topic_channel,
-)
+from .routing import broadcast_channel, check_routing, direct_channel, direct_prefix, mark, nodes_channel, split_routing
 from .subscriptions import SubscriptionManager
 
 try:
@@ -102,49 +91,8 @@ log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
 
-#: Why the adapter refuses to start in an unpatched process, and the two fixes.
-NOT_PATCHED_MESSAGE = (
-    "phx_gevent: the Redis adapter needs gevent's monkey-patching, and this process is not patched: "
-    "its greenlets would wait for Redis on blocking sockets and stall every connection (clients would "
-    "never get their joins). Fix: make `from gevent import monkey; monkey.patch_all()` the first lines "
-    "of the program that serves the app, before any other import (gunicorn -k "
-    "phx_gevent.worker.GeventWebSocketWorker patches by itself). To broadcast from a process that does "
-    "not serve requests (a script, a cron job, a Celery task), use phx_gevent.Emitter(redis_url) instead "
-    "of an Endpoint (docs/background-jobs.md)."
-)
 
-
-#: Adapters started in this process (flushed at interpreter exit).
-_started: weakref.WeakSet[RedisAdapter] = weakref.WeakSet()
-_exit_hook = False
-
-
-def _register_exit_flush(adapter: RedisAdapter) -> None:
-    global _exit_hook
-    _started.add(adapter)
-    if not _exit_hook:
-        _exit_hook = True
-        atexit.register(_flush_at_exit)
-
-
-def _flush_at_exit() -> None:
-    # A script that broadcast and exits: what is queued goes to Redis before the
-    # interpreter ends (bounded by each adapter's close_timeout), or is logged as dropped.
-    for adapter in list(_started):
-        if adapter._running and adapter._owner_pid == os.getpid():
-            try:
-                adapter.stop()
-            except Exception:
-                log.exception("phx_gevent: flushing %r at exit failed", adapter)
-
-
-def _after_fork(ref: weakref.ref[RedisAdapter]) -> None:
-    adapter = ref()
-    if adapter is not None:
-        adapter._forked()
-
-
-class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
+class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
     """Carries envelopes between nodes over Redis pub/sub (see the module docstring).
 
     ``url``
@@ -158,8 +106,10 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
     ``routing``
         ``"topic"`` (default): a node subscribes to the channels of the topics
         it has local subscribers for and receives only their broadcasts;
-        ``"broadcast"``: every node receives every broadcast on one channel.
-        Every node and emitter of one app must use the same routing
+        ``"broadcast"``: every node receives every broadcast on one channel;
+        ``"dual"``: both, to switch a running cluster with rolling restarts
+        (broadcast -> dual -> topic; :mod:`phx_gevent.pubsub.routing`).
+        Nodes hear each other within one step of that order
         (docs/redis-envelope.md). Also read from the URL's ``routing=``
         query parameter. Raises ``ValueError`` for another value.
     ``subscribe_timeout``
@@ -328,8 +278,9 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
         # node through Redis, so the first ones wait for it (bounded).
         self._sub_ready = Event()
         prefix = self.prefix
+        self._dual = self.routing == "dual"
         # Topic routing: <prefix>:n is only counted (PUBSUB NUMSUB), never published to.
-        self._bchan = broadcast_channel(prefix) if self.routing == "broadcast" else nodes_channel(prefix)
+        self._bchan = nodes_channel(prefix) if self.routing == "topic" else broadcast_channel(prefix)
         self._dprefix = direct_prefix(prefix)
         self._dchan = direct_channel(prefix, node)
         # The channels held for the adapter's life; a forked child has a new direct channel.
@@ -339,6 +290,8 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
         self._fixed = self._fixed_channels()
         for channel in self._fixed:
             self._subs.acquire(channel)
+        # Subscribed last on a new connection: once other nodes count it, the rest is in place.
+        self._subs.tail = self._bchan if self._bchan in self._fixed else None
         self._restore = self._subs.reset()[0]
         self._bus_event = Event()
         self._bus_lock = BoundedSemaphore(1)
@@ -360,6 +313,7 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
         self._in_outage = False
         self._outage_began = 0.0
         self._subscribers_seen = 0
+        self._probed = 0.0
         self._counters: dict[str, int] = dict.fromkeys(
             (
                 "published",
@@ -371,7 +325,9 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
                 "direct_unrouted",
                 "received",
                 "messages",
+                "subscribe_errors",
                 "echo_dropped",
+                "dual_dropped",
                 "receive_dropped",
                 "overload_dropped",
                 "invalid",
@@ -397,58 +353,10 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
         return f"<RedisAdapter {self._where} prefix={self.prefix!r} node={self.node_name!r}>"
 
     def _fixed_channels(self) -> tuple[bytes, ...]:
-        # The channels this connection holds for the adapter's life.
-        return (self._bchan, self._dchan)
-
-    def _connection(self, role: str) -> Any:
-        kwargs = dict(self._pool.connection_kwargs)
-        # RESP2: pub/sub messages are plain arrays and every Redis version speaks it.
-        kwargs["protocol"] = 2
-        for key in list(kwargs):
-            if key.startswith(("maint_notifications", "oss_cluster_maint")):
-                del kwargs[key]  # RESP3-only machinery (redis-py 8 enables it by default)
-        kwargs["client_name"] = re.sub(r"[^!-~]", "_", f"{self.prefix}:{role}:{self.node_name}")
-        kwargs.setdefault("driver_info", None)
-        return self._pool.connection_class(**kwargs)
-
-    def _channel(self, topic: str) -> bytes:
-        """The channel broadcasts on ``topic`` are published to (:mod:`phx_gevent.pubsub.routing`)."""
-        return topic_channel(self.prefix, topic) if self.routing == "topic" else self._bchan
+        # The channels this connection holds for the adapter's life (a cluster shard: its own).
+        return (self._dchan, self._bchan)
 
     # -- Adapter interface ----------------------------------------------------------------
-
-    def interest(self, topic: str) -> None:
-        """One more local holder of ``topic``: with topic routing, its channel is subscribed (batched)."""
-        if self.routing == "topic" and self._subs.acquire(topic_channel(self.prefix, topic)) is not None:
-            self._bus_event.set()
-
-    def release(self, topic: str) -> None:
-        """One local holder of ``topic`` fewer: the last one unsubscribes its channel after ``linger`` seconds."""
-        if self.routing == "topic":
-            self._subs.release(topic_channel(self.prefix, topic), _monotonic())
-            self._bus_event.set()
-
-    def wait_routed(self, topic: str, timeout: float | None = None) -> bool:
-        """Wait until Redis confirmed this node's subscription to ``topic``'s channel (see :meth:`Adapter.wait_routed`).
-
-        Returns True at once with broadcast routing or when it is in place;
-        False after ``timeout`` (default ``subscribe_timeout``) seconds, or at
-        once while the listener cannot reach Redis. Never raises.
-        """
-        if self.routing != "topic":
-            return True
-        channel = topic_channel(self.prefix, topic)
-        subs = self._subs
-        batch = subs.acquire(channel)
-        try:
-            if batch is None:
-                return True
-            if not self._running or self._sub_down_since is not None:
-                return False  # an outage: the join succeeds locally, the subscription follows the reconnection
-            return self._wait_batch(batch, self.subscribe_timeout if timeout is None else timeout)
-        finally:
-            # The caller subscribes right after (no greenlet switch): the linger this starts is cancelled.
-            subs.release(channel, _monotonic())
 
     def start(self, receive: Callable[[dict[str, Any]], None]) -> None:
         """Connect and begin forwarding and receiving (greenlets in this process; idempotent).
@@ -515,75 +423,14 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
             return
         if self._out.full(size) and not self._make_room(size):
             return
-        self._out.add((_monotonic(), channel, data))
+        now = _monotonic()
+        self._out.add((now, channel, data))
+        if self.routing == "dual" and envelope["k"] == "b":
+            # The copy for nodes still on broadcast routing (dual nodes drop it: they have the first).
+            marked = mark(data)
+            if not self._out.full(len(marked)) or self._make_room(len(marked)):
+                self._out.add((now, self._bchan, marked))
         self._out_event.set()
-
-    def stop(self, timeout: float | None = None) -> int:
-        """Send what is queued, for at most ``timeout`` seconds, then disconnect; returns how many were dropped.
-
-        ``timeout`` defaults to ``close_timeout``. It stops waiting early
-        once the publisher found Redis unreachable (no point waiting for a
-        reconnection at exit). What is still queued then is dropped, counted
-        (``publish_dropped``) and logged as a warning. Called by
-        ``Endpoint.close()``, by the gunicorn worker at shutdown, and at
-        interpreter exit for an adapter still running.
-        """
-        if not self._running:
-            return 0
-        if timeout is None:
-            timeout = self.close_timeout
-        deadline = _monotonic() + timeout
-        current = gevent.getcurrent()
-        if current not in self._greenlets:
-            while self._out and self._pub_down_since is None and _monotonic() < deadline:
-                # Waiting on a gevent event lets the publisher run, even in a process that never
-                # yields otherwise (a script at exit).
-                self._space.clear()
-                self._space.wait(max(0.0, min(0.1, deadline - _monotonic())))
-        self._running = False
-        self._gen += 1
-        self._stop.set()
-        self._out_event.set()
-        self._in_event.set()
-        others = [g for g in self._greenlets if g is not current]
-        gevent.killall(others, block=True, timeout=max(0.1, deadline - _monotonic()))
-        self._greenlets = []
-        for conn in (self._pub_conn, self._sub_conn):
-            if conn is not None:
-                conn.disconnect()
-        self._pub_ok = self._sub_ok = False
-        lost = self._out.clear()
-        if lost:
-            self._counters["publish_dropped"] += lost
-            log.warning(
-                "phx_gevent: Redis adapter stopped with %d envelope(s) not forwarded to other nodes "
-                "(Redis %s %s within %.1fs)",
-                lost,
-                self._where,
-                "unreachable" if self._pub_down_since is not None else "too slow",
-                timeout,
-            )
-        self._inbox.clear()
-        self._inbox_bytes = 0
-        return lost
-
-    def ping(self) -> float | None:
-        """Seconds one ``PING`` takes to Redis on a connection of its own; ``None`` when it fails.
-
-        Blocks the calling greenlet up to ``socket_timeout`` (the dashboard
-        runs it in a greenlet of its own). Never raises for a Redis problem.
-        """
-        if self._ping_conn is None or self._ping_pid != os.getpid():
-            self._ping_conn, self._ping_pid = self._connection("ping"), os.getpid()
-        conn = self._ping_conn
-        try:
-            start = _monotonic()
-            conn.send_command("PING", check_health=False)
-            conn.read_response()
-            return _monotonic() - start
-        except CONN_ERRORS:
-            conn.disconnect()
-            return None
 
     @property
     def connected(self) -> bool:
@@ -634,40 +481,6 @@ class RedisAdapter(HistoryAppends, PublishLoop, ReceiveLoop, Adapter):
         }
 
     # -- process lifecycle ----------------------------------------------------------------
-
-    def _check_patched(self) -> None:
-        # Refuse rather than log and go on: unpatched, the listener's blocking
-        # read holds the whole process and clients never get their joins.
-        from gevent import monkey
-
-        if not monkey.is_module_patched("socket"):
-            raise NotMonkeyPatchedError(NOT_PATCHED_MESSAGE)
-
-    def _forked(self) -> None:
-        # In a child right after fork(): nothing here may switch greenlets.
-        # The parent's greenlets and connections are left for _cleanup_stale.
-        self._gen += 1
-        self._stale.extend(c for c in (self._pub_conn, self._sub_conn) if c is not None)
-        self._stale.extend(self._greenlets)
-        self._greenlets = []
-        self._pub_conn = self._sub_conn = None
-        self._running = False
-        if self._node_auto:
-            self.node_name = make_node_name()
-        self._reset_state()
-
-    def _cleanup_stale(self) -> None:
-        stale, self._stale = self._stale, []
-        for item in stale:
-            if isinstance(item, gevent.Greenlet):
-                item.kill(block=False)
-            else:
-                # redis-py only shuts a socket down in the process that opened it:
-                # this closes our copy and leaves the parent's connection alone.
-                try:
-                    item.disconnect()
-                except Exception:
-                    log.debug("phx_gevent: closing an inherited Redis connection failed", exc_info=True)
 
     def _alive(self, gen: int) -> bool:
         return self._running and gen == self._gen

@@ -62,7 +62,7 @@ class HistoryAppends(_AdapterState):
         if self._pub_down_since is not None or not self._running or not self._sub_ready.is_set():
             self.history_gap(topic, config)
             return False
-        if self.routing == "topic" and self._subs.refs(self._channel(topic)) and not self.wait_routed(topic):
+        if self.routing != "broadcast" and self._subs.refs(self._channel(topic)) and not self.wait_routed(topic):
             # This node's subscribers get the message through its echo, on the topic's
             # channel: not subscribed there (yet), they would miss it.
             self.history_gap(topic, config)

@@ -119,7 +119,7 @@ class RedisClusterAdapter(Adapter):
 
             nodes, routed = split_routing(nodes, None)
             if routed != "topic":
-                raise ValueError("a Redis Cluster shards by topic: drop routing=broadcast from the URL")
+                raise ValueError(f"a Redis Cluster shards by topic: drop routing={routed} from the URL")
         if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
             raise ValueError(f"prefix must be a non-empty string without spaces, got {prefix!r}")
         if refresh_interval <= 0:
@@ -490,4 +490,6 @@ class RedisClusterAdapter(Adapter):
         if self._node_auto:
             self.node_name = make_node_name()
         self._history_client = None
+        topics = self._topics  # the local layer's interest is inherited with it: kept, subscribed again
         self._reset()
+        self._topics = topics

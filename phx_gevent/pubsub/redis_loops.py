@@ -112,6 +112,7 @@ class _AdapterState:
         _in_outage: bool
         _outage_began: float
         _subscribers_seen: int
+        _probed: float
         _gaps: dict[str, Any]
         _append_sha: bytes | None
         _reload_scripts: bool
@@ -138,6 +139,8 @@ class PublishLoop(_AdapterState):
 
     #: The command a broadcast or direct message is written with (a Redis Cluster shard: SPUBLISH).
     _publish_cmd = b"PUBLISH"
+    #: Whether nodes are counted (PUBSUB NUMSUB) for the replay after an outage (not on a cluster shard).
+    _count_nodes = True
 
     def _refused(self, item: Item, exc: BaseException) -> bool:
         """Redis refused ``item``: True when it was taken care of (a cluster shard re-routes a moved slot)."""
@@ -337,17 +340,18 @@ class PublishLoop(_AdapterState):
             if self._gaps:
                 self._reset_gaps(conn)
             sha = self._append_sha
-            conn.send_packed_command(
-                conn.pack_commands(
-                    [
-                        (self._publish_cmd, channel, data)
-                        if isinstance(channel, bytes)
-                        else (b"EVALSHA", sha, 2, *channel.args)
-                        for _, channel, data in inflight
-                    ]
-                ),
-                check_health=False,
-            )
+            commands: list[tuple[Any, ...]] = [
+                (self._publish_cmd, channel, data)
+                if isinstance(channel, bytes)
+                else (b"EVALSHA", sha, 2, *channel.args)
+                for _, channel, data in inflight
+            ]
+            # Topic routing: a PUBLISH answers how many nodes hold that topic, not how many nodes
+            # there are; count them with the batch (at most ten times a second) for the next replay.
+            probe = self._count_nodes and self.routing == "topic" and _monotonic() - self._probed > 0.1
+            if probe:
+                commands.append((b"PUBSUB", b"NUMSUB", bchan))
+            conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         except CONN_ERRORS:
             # Possibly partly written: what Redis did not acknowledge is sent again.
             counters["resent"] += len(inflight)
@@ -379,4 +383,7 @@ class PublishLoop(_AdapterState):
                     self._subscribers_seen = int(receivers)
                 elif not receivers and isinstance(channel, bytes) and channel.startswith(dprefix):
                     counters["direct_unrouted"] += 1
+        if probe:
+            self._subscribers_seen = int(conn.read_response()[1])
+            self._probed = _monotonic()
         self._space.set()

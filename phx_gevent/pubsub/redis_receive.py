@@ -39,12 +39,15 @@ from ..errors import BroadcastTimeout
 from ..flow import flow
 from . import codec
 from .redis_loops import CONN_ERRORS, _AdapterState, _Backoff
+from .routing import is_marked, topic_channel
 from .subscriptions import Batch
 
 try:
     import redis
+    from redis.exceptions import ResponseError
 except ImportError:  # pragma: no cover - redis-py is a requirement, but fail clearly without it
     redis = None  # type: ignore[assignment]
+    ResponseError = Exception  # type: ignore[assignment,misc]
 
 __all__ = ["ReceiveLoop", "SUBSCRIBE", "UNSUBSCRIBE"]
 
@@ -63,9 +66,50 @@ class ReceiveLoop(_AdapterState):
     """The listener, the subscription writer and the delivery greenlets (see the module docstring)."""
 
     if TYPE_CHECKING:  # pragma: no cover
+        prefix: str
+        _dual: bool
 
         def _outage_started(self) -> None: ...
         def _outage_over(self) -> None: ...
+
+    # -- routing: what the local layer holds ----------------------------------------------
+
+    def _channel(self, topic: str) -> bytes:
+        """The channel broadcasts on ``topic`` are published to (:mod:`phx_gevent.pubsub.routing`)."""
+        return self._bchan if self.routing == "broadcast" else topic_channel(self.prefix, topic)
+
+    def interest(self, topic: str) -> None:
+        """One more local holder of ``topic``: with topic routing, its channel is subscribed (batched)."""
+        if self.routing != "broadcast" and self._subs.acquire(topic_channel(self.prefix, topic)) is not None:
+            self._bus_event.set()
+
+    def release(self, topic: str) -> None:
+        """One local holder of ``topic`` fewer: the last one unsubscribes its channel after ``linger`` seconds."""
+        if self.routing != "broadcast":
+            self._subs.release(topic_channel(self.prefix, topic), _monotonic())
+            self._bus_event.set()
+
+    def wait_routed(self, topic: str, timeout: float | None = None) -> bool:
+        """Wait until Redis confirmed this node's subscription to ``topic``'s channel (see :meth:`Adapter.wait_routed`).
+
+        Returns True at once with broadcast routing or when it is in place;
+        False after ``timeout`` (default ``subscribe_timeout``) seconds, or at
+        once while the listener cannot reach Redis. Never raises.
+        """
+        if self.routing == "broadcast":
+            return True
+        channel = topic_channel(self.prefix, topic)
+        subs = self._subs
+        batch = subs.acquire(channel)
+        try:
+            if batch is None:
+                return True
+            if not self._running or self._sub_down_since is not None:
+                return False  # an outage: the join succeeds locally, the subscription follows the reconnection
+            return self._wait_batch(batch, self.subscribe_timeout if timeout is None else timeout)
+        finally:
+            # The caller subscribes right after (no greenlet switch): the linger this starts is cancelled.
+            subs.release(channel, _monotonic())
 
     # -- the listener ---------------------------------------------------------------------
 
@@ -91,7 +135,11 @@ class ReceiveLoop(_AdapterState):
                         if not conn.can_read(timeout=self.socket_timeout):
                             raise redis.TimeoutError(f"no answer to PING within {self.socket_timeout}s")
                         continue
-                    msg = conn.read_response()
+                    try:
+                        msg = conn.read_response()
+                    except ResponseError as exc:
+                        self._subscribe_refused(exc)
+                        continue
                     if msg[0] in _MESSAGES:
                         self._on_message(msg[1], msg[2])
                     elif self._on_reply(msg[0], msg[1]):
@@ -119,6 +167,23 @@ class ReceiveLoop(_AdapterState):
         elif kind == b"unsubscribe":
             self._subs.unsubscribed(channel)
         return False
+
+    def _subscribe_refused(self, exc: BaseException) -> None:
+        # An error reply on the subscriber connection answers a SUBSCRIBE (or UNSUBSCRIBE): the
+        # connection is fine, reconnecting would only repeat it. The rounds in flight give up.
+        self._counters["subscribe_errors"] += 1
+        batches = self._subs.refused()
+        self._wake(batches)
+        self._bus_event.set()
+        if any(batch is self._restore for batch in batches):
+            self._sub_recovered()  # the other channels of the restore round are in place
+        log.error(
+            "phx_gevent: Redis %s refused a subscription (%s): some topics' broadcasts from other nodes will not "
+            "reach this node; an ACL user needs the channels of the prefix (e.g. `&%s:*`)",
+            self._where,
+            exc,
+            self.prefix,
+        )
 
     def _bus_lost(self, conn: Any) -> None:
         self._bus_up = False
@@ -193,6 +258,8 @@ class ReceiveLoop(_AdapterState):
         packed = self._subscription_commands(commands)
         try:
             with self._bus_lock:
+                if not self._bus_up:
+                    return  # lost while waiting for the lock: the listener's reset sends these again
                 # One write per round, whatever the number of channels: one round trip.
                 conn.send_packed_command(conn.pack_commands(packed), check_health=False)
         except CONN_ERRORS as exc:
@@ -222,6 +289,9 @@ class ReceiveLoop(_AdapterState):
     def _on_message(self, channel: bytes, data: bytes) -> None:
         # The listener's only work: drop our echo, queue the rest; never wait.
         self._counters["messages"] += 1
+        if self._dual and channel == self._bchan and is_marked(data):
+            self._counters["dual_dropped"] += 1  # a dual node's copy: this node has it from the topic's channel
+            return
         if channel != self._dchan and data.startswith(self._echo) and not data.startswith(self._echo_history):
             self._counters["echo_dropped"] += 1
             return

@@ -160,6 +160,20 @@ class ShardAdapter(RedisAdapter):
             self.cluster.refresh(f"shard {self._where} unreachable: {exc}")
         super()._sub_failed(exc)
 
+    def _subscribe_refused(self, exc: BaseException) -> None:
+        if not is_redirect(exc):
+            super()._subscribe_refused(exc)
+            return
+        # MOVED/ASK on an SSUBSCRIBE: the slot left this shard. The round gives up here; the slot map
+        # is read again and the topic subscribed on its new shard.
+        self._counters["moved"] = self._counters.get("moved", 0) + 1
+        batches = self._subs.refused()
+        self._wake(batches)
+        self._bus_event.set()
+        if any(batch is self._restore for batch in batches):
+            self._sub_recovered()
+        self.cluster.refresh(f"subscription redirected: {exc}")
+
     def _refused(self, item: Item, exc: BaseException) -> bool:
         if not is_redirect(exc):
             return False

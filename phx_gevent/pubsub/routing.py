@@ -11,7 +11,16 @@ and :class:`~phx_gevent.Emitter`; docs/redis-envelope.md):
     so under Redis Cluster a topic's channel and its history map to one slot.
 ``"broadcast"``
     Every broadcast goes to ``<prefix>:b`` and every node receives all of them
-    (the design before per-topic routing; a whole cluster must use one routing).
+    (the design before per-topic routing).
+``"dual"``
+    For a rolling switch between the two: a node subscribes like ``"topic"``
+    and to ``<prefix>:b``, and publishes each broadcast on its topic's channel
+    and, marked (:func:`mark`: ``"r":1`` first in the JSON, which other
+    versions ignore), on ``<prefix>:b``. It drops the marked messages it reads
+    on ``<prefix>:b`` (it has them from the topic's channel) and keeps the
+    others (from ``"broadcast"`` nodes). Nodes in ``"broadcast"`` and
+    ``"dual"`` hear each other, and so do ``"dual"`` and ``"topic"``: deploy
+    broadcast -> dual -> topic, one rolling restart each, and nothing is lost.
 
 In both, ``<prefix>:d:<node>`` carries direct node-to-node messages.
 ``<prefix>:n`` is subscribed by every node under topic routing and carries
@@ -22,7 +31,7 @@ them to resubscribe before replaying an outage).
 from __future__ import annotations
 
 from typing import Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 __all__ = [
     "ROUTINGS",
@@ -32,15 +41,32 @@ __all__ = [
     "check_routing",
     "direct_channel",
     "direct_prefix",
+    "is_marked",
+    "mark",
     "nodes_channel",
     "split_routing",
     "topic_channel",
 ]
 
-Routing = Literal["topic", "broadcast"]
+Routing = Literal["topic", "broadcast", "dual"]
 
 #: The accepted values of the ``routing`` option.
-ROUTINGS: tuple[str, ...] = ("topic", "broadcast")
+ROUTINGS: tuple[str, ...] = ("topic", "broadcast", "dual")
+
+#: What a marked message's JSON starts with (``"dual"`` routing's copy on ``<prefix>:b``).
+MARK = b'{"r":1,'
+
+
+def mark(data: bytes) -> bytes:
+    """``data`` (a codec message) with the ``"dual"`` routing's mark as its first JSON key."""
+    start = data.index(b"\n", 5) + 1  # after "phx1\n<node>\n"
+    return data[:start] + MARK + data[start + 1 :]
+
+
+def is_marked(data: bytes) -> bool:
+    """Whether ``data`` is a ``"dual"`` node's copy on ``<prefix>:b`` (any node, any format tag)."""
+    start = data.find(b"\n", 5) + 1
+    return start > 0 and data.startswith(MARK, start)
 
 
 def topic_channel(prefix: str, topic: str) -> bytes:
@@ -69,8 +95,8 @@ def direct_channel(prefix: str, node: str) -> bytes:
 
 
 def channel_for(prefix: str, routing: str, topic: str) -> bytes:
-    """The channel a broadcast on ``topic`` is published to under ``routing``."""
-    if routing == "topic":
+    """The channel a broadcast on ``topic`` is published to under ``routing`` (``"dual"``: its first one)."""
+    if routing != "broadcast":
         return topic_channel(prefix, topic)
     return broadcast_channel(prefix)
 
@@ -81,6 +107,8 @@ def check_routing(routing: object) -> Routing:
         return "topic"
     if routing == "broadcast":
         return "broadcast"
+    if routing == "dual":
+        return "dual"
     raise ValueError(f"routing must be one of {', '.join(map(repr, ROUTINGS))}, got {routing!r}")
 
 
@@ -93,10 +121,13 @@ def split_routing(url: str, routing: str | None) -> tuple[str, Routing]:
     an unknown routing.
     """
     from_url = None
-    if "routing=" in url:
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        kept = [(k, v) for k, v in query if k != "routing"]
-        from_url = next((v for k, v in query if k == "routing"), None)
-        url = urlunsplit(parts._replace(query=urlencode(kept)))
+    base, sep, query = url.partition("?")
+    if sep:
+        # By hand, not urlsplit/urlunsplit: those turn "unix:///path" into "unix:/path".
+        params = [p for p in query.split("&") if p]
+        for param in params:
+            if param.startswith("routing="):
+                from_url = unquote(param[len("routing=") :])
+        kept = [p for p in params if not p.startswith("routing=")]
+        url = base + ("?" + "&".join(kept) if kept else "")
     return url, check_routing(routing or from_url or "topic")

@@ -114,6 +114,10 @@ class SubscriptionManager:
         # Channels nobody holds, still subscribed: UNSUBSCRIBE due at (oldest first).
         self._linger: dict[bytes, float] = {}
         self._inflight: deque[Batch] = deque()
+        self._active = 0
+        #: A channel sent last in a restore round (:meth:`reset`): the Redis adapter's
+        #: counted channel, so that once other nodes count it, the others are in place.
+        self.tail: bytes | None = None
         #: Counters: commands written, channels subscribed and unsubscribed, rounds, resets.
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -123,6 +127,7 @@ class SubscriptionManager:
                 "unsubscribed",
                 "rounds",
                 "resets",
+                "refused",
             ),
             0,
         )
@@ -198,6 +203,7 @@ class SubscriptionManager:
                 if self._state.get(channel) is State.ACTIVE:
                     del self._linger[channel]
                     self._state[channel] = State.UNSUBSCRIBING
+                    self._active -= 1
                     unsubs.append(channel)
                 # SUBSCRIBING: unsubscribed once confirmed (one command in flight per channel).
         subs: list[bytes] = []
@@ -241,6 +247,7 @@ class SubscriptionManager:
         """Redis confirmed the SUBSCRIBE of ``channel``; returns its batch when that completes it."""
         if self._state.get(channel) is State.SUBSCRIBING:
             self._state[channel] = State.ACTIVE
+            self._active += 1
         batch = self._batch_of.pop(channel, None)
         if batch is None:
             return None
@@ -253,6 +260,27 @@ class SubscriptionManager:
         except ValueError:
             pass
         return batch
+
+    def refused(self) -> list[Batch]:
+        """Redis refused a subscription command (e.g. an ACL without the channels): give up the rounds in flight.
+
+        Their unconfirmed channels count as active (never retried on this
+        connection: the refusal would repeat); returns the batches, done and
+        not ``ok``, whose waiters must stop waiting.
+        """
+        failed = list(self._inflight)
+        self._inflight.clear()
+        for batch in failed:
+            for channel in batch.remaining:
+                if self._state.get(channel) is State.SUBSCRIBING:
+                    self._state[channel] = State.ACTIVE
+                    self._active += 1
+                self._batch_of.pop(channel, None)
+            batch.remaining.clear()
+            batch.done = True
+            batch.ok = False
+        self.counters["refused"] += len(failed)
+        return failed
 
     def unsubscribed(self, channel: bytes) -> None:
         """Redis confirmed the UNSUBSCRIBE of ``channel`` (ignored when it is held again since)."""
@@ -276,7 +304,12 @@ class SubscriptionManager:
         self._batch_of.clear()
         self._linger.clear()
         self._pending = dict.fromkeys(self._refs)
+        tail = self.tail
+        if tail is not None and tail in self._pending:
+            del self._pending[tail]
+            self._pending[tail] = None
         self._state = dict.fromkeys(self._refs, State.PENDING)
+        self._active = 0
         self._next = Batch()
         self._next.remaining.update(self._refs)
         self.counters["resets"] += 1
@@ -286,11 +319,10 @@ class SubscriptionManager:
 
     def stats(self) -> dict[str, int]:
         """Counters plus ``channels`` (held), ``active``, ``pending`` and ``lingering`` now."""
-        active = sum(1 for s in self._state.values() if s is State.ACTIVE)
         return {
             **self.counters,
             "channels": len(self._refs),
-            "active": active,
+            "active": self._active,
             "pending": len(self._pending),
             "lingering": len(self._linger),
         }

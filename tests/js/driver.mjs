@@ -113,6 +113,12 @@ const commands = {
   join: (c) => watch(channels.get(c.channel).join(opt(c.timeout)), c.req),
   push: (c) => watch(channels.get(c.channel).push(c.event, toWire(c.payload), opt(c.timeout)), c.req),
   leave: (c) => watch(channels.get(c.channel).leave(opt(c.timeout)), c.req),
+  // Join, and the moment its ok reply arrives push on another channel (no round trip through the test).
+  join_then_push: (c) => {
+    const join = channels.get(c.channel).join(opt(c.timeout));
+    watch(join, c.req);
+    join.receive("ok", () => watch(channels.get(c.then).push(c.event, toWire(c.payload)), c.req + ":push"));
+  },
   ping: (c) => sockets.get(c.socket).ping((rtt) => emit({ ev: "pong", req: c.req, rtt })),
   // phoenix.js's Presence on a channel (before its join): every sync reports the whole list.
   presence: (c) => {
