@@ -63,6 +63,7 @@ __all__ = [
     "broadcast_from",
     "socket_ref",
     "is_graceful",
+    "intercepted_events",
     "NORMAL",
     "SHUTDOWN",
     "LEFT",
@@ -358,3 +359,8 @@ class Channel:
     def socket_ref(self, socket: SocketState) -> SocketRef:
         """See :func:`socket_ref`."""
         return socket_ref(socket)
+
+
+def intercepted_events(channel_cls: type[Channel]) -> frozenset[str]:
+    """The events of ``channel_cls.intercept``, checked and frozen when the class was defined (for the runtime)."""
+    return channel_cls._intercept_set

@@ -28,14 +28,15 @@ from .transports import http as phx_http
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
 
-__all__ = ["SocketMount"]
+__all__ = ["SocketMount", "parse_log_level"]
 
 log = logging.getLogger(__name__)
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def _log_level(value: Any) -> int | None:
+def parse_log_level(value: Any) -> int | None:
+    """A mount's ``log`` option as a logging level (``None``: off). Raises ``ValueError`` for anything else."""
     if value is False or value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):

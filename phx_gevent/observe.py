@@ -425,10 +425,10 @@ def _local_presence(pubsub: Any) -> dict[str, dict[str, int]]:
     for tracker in list(trackers):
         if tracker.pubsub is not pubsub:
             continue
-        for topic, keys in list(tracker._local.by_topic.items()):
+        for topic, count in tracker.local_counts().items():
             entry = topics.setdefault(topic, {"keys": 0, "metas": 0})
-            entry["keys"] += len(keys)
-            entry["metas"] += sum(len(metas) for metas in keys.values())
+            entry["keys"] += count.keys
+            entry["metas"] += count.metas
     ranked = sorted(topics.items(), key=lambda item: (-item[1]["keys"], item[0]))[:TOP_PRESENCE]
     return dict(ranked)
 
@@ -441,10 +441,8 @@ def cluster_presence(pubsub: Any) -> dict[str, dict[str, Any]]:
     for tracker in list(trackers):
         if tracker.pubsub is not pubsub:
             continue
-        for entries in [tracker._local, *(node.entries for node in list(tracker._nodes.values()))]:
-            for topic, keys in list(entries.by_topic.items()):
-                if keys:
-                    topics.setdefault(topic, set()).update(keys)
+        for topic, keys in tracker.known_keys().items():
+            topics.setdefault(topic, set()).update(keys)
     ranked = sorted(topics.items(), key=lambda item: (-len(item[1]), item[0]))[:TOP_PRESENCE]
     return {topic: {"count": len(keys), "keys": sorted(keys)[:50]} for topic, keys in ranked}
 

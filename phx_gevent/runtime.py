@@ -29,8 +29,8 @@ from .flow import FlowControl, flow
 from .options import ConfigurationError, check_seconds
 
 if TYPE_CHECKING:
+    from .transports.flusher import Flusher
     from .transports.sweeper import IdleSweeper
-    from .transports.writer import Flusher
 
 __all__ = ["Runtime", "runtime", "DIRECT_BUDGET", "DIRECT_PERIOD"]
 
@@ -96,7 +96,7 @@ class Runtime:
         loop = gevent.get_hub().loop
         flusher = self._flusher
         if flusher is None or flusher.loop is not loop:
-            from .transports.writer import Flusher
+            from .transports.flusher import Flusher
 
             flusher = self._flusher = Flusher(loop)
         return flusher

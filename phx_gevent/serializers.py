@@ -150,42 +150,73 @@ def _field_bytes(value: str, field: str) -> bytes:
     return data
 
 
+def _fields(data: bytes, start: int, lengths: tuple[int, ...]) -> list[str]:
+    # Consecutive UTF-8 fields of a binary frame's head, after checking the frame holds them.
+    if len(data) < start + sum(lengths):
+        raise DecodeError("binary frame shorter than its declared fields")
+    out = []
+    for n in lengths:
+        try:
+            out.append(data[start : start + n].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DecodeError("binary frame fields are not valid UTF-8") from None
+        start += n
+    return out
+
+
+def decode_server_binary(data: bytes) -> Message:
+    """A V2 binary frame the server sent, decoded as phoenix.js decodes it (PROTOCOL.md 2.4).
+
+    Kind 0 (push, no ref), 1 (reply: ``event="phx_reply"``, ``payload={"status":
+    s, "response": <bytes>}``) or 2 (broadcast); empty refs become ``None``.
+    Raises :class:`DecodeError` for an empty, short or unknown frame, or
+    fields that are not UTF-8.
+    """
+    data = bytes(data)
+    if not data:
+        raise DecodeError("empty binary frame")
+    kind = data[0]
+    head = {0: 4, 1: 5, 2: 3}.get(kind)
+    if head is None:
+        raise DecodeError(f"unknown binary frame kind {kind}")
+    if len(data) < head:
+        raise DecodeError(f"binary frame of kind {kind} shorter than its {head}-byte header")
+    lengths = tuple(data[1:head])
+    fields = _fields(data, head, lengths)
+    body = data[head + sum(lengths) :]
+    if kind == 0:
+        join_ref, topic, event = fields
+        return Message(join_ref or None, None, topic, event, body)
+    if kind == 1:
+        join_ref, ref, topic, status = fields
+        return Message(join_ref or None, ref or None, topic, "phx_reply", {"status": status, "response": body})
+    topic, event = fields
+    return Message(None, None, topic, event, body)
+
+
+def encode_client_push(join_ref: Any, ref: Any, topic: str, event: str, payload: bytes) -> bytes:
+    """A client's V2 binary push (kind 0 with a ref, PROTOCOL.md 2.4): what :meth:`V2JSONSerializer.decode` reads.
+
+    Raises :class:`EncodeError` for a field over 255 bytes or of another type than str (or int refs).
+    """
+    jr, r = _ref_bytes(join_ref, "join_ref"), _ref_bytes(ref, "ref")
+    t, e = _ref_bytes(topic, "topic"), _ref_bytes(event, "event")
+    return b"".join((bytes((0, len(jr), len(r), len(t), len(e))), jr, r, t, e, bytes(payload)))
+
+
 def decode_server_frame(frame: Any) -> Message:
     """A frame the server sent, decoded as a client would (V1/V2 JSON text, or a V2 binary frame).
 
     For the test helpers and for transports that must re-address a binary
-    frame; the binary layout is known only in this module.
+    frame; the binary layout is known only in this module. Raises
+    :class:`DecodeError` for a malformed binary frame.
     """
     if isinstance(frame, str):
         data = json.loads(frame)
         if isinstance(data, list):
             return Message(*data[:5])
         return Message(None, data.get("ref"), data["topic"], data["event"], data["payload"])
-    kind = frame[0]
-    if kind == 0:  # push: kind, jr, topic, event
-        jl, tl, el = frame[1], frame[2], frame[3]
-        p = 4
-        jr = frame[p : p + jl].decode()
-        p += jl
-        topic = frame[p : p + tl].decode()
-        p += tl
-        event = frame[p : p + el].decode()
-        return Message(jr or None, None, topic, event, bytes(frame[p + el :]))
-    if kind == 1:  # reply: kind, jr, ref, topic, status
-        jl, rl, tl, sl = frame[1], frame[2], frame[3], frame[4]
-        p = 5
-        jr = frame[p : p + jl].decode()
-        p += jl
-        ref = frame[p : p + rl].decode()
-        p += rl
-        topic = frame[p : p + tl].decode()
-        p += tl
-        status = frame[p : p + sl].decode()
-        return Message(jr or None, ref, topic, "phx_reply", {"status": status, "response": bytes(frame[p + sl :])})
-    tl, el = frame[1], frame[2]
-    topic = frame[3 : 3 + tl].decode()
-    event = frame[3 + tl : 3 + tl + el].decode()
-    return Message(None, None, topic, event, bytes(frame[3 + tl + el :]))
+    return decode_server_binary(frame)
 
 
 def binary_reply_address(data: bytes) -> tuple[str | None, str | None, str] | None:
@@ -197,8 +228,8 @@ def binary_reply_address(data: bytes) -> tuple[str | None, str | None, str] | No
     if data[:1] != b"\x01" or len(data) < 5:
         return None
     try:
-        msg = decode_server_frame(data)
-    except (UnicodeDecodeError, IndexError):
+        msg = decode_server_binary(data)
+    except DecodeError:
         return None  # not a frame of ours
     return msg.join_ref, msg.ref or None, msg.topic
 

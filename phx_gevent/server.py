@@ -24,17 +24,21 @@ import gevent
 from gevent import Timeout, pywsgi
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 
-from . import telemetry
+from .drain import drain_all
 from .errors import NotMonkeyPatchedError
+from .options import ConfigurationError, check_seconds
 from .transports import http as phx_http
 from .transports.http import ENVIRON_CLOSE
 from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
 
 __all__ = [
+    "DEFAULT_HEADER_TIMEOUT",
+    "HEADER_TIMEOUT_ENV",
     "WebSocketHandler",
     "Server",
     "check_patched",
     "drain_all",
+    "header_timeout_from_env",
     "make_server",
     "serve",
     "unpatched_modules",
@@ -47,8 +51,42 @@ _DROP_ON_UPGRADE = {b"content-type", b"content-length", b"transfer-encoding"}
 
 #: Seconds a request head (request line and headers) may take to arrive, also the longest an idle
 #: keep-alive connection waits for its next request. Servers made by :func:`make_server` take a
-#: ``header_timeout`` argument; this is the default, and the value under gunicorn.
+#: ``header_timeout`` argument, the gunicorn worker reads :data:`HEADER_TIMEOUT_ENV`; this is the default.
 DEFAULT_HEADER_TIMEOUT = 20.0
+#: The environment variable that sets ``header_timeout`` for the gunicorn worker (seconds, or ``off``).
+HEADER_TIMEOUT_ENV = "PHX_HEADER_TIMEOUT"
+
+
+def check_header_timeout(value: Any, what: str = "header_timeout") -> float | None:
+    """``header_timeout`` in seconds (``None`` or 0: no limit), checked like the socket options.
+
+    Raises :class:`~phx_gevent.options.ConfigurationError` (a ``ValueError``)
+    for a negative or non-numeric value, or one over an hour (milliseconds?).
+    """
+    if value is None or (not isinstance(value, bool) and value == 0):
+        return None
+    return check_seconds(what, value)
+
+
+def header_timeout_from_env(environ: Any = None) -> float | None:
+    """The gunicorn worker's ``header_timeout``: ``$PHX_HEADER_TIMEOUT`` seconds, ``off``/``0`` for none.
+
+    Unset or empty: :data:`DEFAULT_HEADER_TIMEOUT`. Raises
+    :class:`~phx_gevent.options.ConfigurationError` for a value that is not a
+    plausible number of seconds (the worker then fails to boot, saying why).
+    """
+    raw = (os.environ if environ is None else environ).get(HEADER_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_HEADER_TIMEOUT
+    if raw.lower() in ("off", "none"):
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(
+            f"{HEADER_TIMEOUT_ENV}={raw!r} must be a number of seconds (e.g. 20) or 'off'"
+        ) from None
+    return check_header_timeout(value, HEADER_TIMEOUT_ENV)
 
 
 def _bad_host(environ: Any, start_response: Any) -> list[bytes]:
@@ -185,73 +223,6 @@ class WebSocketHandler(_GeventWebSocketHandler):
         super(_GeventWebSocketHandler, self).log_request()
 
 
-def drain_all(deadline: float, sleep: Any = gevent.sleep) -> int:
-    """Close every connection holding channels, of every endpoint in this process, with 1012, in batches.
-
-    As Phoenix drains channel processes at shutdown, connections without a
-    joined channel are left alone (they end with the server). Batches follow
-    each mount's ``drainer`` options; the whole drain stops at ``deadline``
-    (a ``time.monotonic()`` value). Returns how many were drained. Used by
-    the gunicorn worker on SIGTERM and by :class:`Server` (``serve()``).
-    """
-    from .endpoint import endpoints
-
-    drained = 0
-    for endpoint in list(endpoints):
-        endpoint.draining = True  # readiness probes answer 503 from now on
-        for mount in endpoint.mounts:
-            opts = mount.drainer
-            if opts is None:
-                continue
-            size = max(1, int(opts.batch_size))
-            interval = float(opts.batch_interval)
-            end = min(deadline, time.monotonic() + float(opts.shutdown))
-            done: set[int] = set()
-            total, index = sum(1 for c in mount.connections if c.channels), 0
-            while time.monotonic() < end:
-                # Connections already told to close may linger for their close
-                # handshake: never count them twice.
-                batch = [c for c in list(mount.connections) if c.channels and id(c) not in done][:size]
-                if not batch:
-                    break
-                for conn in batch:
-                    done.add(id(conn))
-                    conn.drain()
-                drained += len(batch)
-                _drain_event(endpoint, mount, len(batch), total, index, size, interval)
-                index += 1
-                # Wait for this batch to go (bounded), then for the rest of the interval.
-                pause_end = min(end, time.monotonic() + interval)
-                while time.monotonic() < pause_end and any(c in mount.connections for c in batch):
-                    sleep(0.05)
-                remaining = pause_end - time.monotonic()
-                if remaining > 0 and any(c.channels and id(c) not in done for c in mount.connections):
-                    sleep(remaining)
-    return drained
-
-
-def _drain_event(endpoint: Any, mount: Any, count: int, total: int, index: int, size: int, interval: float) -> None:
-    # phoenix.socket_drain, once per batch, and Phoenix's log line at the mount's level.
-    rounds = max(1, -(-total // size))
-    if telemetry.socket_drain.receivers:
-        telemetry.emit(
-            telemetry.socket_drain,
-            endpoint,
-            {"count": count, "total": total, "index": index, "rounds": rounds},
-            {"mount": mount.path, "interval": interval},
-        )
-    if mount.log_level is not None:
-        log.log(
-            mount.log_level,
-            "%s shutting down, disconnecting %d of %d connections (round %d of %d)",
-            type(mount.handler).__name__,
-            count,
-            total,
-            index + 1,
-            rounds,
-        )
-
-
 class Server(pywsgi.WSGIServer):
     """gevent's WSGI server that drains channel-holding connections (close 1012) before it stops.
 
@@ -324,9 +295,6 @@ PATCH_FIX = (
     "make `from gevent import monkey; monkey.patch_all()` the first lines of your entry point, before any other import"
 )
 
-# Set in the reloader's child: the listening socket the parent bound (the port survives restarts).
-_FD_ENV = "PHX_GEVENT_SERVER_FD"
-
 
 def unpatched_modules() -> list[str]:
     """The standard modules gevent has not monkey-patched in this process (empty when patched)."""
@@ -381,20 +349,23 @@ def make_server(
     means ``localhost``, ``127.0.0.1`` and ``::1`` when bound to a loopback
     address, no check otherwise; ``None`` turns the check off. A page on a
     DNS-rebinding domain then cannot reach a server run locally.
-    ``header_timeout``: seconds a request head may take (``None``/0: no
-    limit). Extra keyword arguments go to :class:`gevent.pywsgi.WSGIServer`.
+    ``header_timeout``: seconds a request head may take, also the idle
+    keep-alive limit (``None``/0: no limit; under gunicorn set
+    ``PHX_HEADER_TIMEOUT``, see :func:`header_timeout_from_env`). Extra
+    keyword arguments go to :class:`gevent.pywsgi.WSGIServer`.
     The :class:`Server` drains channel-holding connections on SIGTERM and
-    Ctrl-C in ``serve_forever()``. Raises ``ValueError`` for bad settings.
+    Ctrl-C in ``serve_forever()``. Raises ``ValueError``
+    (:class:`~phx_gevent.options.ConfigurationError` for ``header_timeout``) for bad settings.
     Logs a warning when the process
     is not monkey-patched, and raises
     :class:`~phx_gevent.errors.NotMonkeyPatchedError` when it is not and an
     endpoint uses the Redis adapter (see :func:`check_patched`).
     """
     check_patched()
-    return _make_server(app, (host, port), host, allowed_hosts=allowed_hosts, header_timeout=header_timeout, **kwargs)
+    return make_server_on(app, (host, port), host, allowed_hosts=allowed_hosts, header_timeout=header_timeout, **kwargs)
 
 
-def _make_server(
+def make_server_on(
     app: Any,
     listener: Any,
     host: str,
@@ -403,12 +374,11 @@ def _make_server(
     header_timeout: float | None = DEFAULT_HEADER_TIMEOUT,
     **kwargs: Any,
 ) -> Server:
-    # ``listener``: an address, or a bound socket (the reloader's child).
+    """:func:`make_server` on ``listener`` (an address, or a bound socket: the reloader's child), unchecked patching."""
     if allowed_hosts == "auto":
         allowed_hosts = list(phx_http.LOOPBACK_HOSTS) if _is_loopback(host) else None
     rules = phx_http.compile_hosts(allowed_hosts)
-    if header_timeout is not None and header_timeout < 0:
-        raise ValueError("header_timeout must be positive (seconds) or None")
+    header_timeout = check_header_timeout(header_timeout)
     kwargs.setdefault("handler_class", WebSocketHandler)
     server = Server(listener, app, **kwargs)
     server.phx_allowed_hosts = rules
@@ -417,11 +387,13 @@ def _make_server(
     return server
 
 
-def _url(host: str, port: int) -> str:
+def url_of(host: str, port: int) -> str:
+    """``http://host:port`` (IPv6 hosts in brackets)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _say(text: str) -> None:
+def say(text: str) -> None:
+    """Write a line to stderr now (``serving on ...``)."""
     # Straight to stderr: the library configures no logging, and a development
     # server that does not say where it listens costs a new user minutes.
     sys.stderr.write(text + "\n")
@@ -457,62 +429,18 @@ def serve(
     answered by default).
     """
     if reload:
-        _serve_with_reloader(app, host, port, reload_interval, extra_files, kwargs)
+        from .reloader import serve_with_reloader
+
+        serve_with_reloader(app, host, port, reload_interval, extra_files, kwargs)
         return
     server = make_server(app, host, port, **kwargs)
-    _say(f"phx_gevent: serving on {_url(host, server.server_port)} (Ctrl+C to quit)")
-    _serve_forever(server)
+    say(f"phx_gevent: serving on {url_of(host, server.server_port)} (Ctrl+C to quit)")
+    serve_forever(server)
 
 
-def _serve_forever(server: Server) -> None:
+def serve_forever(server: Server) -> None:
+    """Run ``server`` until SIGTERM or Ctrl-C (both drain first)."""
     try:
         server.serve_forever(stop_timeout=1)
     except KeyboardInterrupt:
         pass
-
-
-def _serve_with_reloader(
-    app: Any, host: str, port: int, interval: float, extra_files: list[str] | None, kwargs: dict[str, Any]
-) -> None:
-    # Werkzeug's reloader re-runs the program in a child with
-    # WERKZEUG_RUN_MAIN=true and restarts it when it exits with code 3 (a
-    # file changed). The child serves in a "thread" (a greenlet once
-    # threading is patched) while its main greenlet polls file times with
-    # (patched) time.sleep. Only the stat reloader is used: watchdog's real
-    # threads would not mix with the gevent hub.
-    from werkzeug._reloader import run_with_reloader
-
-    fd = os.environ.get(_FD_ENV)
-    if os.environ.get("WERKZEUG_RUN_MAIN") == "true" and fd is not None:
-        check_patched()
-        listener = _pysocket.socket(fileno=int(fd))
-        server = _make_server(app, listener, host, **kwargs)
-        run_with_reloader(
-            lambda: _serve_forever(server), extra_files=extra_files, interval=interval, reloader_type="stat"
-        )
-        return
-    # The parent binds once and hands the socket down, so the port (even a
-    # port=0 choice) stays the same across restarts and no request is refused
-    # while the child starts.
-    listener = _bind(host, port)
-    os.environ[_FD_ENV] = str(listener.fileno())
-    _say(
-        f"phx_gevent: serving on {_url(host, listener.getsockname()[1])} "
-        "(reloader on: restarts when a Python file changes; Ctrl+C to quit)"
-    )
-    try:
-        run_with_reloader(lambda: None, extra_files=extra_files, interval=interval, reloader_type="stat")
-    finally:
-        listener.close()
-
-
-def _bind(host: str, port: int) -> _pysocket.socket:
-    family, kind, proto, _, address = _pysocket.getaddrinfo(
-        host, port, type=_pysocket.SOCK_STREAM, flags=_pysocket.AI_PASSIVE
-    )[0]
-    sock = _pysocket.socket(family, kind, proto)
-    sock.setsockopt(_pysocket.SOL_SOCKET, _pysocket.SO_REUSEADDR, 1)
-    sock.bind(address)
-    sock.listen(1024)
-    sock.set_inheritable(True)
-    return sock

@@ -25,11 +25,13 @@ Every callback receives a :class:`SocketState`, the Python twin of Phoenix's
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from .channel import Channel
+    from .pubsub.history import HistoryConfig
 
 __all__ = ["Socket", "SocketState", "Route", "Refuse", "channel", "refuse"]
 
@@ -174,8 +176,34 @@ class SocketState:
         )
 
 
+def _history_config(pattern: str, channel_cls: type[Channel], history: Any) -> HistoryConfig | None:
+    # The route's own value, else the class attribute `history`, which is public API (docs/recovery.md):
+    # a class that uses the name for something else is refused with the two ways out.
+    from .options import ConfigurationError
+    from .pubsub.history import HistoryConfig
+
+    value = history if history is not None else channel_cls.history
+    try:
+        return HistoryConfig.coerce(value)
+    except (TypeError, ValueError) as exc:
+        if history is not None:
+            raise ConfigurationError(f"channel({pattern!r}, ..., history=...): {exc}") from None
+        name = channel_cls.__name__
+        raise ConfigurationError(
+            f"{name}.history is {reprlib.repr(value)}, not a history config ({exc}). On a Channel, `history` is "
+            "phx_gevent's setting for recovery on rejoin (docs/recovery.md): a dict like {'size': 1000, 'ttl': 300}, "
+            f"a HistoryConfig, or None. If {name}.history is your own attribute, rename it, or mount the route with "
+            f"channel({pattern!r}, {name}, history=False) so that phx_gevent does not read it."
+        ) from None
+
+
 class Route:
-    """One ``channel(pattern, ChannelClass, assigns=...)`` declaration."""
+    """One ``channel(pattern, ChannelClass, assigns=...)`` declaration.
+
+    Raises ``ValueError``/``TypeError`` for a bad pattern or class, and
+    :class:`~phx_gevent.options.ConfigurationError` for a history setting
+    (the route's, or the class's ``history`` attribute) that is not one.
+    """
 
     __slots__ = ("pattern", "channel", "assigns", "_prefix", "history")
 
@@ -199,13 +227,10 @@ class Route:
         self.channel = channel_cls
         self.assigns = dict(assigns or {})
         self._prefix = pattern[:-1] if star != -1 else None
-        from .pubsub.history import HistoryConfig
-
         #: The route's history config (the route's own, else the Channel class's), or None.
-        #: ``history=False`` turns off the class's history for this route.
-        self.history = (
-            None if history is False else HistoryConfig.coerce(history if history is not None else channel_cls.history)
-        )
+        #: ``history=False`` turns off the class's history for this route (and leaves the class's
+        #: ``history`` attribute unread, so an application may use the name for its own data).
+        self.history = None if history is False else _history_config(pattern, channel_cls, history)
 
     def matches(self, topic: str) -> bool:
         """True when ``topic`` is routed here (exact match, or prefix before a trailing ``*``)."""

@@ -18,6 +18,9 @@ On top of gunicorn's gevent worker (which monkey-patches first thing):
   workers without a thundering herd; last, the PubSub adapter forwards what
   it still holds (at most a second) and disconnects.
 
+A request head (and an idle keep-alive connection) gets ``PHX_HEADER_TIMEOUT``
+seconds (default 20; ``off`` for no limit), as ``make_server(header_timeout=...)``.
+
 Each open WebSocket (and each waiting long-poll request) holds one of
 gunicorn's ``--worker-connections`` slots (default 1000); past it, new
 connections wait in the listen backlog. Raise it, and the file-descriptor
@@ -37,7 +40,7 @@ from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGISe
 
 from . import metrics
 from .pubsub.base import make_node_name
-from .server import WebSocketHandler, drain_all
+from .server import WebSocketHandler, drain_all, header_timeout_from_env
 
 __all__ = ["GeventWebSocketWorker", "GunicornWebSocketHandler", "drain_all"]
 
@@ -75,6 +78,13 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
 
     def init_process(self) -> None:
         self._draining = False
+        # PHX_HEADER_TIMEOUT: gunicorn has no setting of ours; a bad value stops the boot with its reason.
+        timeout = header_timeout_from_env()
+
+        class _ThisWorkersServer(_Server):
+            phx_header_timeout = timeout
+
+        self.server_class = _ThisWorkersServer
         super().init_process()
 
     def load_wsgi(self) -> None:

@@ -85,6 +85,31 @@ class Clock:
         return self.now
 
 
+def test_timers_run_in_deadline_order_and_a_key_holds_one_timer():
+    from phx_gevent.client.timers import Backoff, Timers
+
+    clock = Clock()
+    timers = Timers(clock)
+    ran: list[str] = []
+    timers.set("a", 2.0, lambda: ran.append("a"))
+    timers.set("b", 1.0, lambda: ran.append("b"))
+    timers.set("a", 3.0, lambda: ran.append("a2"))  # replaces the first "a"
+    timers.set("c", 0.5, lambda: ran.append("c"))
+    timers.cancel("c")
+    assert timers.next_deadline() == clock.now + 1.0 and timers.deadline("a") == clock.now + 3.0
+    assert timers.pop_due() is None  # nothing due yet
+    clock.now += 5
+    while (callback := timers.pop_due()) is not None:
+        callback()
+    assert ran == ["b", "a2"] and timers.next_deadline() is None and "a" not in timers
+    backoff = Backoff(timers, "r", lambda: None, lambda tries: float(tries))
+    backoff.schedule_timeout()
+    backoff.schedule_timeout()
+    assert backoff.pending and timers.deadline("r") == clock.now + 2.0
+    backoff.reset()
+    assert not backoff.pending and backoff.tries == 0
+
+
 class Harness:
     """A SocketCore with a fake clock; ``sent`` holds decoded frames as lists."""
 
@@ -123,6 +148,14 @@ class Harness:
     def take(self) -> list[Any]:
         sent, self.sent = self.sent, []
         return sent
+
+    def joining(self, topic: str = "room:1") -> tuple[Any, list[Any]]:
+        """A channel whose join was just sent (no reply yet), and that join frame."""
+        ch = self.core.channel(topic)
+        ch.join()
+        self.pump()
+        (join,) = self.take()
+        return ch, join
 
     def joined(self, topic: str = "room:1") -> Any:
         ch = self.core.channel(topic, {"p": 1})
@@ -257,10 +290,7 @@ def test_phx_error_rejoins_with_a_new_join_ref_and_phx_close_is_final():
 def test_pushes_wait_for_the_join_and_expired_ones_are_never_sent():
     h = Harness(heartbeat_interval=0, timeout=10.0)
     h.open()
-    ch = h.core.channel("room:1")
-    ch.join()
-    h.pump()
-    (join,) = h.take()
+    ch, join = h.joining()
     outcomes: list[Any] = []
     ch.push("early", {"n": 1}, timeout=2.0).receive("timeout", lambda r: outcomes.append("early timeout"))
     ch.push("late", {"n": 2}).receive("ok", lambda r: outcomes.append("late ok"))
@@ -278,10 +308,7 @@ def test_pushes_wait_for_the_join_and_expired_ones_are_never_sent():
 def test_a_join_timeout_leaves_that_join_then_rejoins():
     h = Harness(heartbeat_interval=0, timeout=10.0)
     h.open()
-    ch = h.core.channel("room:1")
-    ch.join()
-    h.pump()
-    (join,) = h.take()
+    ch, join = h.joining()
     h.tick(10.0)
     (leave,) = h.take()
     assert leave == [join[0], leave[1], "room:1", "phx_leave", {}]

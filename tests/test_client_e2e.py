@@ -97,7 +97,7 @@ def test_crash_rejoins_and_stop_closes_for_good(example, clients):
     assert room.state == CLOSED
     # Removed from the socket with no rejoin scheduled: it never comes back.
     assert room._channel not in client.core.channels
-    assert ("rejoin", id(room._channel)) not in client.core._timers
+    assert ("rejoin", id(room._channel)) not in client.core.timers
 
 
 def test_disconnect_by_socket_id_then_reconnect_and_rejoin(example, clients):

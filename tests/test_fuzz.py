@@ -34,12 +34,13 @@ from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from phx_gevent import Channel, Endpoint, Socket, channel, ok
+from phx_gevent import Endpoint, Socket, channel
 from phx_gevent.pubsub import codec
 from phx_gevent.serializers import V1, V2, DecodeError, EncodeError, dumps
 from phx_gevent.transports import frames
 from phx_gevent.transports import http as phx_http
 from phx_gevent.transports.websocket import _EOF, ENVIRON_HANDLER, WebSocketOptions, WebSocketTransport
+from tests.handlers import EchoChannel
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
@@ -380,16 +381,8 @@ def test_fuzz_query_strings(query):
     json.dumps(params)
 
 
-class FuzzChannel(Channel):
-    def join(self, topic, payload, socket):
-        return ok()
-
-    def handle_in(self, event, payload, socket):
-        return ok(payload)
-
-
 class FuzzSocket(Socket):
-    channels = [channel("room:*", FuzzChannel)]
+    channels = [channel("room:*", EchoChannel)]
 
     def connect(self, params, socket, connect_info):
         return socket

@@ -15,6 +15,7 @@ import pytest
 from flask import Flask
 
 from phx_gevent import Channel, Endpoint, Presence, Socket, channel, error, ok
+from phx_gevent.presence import PresenceCount
 from phx_gevent.pubsub.memory import MemoryBus
 from phx_gevent.testing import ChannelTest
 from tests.servers import wait_until
@@ -244,6 +245,9 @@ def test_presences_replicate_and_diffs_reach_subscribers_on_other_nodes(cluster)
     assert list(joined["joins"]) == ["alice"]
     wait_until(lambda: b.keys() == a.keys() == {"alice", "watcher"}, 5, "both nodes see both")
     assert b.presence.list("presence:lobby")["alice"] == a.presence.list("presence:lobby")["alice"]
+    # The typed accessors the cluster view reads: what this node tracks, what every node knows.
+    assert a.presence.local_counts()["presence:lobby"] == PresenceCount(keys=1, metas=1)
+    assert b.presence.known_keys()["presence:lobby"] == {"alice", "watcher"}
     # An update and a leave on a travel too.
     alice.push("update", {"status": "away"})
     diff = diff_of(watcher)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from phx_gevent.presence.state import Entries, Replica
+from phx_gevent.presence.state import Entries, PresenceCount, Replica
 
 
 def meta(ref, **extra):
@@ -20,6 +20,8 @@ def test_entries_put_pop_and_clean_up_empty_keys_and_topics():
         ("room:1", "alice", "a2"),
         ("room:2", "bob", "b1"),
     ]
+    assert e.counts() == {"room:1": PresenceCount(keys=1, metas=2), "room:2": PresenceCount(keys=1, metas=1)}
+    assert e.topic_keys() == {"room:1": {"alice"}, "room:2": {"bob"}}
     assert e.pop("room:2", "bob", "b1") == meta("b1")
     assert "room:2" not in e.by_topic  # no empty leftovers
     assert e.pop("room:2", "bob", "b1") is None and e.pop("nowhere", "x", "y") is None

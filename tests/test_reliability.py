@@ -18,31 +18,14 @@ from flask import Flask
 from phx_gevent import Channel, Endpoint, Socket, channel, ok
 from phx_gevent.flow import flow
 from phx_gevent.runtime import runtime
+from tests.handlers import UserSocket
 from tests.rawws import RawWS, join
 from tests.servers import wait_until
 
 
-class EchoChannel(Channel):
-    def join(self, topic, payload, socket):
-        return ok()
-
-    def handle_in(self, event, payload, socket):
-        return ok(payload)
-
-
-class UserSocket(Socket):
-    channels = [channel("room:*", EchoChannel)]
-
-    def connect(self, params, socket, connect_info):
-        return socket.assign(user=params.get("user"))
-
-    def id(self, socket):
-        return f"user:{socket.assigns['user']}"
-
-
 @pytest.fixture
 def server(mounted):
-    """``server(endpoint_opts=None, **socket_opts)``: this module's UserSocket on a fresh app."""
+    """``server(endpoint_opts=None, **socket_opts)``: tests.handlers.UserSocket on a fresh app."""
     return functools.partial(mounted, UserSocket)
 
 

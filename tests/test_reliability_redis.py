@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -109,7 +110,7 @@ def test_a_background_greenlet_that_dies_is_restarted_and_counted(nodes):
 
 
 @pytest.mark.parametrize("kind", ["delta", "state"])
-def test_a_forged_huge_presence_version_does_not_silence_a_node_for_good(kind):
+def test_a_forged_huge_presence_version_does_not_silence_a_node_for_good(kind, caplog):
     from phx_gevent.presence.state import StateTransfer
     from phx_gevent.pubsub.memory import MemoryBus
     from tests.test_presence import Node
@@ -128,8 +129,10 @@ def test_a_forged_huge_presence_version_does_not_silence_a_node_for_good(kind):
             rogue.publish({"k": "b", "n": "rogue", "t": "phx_presence:presence", "e": "delta", "p": forged, "x": None})
         else:
             # A state transfer "from a" (direct messages carry the sender's name) with a huge version.
+            caplog.set_level(logging.WARNING, logger="phx_gevent.presence.replication")
             b.presence._enqueue(StateTransfer(a.endpoint.node_name, {"v": 10**18, "s": []}))
-            wait_until(lambda: peer.version == 10**18, 5, "the forged state applied")
+            # Applied: seen, or already undone by a's next heartbeat (which logs the resync), on a busy machine.
+            wait_until(lambda: peer.version == 10**18 or "resyncing" in caplog.text, 5, "the forged state applied")
         # a's real changes must reach b again (its heartbeat is the truth about its version).
         a.join("bob")
         wait_until(lambda: b.keys() == {"alice", "bob"}, 5, "b follows a again")

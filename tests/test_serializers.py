@@ -165,3 +165,21 @@ def test_v1_cannot_send_binary():
 )
 def test_vsn_negotiation(vsn, expected):
     assert negotiate(vsn) is expected
+
+
+def test_server_binary_frames_decode_strictly_and_client_pushes_encode_in_one_place():
+    from phx_gevent.serializers import decode_server_binary, decode_server_frame, encode_client_push
+
+    push, reply, cast = (
+        V2.encode_push("1", "t", "e", b"x"),
+        V2.encode_reply("1", "2", "t", "ok", b"x"),
+        V2.encode_broadcast("t", "e", b"x"),
+    )
+    assert decode_server_binary(push) == Message("1", None, "t", "e", b"x")
+    assert decode_server_binary(reply) == Message("1", "2", "t", "phx_reply", {"status": "ok", "response": b"x"})
+    assert decode_server_binary(cast) == decode_server_frame(cast) == Message(None, None, "t", "e", b"x")
+    for bad in (b"", b"\x07abc", b"\x01\x01", bytes.fromhex("00ff0000") + b"x", b"\x02\x01\x01\xff\xfe"):
+        with pytest.raises(DecodeError):
+            decode_server_binary(bad)
+    # The client's push is what the server's decoder reads (the client wire uses these two).
+    assert V2.decode(encode_client_push("1", "2", "t", "e", b"\x00x")) == Message("1", "2", "t", "e", b"\x00x")

@@ -10,36 +10,17 @@ import struct
 import gevent
 import pytest
 
-from phx_gevent import BroadcastTimeout, Channel, Socket, channel, ok
+from phx_gevent import BroadcastTimeout
 from phx_gevent.flow import flow
 from tests import httpclient as http
+from tests.handlers import UserSocket
 from tests.rawws import Closed, RawWS, join
 from tests.servers import wait_until
 
 
-class EchoChannel(Channel):
-    def join(self, topic, payload, socket):
-        return ok()
-
-    def handle_in(self, event, payload, socket):
-        return ok(payload)
-
-
-class UserSocket(Socket):
-    channels = [channel("room:*", EchoChannel)]
-
-    def connect(self, params, socket, connect_info):
-        if params.get("user") == "nobody":
-            return None
-        return socket.assign(user=params.get("user"))
-
-    def id(self, socket):
-        return f"user:{socket.assigns['user']}"
-
-
 @pytest.fixture
 def server(mounted):
-    """``server(endpoint_opts=None, **socket_opts)``: this module's UserSocket on a fresh app."""
+    """``server(endpoint_opts=None, **socket_opts)``: tests.handlers.UserSocket on a fresh app."""
     return functools.partial(mounted, UserSocket)
 
 

@@ -41,6 +41,11 @@ from phx_gevent import make_server  # noqa: E402
 from phx_gevent.flow import flow  # noqa: E402
 from phx_gevent.transports import writer  # noqa: E402
 
+try:  # the flusher has a module of its own (in writer.py before it)
+    from phx_gevent.transports import flusher as _flusher
+except ImportError:  # an older tree (PHX_ROOT)
+    _flusher = writer
+
 try:  # the direct-send budget belongs to the runtime (module globals of the writer before it)
     from phx_gevent.runtime import runtime as _budget
 
@@ -60,14 +65,14 @@ def configure_from_env() -> dict:
     if "PHX_MAX_QUEUED" in env:
         flow.configure(max_queued_bytes=int(env["PHX_MAX_QUEUED"]))
     if "PHX_CHUNK" in env:
-        writer.CHUNK = int(env["PHX_CHUNK"])
+        _flusher.CHUNK = int(env["PHX_CHUNK"])
     if "PHX_DIRECT_BUDGET" in env:
         setattr(_budget, _BUDGET, int(env["PHX_DIRECT_BUDGET"]))
     if "PHX_DIRECT_PERIOD" in env:
         setattr(_budget, _PERIOD, float(env["PHX_DIRECT_PERIOD"]))
     return {
         "direct_send": flow.direct_send,
-        "chunk": writer.CHUNK,
+        "chunk": _flusher.CHUNK,
         "direct_budget": getattr(_budget, _BUDGET),
         "direct_period": getattr(_budget, _PERIOD),
         "sndbuf": flow.sndbuf,

@@ -29,7 +29,18 @@ import gevent
 from gevent import GreenletExit
 from gevent.event import AsyncResult, Event
 
-from ..channel import DUPLICATE_JOIN, LEFT, SHUTDOWN, TIMEOUT, Channel, NoReply, Reply, Stop, is_graceful
+from ..channel import (
+    DUPLICATE_JOIN,
+    LEFT,
+    SHUTDOWN,
+    TIMEOUT,
+    Channel,
+    NoReply,
+    Reply,
+    Stop,
+    intercepted_events,
+    is_graceful,
+)
 from ..errors import CallbackReturnError, CallTimeout, ChannelError, ChannelExited, ConnectionOverloaded
 from ..pubsub.local import ALL_EVENTS
 from ..telemetry import channel_handled_in, emit, format_duration
@@ -149,7 +160,7 @@ class ChannelProcess:
         self.instance: Channel = route.channel()
         self.socket = conn.socket.copy_for_channel(topic, route.channel, join_ref, route.assigns)
         self.socket.channel_pid = self
-        self.intercept = route.channel._intercept_set
+        self.intercept = intercepted_events(route.channel)
         # Fastlane target: broadcasts go straight to the connection's writer.
         self.writer = conn.writer
         self.owner = self

@@ -7,8 +7,10 @@ A driver owns the transport and a clock. It tells the core what happened
 asks for, taken from :meth:`~SocketCore.take_actions`:
 
 ``("open",)``
-    Open the transport (the URL is the driver's business), then report
-    ``transport_opened()`` or ``transport_closed()``.
+    Open the transport named by :attr:`SocketCore.transport` (``"websocket"``
+    or ``"longpoll"``; the URL is the driver's business), then report
+    ``transport_opened()`` or ``transport_closed()``. With a fallback set,
+    :meth:`SocketCore.fallback_deadline` bounds the WebSocket attempt.
 ``("send", data)``
     Write one frame: ``str`` text, ``bytes`` binary.
 ``("close", code, reason)``
@@ -28,7 +30,9 @@ a join timeout (which first sends a ``phx_leave`` for that join) or a
 ``phx_close`` closes a channel for good; pushes buffered (their timeout
 running) while the channel is not joined, socket-level frames buffered while
 disconnected and flushed on open before channels rejoin; messages with a
-stale ``join_ref`` dropped.
+stale ``join_ref`` dropped; with ``long_poll_fallback`` (phoenix.js's
+``longPollFallbackMs``, here in seconds), the fallback from WebSocket to
+long-poll (switched for good, as phoenix.js does); no heartbeats over long-poll.
 
 Callbacks (``channel.on``, ``push.receive``, ``on_open``...) run inside the
 core's methods, i.e. in the driver's thread; they may call the core again.
@@ -36,13 +40,15 @@ core's methods, i.e. in the driver's thread; they may call the core again.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 from collections.abc import Callable
 from typing import Any, cast
 
+from ..options import ConfigurationError, check_seconds
 from . import wire
+from .channel import CLOSED, ERRORED, JOINED, JOINING, LEAVING, Channel, Push
+from .timers import Backoff, Timers, reconnect_after, rejoin_after
 
 __all__ = [
     "Channel",
@@ -55,320 +61,14 @@ __all__ = [
     "JOINED",
     "JOINING",
     "LEAVING",
+    "LONGPOLL",
+    "WEBSOCKET",
 ]
 
+WEBSOCKET, LONGPOLL = "websocket", "longpoll"
+_FALLBACK = ("fallback",)
+
 log = logging.getLogger(__name__)
-
-CLOSED, ERRORED, JOINED, JOINING, LEAVING = "closed", "errored", "joined", "joining", "leaving"
-_JOIN, _LEAVE, _CLOSE, _ERROR, _REPLY = "phx_join", "phx_leave", "phx_close", "phx_error", "phx_reply"
-_RECONNECT = (0.010, 0.050, 0.100, 0.150, 0.200, 0.250, 0.500, 1.0, 2.0)
-_REJOIN = (1.0, 2.0, 5.0)
-
-
-def reconnect_after(tries: int) -> float:
-    """phoenix.js's socket reconnection delay in seconds for the ``tries``-th attempt (1-based)."""
-    return _RECONNECT[tries - 1] if 1 <= tries <= len(_RECONNECT) else 5.0
-
-
-def rejoin_after(tries: int) -> float:
-    """phoenix.js's channel rejoin delay in seconds for the ``tries``-th attempt (1-based)."""
-    return _REJOIN[tries - 1] if 1 <= tries <= len(_REJOIN) else 10.0
-
-
-class _Backoff:
-    """phoenix.js's Timer: a callback after ``schedule(tries)``, the count reset on success."""
-
-    __slots__ = ("core", "key", "callback", "schedule", "tries")
-
-    def __init__(self, core: SocketCore, key: Any, callback: Callable[[], None], schedule: Callable[[int], float]):
-        self.core = core
-        self.key = key
-        self.callback = callback
-        self.schedule = schedule
-        self.tries = 0
-
-    def reset(self) -> None:
-        self.tries = 0
-        self.core._cancel(self.key)
-
-    def schedule_timeout(self) -> None:
-        self.tries += 1
-        self.core._set_timer(self.key, self.schedule(self.tries), self.callback)
-
-    @property
-    def pending(self) -> bool:
-        return self.key in self.core._timers
-
-
-class Push:
-    """One message to the server awaiting a reply: ``receive(status, callback)`` hooks and a timeout.
-
-    ``callback(response)`` runs once for the matching status: the server's
-    ``"ok"``/``"error"``/any other status, or ``"timeout"`` (produced here).
-    """
-
-    def __init__(self, channel: Channel, event: str, payload: Any | Callable[[], Any], timeout: float) -> None:
-        self.channel = channel
-        self.event = event
-        self._payload = payload
-        self.timeout = timeout
-        self.ref: str | None = None
-        self.received: dict[str, Any] | None = None
-        self.sent = False
-        self._hooks: list[tuple[str, Callable[[Any], None]]] = []
-        self._any: list[Callable[[str, Any], None]] = []
-        self._timer_key = ("push", id(self))
-
-    @property
-    def payload(self) -> Any:
-        """The payload (evaluated now when it was given as a function, as join params are)."""
-        return self._payload() if callable(self._payload) else self._payload
-
-    def receive(self, status: str, callback: Callable[[Any], None]) -> Push:
-        """Call ``callback(response)`` when a reply with ``status`` arrives (at once if it already has)."""
-        if self.received is not None and self.received.get("status") == status:
-            callback(self.received.get("response"))
-        self._hooks.append((status, callback))
-        return self
-
-    def receive_any(self, callback: Callable[[str, Any], None]) -> Push:
-        """Call ``callback(status, response)`` for the outcome, whatever its status (at once if known)."""
-        if self.received is not None:
-            callback(cast(str, self.received.get("status")), self.received.get("response"))
-        self._any.append(callback)
-        return self
-
-    def has_received(self, status: str) -> bool:
-        """True when the reply (or the timeout) with ``status`` has arrived."""
-        return self.received is not None and self.received.get("status") == status
-
-    # -- internals (phoenix.js's Push) ----------------------------------------------------
-
-    def _send(self) -> None:
-        if self.has_received("timeout"):
-            return
-        self._start_timeout()
-        self.sent = True
-        ch = self.channel
-        ch.socket._push(ch.join_ref, self.ref, ch.topic, self.event, self.payload)
-
-    def _resend(self, timeout: float) -> None:
-        self.timeout = timeout
-        self._reset()
-        self._send()
-
-    def _reset(self) -> None:
-        self._cancel_ref_event()
-        self.ref = None
-        self.received = None
-        self.sent = False
-
-    def _cancel_ref_event(self) -> None:
-        if self.ref is not None:
-            self.channel._pending.pop(self.ref, None)
-
-    def _cancel_timeout(self) -> None:
-        self.channel.socket._cancel(self._timer_key)
-
-    def _start_timeout(self) -> None:
-        self._cancel_timeout()
-        self._cancel_ref_event()
-        self.ref = self.channel.socket.make_ref()
-        self.channel._pending[self.ref] = self
-        self.channel.socket._set_timer(self._timer_key, self.timeout, lambda: self._trigger("timeout", {}))
-
-    def _reply(self, payload: Any) -> None:
-        self._cancel_ref_event()
-        self._cancel_timeout()
-        self.received = payload if isinstance(payload, dict) else {"status": None, "response": payload}
-        self._outcome()
-
-    def _outcome(self) -> None:
-        assert self.received is not None
-        status, response = self.received.get("status"), self.received.get("response")
-        run = self.channel.socket._run
-        for want, callback in list(self._hooks):
-            if want == status:
-                run(callback, response)
-        for any_callback in list(self._any):
-            run(any_callback, status, response)
-
-    def _trigger(self, status: str, response: Any) -> None:
-        # A local outcome (timeout, or a leave without a connection), delivered as a reply would be.
-        if self.ref is not None and self.channel._pending.get(self.ref) is self:
-            self._reply({"status": status, "response": response})
-        else:
-            self._cancel_timeout()
-            self.received = {"status": status, "response": response}
-            self._outcome()
-
-
-class Channel:
-    """One topic on a socket (phoenix.js's Channel): ``join``, ``push``, ``leave``, ``on(event)``."""
-
-    def __init__(self, socket: SocketCore, topic: str, params: Any | Callable[[], Any] = None) -> None:
-        self.socket = socket
-        self.topic = topic
-        self.params = params if params is not None else {}
-        self.state = CLOSED
-        self.timeout = socket.timeout
-        self.joined_once = False
-        self._bindings: list[tuple[int, str, Callable[..., None]]] = []
-        self._binding_ids = itertools.count(1)
-        self._pending: dict[str, Push] = {}
-        self._buffer: list[Push] = []
-        self.join_push = Push(self, _JOIN, self._join_params, self.timeout)
-        self._rejoin = _Backoff(socket, ("rejoin", id(self)), self._rejoin_timer, socket.rejoin_after)
-        self.join_push.receive("ok", self._on_join_ok)
-        self.join_push.receive("error", self._on_join_error)
-        self.join_push.receive("timeout", self._on_join_timeout)
-
-    def __repr__(self) -> str:
-        return f"<Channel {self.topic!r} {self.state} join_ref={self.join_ref!r}>"
-
-    def _join_params(self) -> Any:
-        # Evaluated on every (re)join, like phoenix.js's params closure.
-        return self.params() if callable(self.params) else self.params
-
-    @property
-    def join_ref(self) -> str | None:
-        """The ref of the current join (its ``join_ref``), or ``None`` before the first."""
-        return self.join_push.ref
-
-    # -- the API --------------------------------------------------------------------------
-
-    def join(self, timeout: float | None = None) -> Push:
-        """Join (once per Channel object; rejoins are automatic). Returns the join's :class:`Push`.
-
-        Raises ``RuntimeError`` when called twice.
-        """
-        if self.joined_once:
-            raise RuntimeError(f"tried to join {self.topic!r} more than once; make a new channel to join again")
-        if timeout is not None:
-            self.timeout = timeout
-        self.joined_once = True
-        self._do_rejoin()
-        return self.join_push
-
-    def push(self, event: str, payload: Any = None, timeout: float | None = None) -> Push:
-        """Send ``event`` (buffered until joined); returns the :class:`Push` to hook replies on.
-
-        ``payload`` is any JSON value, or bytes (a binary frame). Raises
-        ``RuntimeError`` before :meth:`join`.
-        """
-        if not self.joined_once:
-            raise RuntimeError(f"tried to push {event!r} to {self.topic!r} before joining it")
-        push = Push(self, event, {} if payload is None else payload, self.timeout if timeout is None else timeout)
-        if self.can_push:
-            push._send()
-        else:
-            push._start_timeout()
-            self._buffer.append(push)
-        return push
-
-    def leave(self, timeout: float | None = None) -> Push:
-        """Leave: ``phx_leave``, then closed on its reply or timeout (at once when disconnected)."""
-        self._rejoin.reset()
-        self.join_push._cancel_timeout()
-        self.state = LEAVING
-        push = Push(self, _LEAVE, {}, self.timeout if timeout is None else timeout)
-
-        def on_close(_: Any) -> None:
-            self._trigger(_CLOSE, "leave")
-
-        push.receive("ok", on_close).receive("timeout", on_close)
-        push._send()
-        if not self.can_push:
-            push._trigger("ok", {})
-        return push
-
-    def on(self, event: str, callback: Callable[..., None]) -> int:
-        """Call ``callback(payload, ref, join_ref)`` for every ``event`` on this topic; returns a binding id."""
-        ref = next(self._binding_ids)
-        self._bindings.append((ref, event, callback))
-        return ref
-
-    def off(self, event: str, ref: int | None = None) -> None:
-        """Remove the bindings of ``event`` (only binding ``ref`` when given)."""
-        self._bindings = [b for b in self._bindings if not (b[1] == event and (ref is None or b[0] == ref))]
-
-    def on_close(self, callback: Callable[..., None]) -> int:
-        """``on("phx_close", callback)``: the channel closed (left, or stopped by the server)."""
-        return self.on(_CLOSE, callback)
-
-    def on_error(self, callback: Callable[..., None]) -> int:
-        """``on("phx_error", callback)``: the channel crashed on the server, or the connection was lost."""
-        return self.on(_ERROR, callback)
-
-    @property
-    def can_push(self) -> bool:
-        """True when a push would go out now (socket open and channel joined)."""
-        return self.socket.connected and self.state == JOINED
-
-    # -- internals (phoenix.js's Channel) -------------------------------------------------
-
-    def _do_rejoin(self, timeout: float | None = None) -> None:
-        if self.state == LEAVING:
-            return
-        self.socket._leave_open_topic(self)
-        self.state = JOINING
-        self.join_push._resend(self.timeout if timeout is None else timeout)
-
-    def _rejoin_timer(self) -> None:
-        if self.socket.connected:
-            self._do_rejoin()
-
-    def _on_join_ok(self, _: Any) -> None:
-        self.state = JOINED
-        self._rejoin.reset()
-        buffered, self._buffer = self._buffer, []
-        for push in buffered:
-            push._send()
-
-    def _on_join_error(self, _: Any) -> None:
-        self.state = ERRORED
-        if self.socket.connected:
-            self._rejoin.schedule_timeout()
-
-    def _on_join_timeout(self, _: Any) -> None:
-        # Tell the server to drop the join it may still complete, then retry with backoff.
-        leave = Push(self, _LEAVE, {}, self.timeout)
-        leave._send()
-        self.state = ERRORED
-        self.join_push._reset()
-        if self.socket.connected:
-            self._rejoin.schedule_timeout()
-
-    def _on_close(self) -> None:
-        self._rejoin.reset()
-        self.state = CLOSED
-        self.socket._remove(self)
-
-    def _on_error(self) -> None:
-        if self.state == JOINING:
-            self.join_push._reset()
-        self.state = ERRORED
-        if self.socket.connected:
-            self._rejoin.schedule_timeout()
-
-    def _is_member(self, topic: str, join_ref: Any) -> bool:
-        # Messages of an earlier join of this topic are stale (PROTOCOL.md 7, isMember).
-        if topic != self.topic:
-            return False
-        return not join_ref or join_ref == self.join_ref
-
-    def _trigger(self, event: str, payload: Any, ref: Any = None, join_ref: Any = None) -> None:
-        if event == _REPLY:
-            push = self._pending.get(ref) if ref is not None else None
-            if push is not None:
-                push._reply(payload)
-        elif event == _CLOSE:
-            self._on_close()
-        elif event == _ERROR:
-            self._on_error()
-        for _, want, callback in list(self._bindings):
-            if want == event:
-                self.socket._run(callback, payload, ref, join_ref or self.join_ref)
 
 
 class SocketCore:
@@ -380,6 +80,14 @@ class SocketCore:
         Seconds (phoenix.js: 30 and 10). ``timeout`` is the default for joins and pushes.
     ``reconnect_after``, ``rejoin_after``
         ``f(tries) -> seconds``; default phoenix.js's schedules.
+    ``transport``
+        ``"websocket"`` (default) or ``"longpoll"``: the transport to open.
+    ``long_poll_fallback``
+        Seconds (phoenix.js's ``longPollFallbackMs``, in milliseconds there):
+        when set, each WebSocket attempt that fails to open, or that does not
+        answer a first heartbeat within this time, switches the socket to
+        long-poll for good. Raises ``ConfigurationError`` (a ``ValueError``)
+        unless ``0 < long_poll_fallback <= 60``, or for another ``transport``.
     """
 
     def __init__(
@@ -390,7 +98,19 @@ class SocketCore:
         timeout: float = 10.0,
         reconnect_after: Callable[[int], float] = reconnect_after,
         rejoin_after: Callable[[int], float] = rejoin_after,
+        transport: str = WEBSOCKET,
+        long_poll_fallback: float | None = None,
     ) -> None:
+        if transport not in (WEBSOCKET, LONGPOLL):
+            raise ConfigurationError(f"transport is 'websocket' or 'longpoll', got {transport!r}")
+        if long_poll_fallback is not None:
+            # phoenix.js's longPollFallbackMs counts milliseconds: 2500 here is refused, naming the unit.
+            check_seconds("long_poll_fallback", long_poll_fallback, maximum=60.0)
+        self.transport = transport
+        self.long_poll_fallback = long_poll_fallback
+        self.primary_passed_health_check = False  # phoenix.js's primaryPassedHealthCheck
+        self._attempt: str | None = None  # a WebSocket attempt that may fall back: "opening", "pinging"
+        self._ping_ref: str | None = None
         self.clock = clock
         self.heartbeat_interval = heartbeat_interval
         self.timeout = timeout
@@ -398,16 +118,13 @@ class SocketCore:
         self.state = "closed"  # closed, connecting, open, closing
         self.channels: list[Channel] = []
         self._refs = itertools.count(1)
-        # key -> (deadline, sequence, callback); the heap holds (deadline, sequence, key), stale entries skipped.
-        self._timers: dict[Any, tuple[float, int, Callable[[], None]]] = {}
-        self._heap: list[tuple[float, int, Any]] = []
-        self._seq = itertools.count()
+        self.timers = Timers(clock)
         self._actions: list[tuple[Any, ...]] = []
         self._send_buffer: list[tuple[Any, ...]] = []
         self._pending_heartbeat: str | None = None
         self._wanted = False  # the user wants a connection (connect() until disconnect())
         self._close_requested: str | None = None
-        self._reconnect = _Backoff(self, ("reconnect",), self._reconnect_timer, reconnect_after)
+        self._reconnect = Backoff(self.timers, ("reconnect",), self._reconnect_timer, reconnect_after)
         self._callbacks: dict[str, list[Callable[..., None]]] = {"open": [], "close": [], "error": [], "message": []}
 
     # -- the user's API -------------------------------------------------------------------
@@ -424,14 +141,20 @@ class SocketCore:
         self._wanted = False
         self._reconnect.reset()
         self._stop_heartbeat()
+        self._end_attempt()
         if self.state in ("open", "connecting"):
             self._close_requested = "disconnect"
             self.state = "closing"
             self._actions.append(("close", code, reason))
 
-    def channel(self, topic: str, params: Any | Callable[[], Any] = None) -> Channel:
-        """A new :class:`Channel` for ``topic``; ``params`` (or a function returning them) are the join payload."""
-        ch = Channel(self, topic, params)
+    def channel(
+        self, topic: str, params: Any | Callable[[], Any] = None, *, recover: bool = False, last: int | None = None
+    ) -> Channel:
+        """A new :class:`Channel` for ``topic``; ``params`` (or a function returning them) are the join payload.
+
+        ``recover`` and ``last``: history recovery on rejoin, see :class:`Channel` (raises as it does).
+        """
+        ch = Channel(self, topic, params, recover=recover, last=last)
         self.channels.append(ch)
         return ch
 
@@ -465,24 +188,16 @@ class SocketCore:
 
     def next_deadline(self) -> float | None:
         """The clock value at which :meth:`advance` has work, or ``None``."""
-        heap = self._heap
-        while heap:
-            when, seq, key = heap[0]
-            entry = self._timers.get(key)
-            if entry is not None and entry[1] == seq:
-                return when
-            heapq.heappop(heap)  # cancelled or rescheduled
-        return None
+        return self.timers.next_deadline()
+
+    def fallback_deadline(self) -> float | None:
+        """The clock value at which a WebSocket attempt falls back to long-poll, or ``None``."""
+        return self.timers.deadline(_FALLBACK)
 
     def advance(self) -> None:
         """Run every timer that is due on the clock (heartbeats, timeouts, reconnects, rejoins)."""
-        while True:
-            when = self.next_deadline()
-            if when is None or when > self.clock():
-                return
-            _, _, key = heapq.heappop(self._heap)
-            _, _, callback = self._timers.pop(key)
-            self._run(callback)
+        while (callback := self.timers.pop_due()) is not None:
+            self.run_callback(callback)
 
     def transport_opened(self) -> None:
         """The transport is open: flush what waited, start heartbeats, rejoin errored channels."""
@@ -494,13 +209,16 @@ class SocketCore:
         for frame in buffered:
             self._write(*frame)
         self._schedule_heartbeat()
+        if self._attempt == "opening":
+            # phoenix.js: the WebSocket opened; it must answer a ping within a new period, or fall back.
+            self._attempt = "pinging"
+            self.timers.set(_FALLBACK, cast(float, self.long_poll_fallback), lambda: self._fall_back("no answer"))
+            self._ping_ref = self.make_ref()
+            self._write(None, self._ping_ref, "phoenix", "heartbeat", {})
         for callback in list(self._callbacks["open"]):
-            self._run(callback)
+            self.run_callback(callback)
         for ch in list(self.channels):
-            # phoenix.js: each channel's socket.onOpen hook.
-            ch._rejoin.reset()
-            if ch.state == ERRORED:
-                ch._do_rejoin()
+            ch.socket_opened()
 
     def transport_closed(self, code: Any = None, reason: Any = None) -> None:
         """The transport closed (or failed to open): channels error, and it reconnects unless asked not to."""
@@ -510,14 +228,15 @@ class SocketCore:
         self._stop_heartbeat()
         self._pending_heartbeat = None
         for ch in list(self.channels):
-            # phoenix.js's triggerChanError: the socket lost them; they rejoin on the next open.
-            ch._rejoin.reset()
-            if ch.state not in (ERRORED, LEAVING, CLOSED):
-                ch._trigger(_ERROR, {"source": "transport", "reason": reason})
+            ch.socket_lost(reason)  # phoenix.js's triggerChanError: they rejoin on the next open
         for callback in list(self._callbacks["close"]):
-            self._run(callback, code, reason)
+            self.run_callback(callback, code, reason)
         requested, self._close_requested = self._close_requested, None
-        if requested != "disconnect" and self._wanted:
+        if requested is None and self._attempt == "opening":
+            self._fall_back(reason)  # the WebSocket failed to open: phoenix.js falls back at once
+        elif requested == "fallback" and self._wanted:
+            self._open()
+        elif requested != "disconnect" and self._wanted:
             self._reconnect.schedule_timeout()
 
     def receive(self, data: str | bytes) -> None:
@@ -529,41 +248,60 @@ class SocketCore:
             return
         if msg.ref is not None and msg.ref == self._pending_heartbeat and msg.topic == "phoenix":
             self._pending_heartbeat = None
-            self._cancel(("hb_timeout",))
+            self.timers.cancel(("hb_timeout",))
             self._schedule_heartbeat()
+        if msg.ref is not None and msg.ref == self._ping_ref and msg.topic == "phoenix":
+            self.primary_passed_health_check = True
+            self._end_attempt()
         for ch in list(self.channels):
-            if ch._is_member(msg.topic, msg.join_ref):
-                ch._trigger(msg.event, msg.payload, msg.ref, msg.join_ref)
+            if ch.is_member(msg.topic, msg.join_ref):
+                ch.trigger(msg.event, msg.payload, msg.ref, msg.join_ref)
         for callback in list(self._callbacks["message"]):
-            self._run(callback, msg)
+            self.run_callback(callback, msg)
 
     # -- internals ------------------------------------------------------------------------
 
-    def _run(self, callback: Callable[..., Any], *args: Any) -> None:
-        # A callback's exception must not corrupt the state machine.
+    def run_callback(self, callback: Callable[..., Any], *args: Any) -> None:
+        """Run a user's callback; its exception is logged, never raised into the state machine."""
         try:
             callback(*args)
         except Exception:
             log.exception("phx_gevent client: callback %r failed", callback)
 
-    def _set_timer(self, key: Any, delay: float, callback: Callable[[], None]) -> None:
-        when = self.clock() + delay
-        seq = next(self._seq)
-        self._timers[key] = (when, seq, callback)
-        heapq.heappush(self._heap, (when, seq, key))
-
-    def _cancel(self, key: Any) -> None:
-        self._timers.pop(key, None)
-
     def _open(self) -> None:
         self.state = "connecting"
+        self._end_attempt()
+        if self.long_poll_fallback is not None and self.transport == WEBSOCKET:
+            # phoenix.js's connectWithFallback, on every connect and reconnect over WebSocket.
+            self._attempt = "opening"
+            self.timers.set(_FALLBACK, self.long_poll_fallback, lambda: self._fall_back("timeout"))
         self._actions.append(("open",))
+
+    def _end_attempt(self) -> None:
+        self._attempt = self._ping_ref = None
+        self.timers.cancel(_FALLBACK)
+
+    def _fall_back(self, reason: Any) -> None:
+        # phoenix.js's fallback(): long-poll from now on; an open or opening WebSocket is closed
+        # (its channels rejoin over long-poll), and long-poll opens at once, without backoff.
+        self._end_attempt()
+        self.transport = LONGPOLL
+        log.info("phx_gevent client: falling back to long-poll (%s)", reason)
+        if self.state in ("open", "connecting"):
+            self._stop_heartbeat()
+            self._close_requested = "fallback"
+            self.state = "closing"
+            self._actions.append(("close", 1000, "falling back to long-poll"))
+        elif self.state == "closed" and self._wanted:
+            self._reconnect.reset()
+            self._open()
 
     def _reconnect_timer(self) -> None:
         if self._wanted and self.state == "closed":
             self._open()
 
-    def _push(self, join_ref: Any, ref: Any, topic: str, event: str, payload: Any) -> None:
+    def push(self, join_ref: Any, ref: Any, topic: str, event: str, payload: Any) -> None:
+        """Send one frame now, or buffer it until the connection opens (phoenix.js's socket.push)."""
         if self.connected:
             self._write(join_ref, ref, topic, event, payload)
         else:
@@ -577,32 +315,32 @@ class SocketCore:
             return
         self._actions.append(("send", data))
 
-    def _leave_open_topic(self, joining: Channel) -> None:
-        # Before a (re)join, leave any other instance of the topic (phoenix.js's leaveOpenTopic).
+    def leave_open_topic(self, joining: Channel) -> None:
+        """Before a (re)join, leave any other joined instance of its topic (phoenix.js's leaveOpenTopic)."""
         for ch in self.channels:
             if ch is not joining and ch.topic == joining.topic and ch.state in (JOINED, JOINING):
                 ch.leave()
 
-    def _remove(self, channel: Channel) -> None:
+    def remove(self, channel: Channel) -> None:
+        """Forget a closed channel and its pending pushes."""
         self.channels = [c for c in self.channels if c is not channel]
-        for push in list(channel._pending.values()):
-            push._cancel_timeout()
-        channel._pending.clear()
+        channel.forget_pushes()
 
     def _schedule_heartbeat(self) -> None:
-        if self.heartbeat_interval and self.connected:
-            self._set_timer(("heartbeat",), self.heartbeat_interval, self._send_heartbeat)
+        # phoenix.js sends no heartbeats over long-poll (its skipHeartbeat).
+        if self.heartbeat_interval and self.connected and self.transport == WEBSOCKET:
+            self.timers.set(("heartbeat",), self.heartbeat_interval, self._send_heartbeat)
 
     def _stop_heartbeat(self) -> None:
-        self._cancel(("heartbeat",))
-        self._cancel(("hb_timeout",))
+        self.timers.cancel(("heartbeat",))
+        self.timers.cancel(("hb_timeout",))
 
     def _send_heartbeat(self) -> None:
         if not self.connected:
             return
         self._pending_heartbeat = self.make_ref()
         self._write(None, self._pending_heartbeat, "phoenix", "heartbeat", {})
-        self._set_timer(("hb_timeout",), self.heartbeat_interval, self._heartbeat_timeout)
+        self.timers.set(("hb_timeout",), self.heartbeat_interval, self._heartbeat_timeout)
 
     def _heartbeat_timeout(self) -> None:
         if self._pending_heartbeat is None or not self.connected:

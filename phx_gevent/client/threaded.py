@@ -32,7 +32,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlencode
 
-from .core import Channel, Push, SocketCore, reconnect_after, rejoin_after
+from . import wire
+from .core import LONGPOLL, WEBSOCKET, Channel, Push, SocketCore, reconnect_after, rejoin_after
+from .poller import LongPollTransport
 
 try:
     import websocket  # websocket-client
@@ -115,6 +117,22 @@ class ClientChannel:
         """The ref of the current join."""
         return self._channel.join_ref
 
+    @property
+    def offset(self) -> str | None:
+        """With ``recover=True``: the offset of the last message received (sent as ``since`` on rejoin)."""
+        return self._channel.offset
+
+    @offset.setter
+    def offset(self, value: str | None) -> None:
+        # Resume from an offset stored elsewhere (set before join()).
+        with self._client._lock:
+            self._channel.offset = value
+
+    @property
+    def recovered(self) -> bool | None:
+        """With ``recover=True``: the last join reply's ``recovered`` (``False``: refetch), else ``None``."""
+        return self._channel.recovered
+
     def join(self, timeout: float | None = None) -> ClientPush:
         """Join (rejoins are automatic); the join's push. Raises ``RuntimeError`` when called twice."""
         return self._client._call(lambda: self._channel.join(timeout))
@@ -145,14 +163,25 @@ class Client:
         The socket's mount, e.g. ``ws://host:4000/socket`` (``/websocket``
         and the query are added) or ``wss://...``.
     ``params``
-        Connect params (a flat dict, or a function returning one, evaluated
-        at every connection), sent in the query string with ``vsn=2.0.0``.
+        Connect params (a dict, or a function returning one, evaluated at
+        every connection), sent in the query string with ``vsn=2.0.0``;
+        nested dicts and lists as phoenix.js and Plug nest them
+        (:func:`~phx_gevent.client.wire.query_params`).
     ``auth_token``
         phoenix.js's ``authToken``: sent in ``Sec-WebSocket-Protocol``.
     ``heartbeat_interval``, ``timeout``, ``reconnect_after``, ``rejoin_after``
         As :class:`~phx_gevent.client.core.SocketCore` (phoenix.js's defaults).
     ``headers``, ``connect_timeout``
         Extra handshake headers; seconds for one connection attempt.
+    ``long_poll_fallback``
+        Seconds (phoenix.js's ``longPollFallbackMs``): fall back to long-poll
+        when the WebSocket does not open, or does not answer a first
+        heartbeat, within this time (see docs/python-client.md). Default
+        off. Raises ``ConfigurationError`` for a value in milliseconds.
+    ``poll_timeout``
+        Seconds one long-poll request may take (phoenix.js's ``longpollerTimeout``).
+    ``transport``
+        ``"websocket"`` (default) or ``"longpoll"`` (what :class:`LongPollClient` sets).
     """
 
     def __init__(
@@ -167,6 +196,9 @@ class Client:
         rejoin_after: Callable[[int], float] = rejoin_after,
         headers: Mapping[str, str] | None = None,
         connect_timeout: float = 10.0,
+        long_poll_fallback: float | None = None,
+        poll_timeout: float = 20.0,
+        transport: str = WEBSOCKET,
     ) -> None:
         if websocket is None:  # pragma: no cover
             raise ImportError("the client needs websocket-client: pip install 'phx_gevent[client]'")
@@ -182,6 +214,20 @@ class Client:
             timeout=timeout,
             reconnect_after=reconnect_after,
             rejoin_after=rejoin_after,
+            transport=transport,
+            long_poll_fallback=long_poll_fallback,
+        )
+        self.poll_timeout = poll_timeout
+        self._longpoll = LongPollTransport(
+            self.core,
+            self.url,
+            self._query,
+            lock=self._lock,
+            perform=self._perform,
+            running=lambda: not self._stopped,
+            headers=self.headers,
+            auth_token=auth_token,
+            poll_timeout=poll_timeout,
         )
         self._ws: Any = None
         self._closing: tuple[Any, Any] | None = None
@@ -208,10 +254,18 @@ class Client:
         """Close the connection and stop reconnecting (``connect()`` again to resume)."""
         self._call(lambda: self.core.disconnect(code, reason))
 
-    def channel(self, topic: str, params: Any = None) -> ClientChannel:
-        """A new channel for ``topic`` (``params``: the join payload, or a function returning it)."""
+    def channel(
+        self, topic: str, params: Any = None, *, recover: bool = False, last: int | None = None
+    ) -> ClientChannel:
+        """A new channel for ``topic`` (``params``: the join payload, or a function returning it).
+
+        ``recover=True``: history recovery on rejoin (``since``), and ``last``
+        messages on the first join, as docs/recovery.md's phoenix.js snippet;
+        see docs/python-client.md. Raises ``TypeError`` when ``recover`` is
+        set and ``params`` is not a dict, ``ValueError`` for a bad ``last``.
+        """
         with self._lock:
-            return ClientChannel(self, self.core.channel(topic, params))
+            return ClientChannel(self, self.core.channel(topic, params, recover=recover, last=last))
 
     def on_open(self, callback: Callable[[], None]) -> None:
         """``callback()`` in the client's thread each time the socket opens."""
@@ -230,8 +284,13 @@ class Client:
 
     @property
     def connected(self) -> bool:
-        """True while the WebSocket is open."""
+        """True while the connection (WebSocket or long-poll) is open."""
         return self.core.connected
+
+    @property
+    def transport(self) -> str:
+        """``"websocket"``, or ``"longpoll"`` (a :class:`LongPollClient`, or after a fallback)."""
+        return self.core.transport
 
     def close(self, timeout: float = 5.0) -> None:
         """Disconnect and end the client's thread (within ``timeout`` seconds)."""
@@ -268,6 +327,8 @@ class Client:
             if kind == "send":
                 ws = self._ws
                 if ws is None:
+                    if self._longpoll.is_open:
+                        self._longpoll.send(action[1])
                     continue
                 data = action[1]
                 try:
@@ -281,7 +342,10 @@ class Client:
                 self._open_wanted = True
                 self._wake()
             elif kind == "close":
-                self._close_transport(action[1], action[2])
+                if self._ws is None:
+                    self._longpoll.close(action[1], action[2])
+                else:
+                    self._close_transport(action[1], action[2])
         # Timers may have moved earlier: let the reader recompute its wait.
         self._wake()
 
@@ -299,20 +363,27 @@ class Client:
         except Exception:
             pass
 
-    def _url(self) -> str:
+    def _query(self) -> list[tuple[str, str]]:
         params = self.params() if callable(self.params) else (self.params or {})
-        query = urlencode([*((k, v) for k, v in dict(params).items()), ("vsn", "2.0.0")])
-        return f"{self.url}/websocket?{query}"
+        return [*wire.query_params(params), ("vsn", "2.0.0")]
 
     def _open(self) -> None:
+        if self.core.transport == LONGPOLL:
+            self._longpoll.open()
+            return
+        timeout = self.connect_timeout
+        fallback = self.core.fallback_deadline()
+        if fallback is not None:
+            # The attempt ends when the fallback is due (this thread runs the timers, so it must not block past it).
+            timeout = max(0.01, min(timeout, fallback - time.monotonic()))
         subprotocols = None
         if self.auth_token is not None:
             token = base64.b64encode(self.auth_token.encode()).decode().rstrip("=")
             subprotocols = ["phoenix", "base64url.bearer.phx." + token]
         try:
             ws = websocket.create_connection(
-                self._url(),
-                timeout=self.connect_timeout,
+                f"{self.url}/websocket?{urlencode(self._query())}",
+                timeout=timeout,
                 subprotocols=subprotocols,
                 header=[f"{k}: {v}" for k, v in self.headers.items()],
                 enable_multithread=True,

@@ -8,29 +8,17 @@ no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import ujson
 
-from ..serializers import DecodeError, EncodeError, Message, dumps
+from ..serializers import DecodeError, EncodeError, Message, decode_server_binary, dumps, encode_client_push
 
-__all__ = ["DecodeError", "EncodeError", "Message", "decode", "encode", "REPLY"]
+__all__ = ["DecodeError", "EncodeError", "Message", "decode", "encode", "query_params", "REPLY"]
 
 REPLY = "phx_reply"
 _BINARY = (bytes, bytearray, memoryview)
-
-
-def _field(value: Any, name: str) -> bytes:
-    if value is None:
-        return b""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise EncodeError(f"{name} must be a string to go in a binary frame, got {type(value).__name__}")
-    data = value.encode("utf-8")
-    if len(data) > 255:
-        raise EncodeError(f"{name} is {len(data)} bytes; binary frames allow at most 255")
-    return data
 
 
 def encode(join_ref: Any, ref: Any, topic: str, event: str, payload: Any) -> str | bytes:
@@ -40,19 +28,8 @@ def encode(join_ref: Any, ref: Any, topic: str, event: str, payload: Any) -> str
     or ``OverflowError`` for a payload JSON cannot carry.
     """
     if isinstance(payload, _BINARY):
-        jr = _field(join_ref, "join_ref")
-        r = _field(ref, "ref")
-        t = _field(topic, "topic")
-        e = _field(event, "event")
-        return b"".join((bytes((0, len(jr), len(r), len(t), len(e))), jr, r, t, e, bytes(payload)))
+        return encode_client_push(join_ref, ref, topic, event, bytes(payload))
     return dumps([join_ref, ref, topic, event, payload])
-
-
-def _text(data: bytes, start: int, length: int) -> str:
-    try:
-        return data[start : start + length].decode("utf-8")
-    except UnicodeDecodeError:
-        raise DecodeError("binary frame fields are not valid UTF-8") from None
 
 
 def decode(data: str | bytes) -> Message:
@@ -60,49 +37,10 @@ def decode(data: str | bytes) -> Message:
 
     A binary reply becomes ``event="phx_reply"``, ``payload={"status": s,
     "response": <bytes>}``, as phoenix.js decodes it; empty binary refs
-    become ``None``.
+    become ``None`` (:func:`phx_gevent.serializers.decode_server_binary`).
     """
     if isinstance(data, _BINARY):
-        data = bytes(data)
-        if not data:
-            raise DecodeError("empty binary frame")
-        kind = data[0]
-        if kind == 0:
-            head = 4
-            if len(data) < head:
-                raise DecodeError("binary push shorter than its header")
-            jl, tl, el = data[1], data[2], data[3]
-            end = head + jl + tl + el
-            if len(data) < end:
-                raise DecodeError("binary push shorter than its declared fields")
-            join_ref = _text(data, head, jl)
-            topic = _text(data, head + jl, tl)
-            event = _text(data, head + jl + tl, el)
-            return Message(join_ref or None, None, topic, event, data[end:])
-        if kind == 1:
-            head = 5
-            if len(data) < head:
-                raise DecodeError("binary reply shorter than its header")
-            jl, rl, tl, sl = data[1], data[2], data[3], data[4]
-            end = head + jl + rl + tl + sl
-            if len(data) < end:
-                raise DecodeError("binary reply shorter than its declared fields")
-            p = head
-            join_ref = _text(data, p, jl)
-            ref = _text(data, p + jl, rl)
-            topic = _text(data, p + jl + rl, tl)
-            status = _text(data, p + jl + rl + tl, sl)
-            return Message(join_ref or None, ref or None, topic, REPLY, {"status": status, "response": data[end:]})
-        if kind == 2:
-            head = 3
-            if len(data) < head:
-                raise DecodeError("binary broadcast shorter than its header")
-            tl, el = data[1], data[2]
-            end = head + tl + el
-            if len(data) < end:
-                raise DecodeError("binary broadcast shorter than its declared fields")
-            return Message(None, None, _text(data, head, tl), _text(data, head + tl, el), data[end:])
-        raise DecodeError(f"unknown binary frame kind {kind}")
+        return decode_server_binary(bytes(data))
     try:
         frame = ujson.loads(data)
     except (ValueError, OverflowError) as exc:
@@ -113,3 +51,46 @@ def decode(data: str | bytes) -> Message:
     if not isinstance(topic, str) or not isinstance(event, str):
         raise DecodeError("topic and event must be strings")
     return Message(join_ref, ref, topic, event, payload)
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as JavaScript's String(true)
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise EncodeError(
+        f"connect params hold strings, numbers, booleans, None, dicts and lists; got {type(value).__name__}"
+    )
+
+
+def _flatten(key: str, value: Any, out: list[tuple[str, str]]) -> None:
+    if value is None:
+        return  # phoenix.js's serialize leaves out null values
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{key}[{k}]", v, out)
+    elif isinstance(value, (list, tuple)):
+        if all(not isinstance(v, (Mapping, list, tuple)) for v in value):
+            out.extend((f"{key}[]", _scalar(v)) for v in value if v is not None)
+        else:
+            for i, v in enumerate(value):
+                _flatten(f"{key}[{i}]", v, out)
+    else:
+        out.append((key, _scalar(value)))
+
+
+def query_params(params: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Connect params as query pairs, nested the way Plug (and phx_gevent's server) decodes them.
+
+    ``{"user": {"id": 7, "tags": ["a", "b"]}}`` gives ``user[id]=7``,
+    ``user[tags][]=a``, ``user[tags][]=b``: the server sees
+    ``{"user": {"id": "7", "tags": ["a", "b"]}}``. As with phoenix.js, the
+    values arrive as strings (``True`` as ``"true"``) and ``None`` is left
+    out; a list holding dicts or lists is sent by index (``a[0][b]=c``, as
+    phoenix.js sends every list), arriving as a dict keyed ``"0"``, ``"1"``...
+    Raises :class:`EncodeError` for a value of another type (bytes, objects).
+    """
+    out: list[tuple[str, str]] = []
+    for key, value in params.items():
+        _flatten(str(key), value, out)
+    return out

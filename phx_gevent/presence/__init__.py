@@ -62,9 +62,9 @@ from ..pubsub.local import PubSub
 from ..serializers import dumps
 from ..socket import SocketState
 from .replication import PRESENCE_DIFF, PRESENCE_STATE, Replication
-from .state import Entries, LocalChange, Replica
+from .state import Entries, LocalChange, PresenceCount, Replica
 
-__all__ = ["Presence", "PRESENCE_STATE", "PRESENCE_DIFF", "trackers"]
+__all__ = ["Presence", "PresenceCount", "PRESENCE_STATE", "PRESENCE_DIFF", "trackers"]
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +346,18 @@ class Presence(Replication):
         diffs: keep it fast, it delays every later diff.
         """
         return presences
+
+    def local_counts(self) -> dict[str, PresenceCount]:
+        """Presences tracked by this node, per topic: keys and metas (no :meth:`fetch`, nothing started)."""
+        return self._local.counts()
+
+    def known_keys(self) -> dict[str, set[str]]:
+        """Keys present per topic on every node, as this node's replicas know them (no :meth:`fetch`)."""
+        known: dict[str, set[str]] = {}
+        for entries in [self._local, *(node.entries for node in list(self._nodes.values()))]:
+            for topic, keys in entries.topic_keys().items():
+                known.setdefault(topic, set()).update(keys)
+        return known
 
     def stats(self) -> dict[str, Any]:
         """Counters: local presences, known nodes, version, queued and dropped updates."""

@@ -17,6 +17,7 @@ __all__ = [
     "Entries",
     "Item",
     "LocalChange",
+    "PresenceCount",
     "RemoteEvent",
     "Replica",
     "Row",
@@ -26,6 +27,14 @@ __all__ = [
 
 #: One presence on the wire and in deltas: ``[topic, key, meta]``.
 Row = list[Any]
+
+
+@dataclass(frozen=True)
+class PresenceCount:
+    """How many keys are present on a topic, and how many presences (metas) they have."""
+
+    keys: int
+    metas: int
 
 
 class Entries:
@@ -66,6 +75,17 @@ class Entries:
     def keys_on(self, topic: str) -> dict[str, dict[str, dict[str, Any]]]:
         """``{key: {phx_ref: meta}}`` on ``topic`` (a live view: do not modify)."""
         return self.by_topic.get(topic, {})
+
+    def counts(self) -> dict[str, PresenceCount]:
+        """Per topic: its keys and presences (metas)."""
+        return {
+            t: PresenceCount(len(keys), sum(len(metas) for metas in keys.values()))
+            for t, keys in list(self.by_topic.items())
+        }
+
+    def topic_keys(self) -> dict[str, set[str]]:
+        """Per topic with anyone present: the keys (copies)."""
+        return {t: set(keys) for t, keys in list(self.by_topic.items()) if keys}
 
     def rows(self) -> list[Row]:
         """Every presence as a wire row ``[topic, key, meta]``."""

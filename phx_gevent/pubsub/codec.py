@@ -37,7 +37,7 @@ from typing import Any
 import ujson
 
 from ..errors import PhxError
-from ..serializers import check_encodable
+from ..serializers import check_encodable, dumps
 
 __all__ = ["MAGIC", "EnvelopeError", "decode", "encode", "echo_prefix"]
 
@@ -50,11 +50,6 @@ _BINARY = (bytes, bytearray, memoryview)
 
 class EnvelopeError(PhxError, ValueError):
     """A message from the bus is not an envelope this version understands."""
-
-
-def _dumps(obj: Any) -> str:
-    # The same JSON settings as the client serializers (see serializers.dumps).
-    return ujson.dumps(obj, ensure_ascii=False, escape_forward_slashes=False, allow_nan=False)
 
 
 def _tag_bytes(value: Any) -> Any:
@@ -92,11 +87,11 @@ def encode(envelope: dict[str, Any], node: str | None = None) -> bytes:
     payload = envelope["p"]
     if isinstance(payload, _BINARY):
         body["pb"] = base64.b64encode(bytes(payload)).decode("ascii")
-        text = _dumps(body)
+        text = dumps(body)
     else:
         body["p"] = payload
         try:
-            text = _dumps(body)
+            text = dumps(body)
         except TypeError:
             if envelope["k"] == "b":
                 raise  # a broadcast payload with bytes inside could not reach any client either

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 
 import ujson
 
-from . import codec
+from ..serializers import dumps
 
 __all__ = [
     "HistoryConfig",
@@ -207,7 +207,7 @@ class HistoryRules:
 def _copy_payload(payload: Any) -> Any:
     # History keeps its own copy: the caller may change the dict after broadcasting.
     if isinstance(payload, dict):
-        return ujson.loads(codec._dumps(payload))
+        return ujson.loads(dumps(payload))  # the same JSON settings as on the wire
     return bytes(payload)
 
 

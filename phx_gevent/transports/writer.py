@@ -3,7 +3,7 @@
 A :class:`Writer` owns the sending side of one socket. It never runs a
 greenlet of its own: frames are appended to a small list, and everything
 queued for a connection goes out in one ``send()``. Writers are flushed by
-one hub callback (:class:`Flusher`) that walks the connections with pending
+one hub callback (:class:`~phx_gevent.transports.flusher.Flusher`) that walks the connections with pending
 output in chunks, re-arming a zero-second timer between chunks so the server
 keeps reading requests while a large fan-out drains. When the kernel buffer
 is full the writer parks on an I/O watcher and resumes when the socket is
@@ -26,12 +26,21 @@ from typing import Any
 import gevent
 from gevent.event import Event
 
-from .. import supervise, telemetry
+from .. import telemetry
 from ..flow import flow
 from ..runtime import runtime
 from . import frames
+from .flusher import Flusher
 
-__all__ = ["WriterState", "Writer", "GreenletWriter", "Flusher", "configure_socket", "make_writer"]
+__all__ = [
+    "WriterState",
+    "Writer",
+    "GreenletWriter",
+    "Flusher",
+    "configure_socket",
+    "emit_slow_client_drop",
+    "make_writer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,92 +63,6 @@ CLOSED = WriterState.CLOSED
 
 # Watcher flag for "writable" in gevent's loop.io().
 _WRITE = 2
-# How many writers one hub callback flushes before letting the hub poll again.
-CHUNK = 128
-
-
-class Flusher:
-    """Flushes writers with pending output from hub callbacks, a chunk at a time."""
-
-    __slots__ = ("loop", "dirty", "armed", "_timer")
-
-    def __init__(self, loop: Any) -> None:
-        self.loop = loop
-        self.dirty: list[Writer] = []
-        self.armed = False
-        self._timer = loop.timer(0.0)
-
-    def schedule(self, writer: Writer) -> None:
-        self.dirty.append(writer)
-        if not self.armed:
-            self.armed = True
-            self.loop.run_callback(self._run)
-
-    def _run(self) -> None:
-        # A hub callback: if it raised, ``armed`` would stay set and no writer
-        # would ever be flushed again. Whatever happens, the next chunk runs.
-        try:
-            self._chunk()
-        except Exception:
-            supervise.failed("writer flusher")
-            if self.dirty:
-                self._timer.start(self._run)
-            else:
-                self.armed = False
-
-    def _chunk(self) -> None:
-        dirty = self.dirty
-        if len(dirty) <= CHUNK:
-            batch = dirty
-            self.dirty = []
-        else:
-            batch = dirty[:CHUNK]
-            del dirty[:CHUNK]
-        now = _monotonic()
-        done = 0
-        for writer in batch:
-            writer.scheduled = False
-            queue = writer.queue
-            if writer.state or len(queue) != 1:
-                try:
-                    writer.flush()
-                except Exception:  # pragma: no cover - a bug here must not kill the hub
-                    log.exception("phx_gevent: writer flush failed")
-                    writer.abort()
-                continue
-            # The common case of a fan-out, inlined from Writer.flush: one
-            # frame queued, taken whole by the kernel. A Python call and the
-            # accounting per connection are most of the fan-out's latency
-            # beyond the send() itself.
-            data = queue[0]
-            try:
-                sent = writer.raw.send(data)
-            except BlockingIOError:
-                sent = 0
-            except Exception:
-                # OSError: the peer is gone; anything else is a bug, and only this connection pays.
-                writer.abort()
-                continue
-            n = len(data)
-            if sent == n:
-                queue.clear()
-                writer.qbytes -= n
-                writer.sent_bytes += n
-                writer.last_drain = now
-                done += n
-                if writer.excess:
-                    # Bytes above the soft cap were never counted in the process total.
-                    done -= writer.excess
-                    writer.excess = 0
-            else:
-                writer.sent_partly(data, sent)
-        if done:
-            flow.release(done)
-        if self.dirty:
-            # Poll I/O before the next chunk: new requests are read between chunks.
-            self._timer.start(self._run)
-        else:
-            self.armed = False
 
 
 def configure_socket(sock: Any) -> None:
@@ -155,7 +78,7 @@ def configure_socket(sock: Any) -> None:
             pass
 
 
-def _dropped(sender: Any, reason: str, queued: int, transport: str = "websocket") -> None:
+def emit_slow_client_drop(sender: Any, reason: str, queued: int, transport: str = "websocket") -> None:
     """Emit ``phx_gevent.slow_client_drop`` (when observed) for a connection dropped by the overload policy."""
     if telemetry.slow_client_drop.receivers:
         telemetry.emit(
@@ -292,7 +215,7 @@ class Writer:
                 flow.slow_timeout,
                 self.qbytes,
             )
-        _dropped(self, reason, self.qbytes)
+        emit_slow_client_drop(self, reason, self.qbytes)
         self.abort(frames.CLOSE_POLICY, "slow client")
 
     # -- flushing -------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from ...channel import INACTIVE
 from ...connection import Connection
 from ...flow import flow
 from ...serializers import DecodeError, FastlaneEncoder, Message, Serializer, binary_reply_address
-from ..writer import _dropped
+from ..writer import emit_slow_client_drop
 
 if TYPE_CHECKING:  # pragma: no cover
     from .view import LongPoll
@@ -194,7 +194,7 @@ class LongPollSession:
         else:
             why = f"{self.qbytes} bytes buffered and no poll for {flow.slow_timeout:.1f}s"
         log.warning("phx_gevent: ending a long-poll session: %s", why)
-        _dropped(self, reason, self.qbytes, "longpoll")
+        emit_slow_client_drop(self, reason, self.qbytes, "longpoll")
         self.end()
         return True
 
