@@ -424,6 +424,8 @@ class RedisClusterAdapter(Adapter):
             for address in slot_map.primaries():
                 if address not in self._shards:
                     self._add_shard(address)
+            for address, shard in self._shards.items():
+                shard.count_on(self._count_channel(slot_map, address))
             for address, shard in list(self._shards.items()):
                 if address not in slot_map.primaries():
                     # No slots any more: its queued envelopes go to their new shards, then it stops.
@@ -437,6 +439,14 @@ class RedisClusterAdapter(Adapter):
                 target.history_gap(topic, config)
                 del self._gaps[topic]
         self._flush_waiting()
+
+    def _count_channel(self, slot_map: SlotMap, address: Address) -> bytes | None:
+        # The first of <prefix>:n:{0}, {1}, ... whose slot the shard owns: every node picks the same one.
+        for k in range(20_000):
+            channel = f"{self.prefix}:n:{{{k}}}".encode()
+            if slot_map.owner(int(key_slot(channel))) == address:
+                return channel
+        return None  # a shard with very few slots: its replay does not wait for the others
 
     def _rehome_topics(self, old: SlotMap | None, new: SlotMap) -> None:
         if old is None:

@@ -139,8 +139,10 @@ class PublishLoop(_AdapterState):
 
     #: The command a broadcast or direct message is written with (a Redis Cluster shard: SPUBLISH).
     _publish_cmd = b"PUBLISH"
-    #: Whether nodes are counted (PUBSUB NUMSUB) for the replay after an outage (not on a cluster shard).
+    #: Whether nodes are counted (PUBSUB NUMSUB) for the replay after an outage.
     _count_nodes = True
+    #: How they are counted: ``PUBSUB NUMSUB`` (a cluster shard: ``SHARDNUMSUB`` of its own counting channel).
+    _numsub = b"NUMSUB"
 
     def _refused(self, item: Item, exc: BaseException) -> bool:
         """Redis refused ``item``: True when it was taken care of (a cluster shard re-routes a moved slot)."""
@@ -284,7 +286,7 @@ class PublishLoop(_AdapterState):
                 self._stop.wait(backoff.next())
 
     def _probe(self, conn: Any) -> None:
-        conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
+        conn.send_command(b"PUBSUB", self._numsub, self._bchan, check_health=False)
         self._subscribers_seen = int(conn.read_response()[1])
 
     def _recovered(self, conn: Any, gen: int) -> None:
@@ -298,7 +300,7 @@ class PublishLoop(_AdapterState):
             start = _monotonic()
             deadline = start + self.replay_wait
             while self._alive(gen):
-                conn.send_command("PUBSUB", "NUMSUB", self._bchan, check_health=False)
+                conn.send_command(b"PUBSUB", self._numsub, self._bchan, check_health=False)
                 count = int(conn.read_response()[1])
                 if count >= self._subscribers_seen or _monotonic() >= deadline:
                     self._subscribers_seen = count
@@ -350,7 +352,7 @@ class PublishLoop(_AdapterState):
             # there are; count them with the batch (at most ten times a second) for the next replay.
             probe = self._count_nodes and self.routing == "topic" and _monotonic() - self._probed > 0.1
             if probe:
-                commands.append((b"PUBSUB", b"NUMSUB", bchan))
+                commands.append((b"PUBSUB", self._numsub, bchan))
             conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         except CONN_ERRORS:
             # Possibly partly written: what Redis did not acknowledge is sent again.

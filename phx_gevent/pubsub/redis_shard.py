@@ -10,6 +10,9 @@ delivery greenlets, speaking sharded pub/sub (Redis 7+):
   (Redis refuses a cross-slot one), all of a round still written at once;
 - history appends run the same scripts with ``SPUBLISH`` (legal: the topic's
   channel and its history keys share the ``{topic}`` hash tag, one slot);
+- the nodes are counted (``PUBSUB SHARDNUMSUB``) on a counting channel in
+  this shard's slots, so a replay after this shard's outage waits for the
+  other nodes to resubscribe here, as with one Redis;
 - ``MOVED``/``ASK`` on a publish hands the envelope back to the cluster
   adapter, which refreshes its slot map and sends it to the new owner; on a
   subscription (an error, or a ``sunsubscribe`` Redis pushes when a slot
@@ -75,11 +78,15 @@ class ShardAdapter(RedisAdapter):
     """A :class:`RedisAdapter` on one shard primary, speaking sharded pub/sub (see the module docstring)."""
 
     _publish_cmd = b"SPUBLISH"
+    _numsub = b"SHARDNUMSUB"
 
     def __init__(self, cluster: RedisClusterAdapter, address: tuple[str, int], target: Any, **options: Any) -> None:
         self.cluster = cluster
         self.address = address
         self._holds_direct = False
+        #: The shard channel every node holds on this shard, only to be counted (None until the map is known).
+        self._count_chan: bytes | None = None
+        self._count_nodes = False
         super().__init__(target, cluster.prefix, node_name=cluster.node_name, routing="topic", **options)
         self._where = f"{address[0]}:{address[1]} (cluster shard)"
         self.on_history_fallback = cluster.on_history_fallback
@@ -90,8 +97,31 @@ class ShardAdapter(RedisAdapter):
     # -- what this connection holds ---------------------------------------------------------
 
     def _fixed_channels(self) -> tuple[bytes, ...]:
-        # No node-counting channel; the direct channel only on the shard that owns its slot.
-        return (self._dchan,) if self._holds_direct else ()
+        # The direct channel only on the shard that owns its slot; the counting channel last.
+        fixed = (self._dchan,) if self._holds_direct else ()
+        return fixed + (self._count_chan,) if self._count_chan is not None else fixed
+
+    def count_on(self, channel: bytes | None) -> None:
+        """Hold ``channel`` (a shard channel in this shard's slots, the same for every node) to count the nodes.
+
+        The publisher counts them (``PUBSUB SHARDNUMSUB``) so that after an
+        outage of this shard it replays once the other nodes have resubscribed
+        here (waiting at most ``replay_wait``), as with one Redis.
+        """
+        if channel == self._count_chan:
+            return
+        from time import monotonic
+
+        old, self._count_chan = self._count_chan, channel
+        if old is not None:
+            self._subs.release(old, monotonic())
+        if channel is not None:
+            self._subs.acquire(channel)
+            self._bchan = channel
+        self._count_nodes = channel is not None
+        self._subs.tail = channel  # subscribed last on a new connection: once counted, the rest is in place
+        self._fixed = self._fixed_channels()
+        self._bus_event.set()
 
     def hold_direct(self, hold: bool) -> None:
         """Hold (or let go of) this node's direct channel, when its slot is (or stops being) on this shard."""
@@ -164,15 +194,12 @@ class ShardAdapter(RedisAdapter):
         if not is_redirect(exc):
             super()._subscribe_refused(exc)
             return
-        # MOVED/ASK on an SSUBSCRIBE: the slot left this shard. The round gives up here; the slot map
-        # is read again and the topic subscribed on its new shard.
+        # MOVED/ASK (the slot left this shard) or CLUSTERDOWN/TRYAGAIN on an SSUBSCRIBE: read the slot
+        # map again and resubscribe on a new connection (after the usual backoff), by which time the
+        # topic is re-homed; never count a refused subscription as in place.
         self._counters["moved"] = self._counters.get("moved", 0) + 1
-        batches = self._subs.refused()
-        self._wake(batches)
-        self._bus_event.set()
-        if any(batch is self._restore for batch in batches):
-            self._sub_recovered()
         self.cluster.refresh(f"subscription redirected: {exc}")
+        raise _SlotMoved(f"subscription redirected ({type(exc).__name__}: {exc}); resubscribing")
 
     def _refused(self, item: Item, exc: BaseException) -> bool:
         if not is_redirect(exc):
@@ -182,7 +209,10 @@ class ShardAdapter(RedisAdapter):
         return True
 
     def _probe(self, conn: Any) -> None:
-        # No node-counting channel on a shard: just check the connection.
+        if self._count_chan is not None:
+            super()._probe(conn)
+            return
+        # No counting channel yet: just check the connection.
         conn.send_command("PING", check_health=False)
         conn.read_response()
 
