@@ -235,8 +235,6 @@ MAX_MODULE_LINES = 500
 OVERSIZED_MODULES = {
     "channels/process.py": "issue 14A: ChannelProcess split",
     "transports/websocket.py": "issue 14A: WebSocket transport split",
-    "pubsub/redis.py": "issues 13A/13B: Redis adapter",
-    "pubsub/redis_loops.py": "issues 13A/13B: Redis adapter",
 }
 
 

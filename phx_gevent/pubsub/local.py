@@ -7,11 +7,8 @@ would cost ~25x a loop iteration). The application may connect its own
 receivers to the same signal, for one topic or for all; each runs isolated
 from the others' failures.
 
-A subscriber is a :class:`phx_gevent.contracts.Subscriber` (``owner``,
-``intercept``, ``writer``, ``deliver``). With an adapter that routes per topic
-(Redis), the first subscriber of a topic (and a receiver for one topic) makes
-the adapter receive that topic's broadcasts from other nodes
-(``Adapter.interest``); :meth:`PubSub.wait_routed` waits until it does.
+A subscriber is a :class:`phx_gevent.contracts.Subscriber`. A topic's first subscriber (or
+receiver) calls ``Adapter.interest``: per-topic routing then receives its broadcasts.
 
 The fastlane encodes a broadcast once per distinct encoder (serializer and
 framing) and hands the same bytes to every connection (PROTOCOL.md 5.7).
@@ -74,7 +71,6 @@ class PubSub:
         self.signal = Signal(f"{name}.broadcast")
         self.signal.connect(self._dispatch, weak=False)
         self._handlers: dict[str, Callable[[Any, str], None]] = {}
-        # Receivers connected to one topic: each holds the topic's route (adapter.interest).
         self._receivers: dict[tuple[Any, Any], None] = {}
         self._started = False
         #: Topic patterns that keep history, and where it is kept.
@@ -126,7 +122,7 @@ class PubSub:
         if t is None:
             t = self.topics[topic] = Topic(topic)
             if self.adapter is not None:
-                self.adapter.interest(topic)  # never blocks: see wait_routed
+                self.adapter.interest(topic)
         t.subs[sub] = None
 
     def unsubscribe(self, topic: str, sub: Subscriber) -> None:
@@ -141,12 +137,9 @@ class PubSub:
                 self.adapter.release(topic)
 
     def wait_routed(self, topic: str, timeout: float | None = None) -> bool:
-        """Wait until broadcasts other nodes publish on ``topic`` from now on reach this process.
+        """Wait until other nodes' broadcasts on ``topic`` reach this process (a join calls it before its reply).
 
-        :meth:`subscribe` only starts the route (Redis, per-topic routing); a
-        channel join calls this before its reply. True when routed; False after
-        ``timeout`` (default: the adapter's), or at once while the adapter is
-        down or not started. Never raises.
+        False after ``timeout`` (default: the adapter's), or at once while the adapter is down. Never raises.
         """
         return True if self.adapter is None else self.adapter.wait_routed(topic, timeout)
 
@@ -163,9 +156,8 @@ class PubSub:
         It runs inside the broadcaster's greenlet: keep it short and non-blocking.
         For one topic it returns once broadcasts from other nodes reach it (:meth:`wait_routed`, bounded).
         """
-        key = (receiver, topic)
-        if topic is not ANY and key not in self._receivers and self.adapter is not None:
-            self._receivers[key] = None
+        if topic is not ANY and (receiver, topic) not in self._receivers and self.adapter is not None:
+            self._receivers[(receiver, topic)] = None
             self.adapter.interest(topic)
             self.wait_routed(topic)
         self.signal.connect(receiver, sender=topic, weak=False)

@@ -74,7 +74,7 @@ from . import codec, redis_connect
 from .base import Adapter, make_node_name
 from .outbox import Outbox
 from .redis_appends import HistoryAppends
-from .redis_lifecycle import NOT_PATCHED_MESSAGE, Lifecycle, _after_fork, _register_exit_flush
+from .redis_lifecycle import NOT_PATCHED_MESSAGE, Lifecycle, after_fork, register_exit_flush
 from .redis_loops import PublishLoop
 from .redis_receive import ReceiveLoop
 from .routing import broadcast_channel, check_routing, direct_channel, direct_prefix, mark, nodes_channel, split_routing
@@ -263,7 +263,7 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
         self._ping_pid = 0
         self._owner_pid = os.getpid()
         self._reset_state()
-        os.register_at_fork(after_in_child=functools.partial(_after_fork, weakref.ref(self)))
+        os.register_at_fork(after_in_child=functools.partial(after_fork, weakref.ref(self)))
 
     supports_history = True
 
@@ -378,7 +378,7 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
         self._stop = Event()
         self._pub_conn = self._connection("pub")
         self._sub_conn = self._connection("sub")
-        _register_exit_flush(self)
+        register_exit_flush(self)
         # Supervised: a greenlet that dies anyway (a bug) is restarted and
         # counted (``stats()["restarts"]``), never left dead behind a
         # "connected" adapter.

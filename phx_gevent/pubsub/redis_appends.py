@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import history_redis as _history
 from .outbox import HistoryCmd
-from .redis_loops import _AdapterState
+from .redis_loops import AdapterState
 
 try:
     import redis
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 _monotonic = time.monotonic
 
 
-class HistoryAppends(_AdapterState):
+class HistoryAppends(AdapterState):
     """History appends of the Redis adapter (see the module docstring)."""
 
     if TYPE_CHECKING:  # pragma: no cover

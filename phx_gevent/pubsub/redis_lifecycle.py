@@ -1,7 +1,7 @@
 """The Redis adapter's connections and process lifecycle: patching check, fork, exit flush, ping.
 
 Mixin of :class:`~phx_gevent.pubsub.redis.RedisAdapter` (its shared state is
-declared in :class:`~phx_gevent.pubsub.redis_loops._AdapterState`).
+declared in :class:`~phx_gevent.pubsub.redis_loops.AdapterState`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import gevent
 
 from ..errors import NotMonkeyPatchedError
 from .base import make_node_name
-from .redis_loops import CONN_ERRORS, _AdapterState
+from .redis_loops import CONN_ERRORS, AdapterState
 
 if TYPE_CHECKING:  # pragma: no cover
     from .redis import RedisAdapter
 
-__all__ = ["NOT_PATCHED_MESSAGE", "Lifecycle"]
+__all__ = ["NOT_PATCHED_MESSAGE", "Lifecycle", "after_fork", "register_exit_flush"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ _started: weakref.WeakSet[RedisAdapter] = weakref.WeakSet()
 _exit_hook = False
 
 
-def _register_exit_flush(adapter: RedisAdapter) -> None:
+def register_exit_flush(adapter: RedisAdapter) -> None:
+    """Have ``adapter`` send what it queued at interpreter exit (once registered, for its life)."""
     global _exit_hook
     _started.add(adapter)
     if not _exit_hook:
@@ -65,13 +66,14 @@ def _flush_at_exit() -> None:
                 log.exception("phx_gevent: flushing %r at exit failed", adapter)
 
 
-def _after_fork(ref: weakref.ref[RedisAdapter]) -> None:
+def after_fork(ref: weakref.ref[RedisAdapter]) -> None:
+    """In a forked child: tell the adapter behind ``ref`` (if still alive) that it was forked."""
     adapter = ref()
     if adapter is not None:
         adapter._forked()
 
 
-class Lifecycle(_AdapterState):
+class Lifecycle(AdapterState):
     """Connections, fork and patching rules of the Redis adapter (see the module docstring)."""
 
     if TYPE_CHECKING:  # pragma: no cover

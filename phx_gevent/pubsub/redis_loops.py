@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - redis-py is a requirement, but fail cl
     redis = None  # type: ignore[assignment]
     RedisError = ResponseError = Exception  # type: ignore[assignment,misc]
 
-__all__ = ["CONN_ERRORS", "PublishLoop"]
+__all__ = ["CONN_ERRORS", "AdapterState", "Backoff", "PublishLoop"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ _monotonic = time.monotonic
 CONN_ERRORS = (RedisError, OSError, ValueError, IndexError, TypeError)
 
 
-class _Backoff:
+class Backoff:
     """Exponential backoff with jitter between ``low`` and ``high`` seconds."""
 
     __slots__ = ("low", "high", "current")
@@ -51,16 +51,18 @@ class _Backoff:
         self.current = low
 
     def next(self) -> float:
+        """The next delay, in seconds (doubling up to ``high``, with jitter)."""
         delay = self.current
         self.current = min(self.high, self.current * 2)
         # Jitter: nodes that lost Redis together do not reconnect in lockstep.
         return delay * random.uniform(0.5, 1.0)
 
     def reset(self) -> None:
+        """Start again from ``low`` (after a success)."""
         self.current = self.low
 
 
-class _AdapterState:
+class AdapterState:
     """What the loops share with the adapter (set by ``RedisAdapter.__init__`` and ``_reset_state``)."""
 
     if TYPE_CHECKING:  # pragma: no cover - declarations for the type checker only
@@ -134,7 +136,7 @@ class _AdapterState:
         def _channel(self, topic: str) -> bytes: ...
 
 
-class PublishLoop(_AdapterState):
+class PublishLoop(AdapterState):
     """The publisher greenlet: writes the outbox to Redis in pipelined batches, replays after an outage."""
 
     #: The command a broadcast or direct message is written with (a Redis Cluster shard: SPUBLISH).
@@ -240,7 +242,7 @@ class PublishLoop(_AdapterState):
 
     def _run_publisher(self, gen: int) -> None:
         conn = self._pub_conn
-        backoff = _Backoff(*self.backoff)
+        backoff = Backoff(*self.backoff)
         last_io = _monotonic()
         while self._alive(gen):
             try:

@@ -1,7 +1,7 @@
 """The Redis adapter's receiving side: the listener, the subscription writer and the delivery greenlets.
 
 Mixin of :class:`~phx_gevent.pubsub.redis.RedisAdapter` (its shared state is
-declared in :class:`~phx_gevent.pubsub.redis_loops._AdapterState`). One
+declared in :class:`~phx_gevent.pubsub.redis_loops.AdapterState`). One
 subscriber connection carries every subscription of the node; which channels
 it holds is decided by a pure :class:`~phx_gevent.pubsub.subscriptions.SubscriptionManager`:
 
@@ -38,7 +38,7 @@ from .. import supervise
 from ..errors import BroadcastTimeout
 from ..flow import flow
 from . import codec
-from .redis_loops import CONN_ERRORS, _AdapterState, _Backoff
+from .redis_loops import CONN_ERRORS, AdapterState, Backoff
 from .routing import is_marked, topic_channel
 from .subscriptions import Batch
 
@@ -62,7 +62,7 @@ UNSUBSCRIBE = b"UNSUBSCRIBE"
 _MESSAGES = (b"message", b"smessage")
 
 
-class ReceiveLoop(_AdapterState):
+class ReceiveLoop(AdapterState):
     """The listener, the subscription writer and the delivery greenlets (see the module docstring)."""
 
     if TYPE_CHECKING:  # pragma: no cover
@@ -115,7 +115,7 @@ class ReceiveLoop(_AdapterState):
 
     def _run_listener(self, gen: int) -> None:
         conn = self._sub_conn
-        backoff = _Backoff(*self.backoff)
+        backoff = Backoff(*self.backoff)
         hc = self.health_check_interval
         while self._alive(gen):
             try:
