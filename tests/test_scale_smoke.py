@@ -52,6 +52,7 @@ def test_nodes_receive_what_their_routing_promises(tmp_path: Path) -> None:
     variants = ["--variant", "broadcast=broadcast@single", "--variant", "topic=topic@single"]
     variants += ["--variant", "cluster=topic@cluster3"]
     args = ["--nodes", "3", "--users", "60", "--shared", "1", "--rate", "150", "--seconds", "1", "--drain", "20"]
+    args += ["--idle", "0.5"]
     results = run(tmp_path, "nodes", *args, *variants)
     assert set(results) == {"broadcast", "topic", "cluster"}
     for label, (result,) in results.items():
