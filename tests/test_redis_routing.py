@@ -225,6 +225,10 @@ def test_routing_is_chosen_by_option_or_url_and_checked(redis_server):  # noqa: 
     assert RedisAdapter(redis_server.url + "?routing=broadcast", routing="topic").routing == "topic"
     with pytest.raises(ValueError, match="routing must be one of"):
         RedisAdapter(redis_server.url, routing="sharded")
+    with pytest.raises(ValueError, match="linger"):
+        RedisAdapter(redis_server.url, linger=-1)
+    with pytest.raises(ValueError, match="subscribe_chunk"):
+        RedisAdapter(redis_server.url, subscribe_chunk=0)
     from phx_gevent.pubsub.routing import split_routing
 
     assert split_routing("unix:///tmp/r.sock?db=2&routing=dual", None) == ("unix:///tmp/r.sock?db=2", "dual")
@@ -302,3 +306,39 @@ def test_a_rolling_switch_through_dual_routing_delivers_every_broadcast_once(red
     finally:
         for n in made:
             n.stop()
+
+
+def test_a_channel_join_during_an_outage_succeeds_and_hears_other_workers_once_back(redis_server):  # noqa: F811
+    # The real join path (ChannelProcess, phx_gevent.testing's in-memory transport) on a Redis endpoint.
+    from flask import Flask
+
+    from phx_gevent import Endpoint
+    from phx_gevent.testing import ChannelTest
+    from tests.handlers import UserSocket
+
+    prefix = f"r{next(_prefixes)}"
+    adapter = RedisAdapter(redis_server.url, prefix=prefix, backoff=(0.05, 0.3), subscribe_timeout=30.0)
+    endpoint = Endpoint(Flask(__name__), pubsub=adapter)
+    endpoint.socket("/socket", UserSocket)
+    other = PubSub(RedisAdapter(redis_server.url, prefix=prefix, backoff=(0.05, 0.3)))
+    other.start()
+    try:
+        client = ChannelTest(endpoint).connect({"user": "u1"})
+        wait_until(lambda: adapter.connected and other.adapter.connected, TIMEOUT, "both nodes")
+        redis_server.kill()
+        wait_until(lambda: not adapter.stats()["listener_connected"], TIMEOUT, "the outage")
+        with gevent.Timeout(5, AssertionError("the join waited for Redis during the outage")):
+            room = client.join("room:outage")
+        assert room.reply.status == "ok"
+        redis_server.start()
+        wait_until(lambda: adapter.connected and other.adapter.connected, TIMEOUT, "reconnection")
+        assert adapter._subs.is_active(topic_channel(prefix, "room:outage"))  # restored with the connection
+        other.broadcast("room:outage", "news", {"n": 1})
+
+        def news() -> bool:
+            return any(m.event == "news" and m.payload == {"n": 1} for m in client.transport.messages())
+
+        wait_until(news, TIMEOUT, "the other worker's broadcast")
+    finally:
+        other.stop()
+        endpoint.close()

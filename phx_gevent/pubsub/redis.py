@@ -207,8 +207,10 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
             url, self.routing = split_routing(url, routing)
         else:
             self.routing = check_routing(routing or "topic")
-        if subscribe_timeout < 0:
-            raise ValueError(f"subscribe_timeout must be >= 0 seconds, got {subscribe_timeout!r}")
+        if subscribe_timeout < 0 or linger < 0:
+            raise ValueError(f"subscribe_timeout and linger are seconds >= 0, got {subscribe_timeout!r}, {linger!r}")
+        if int(subscribe_chunk) < 1:
+            raise ValueError(f"subscribe_chunk must be at least 1 channel, got {subscribe_chunk!r}")
         self.subscribe_timeout = float(subscribe_timeout)
         # Pure bookkeeping of the subscriber connection (subscriptions.py); kept across a fork.
         self._subs = SubscriptionManager(linger, subscribe_chunk)

@@ -40,10 +40,10 @@ from gevent.event import Event
 from .. import supervise
 from . import redis_connect
 from .base import Adapter, make_node_name
-from .outbox import Item
 from .redis import RedisAdapter
-from .redis_shard import ShardAdapter, item_slot
+from .redis_shard import ShardAdapter
 from .redis_slots import Address, SlotMap, cluster_client, discover
+from .redis_topology import Topology
 from .routing import direct_channel, topic_channel
 
 try:
@@ -82,7 +82,7 @@ def redis_adapter(url: str | Sequence[Any], prefix: str = "phx", **options: Any)
     return RedisClusterAdapter(url, prefix, **options)
 
 
-class RedisClusterAdapter(Adapter):
+class RedisClusterAdapter(Topology, Adapter):
     """Carries envelopes between nodes over a Redis Cluster, sharded by topic (see the module docstring).
 
     ``nodes``
@@ -360,137 +360,6 @@ class RedisClusterAdapter(Adapter):
             shards=per,
         )
         return total
-
-    # -- topology -----------------------------------------------------------------------------
-
-    def refresh(self, reason: str) -> None:
-        """Read the slot map again soon (a shard saw ``MOVED``, a dropped subscription, an outage)."""
-        log.debug("phx_gevent: Redis Cluster slot map refresh: %s", reason)
-        self._refresh_event.set()
-
-    def rehome(self, item: Item, reason: str) -> None:
-        """A shard was told ``item``'s slot is elsewhere: send it again once the slot map is read."""
-        self._counters["moved"] += 1
-        self._waiting.append((item[0], item))
-        self.refresh(reason)
-
-    def _hold(self, envelope: dict[str, Any]) -> None:
-        # No slot map yet (the cluster unreachable since start): keep it, bounded, for when it comes.
-        if len(self._waiting) >= self.max_pending:
-            self._waiting.popleft()
-            self._counters["unrouted"] += 1
-        self._waiting.append((_monotonic(), dict(envelope)))
-        self._refresh_event.set()
-
-    def _seeds(self) -> list[Address]:
-        known = list(self._map.primaries()) if self._map is not None else []
-        return known + [n for n in self.target.nodes if n not in known]
-
-    def _run_topology(self) -> None:
-        delay = 0.1
-        while self._running:
-            self._refresh_event.wait(self.refresh_interval if self._map is not None else delay)
-            self._refresh_event.clear()
-            if not self._running:
-                return
-            # Shards that cannot reach their primary: maybe a replica took over.
-            try:
-                slot_map = discover(self.target, self._seeds(), self.connect_timeout)
-            except redis.ConnectionError as exc:
-                delay = min(delay * 2, 2.0)
-                if self._log_refresh.ready() is not None:
-                    log.warning("phx_gevent: Redis Cluster %s: %s", self.target.describe(), exc)
-                continue
-            delay = 0.1
-            self._counters["refreshes"] += 1
-            self._apply(slot_map)
-
-    def _apply(self, slot_map: SlotMap) -> None:
-        old = self._map
-        changed = old != slot_map
-        self._map = slot_map
-        if changed:
-            self._counters["map_changes"] += int(old is not None)
-            if old is not None:
-                log.warning("phx_gevent: Redis Cluster slot map changed; moving topics whose slot moved")
-            self._rehome_topics(old, slot_map)
-            direct = int(key_slot(direct_channel(self.prefix, self.node_name)))
-            home = slot_map.owner(direct)
-            for address, shard in list(self._shards.items()):
-                if address != home:
-                    shard.hold_direct(False)
-            if home is not None:
-                self._shard_at(direct).hold_direct(True)  # type: ignore[union-attr]
-            for address in slot_map.primaries():
-                if address not in self._shards:
-                    self._add_shard(address)
-            for address, shard in self._shards.items():
-                shard.count_on(self._count_channel(slot_map, address))
-            for address, shard in list(self._shards.items()):
-                if address not in slot_map.primaries():
-                    # No slots any more: its queued envelopes go to their new shards, then it stops.
-                    for item in shard.take_items(lambda _slot: True):
-                        self._waiting.append((item[0], item))
-                    del self._shards[address]
-                    gevent.spawn(shard.stop, 0.5)
-        for topic, config in list(self._gaps.items()):
-            target = self._shard(topic_channel(self.prefix, topic))
-            if target is not None:
-                target.history_gap(topic, config)
-                del self._gaps[topic]
-        self._flush_waiting()
-
-    def _count_channel(self, slot_map: SlotMap, address: Address) -> bytes | None:
-        # The first of <prefix>:n:{0}, {1}, ... whose slot the shard owns: every node picks the same one.
-        for k in range(20_000):
-            channel = f"{self.prefix}:n:{{{k}}}".encode()
-            if slot_map.owner(int(key_slot(channel))) == address:
-                return channel
-        return None  # a shard with very few slots: its replay does not wait for the others
-
-    def _rehome_topics(self, old: SlotMap | None, new: SlotMap) -> None:
-        if old is None:
-            # First map: the shards take the interest gathered so far.
-            for topic, n in self._topics.items():
-                shard = self._shard_at(int(key_slot(topic_channel(self.prefix, topic))))
-                for _ in range(n):
-                    if shard is not None:
-                        shard.interest(topic)
-            return
-        for topic, n in self._topics.items():
-            slot = int(key_slot(topic_channel(self.prefix, topic)))
-            before, after = old.owner(slot), new.owner(slot)
-            if before == after:
-                continue
-            self._counters["rehomed"] += 1
-            previous = self._shards.get(before) if before is not None else None
-            for _ in range(n):
-                if previous is not None:
-                    previous.release(topic)
-            if after is not None:
-                new_shard = self._shard_at(slot)
-                for _ in range(n):
-                    if new_shard is not None:
-                        new_shard.interest(topic)
-        for address, shard in list(self._shards.items()):
-            for item in shard.take_items(lambda slot, a=address: new.owner(slot) != a):
-                self._waiting.append((item[0], item))
-
-    def _flush_waiting(self) -> None:
-        limit = _monotonic() - self.replay_window
-        waiting, self._waiting = self._waiting, deque()
-        for queued, what in waiting:
-            if queued < limit:
-                self._counters["unrouted"] += 1
-                continue
-            if isinstance(what, dict):
-                self.publish(what)
-                continue
-            shard = self._shard_at(item_slot(what))
-            if shard is None:
-                self._waiting.append((queued, what))
-            else:
-                shard.add_item(what)
 
     # -- process lifecycle --------------------------------------------------------------------
 

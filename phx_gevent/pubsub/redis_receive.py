@@ -33,6 +33,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import gevent
+from gevent.event import Event
 
 from .. import supervise
 from ..errors import BroadcastTimeout
@@ -277,8 +278,6 @@ class ReceiveLoop(AdapterState):
     def _wait_batch(self, batch: Batch, timeout: float) -> bool:
         # Called by a join (wait_routed): wait for the batch's confirmation, bounded.
         if batch.waiter is None:
-            from gevent.event import Event
-
             batch.waiter = Event()
         self._bus_event.set()
         batch.waiter.wait(timeout)
