@@ -473,6 +473,10 @@ def with_server(c: Contender, args: argparse.Namespace, cfg: dict[str, Any], tim
     server = start_script_server(c.kind, c.env, SERVER_CORE if args.pin else None, c.label)
     try:
         cfg = {"proto": PROTO[c.kind], "port": server.port, "serverPids": server.pids, **cfg}
+        if c.env.get("SIO_KEEPALIVE") == "1":
+            # socket.io-client's polling under Node opens a connection per request (xmlhttprequest-ssl
+            # without an agent); a browser keeps them alive. This variant gives it a keep-alive agent.
+            cfg["sioKeepAlive"] = True
         return run_loadgen(cfg, CLIENT_CORE if args.pin else None, timeout)
     finally:
         server.stop()
@@ -555,10 +559,18 @@ def cmd_fanout(args: argparse.Namespace) -> None:
         raise SystemExit("--longpoll: only phx and sio have a long-poll transport")
     results = interleaved(contenders, args.reps, lambda c, rep: with_server(c, args, cfg, timeout))
     mb(results)
+    metrics = FANOUT_METRICS
+    if args.longpoll:
+        # Poll responses per second (all clients) and the broadcasts one carried, in the saturation window.
+        metrics = [
+            *FANOUT_METRICS,
+            ("polls/s", "saturation.pollsPerSec", 0),
+            ("msgs per poll", "saturation.msgsPerPoll", 1),
+        ]
     md = table(
         contenders,
         results,
-        FANOUT_METRICS,
+        metrics,
         [
             ("delivered msgs/s", "saturation.deliveredPerSec"),
             ("server us/delivery", "saturation.serverUsPerDelivery"),

@@ -181,6 +181,10 @@ class Endpoint(Broadcaster):
         # registered later replaces this one anyway).
         if not app.error_handler_spec.get(None, {}).get(404):
             app.register_error_handler(NotFound, self._not_found)
+        # Polls of live long-poll sessions skip Flask's request dispatch (docs/longpoll.md).
+        from .transports.longpoll.routes import LongPollRoutes
+
+        app.wsgi_app = LongPollRoutes(app, app.wsgi_app, self.mounts, self.admit)  # type: ignore[method-assign]
         # `flask phx run`: Flask's own `flask run` cannot serve our WebSockets.
         from .cli import phx
 
@@ -188,16 +192,26 @@ class Endpoint(Broadcaster):
             app.cli.add_command(phx)
         self.apps.append(app)
 
-    def _check_request(self) -> Any:
-        # Before any view (sockets included): the real client address, then the Host.
-        environ = request.environ
+    def admit(self, environ: dict[str, Any]) -> bool:
+        """Apply ``trusted_proxies`` (the real client address) to ``environ``; whether its Host is allowed.
+
+        Runs before any view (sockets included) and before the long-poll
+        requests served outside Flask. Idempotent; never raises.
+        """
         if self.trusted_proxies and phx_http.ENVIRON_PEER not in environ:
             client = phx_http.client_address(environ, self.trusted_proxies)
             if client is not None:
                 environ[phx_http.ENVIRON_PEER] = environ.get("REMOTE_ADDR")
                 environ["REMOTE_ADDR"] = client
-                request.remote_addr = client  # Werkzeug copied it when it made the request
-        if not phx_http.host_allowed(environ, self.allowed_hosts):
+        return phx_http.host_allowed(environ, self.allowed_hosts)
+
+    def _check_request(self) -> Any:
+        environ = request.environ
+        peer = environ.get("REMOTE_ADDR")
+        allowed = self.admit(environ)
+        if environ.get("REMOTE_ADDR") != peer:
+            request.remote_addr = environ["REMOTE_ADDR"]  # Werkzeug copied it when it made the request
+        if not allowed:
             return phx_http.close_after(Response("Host not allowed", status=400, mimetype="text/plain"))
         return None
 

@@ -28,6 +28,7 @@ from .drain import drain_all
 from .errors import NotMonkeyPatchedError
 from .options import ConfigurationError, check_seconds
 from .transports import http as phx_http
+from .transports.head import PlainHeaders, environ_headers, read_headers
 from .transports.http import ENVIRON_CLOSE
 from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
 
@@ -45,6 +46,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The access log of a server made with log=None (gevent's private no-op; nothing if it is renamed).
+_NOOP_LOG: Any = getattr(pywsgi, "_NoopLog", ())
 
 # Headers a 101 response must not carry.
 _DROP_ON_UPGRADE = {b"content-type", b"content-length", b"transfer-encoding"}
@@ -112,12 +116,49 @@ class WebSocketHandler(_GeventWebSocketHandler):
     """
 
     _head_timer: Any = None
+    _phx_timer: Any = None
+    # pywsgi's per-request attributes (untyped there): the status line (bytes, or an error text) and code.
+    status: Any = None
+    code: Any = None
+
+    def MessageClass(self, *args: Any) -> Any:
+        # The request's headers without the email parser in the usual case (transports/head.py).
+        return read_headers(*args)
+
+    def _headers(self) -> Any:
+        headers = self.headers
+        if headers.__class__ is PlainHeaders:
+            return environ_headers(headers)  # no folded lines to join: straight from the pairs
+        return super()._headers()
+
+    def _sendall(self, data: Any) -> None:
+        # Most responses fit the socket's send buffer: one send() does it (gevent's
+        # sendall() asks the kernel for SO_SNDBUF first, a second syscall each time).
+        if not data:
+            return
+        sock = self.socket
+        try:
+            sent = sock.send(data)
+            if sent < len(data):
+                sock.sendall(memoryview(data)[sent:])
+        except OSError as ex:
+            # What pywsgi records for a failed write (the access log shows it).
+            self.status = f"socket error: {ex}"
+            if self.code > 0:
+                self.code = -self.code
+            raise
+        self.response_length += len(data)
 
     def handle_one_request(self) -> Any:
         timeout = getattr(self.server, "phx_header_timeout", DEFAULT_HEADER_TIMEOUT)
         if not timeout:
             return super().handle_one_request()
-        timer = self._head_timer = Timeout(timeout)
+        # One timer per connection, restarted for each request of a keep-alive
+        # connection (a long-poll client sends hundreds a second); closed in handle().
+        timer = self._phx_timer
+        if timer is None:
+            timer = self._phx_timer = Timeout(timeout)
+        self._head_timer = timer
         timer.start()
         try:
             return super().handle_one_request()
@@ -129,13 +170,13 @@ class WebSocketHandler(_GeventWebSocketHandler):
             self.close_connection = True
             return None
         finally:
-            timer.close()
+            timer.cancel()
             self._head_timer = None
 
     def handle_one_response(self) -> None:
         # The head is in: the timeout covers reading it, never the application.
         if self._head_timer is not None:
-            self._head_timer.close()
+            self._head_timer.cancel()
         super().handle_one_response()
 
     def handle(self) -> None:
@@ -145,7 +186,13 @@ class WebSocketHandler(_GeventWebSocketHandler):
             self.socket.setsockopt(_pysocket.IPPROTO_TCP, _pysocket.TCP_NODELAY, 1)
         except (OSError, AttributeError):
             pass
-        super().handle()
+        try:
+            super().handle()
+        finally:
+            timer = self._phx_timer
+            if timer is not None:
+                self._phx_timer = None
+                timer.close()
 
     def run_application(self) -> None:
         environ = self.environ
@@ -220,6 +267,8 @@ class WebSocketHandler(_GeventWebSocketHandler):
         # connection outlives this handler's greenlet and logs from its end).
         if self.__dict__.get("phx_log_deferred"):
             return
+        if isinstance(self.server.log, _NOOP_LOG):
+            return  # access log off (log=None): do not format a line nobody writes
         super(_GeventWebSocketHandler, self).log_request()
 
 

@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 
 import gevent
 import pytest
-from flask import Flask, request
+from flask import Flask
 from gevent import pywsgi
 
 from phx_gevent import DISCONNECTED, DRAINING, INACTIVE, LEFT, Channel, Endpoint, Socket, channel, error, ok
@@ -401,16 +401,17 @@ def test_buffer_is_bounded_and_counted_in_flow_control(live_server):
     (session,) = longpoll_of(endpoint).sessions.values()
     # No greenlet switch between these lines: the deltas are exact.
     before = flow.queued
-    session.write("x" * 1000)
-    session.write("y" * 1000)
+    # A frame is buffered as its JSON string literal in UTF-8: the quotes count.
+    session.send("x" * 998)
+    session.send("y" * 998)
     assert flow.queued - before == 2000 and session.qbytes == 2000
     data = lp.poll()
-    assert data["messages"] == ["x" * 1000, "y" * 1000]
+    assert data["messages"] == ["x" * 998, "y" * 998]
     assert session.qbytes == 0
     # Past max_buffer_bytes the session ends (the client reconnects) and its bytes are released.
     before = flow.queued
-    session.write("z" * 3000)
-    session.write("z" * 3000)
+    session.send("z" * 3000)
+    session.send("z" * 3000)
     assert session.closed and flow.queued == before
     assert lp.poll()["status"] == 410  # a new session: the client's token is dead
 
@@ -469,7 +470,7 @@ def test_a_newer_poll_replaces_the_held_one(live_server):
     second = gevent.spawn(lp.poll, timeout=20)
     wait_until(lambda: session.waiter is not waiter, 5, "the second poll")
     assert first.get(timeout=10)["status"] == 204
-    session.write('["x"]')
+    session.send('["x"]')
     assert second.get(timeout=10) == {"status": 200, "token": lp.token, "messages": ['["x"]']}
 
 
@@ -680,11 +681,13 @@ def test_e2e_two_nodes_behind_a_round_robin_proxy(live_server, js):
         app, endpoint = make_app(pubsub=bus.adapter(f"node-{name}"), longpoll={"window_ms": 1000})
         endpoint.pubsub.start()
 
-        def count(name: str = name) -> None:
-            if request.path.endswith("/longpoll"):
-                hits[(name, request.method)] += 1
+        # Counted in front of the app: the owner serves its own sessions' polls before Flask's hooks.
+        def count(environ: dict[str, Any], start_response: Any, name: str = name, inner: Any = app.wsgi_app) -> Any:
+            if environ["PATH_INFO"].endswith("/longpoll"):
+                hits[(name, environ["REQUEST_METHOD"])] += 1
+            return inner(environ, start_response)
 
-        app.before_request(count)
+        app.wsgi_app = count  # type: ignore[method-assign]
         nodes.append((live_server(app), endpoint))
     (server_a, ep_a), (server_b, ep_b) = nodes
     proxy = RoundRobinProxy([server_a.port, server_b.port])
@@ -729,7 +732,7 @@ def test_requests_for_a_session_on_another_node_are_routed_to_its_owner(live_ser
     session = next(iter(longpoll_of(ep_a).sessions.values()))
     held = gevent.spawn(lp_b.poll, timeout=20)
     wait_until(lambda: session.waiter is not None, 5, "the poll to be held on the owner")
-    session.write('["pushed"]')
+    session.send('["pushed"]')
     assert held.get(timeout=10)["messages"] == ['["pushed"]']
     held = gevent.spawn(lp_b.poll, timeout=20)
     wait_until(lambda: session.waiter is not None, 5, "the poll to be held on the owner")

@@ -142,6 +142,7 @@ function percentiles(arr, n) {
 
 const stats = {
   delivered: 0, // broadcasts received, all connections
+  polls: 0, // long-poll responses received (phx GETs, Socket.IO polling GETs), all connections
   latency: null, // Float64Array while measuring
   latN: 0,
   errors: 0,
@@ -311,6 +312,12 @@ class PhxConn {
 // -- Socket.IO (Flask-SocketIO) -------------------------------------------------------------
 
 let ioFactory = null;
+let sioKeepAliveAgent = null;
+
+function sioAgent() {
+  if (sioKeepAliveAgent === null) sioKeepAliveAgent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
+  return sioKeepAliveAgent;
+}
 
 class SioConn {
   constructor(i) {
@@ -328,9 +335,16 @@ class SioConn {
         reconnection: false,
         timeout: 30000,
         perMessageDeflate: false,
+        // cfg.sioKeepAlive: keep polling connections alive, as a browser does (see run.py, SIO_KEEPALIVE=1).
+        ...(cfg.sioKeepAlive ? { agent: sioAgent() } : {}),
       }));
       s.on("connect", () => {
         this.open = true;
+        // Polling responses, for messages per poll (engine.io-client's polling transport).
+        if (cfg.longpoll && !this.countsPolls) {
+          this.countsPolls = true;
+          s.io.engine.transport.on("pollComplete", () => stats.polls++);
+        }
         resolve();
       });
       s.on("connect_error", (err) => {
@@ -452,6 +466,7 @@ class LpConn {
         continue;
       }
       if (r.token) this.token = r.token;
+      stats.polls++;
       if (r.status === 200) {
         for (const text of r.messages) this.onText(text);
       } else if (r.status !== 204) {
@@ -663,12 +678,14 @@ async function fanout() {
   const rssBefore = serverRssKb();
   await sleep(warmSeconds * 1000);
   const d0 = stats.delivered;
+  const p0 = stats.polls;
   inWindow = true;
   meter.start();
   await sleep(satSeconds * 1000);
   inWindow = false;
   const m = meter.stop();
   const delivered = stats.delivered - d0;
+  const polls = stats.polls - p0;
   running = false;
   await Promise.all(producers);
   const stopAt = now();
@@ -686,6 +703,9 @@ async function fanout() {
     deliveredPerSec: delivered / m.wall,
     // accepted broadcasts x subscribers over delivered messages in the window (target <= 1.2)
     acceptedOverDelivered: (accWindow * n) / Math.max(1, delivered),
+    // long-poll clients: poll responses in the window, and broadcasts each carried on average
+    pollsPerSec: cfg.longpoll ? polls / m.wall : null,
+    msgsPerPoll: cfg.longpoll && polls ? delivered / polls : null,
     serverCpu: m.serverCpu,
     serverUsPerDelivery: (m.serverCpuSeconds * 1e6) / Math.max(1, delivered),
     clientCpu: m.clientCpu,

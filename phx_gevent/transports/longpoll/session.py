@@ -1,7 +1,10 @@
 """A long-poll session: the transport (and fastlane writer) of one :class:`~phx_gevent.connection.Connection`.
 
 It buffers what the server sends until the client's next poll takes it, and
-feeds the client's POSTed messages to the connection in order. The HTTP side
+feeds the client's POSTed messages to the connection in order. A frame is
+buffered as what the poll response lists: its JSON string literal in UTF-8,
+made once per broadcast (the fastlane encoder) and shared by every session,
+so a poll answer is a join of ready bytes. The HTTP side
 is :mod:`.view`; how a request reaches the process that owns the session is
 :mod:`phx_gevent.pubsub.request`.
 """
@@ -22,13 +25,13 @@ from ... import supervise
 from ...channel import INACTIVE
 from ...connection import Connection
 from ...flow import flow
-from ...serializers import DecodeError, FastlaneEncoder, Message, Serializer, binary_reply_address
+from ...serializers import DecodeError, FastlaneEncoder, Message, Serializer, binary_reply_address, dumps
 from ..writer import emit_slow_client_drop
 
 if TYPE_CHECKING:  # pragma: no cover
     from .view import LongPoll
 
-__all__ = ["BINARY_REFUSED", "GONE", "MISSING", "LongPollEncoder", "LongPollSession"]
+__all__ = ["BINARY_REFUSED", "GONE", "MISSING", "LongPollEncoder", "LongPollSession", "literal"]
 
 log = logging.getLogger(__name__)
 
@@ -63,25 +66,36 @@ class _BinaryLog:
 
 
 _binary_log = _BinaryLog()
+_log_unencodable = supervise.LogLimiter()
+
+
+def literal(frame: str) -> bytes | None:
+    """``frame`` as a JSON string literal in UTF-8 (an item of a poll's ``messages``); ``None`` if it cannot be.
+
+    Client data is checked at decode, so only server code can make a frame
+    that is not valid UTF-8 (a lone surrogate in a pushed string): that frame
+    is dropped (logged, rate-limited), never the rest of a poll.
+    """
+    try:
+        return dumps(frame).encode("utf-8")
+    except (UnicodeEncodeError, OverflowError, TypeError, ValueError):
+        _log_unencodable.log(log, logging.ERROR, "phx_gevent: dropped a long-poll frame that is not valid UTF-8")
+        return None
 
 
 class LongPollEncoder(FastlaneEncoder):
-    """Fastlane encoder for long-poll sessions: a broadcast becomes the V2 JSON text, or ``None`` for binary."""
+    """Fastlane encoder for long-poll sessions: a broadcast becomes its :func:`literal`, or ``None`` for binary."""
 
     __slots__ = ()
 
-    def broadcast(self, topic: str, event: str, payload: Any) -> str | None:
-        """The frame every long-poll subscriber gets; ``None`` (skip them) for a binary payload."""
-        data = self.serializer.encode_broadcast(topic, event, payload)
-        if isinstance(data, str):
-            return data
-        _binary_log.skipped_one("broadcast")
-        return None
+    def broadcast(self, topic: str, event: str, payload: Any) -> bytes | None:
+        """The frame every long-poll subscriber buffers; ``None`` (skip them) for a binary payload."""
+        return self.wrap(self.serializer.encode_broadcast(topic, event, payload))
 
-    def wrap(self, data: str | bytes) -> str | None:
-        """The text frame; ``None`` (skip) for binary data."""
+    def wrap(self, data: str | bytes) -> bytes | None:
+        """The buffered form of a text frame; ``None`` (skip) for binary data or text that is not UTF-8."""
         if isinstance(data, str):
-            return data
+            return literal(data)
         _binary_log.skipped_one("broadcast")
         return None
 
@@ -89,8 +103,8 @@ class LongPollEncoder(FastlaneEncoder):
 class LongPollSession:
     """One long-poll session: the transport (and fastlane writer) of its :class:`Connection`.
 
-    Buffers outgoing text frames until a poll takes them, bounded by
-    ``max_buffer_bytes``; feeds the client's messages to the connection in
+    Buffers outgoing text frames (as :func:`literal` bytes) until a poll
+    takes them, bounded by ``max_buffer_bytes``; feeds the client's messages to the connection in
     order from a greenlet of its own; ends on ``close``, inactivity, or
     overflow (then :meth:`Connection.terminate` runs).
     """
@@ -115,6 +129,7 @@ class LongPollSession:
         "dispatcher",
         "tokens",
         "refilled",
+        "token",
         "__weakref__",
     )
 
@@ -125,7 +140,7 @@ class LongPollSession:
         self.encoder = LongPollEncoder.of(serializer)
         # The session is its own fastlane writer: ``writer.encoder`` / ``writer.write``.
         self.writer = self
-        self.buffer: list[str] = []
+        self.buffer: list[bytes] = []
         self.qbytes = 0
         # Bytes above flow.connection_limit, not counted in the process total (as for WebSocket writers).
         self.excess = 0
@@ -137,6 +152,8 @@ class LongPollSession:
         self.dispatcher: Any = None
         self.tokens = lp.message_burst
         self.refilled = self.last_poll
+        #: The session's token, once signed (forgotten by the token cache when the session ends).
+        self.token: str | None = None
 
     def __repr__(self) -> str:
         return f"<LongPollSession {self.sid[:6]}... buffered={len(self.buffer)} closed={self.closed}>"
@@ -152,7 +169,9 @@ class LongPollSession:
     def send(self, data: str | bytes) -> None:
         """Queue one encoded message; binary ones cannot reach a long-poll client (see module doc)."""
         if isinstance(data, str):
-            self.write(data)
+            frame = literal(data)
+            if frame is not None:
+                self.write(frame)
             return
         address = binary_reply_address(bytes(data))
         if address is not None and self.conn is not None:
@@ -161,13 +180,14 @@ class LongPollSession:
             join_ref, ref, topic = address
             log.info("phx_gevent: binary reply on %r replaced by an error reply for a long-poll client", topic)
             refusal = self.conn.serializer.encode_reply(join_ref, ref, topic, "error", BINARY_REFUSED)
-            if isinstance(refusal, str):  # a JSON payload always encodes to text
-                self.write(refusal)
+            frame = literal(refusal) if isinstance(refusal, str) else None  # a JSON payload encodes to text
+            if frame is not None:
+                self.write(frame)
         else:
             _binary_log.skipped_one("push")
 
-    def write(self, frame: str) -> None:
-        """Buffer one text frame and wake the held poll. Never blocks."""
+    def write(self, frame: bytes) -> None:
+        """Buffer one frame (a :func:`literal`) and wake the held poll. Never blocks."""
         if self.closed:
             return
         n = len(frame)
@@ -204,8 +224,8 @@ class LongPollSession:
 
     # -- polls ------------------------------------------------------------------------------
 
-    def poll(self, window: float, on_wait: Any = None) -> tuple[int, list[str]]:
-        """Take the buffered frames, waiting up to ``window`` seconds for the first one.
+    def poll(self, window: float, on_wait: Any = None) -> tuple[int, list[bytes]]:
+        """Take the buffered frames (:func:`literal` bytes), waiting up to ``window`` seconds for the first one.
 
         Returns ``(200, frames)``, ``(204, [])`` when nothing came (or a newer
         poll replaced this one), or ``(410, [])`` when the session ended.
@@ -237,7 +257,7 @@ class LongPollSession:
                 return 204, []
         return self._take()
 
-    def _take(self) -> tuple[int, list[str]]:
+    def _take(self) -> tuple[int, list[bytes]]:
         frames = self.buffer
         if not frames:
             return 204, []
@@ -350,6 +370,7 @@ class LongPollSession:
         self.closed = True
         self.lp.sessions.pop(self.sid, None)
         self.lp._unpolled.pop(self.sid, None)
+        self.lp.tokens.forget(self.token)
         self.buffer = []
         n, self.qbytes = self.qbytes - self.excess, 0
         self.excess = 0

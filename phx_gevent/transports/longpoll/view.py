@@ -1,8 +1,15 @@
-"""The long-poll transport's HTTP side: the Flask view of ``<socket path>/longpoll``.
+"""The long-poll transport's HTTP side: ``<socket path>/longpoll``.
 
 Creates sessions (:mod:`.session`), serves polls and POSTs, and reaches a
 session owned by another process through node requests
 (:mod:`phx_gevent.pubsub.request`); tokens are :mod:`.tokens`.
+
+A request is served from its WSGI environ (:meth:`LongPoll.answer`), and
+reaches it two ways: the Flask view (every request: new sessions, refusals,
+sessions of other processes), and :class:`LongPollRoutes`, a WSGI layer in
+front of the Flask app that serves the polls and POSTs of this process's
+live sessions without Flask's request dispatch, as WebSocket frames after
+the handshake are (docs/longpoll.md).
 """
 
 from __future__ import annotations
@@ -13,17 +20,19 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import gevent
-from flask import Response, request
+from flask import Flask, Response, current_app, request
+from werkzeug.wsgi import get_input_stream
 
 from ... import supervise
 from ...connection import Connection
 from ...flow import flow
 from ...options import LongPollOptions, defaults
 from ...pubsub.request import Responder, Silence
-from ...serializers import dumps
+from ...serializers import dumps, loads
 from ...socket import Refuse, SocketState
 from .. import http as phx_http
-from .session import GONE, MISSING, LongPollSession
+from .answers import Answer, content_length, json_answer, plain_answer, poll_answer, query_token
+from .session import GONE, MISSING, LongPollSession, literal
 from .tokens import SessionTokens
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -40,48 +49,11 @@ DEFAULTS: dict[str, Any] = defaults(LongPollOptions)
 
 # Addresses remembered by the creation rate limit before the full buckets are forgotten.
 _MAX_BUCKETS = 10_000
-_HEADERS = {"Cache-Control": "no-store", "Access-Control-Allow-Origin": "*"}
 _TOKEN_HEADER = "X-Phoenix-Longpoll-Token"
+_TOKEN_ENVIRON = "HTTP_X_PHOENIX_LONGPOLL_TOKEN"
 
-
-def _json(data: dict[str, Any]) -> Response:
-    # The envelope is always HTTP 200: phoenix.js reads only the body's status.
-    return Response(dumps(data), status=200, content_type="application/json; charset=utf-8", headers=_HEADERS)
-
-
-_log_unencodable = supervise.LogLimiter()
 # One line a minute for refusals a client can cause at will (rate, max_sessions).
 _log_refused = supervise.LogLimiter()
-
-
-def _encodable(messages: list[str]) -> list[str]:
-    """The frames that can go out as UTF-8; the others are dropped (logged, rate-limited).
-
-    Client data is checked at decode, so only server code can buffer such a
-    frame (a lone surrogate in a pushed string): it must cost that frame,
-    never the rest of another client's poll.
-    """
-    good = []
-    for m in messages:
-        try:
-            m.encode("utf-8")
-        except UnicodeEncodeError:
-            _log_unencodable.log(log, logging.ERROR, "phx_gevent: dropped a long-poll frame that is not valid UTF-8")
-            continue
-        good.append(m)
-    return good
-
-
-def _poll_json(status: int, token: Any, messages: list[str]) -> Response:
-    try:
-        return _json({"status": status, "token": token, "messages": messages})
-    except (UnicodeEncodeError, OverflowError, TypeError):
-        return _json({"status": status, "token": token, "messages": _encodable(messages)})
-
-
-def _plain(status: int, body: str = "") -> Response:
-    # Not JSON, so the client sees status 0 ("transport error") and retries.
-    return Response(body, status=status, mimetype="text/plain", headers=_HEADERS)
 
 
 def _refusal(refusal: Refuse | None) -> dict[str, Any]:
@@ -147,52 +119,85 @@ class LongPoll:
     def __repr__(self) -> str:
         return f"<LongPoll {self.mount.path}{self.path} sessions={len(self.sessions)}>"
 
-    # -- the Flask view ---------------------------------------------------------------------
+    # -- requests ---------------------------------------------------------------------------
 
     def handle(self, mount: SocketMount, path_params: dict[str, Any]) -> Response:
-        """Serve one request to ``<socket path>/longpoll`` (inside a Flask request context)."""
-        environ = request.environ
+        """Serve one request to ``<socket path>/longpoll`` (the Flask view: inside a request context)."""
+        answer = self.answer(request.environ, current_app, path_params)
+        assert answer is not None  # only the WSGI layer (path_params None) is ever told to ask Flask
+        return answer.response()
+
+    def answer(self, environ: dict[str, Any], app: Flask, path_params: dict[str, Any] | None) -> Answer | None:
+        """Serve one request to ``<socket path>/longpoll`` from its WSGI environ.
+
+        ``path_params`` ``None`` means outside Flask (:class:`LongPollRoutes`):
+        then only the polls and POSTs of this process's live sessions are
+        served, and ``None`` is returned for everything else (a new session,
+        a refusal, a session of another process), which the Flask view
+        serves. Never raises for client input.
+        """
+        fast = path_params is None
+        mount = self.mount
         # Phoenix checks the origin before anything, preflights included.
         if not phx_http.check_origin(environ, self.check_origin, mount.endpoint.server_name()):
+            if fast:
+                return None
             log.warning("%s", phx_http.origin_refusal(environ, self.check_origin, "long-poll request", mount.path))
-            return _json({"status": 403})
+            return json_answer({"status": 403})
         # Idempotent; also brings a forked worker's node name up to date before tokens are compared.
         mount.pubsub.start()
-        method = request.method
-        if method == "OPTIONS":
-            resp = _plain(200)
-            resp.headers["Access-Control-Allow-Headers"] = environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "")
-            resp.headers["Access-Control-Allow-Methods"] = "get, post, options"
-            resp.headers["Access-Control-Max-Age"] = "3600"
-            return resp
+        method = environ.get("REQUEST_METHOD")
         if method not in ("GET", "POST"):
-            return _plain(400)
-        try:
-            params = phx_http.parse_params(environ.get("QUERY_STRING", ""))
-        except phx_http.ParamsError:
-            return _plain(400, "bad query string")
-        token = request.headers.get(_TOKEN_HEADER) or params.get("token")
-        owner = self.tokens.verify(token)
+            if fast:
+                return None
+            if method != "OPTIONS":
+                return plain_answer(400)
+            answer = plain_answer(200)
+            answer.headers += [
+                ("Access-Control-Allow-Headers", environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "")),
+                ("Access-Control-Allow-Methods", "get, post, options"),
+                ("Access-Control-Max-Age", "3600"),
+            ]
+            return answer
+        params: dict[str, Any] = {}
+        if fast:
+            # Later requests' params are ignored but for the token (PROTOCOL.md 4.2): only it is read.
+            token = environ.get(_TOKEN_ENVIRON) or query_token(environ.get("QUERY_STRING", ""))
+            owner = self.tokens.verify(token, app)
+            # Outside Flask only a live session of this process: the rest needs the view.
+            if owner is None or owner[0] != mount.endpoint.node_name:
+                return None
+            session = self.sessions.get(owner[1])
+            if session is None or session.closed:
+                return None
+        else:
+            try:
+                params = phx_http.parse_params(environ.get("QUERY_STRING", ""))
+            except phx_http.ParamsError:
+                return plain_answer(400, "bad query string")
+            token = environ.get(_TOKEN_ENVIRON) or params.get("token")
+            owner = self.tokens.verify(token, app)
         if method == "POST":
-            return self._post(owner)
+            return self._post(environ, owner)
         if owner is not None:
             status, messages = self._poll(*owner)
             if status in (200, 204):
-                return _poll_json(status, token, messages)
+                return poll_answer(status, token, messages)
             if status == GONE:
                 # The session ended while this poll was held: tell the client now.
-                return _json({"status": GONE, "token": None, "messages": []})
+                return json_answer({"status": GONE, "token": None, "messages": []})
+        if path_params is None:
+            return None  # the session ended before the poll began: the view makes a new one
         # No token, a bad or expired one, or its session is gone: a new session (PROTOCOL.md 4.2).
         params.update(path_params)
-        return self._new_session(params)
+        return self._new_session(environ, app, params)
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def _new_session(self, params: dict[str, Any]) -> Response:
+    def _new_session(self, environ: dict[str, Any], app: Flask, params: dict[str, Any]) -> Answer:
         mount = self.mount
-        environ = request.environ
         if not self._address_allowed(environ.get("REMOTE_ADDR") or ""):
-            return _plain(429, "too many long-poll sessions from this address")
+            return plain_answer(429, "too many long-poll sessions from this address")
         if len(self.sessions) + self._creating >= self.max_sessions and not self._evict_unpolled():
             _log_refused.log(
                 log,
@@ -200,7 +205,7 @@ class LongPoll:
                 "phx_gevent: refusing a long-poll session: max_sessions (%d) reached",
                 self.max_sessions,
             )
-            return _plain(503, "too many long-poll sessions")
+            return plain_answer(503, "too many long-poll sessions")
         extra = {"auth_token": environ.get("HTTP_X_PHOENIX_AUTHTOKEN")} if self.auth_token else None
         info = mount.build_connect_info(environ, params, self.connect_info, extra)
         self._creating += 1
@@ -209,7 +214,7 @@ class LongPoll:
         finally:
             self._creating -= 1
         if not isinstance(socket, SocketState):
-            return _json(_refusal(socket))
+            return json_answer(_refusal(socket))
         serializer = socket.serializer
         session_id = secrets.token_urlsafe(16)
         session = LongPollSession(self, session_id, serializer)
@@ -219,8 +224,8 @@ class LongPoll:
         self._unpolled[session_id] = None
         conn.start()
         session.start()
-        token = self.tokens.sign(self.mount.endpoint.node_name, session_id)
-        return _json({"status": GONE, "token": token, "messages": []})
+        token = session.token = self.tokens.sign(self.mount.endpoint.node_name, session_id, app)
+        return json_answer({"status": GONE, "token": token, "messages": []})
 
     def _address_allowed(self, address: str) -> bool:
         rate = self.address_rate
@@ -261,7 +266,7 @@ class LongPoll:
                 return True
         return False
 
-    def _poll(self, node: str, sid: str) -> tuple[int, list[str]]:
+    def _poll(self, node: str, sid: str) -> tuple[int, list[bytes]]:
         if node == self.mount.endpoint.node_name:
             session = self.sessions.get(sid)
             if session is None:
@@ -275,39 +280,41 @@ class LongPoll:
         status = answer.get("status")
         messages = answer.get("messages")
         if status in (200, 204) and isinstance(messages, list):
-            return status, [m for m in messages if isinstance(m, str)]
+            frames = [literal(m) for m in messages if isinstance(m, str)]
+            return status, [f for f in frames if f is not None]
         return (GONE, []) if status == GONE else (MISSING, [])
 
-    def _post(self, owner: tuple[str, str] | None) -> Response:
-        length = request.content_length
+    def _post(self, environ: dict[str, Any], owner: tuple[str, str] | None) -> Answer:
+        length = content_length(environ)
         if length is not None and length > self.max_body_bytes:
             # Answered on the headers; the body is never read: the connection closes.
-            return phx_http.close_after(_plain(413, "long-poll body too large"))
+            return plain_answer(413, "long-poll body too large", close=True)
         if owner is None:
             # The token is checked before a byte of the body is read (nobody
             # unauthenticated makes the server hold an upload).
-            return phx_http.close_after(_json({"status": GONE}))
+            return json_answer({"status": GONE}, close=True)
         reserved = length if length is not None else 0
         if reserved and not flow.reserve_input(reserved):
             log.warning("phx_gevent: refused a long-poll POST: max_incomplete_input_bytes reached")
-            return phx_http.close_after(_plain(503, "server busy"))
+            return plain_answer(503, "server busy", close=True)
         try:
-            body = self._read_body(reserved)
+            body = self._read_body(environ, reserved)
         except gevent.Timeout:
             log.info("phx_gevent: a long-poll POST body took over %.1fs to arrive", flow.input_timeout)
-            return phx_http.close_after(_plain(408, "long-poll body too slow"))
+            return plain_answer(408, "long-poll body too slow", close=True)
         except _Busy:
-            return phx_http.close_after(_plain(503, "server busy"))
+            return plain_answer(503, "server busy", close=True)
         finally:
             if reserved:
                 flow.release_input(reserved)
         if body is None:
-            return phx_http.close_after(_plain(413, "long-poll body too large"))
+            return plain_answer(413, "long-poll body too large", close=True)
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
-            return _plain(400, "long-poll body is not UTF-8")
-        ndjson = request.mimetype == "application/x-ndjson"
+            return plain_answer(400, "long-poll body is not UTF-8")
+        mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
+        ndjson = mimetype == "application/x-ndjson"
         if ndjson:
             # Split at most max_lines times: the remainder (dropped, as Phoenix does) is never split.
             lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n", self.max_lines)]
@@ -333,10 +340,10 @@ class LongPoll:
                 if status not in (200, 400, 408, GONE):
                     status = GONE
         if status == 400:
-            return _plain(400, "undecodable long-poll message")
-        return _json({"status": status})
+            return plain_answer(400, "undecodable long-poll message")
+        return json_answer({"status": status})
 
-    def _read_body(self, reserved: int) -> bytes | None:
+    def _read_body(self, environ: dict[str, Any], reserved: int) -> bytes | None:
         """The body, read in bounded chunks within ``input_timeout``; None past ``max_body_bytes``.
 
         A body without Content-Length (chunked) reserves its memory in the
@@ -344,7 +351,7 @@ class LongPoll:
         reserved up front). Raises ``gevent.Timeout`` when it is too slow and
         :class:`_Busy` when the budget is spent.
         """
-        stream = request.stream
+        stream = get_input_stream(environ)
         chunks: list[bytes] = []
         size = 0
         extra = 0
@@ -384,8 +391,10 @@ class LongPoll:
         """Serve a request another node received for a session of ours."""
         try:
             if payload["op"] == "poll":
-                status, messages = session.poll(self.window, on_wait=responder.ack)
-                responder.answer({"status": status, "messages": _encodable(messages)})
+                status, frames = session.poll(self.window, on_wait=responder.ack)
+                # The frames are JSON string literals: one decode gives the texts back.
+                messages = loads(b"[" + b",".join(frames) + b"]") if frames else []
+                responder.answer({"status": status, "messages": messages})
                 return
             lines = payload.get("lines")
             if not isinstance(lines, list) or not all(isinstance(line, str) for line in lines):
