@@ -72,6 +72,8 @@ NAMES = {
 SERVER_CORE = "0"
 #: Longest wait for the machine to be quiet before each run (``--max-wait``).
 MAX_QUIET_WAIT = 60.0
+#: Rotate the contenders' order every repetition (``--rotate``).
+ROTATE = False
 CLIENT_CORE = "1"
 
 
@@ -373,7 +375,9 @@ def interleaved(
     """Run ``one_run`` for A B C A B C ...; results per label in rep order."""
     results: dict[str, list[dict[str, Any]]] = {c.label: [] for c in contenders}
     for rep in range(reps):
-        for c in contenders:
+        # --rotate: A B C, then B C A, ...: no contender always runs right after the same other one.
+        shift = rep % len(contenders) if ROTATE else 0
+        for c in contenders[shift:] + contenders[:shift]:
             busy = wait_quiet(max_wait=MAX_QUIET_WAIT)
             say(f"rep {rep + 1}/{reps}: {c.label}")
             t0 = time.monotonic()
@@ -849,6 +853,9 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(
             "--max-wait", type=float, default=60.0, help="longest wait for other processes to go quiet before a run"
         )
+        p.add_argument(
+            "--rotate", action="store_true", help="rotate the contenders' order every repetition (A B C, B C A, ...)"
+        )
 
     def fanout_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--subs", type=int, default=1000)
@@ -911,8 +918,9 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_workers)
 
     args = parser.parse_args(argv)
-    global MAX_QUIET_WAIT
+    global MAX_QUIET_WAIT, ROTATE
     MAX_QUIET_WAIT = args.max_wait
+    ROTATE = args.rotate
     if args.out == "":
         args.out = None
     if shutil.which("node") is None:

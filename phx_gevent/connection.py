@@ -165,6 +165,12 @@ class Connection:
             log.log(self.log_level, "disconnecting socket %r", self.socket.id)
         self.transport.close(CLOSE_GOING_AWAY, "disconnected")
 
+    def shutdown(self) -> None:
+        """Close because the server stops (1001, going away): phoenix.js reconnects."""
+        if self.closed:
+            return
+        self.transport.close(CLOSE_GOING_AWAY, "server stopping")
+
     def drain(self) -> None:
         """Close for a server restart (1012): the client reconnects elsewhere."""
         if self.closed:
@@ -269,7 +275,13 @@ class Connection:
         topic = msg.topic
         event = msg.event
         if topic == "phoenix" and event == "heartbeat":
-            self.send_reply(None, msg.ref, "phoenix", "ok", {})
+            data = self.serializer.encode_reply(None, msg.ref, "phoenix", "ok", {})
+            # Not behind a busy flusher (a reconnect storm): a late reply makes phoenix.js reconnect.
+            send_now = getattr(self.transport, "send_now", None)
+            if send_now is not None:
+                send_now(data)
+            else:
+                self.transport.send(data)
             return
         proc = self.channels.get(topic)
         if event == "phx_join":

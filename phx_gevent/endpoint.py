@@ -26,8 +26,9 @@ from .pubsub import Adapter, PubSub
 from .runtime import runtime
 from .serializers import V1, V2, Serializer
 from .socket import Socket
+from .transports import fastpath
 from .transports import http as phx_http
-from .transports.websocket import handshake
+from .transports.handshake import handshake
 
 __all__ = ["Endpoint", "SocketMount"]  # SocketMount lives in mount.py (Flask-free)
 
@@ -181,7 +182,8 @@ class Endpoint(Broadcaster):
         # registered later replaces this one anyway).
         if not app.error_handler_spec.get(None, {}).get(404):
             app.register_error_handler(NotFound, self._not_found)
-        # Polls of live long-poll sessions skip Flask's request dispatch (docs/longpoll.md).
+        # Upgrades (transports/fastpath.py, innermost) and live long-polls skip Flask's dispatch.
+        fastpath.install(app)
         from .transports.longpoll.routes import LongPollRoutes
 
         app.wsgi_app = LongPollRoutes(app, app.wsgi_app, self.mounts, self.admit)  # type: ignore[method-assign]
@@ -478,6 +480,10 @@ class Endpoint(Broadcaster):
             "mounts": {m.path: m.partitions.stats() for m in self.mounts},
             "pubsub": self.pubsub.adapter.stats() if self.pubsub.adapter is not None else {},
         }
+
+
+# The fast path runs this before_request function itself (the others send upgrades through Flask).
+setattr(Endpoint._check_request, fastpath.HOOK_MARK, True)
 
 
 def _view(mount: SocketMount, names: list[str], target: Any) -> Any:

@@ -175,19 +175,20 @@ class _Metrics:
 
     def sample(self, snapshot: dict[str, Any]) -> None:
         """Set the gauges from a sampler snapshot (:meth:`phx_gevent.observe.Observer.snapshot`)."""
+        # Once a second and on every scrape: the labelled children are kept (_child), not looked up.
         mounts = set()
         for mount in snapshot["mounts"]:
             for transport in ("websocket", "longpoll"):
                 mounts.add((mount["path"], transport))
-                self.connections.labels(mount["path"], transport).set(mount.get(transport, 0))
+                self._child(self.connections, mount["path"], transport).set(mount.get(transport, 0))
         for gone in self.seen_mounts - mounts:
-            self.connections.labels(*gone).set(0)
+            self._child(self.connections, *gone).set(0)
         self.seen_mounts |= mounts
         routes = snapshot["channels"]
         for route, n in routes.items():
-            self.channels.labels(route).set(n)
+            self._child(self.channels, route).set(n)
         for gone_route in self.seen_routes - set(routes):
-            self.channels.labels(gone_route).set(0)
+            self._child(self.channels, gone_route).set(0)
         self.seen_routes |= set(routes)
         self.queued.set(snapshot["queued_bytes"])
         self.pubsub_connected.set(1 if snapshot["pubsub"]["connected"] else 0)

@@ -30,6 +30,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 
 #: Connections listed per node in a snapshot (the busiest first: most channels).
 MAX_CONNECTIONS = 200
+#: Connections counted by a snapshot between two yields to the hub.
+SLICE = 500
+_first = itemgetter(0)  # the sort key of (count, ...) tuples: a C call, not a lambda per item
 #: Topics listed per node, by local channel subscribers.
 TOP_TOPICS = 10
 #: Topics whose presences are listed (by number of keys).
@@ -304,28 +308,35 @@ class Observer:
             self._last, self._rates = (now, counters), rates
         mounts = []
         channels: dict[str, int] = {}
-        conns: list[tuple[int, dict[str, Any]]] = []
+        # The dashboard's list: of the first MAX_CONNECTIONS * 4, only those listed are described.
+        conns: list[tuple[int, Any, str]] = []
+        cap = MAX_CONNECTIONS * 4 if self.gossip else 0
         total = 0
         for mount in endpoint.mounts:
             per = {"websocket": 0, "longpoll": 0}
             routes: dict[str, int] = {}
             route_of: dict[str, str] = {}
+            path = mount.path  # a lean pass, yielding between slices: a broadcast waits for one slice
             for conn in list(mount.connections):
-                per[conn.transport.name] = per.get(conn.transport.name, 0) + 1
-                topics = list(conn.channels)
+                if total % SLICE == SLICE - 1:
+                    gevent.sleep(0)
+                name = conn.transport.name
+                per[name] = per.get(name, 0) + 1
+                topics = conn.channels
                 for topic in topics:
                     pattern = route_of.get(topic)
                     if pattern is None:
                         route = mount.handler.route(topic)
                         pattern = route_of[topic] = route.pattern if route is not None else topic
                     routes[pattern] = routes.get(pattern, 0) + 1
+                if total < cap:
+                    conns.append((len(topics), conn, path))
                 total += 1
-                if self.gossip and len(conns) < MAX_CONNECTIONS * 4:  # the list is the dashboard's
-                    conns.append((len(topics), _describe(conn, mount.path, topics)))
             for pattern, n in routes.items():
                 channels[pattern] = channels.get(pattern, 0) + n
             mounts.append({"path": mount.path, "handler": type(mount.handler).__name__, **per, "channels": routes})
-        listed = [c for _, c in heapq.nlargest(MAX_CONNECTIONS, conns, key=lambda item: item[0])]
+        top = heapq.nlargest(MAX_CONNECTIONS, conns, key=_first)  # keeps the first of equal keys
+        listed = [_describe(conn, path, list(conn.channels)) for _, conn, path in top]
         adapter = pubsub.adapter
         bus = {} if adapter is None else adapter.stats()
         return {
@@ -406,7 +417,7 @@ def _top_topics(pubsub: Any) -> list[list[Any]]:
     candidates = heapq.nlargest(
         TOP_TOPICS * 5,
         ((len(t.subs), name, t) for name, t in list(pubsub.topics.items()) if not name.startswith(INTERNAL_TOPICS)),
-        key=lambda item: item[0],
+        key=_first,
     )
     counted = []
     for _, name, t in candidates:

@@ -24,9 +24,11 @@ import gevent
 from gevent import Timeout, pywsgi
 from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
 
+from .accepting import PacedAccept
 from .drain import drain_all
 from .errors import NotMonkeyPatchedError
 from .options import ConfigurationError, check_seconds
+from .shutdown import StopClosesWebSockets
 from .transports import http as phx_http
 from .transports.head import PlainHeaders, environ_headers, read_headers
 from .transports.http import ENVIRON_CLOSE
@@ -35,6 +37,7 @@ from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
     "HEADER_TIMEOUT_ENV",
+    "PacedAccept",
     "WebSocketHandler",
     "Server",
     "check_patched",
@@ -272,13 +275,14 @@ class WebSocketHandler(_GeventWebSocketHandler):
         super(_GeventWebSocketHandler, self).log_request()
 
 
-class Server(pywsgi.WSGIServer):
+class Server(PacedAccept, StopClosesWebSockets, pywsgi.WSGIServer):
     """gevent's WSGI server that drains channel-holding connections (close 1012) before it stops.
 
     :meth:`serve_forever` (so :func:`serve`) handles SIGTERM as the gunicorn
     worker does: stop accepting, :func:`drain_all` within ``drain_timeout``
     seconds (default 30), then stop; Ctrl-C drains too. :meth:`drain` does
-    the same on demand. :meth:`stop` alone does not drain.
+    the same on demand. :meth:`stop` closes this server's WebSockets with 1001
+    (:mod:`phx_gevent.shutdown`); accepted connections start in paced batches.
     """
 
     #: Seconds the drain on SIGTERM may take in all.

@@ -194,9 +194,13 @@ class TestClient:
         return str(next(self._refs))
 
     def join(self, topic: str, payload: Any = None, timeout: float = 5.0) -> TestChannel:
-        """Join ``topic``; the returned channel's ``reply`` holds the join reply (ok or error)."""
+        """Join ``topic``; the returned channel's ``reply`` holds the join reply (ok or error).
+
+        What the join queued (``after_join``) has run when this returns, unless it waits.
+        """
         ref = self.next_ref()
         self.conn.handle(Message(ref, ref, topic, "phx_join", {} if payload is None else payload))
+        gevent.sleep(0)  # the channel's greenlet runs what the join queued first
         reply = _wait_reply(self.transport, ref, timeout)
         return TestChannel(self, topic, ref, Reply(reply["status"], reply["response"]))
 

@@ -40,7 +40,7 @@ from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGISe
 
 from . import metrics
 from .pubsub.base import make_node_name
-from .server import WebSocketHandler, drain_all, header_timeout_from_env
+from .server import PacedAccept, WebSocketHandler, drain_all, header_timeout_from_env
 
 __all__ = ["GeventWebSocketWorker", "GunicornWebSocketHandler", "drain_all"]
 
@@ -57,8 +57,11 @@ _servers: weakref.WeakSet[Any] = weakref.WeakSet()
 _stopping = False
 
 
-class _Server(PyWSGIServer):
-    """gunicorn's pywsgi server, remembered once started so the drain can stop accepting first."""
+class _Server(PacedAccept, PyWSGIServer):
+    """gunicorn's pywsgi server, remembered once started so the drain can stop accepting first.
+
+    It accepts in paced batches (:class:`~phx_gevent.accepting.PacedAccept`).
+    """
 
     def start(self) -> None:
         # Registered only once start() is over: gevent's start() can switch

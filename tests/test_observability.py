@@ -91,6 +91,42 @@ def test_metrics_auth_and_figures_in_one_process(live_server):
     ws.close()
 
 
+def test_the_snapshot_lists_the_connections_with_most_channels(monkeypatch):
+    """Of the first 4 x MAX_CONNECTIONS connections, the MAX_CONNECTIONS with most channels (ties: the first seen)."""
+    from phx_gevent import observe
+    from phx_gevent.testing import ChannelTest
+
+    monkeypatch.setattr(observe, "MAX_CONNECTIONS", 3)
+    app = Flask(__name__)
+    endpoint = Endpoint(app)
+    mount = endpoint.socket("/socket", UserSocket, log=False)
+    endpoint.dashboard("/phx/dashboard", auth=lambda req: "test")  # its list is what gossip sends
+    channel_test = ChannelTest(endpoint, "/socket")
+    with app.test_request_context("/"):
+        for i, n in enumerate([1, 0, 2, 2, 1, 3, 0, 2, 1, 1, 2, 2, 3, 3]):
+            client = channel_test.connect({"user": f"u{i}"})
+            for k in range(n):
+                assert client.join(f"room:{k}").joined
+    snapshot = endpoint.observer.snapshot()
+
+    seen = list(mount.connections)[:12]  # the order the sampler walks them in
+    ranked = sorted(range(len(seen)), key=lambda i: -len(seen[i].channels))[:3]  # sorted() is stable
+    expected = [
+        {
+            "key": f"{id(seen[i]):x}",
+            "id": seen[i].socket.id,
+            "mount": "/socket",
+            "transport": "memory",  # ChannelTest's in-memory transport
+            "topics": list(seen[i].channels),
+            "queued": 0,
+        }
+        for i in ranked
+    ]
+    assert snapshot["conns"] == expected
+    assert snapshot["connections"] == 14
+    assert snapshot["channels"] == {"room:*": 23}
+
+
 def test_the_dashboard_refuses_without_auth(live_server):
     app = Flask(__name__)
     endpoint = Endpoint(app)

@@ -11,7 +11,13 @@ with ``PHX_DIRECT_SEND=1``).
 
 ``PHX_ROOT`` loads phx_gevent and the example app from another checkout (a
 commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
-``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md).
+``PHX_HISTORY=0`` serves ``room:*`` without its history (docs/recovery.md);
+``PHX_FAST_UPGRADE=0`` sends every WebSocket upgrade through Flask's dispatch
+(``phx_gevent.transports.fastpath``); ``PHX_PACED_ACCEPT=0`` starts accepted
+connections as gevent does (``phx_gevent.accepting.PacedAccept`` off), ``=pause`` pauses
+the accepts after each batch instead (the variant evaluated); ``PHX_GCLOG=1`` logs
+generation-2 collections and event-loop stalls to stderr; ``PHX_GC=off`` disables the
+cyclic garbage collector (a diagnostic, never a setting).
 ``PHX_MEMPROBE=<file>`` traces allocations (tracemalloc) and, on each SIGUSR1,
 appends a snapshot of them plus object counts by type to ``<file>``
 (``benchmarks/memprobe.py`` reads them).
@@ -19,7 +25,10 @@ appends a snapshot of them plus object counts by type to ``<file>``
 Observability (docs/observability.md): ``PHX_OBSERVE=0`` builds the example
 without its health, metrics and dashboard (no telemetry receivers at all);
 ``PHX_DASHBOARD_OPEN=1`` keeps one dashboard channel joined (as an open page
-would) for the whole run.
+would) for the whole run; ``PHX_OBSERVE_INTERVAL`` sets the sampler's period (s).
+``PHX_IDLE_TIMEOUT`` sets the WebSocket idle timeout (s, ``0``: none), for
+clients slowed down by valgrind (``benchmarks/callgrind.py``), and
+``PHX_NO_SWEEP=1`` turns the sweeper's once-a-second pass into a no-op there.
 """
 
 from gevent import monkey
@@ -129,8 +138,80 @@ def open_dashboard(port: int) -> None:
     gevent.spawn_later(0.2, run)
 
 
+def install_gclog() -> None:
+    """Log every garbage collection of generation 2 (and any over 20 ms) and event-loop stalls to stderr.
+
+    ``PHX_GCLOG=1``.
+    """
+    import gc
+    import time
+
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        took = time.perf_counter() - started[0]
+        if info["generation"] == 2 or took > 0.02:
+            line = f"GC gen{info['generation']} {took * 1000:.1f} ms, {info['collected']} collected"
+            print(line, file=sys.stderr, flush=True)
+
+    gc.callbacks.append(callback)
+
+    import gevent
+
+    def watch_stalls() -> None:
+        # The event loop's stalls: a 50 ms sleep that wakes more than 250 ms late.
+        while True:
+            before = time.perf_counter()
+            gevent.sleep(0.05)
+            late = time.perf_counter() - before - 0.05
+            if late > 0.25:
+                print(f"STALL {late * 1000:.0f} ms", file=sys.stderr, flush=True)
+
+    gevent.spawn(watch_stalls)
+
+
+def stop_sweeps() -> None:
+    """Make the WebSocket sweeper's once-a-second pass over every connection a no-op (this tree's or an older one's).
+
+    For instruction counts only (``benchmarks/callgrind.py``): under valgrind a
+    second of wall time is a varying number of operations, so work done per
+    second would blur the count per operation. No idle or slow-client drops then.
+    """
+    import importlib
+
+    places = (("phx_gevent.transports.sweeper", "IdleSweeper"), ("phx_gevent.transports.websocket", "_IdleSweeper"))
+    for name, cls in places:
+        try:
+            sweeper = getattr(importlib.import_module(name), cls)
+        except (ImportError, AttributeError):
+            continue
+        sweeper._sweep = lambda self: None
+
+
+def set_idle_timeout(endpoint, seconds: float | None) -> None:
+    """Every WebSocket mount's idle timeout (``None``: none), on this tree's options or an older one's."""
+    import dataclasses
+
+    for mount in endpoint.mounts:
+        if getattr(mount, "websocket", None) is None:
+            continue
+        if dataclasses.is_dataclass(mount.websocket):
+            mount.websocket = dataclasses.replace(mount.websocket, timeout=seconds)
+        else:  # an older commit's plain options object
+            mount.websocket.timeout = seconds
+
+
 def main() -> None:
     args = parse_args("phx_gevent benchmark server")
+    if os.environ.get("PHX_GCLOG") == "1":
+        install_gclog()
+    if os.environ.get("PHX_GC") == "off":
+        import gc
+
+        gc.disable()  # a diagnostic only: how much of a storm is the cyclic collector's
     if os.environ.get("PHX_MEMPROBE"):
         install_memprobe(os.environ["PHX_MEMPROBE"])
     if os.environ.get("PHX_OBSERVE") == "0" and hasattr(app_example, "add_observability"):
@@ -138,7 +219,18 @@ def main() -> None:
     if os.environ.get("PHX_HISTORY") == "0":
         for route in app_example.UserSocket.channels:
             route.history = None
+    if os.environ.get("PHX_FAST_UPGRADE") == "0":
+        from phx_gevent.transports import fastpath
+
+        fastpath.ENABLED = False
     app, _endpoint = app_example.create_app()
+    if os.environ.get("PHX_OBSERVE_INTERVAL") and getattr(_endpoint, "observer", None) is not None:
+        # Seconds between two sampler ticks (benchmarks/callgrind.py moves them out of its counts).
+        _endpoint.observer.interval = float(os.environ["PHX_OBSERVE_INTERVAL"])
+    if os.environ.get("PHX_NO_SWEEP") == "1":
+        stop_sweeps()
+    if os.environ.get("PHX_IDLE_TIMEOUT"):
+        set_idle_timeout(_endpoint, float(os.environ["PHX_IDLE_TIMEOUT"]) or None)
     print(f"PHX_ROOT {ROOT} ({app_example.__file__})", file=sys.stderr, flush=True)
     settings = configure_from_env()
     settings["root"] = str(ROOT)
@@ -157,6 +249,32 @@ def main() -> None:
 
     print(f"SETTINGS {settings}", file=sys.stderr, flush=True)
     server = make_server(app, args.host, args.port, log=None, backlog=args.backlog)
+    paced = os.environ.get("PHX_PACED_ACCEPT")
+    if paced in ("0", "pause") and hasattr(server, "_phx_start"):
+        # gevent's own start of accepted connections: a handler greenlet each, at once.
+        from gevent import pywsgi
+
+        server.do_handle = pywsgi.WSGIServer.do_handle.__get__(server)
+        if paced == "pause":
+            # The alternative evaluated: accept 32, then stop accepting until the hub ran that batch.
+            plain_read = pywsgi.WSGIServer._do_read.__get__(server)
+            plain_handle = server.do_handle
+            server.max_accept = 32
+            accepted = [0]
+
+            def counted_handle(*a: object) -> None:
+                accepted[0] += 1
+                plain_handle(*a)
+
+            def paused_read() -> None:
+                accepted[0] = 0
+                plain_read()
+                if accepted[0] >= 32 and server._watcher is not None:
+                    server.stop_accepting()
+                    server.loop.run_callback(server._start_accepting_if_started)
+
+            server.do_handle = counted_handle
+            server._do_read = paused_read
     if os.environ.get("PHX_DASHBOARD_OPEN") == "1":
         open_dashboard(server.server_port)
     serve(server)

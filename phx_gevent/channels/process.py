@@ -1,4 +1,4 @@
-"""The runtime of a joined channel: its mailbox, its greenlet, and the partition pools.
+"""The runtime of a joined channel: its mailbox, its greenlet, its end.
 
 Each joined channel is a :class:`ChannelProcess` with a mailbox. Its
 callbacks run in a greenlet of its own, one message at a time and in order:
@@ -8,44 +8,27 @@ partition's pool) runs the mailbox until it is empty, then goes back to the
 partition. An idle channel costs no greenlet (~4 KB saved per channel), a
 busy one never waits for another, and no greenlet is created per message.
 
-The join protocol (PROTOCOL.md 5.2) is implemented here. The connection's
-reader waits for the join (``join_timeout``); on success the channel
-greenlet registers the channel, subscribes to the topic and queues the join
-reply without any greenlet switch in between, and only then runs its
-mailbox. So neither an ``after_join`` push nor a concurrent broadcast can
-overtake the reply, and no broadcast published after it is missed.
+The join protocol (PROTOCOL.md 5.2) is in :mod:`.joining`, running one
+mailbox item through the callbacks in :mod:`.callbacks`, and what else
+reaches a channel (``Broadcast``, ``CallFrom``) in :mod:`.messages`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections import deque
 from collections.abc import Callable
-from time import perf_counter
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import gevent
-from gevent import GreenletExit
-from gevent.event import AsyncResult, Event
+from gevent.event import Event
 
-from ..channel import (
-    DUPLICATE_JOIN,
-    LEFT,
-    SHUTDOWN,
-    TIMEOUT,
-    Channel,
-    NoReply,
-    Reply,
-    Stop,
-    intercepted_events,
-    is_graceful,
-)
-from ..errors import CallbackReturnError, CallTimeout, ChannelError, ChannelExited, ConnectionOverloaded
-from ..pubsub.local import ALL_EVENTS
-from ..telemetry import channel_handled_in, emit, format_duration
+from ..channel import DUPLICATE_JOIN, Channel, intercepted_events
+from ..errors import CallTimeout, ChannelError, ChannelExited, ConnectionOverloaded
+from .callbacks import dispatch
+from .joining import join
+from .messages import Broadcast, CallFrom, InfoSubscription
 from .pool import Partition, Partitions, default_partitions
-from .recovery import join_recovering
 from .states import _CALL, _CAST, _DOWN, _IN, _INFO, _LEAVE, _OUT, _OVERFLOW, _TIMEOUT, JOINED, JOINING, STOPPED
 from .states import ChannelState as ChannelState
 
@@ -56,66 +39,10 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Broadcast", "CallFrom", "ChannelProcess", "Partition", "Partitions", "default_partitions"]
 
 log = logging.getLogger(__name__)
-_debug = functools.partial(log.isEnabledFor, logging.DEBUG)
 
 
 #: How long a replaced channel may take to die before it is abandoned (Phoenix: 5 s).
 KILL_TIMEOUT = 5.0
-
-
-class Broadcast(NamedTuple):
-    """A broadcast on a topic a channel subscribed to with ``endpoint.subscribe``; seen in ``handle_info``."""
-
-    topic: str
-    event: str
-    payload: Any
-
-
-class _InfoSubscription:
-    """Subscribes a channel to another topic: broadcasts arrive in ``handle_info``."""
-
-    __slots__ = ("owner", "intercept", "writer", "topic")
-
-    def __init__(self, proc: ChannelProcess, topic: str) -> None:
-        self.owner = proc
-        self.topic = topic
-        self.intercept = ALL_EVENTS
-        self.writer = None
-
-    def deliver(self, topic: str, event: str, payload: Any) -> None:
-        self.owner.send(Broadcast(topic, event, payload))
-
-
-def _expected(callback: str) -> str:
-    if callback == "handle_in":
-        return "None, ok(...)/error(...)/Reply(status, response), noreply(...) or stop(...)"
-    return "None, noreply(...) or stop(...)"
-
-
-class CallFrom:
-    """The caller of a ``channel_pid.call`` (GenServer's ``from``): ``handle_call``'s second argument.
-
-    :meth:`reply` answers it, from any greenlet; only the first answer counts.
-    """
-
-    __slots__ = ("result",)
-
-    def __init__(self) -> None:
-        self.result: AsyncResult = AsyncResult()
-
-    def reply(self, value: Any) -> None:
-        """Answer the call with ``value`` (``GenServer.reply/2``); later answers are ignored."""
-        if not self.result.ready():
-            self.result.set(value)
-
-    def _fail(self, exc: BaseException) -> None:
-        if not self.result.ready():
-            self.result.set_exception(exc)
-
-    @property
-    def answered(self) -> bool:
-        """True once the call has its answer (or failed)."""
-        return self.result.ready()
 
 
 class ChannelProcess:
@@ -169,7 +96,7 @@ class ChannelProcess:
         self.state = JOINING
         self.partition = conn.partition
         self.leaving = False
-        self.extra: list[_InfoSubscription] | None = None
+        self.extra: list[InfoSubscription] | None = None
         self.monitors: list[Callable[[ChannelProcess], None]] | None = None
         #: Why the channel ended (its terminate reason), once it has.
         self.exit_reason: Any = None
@@ -322,7 +249,7 @@ class ChannelProcess:
         mailbox = self.mailbox
         try:
             while mailbox and self.state == JOINED:
-                self._handle(mailbox.popleft())
+                dispatch(self, mailbox.popleft())
                 drained = self._drained
                 if drained is not None and len(mailbox) <= self.conn.max_mailbox // 2:
                     drained.set()
@@ -351,99 +278,13 @@ class ChannelProcess:
             self.mailbox.append((_TIMEOUT, timer))
             self._activate()
 
-    # -- joining ----------------------------------------------------------------------------
-
     def join(self, payload: Any, ref: Any, timeout: float | None) -> bool:
-        """Run ``join`` in the channel greenlet and wait for it; True when joined.
+        """Run ``join`` (in the calling reader's greenlet) and answer it; True when joined (see :mod:`.joining`).
 
-        Past ``timeout`` seconds the join is answered with ``{"reason": "join
-        timeout"}`` and the greenlet is killed.
+        Past ``timeout`` seconds the join is interrupted and answered with
+        ``{"reason": "join timeout"}``.
         """
-        result: AsyncResult = AsyncResult()
-        self.greenlet = self.partition.run(self._join, payload, ref, result)
-        try:
-            return bool(result.get(timeout=timeout))
-        except gevent.Timeout:
-            if result.ready():
-                return bool(result.get())
-            log.error("phx_gevent: join of %r did not answer within %ss; killing it", self.topic, timeout)
-            self.state = STOPPED
-            self._notify_down()
-            greenlet, self.greenlet = self.greenlet, None
-            if greenlet is not None:
-                greenlet.kill(block=False)
-            self.refusal = {"reason": "join timeout"}
-            self.conn.send_reply(self.join_ref, ref, self.topic, "error", self.refusal)
-            return False
-
-    def _join(self, payload: Any, ref: Any, result: AsyncResult) -> None:
-        conn = self.conn
-        if self.state != JOINING:
-            return  # given up (join timeout) before this run even started
-        try:
-            outcome = self.instance.join(self.topic, payload, self.socket)
-            if self.state != JOINING:
-                return  # the reader gave up on us (join timeout)
-            if not isinstance(outcome, Reply) or outcome.status not in ("ok", "error"):
-                raise CallbackReturnError(
-                    f"{type(self.instance).__name__}.join must return ok(...) or error(...), got {outcome!r}"
-                )
-            if outcome.status == "error":
-                self.state = STOPPED
-                self.exit_reason = SHUTDOWN
-                self._notify_down()
-                self.refusal = outcome.response
-                conn.send_reply(self.join_ref, ref, self.topic, "error", outcome.response)
-                result.set(False)
-                # As Phoenix: a refused join stops the channel with :shutdown, running terminate.
-                self._terminate(SHUTDOWN)
-                return
-            # Per-topic routing: Redis confirms this node's subscription before the reply, so a
-            # broadcast published after the reply reaches it from any node (bounded; not during an outage).
-            conn.pubsub.wait_routed(self.topic)
-            if self.state != JOINING:
-                return
-            if self.history is not None and isinstance(payload, dict) and ("since" in payload or "last" in payload):
-                if not self._join_recovering(payload, ref, outcome):
-                    return  # given up while reading the history (join timeout, connection gone)
-            else:
-                # Encode first: a join reply that cannot be encoded is a crashed join.
-                data = conn.serializer.encode_reply(self.join_ref, ref, self.topic, "ok", outcome.response)
-                # From here to the write: no greenlet switch, so nothing of this
-                # channel can reach the socket before its join reply.
-                conn.channel_joined(self)
-                conn.pubsub.subscribe(self.topic, self)
-                self.state = JOINED
-                self.socket.joined = True
-                conn.send_encoded(data)
-            self.partition.joined += 1
-            result.set(True)
-        except GreenletExit:
-            raise
-        except Exception as exc:
-            self.conn.log_error("phx_gevent: %s.join crashed for %r", type(self.instance).__name__, self.topic)
-            if self.state == JOINING:
-                self.state = STOPPED
-                self.exit_reason = exc
-                self._notify_down()
-                conn.channel_exited(self)
-                self.refusal = {"reason": "join crashed"}
-                conn.send_reply(self.join_ref, ref, self.topic, "error", self.refusal)
-                result.set(False)
-                self._terminate(exc)  # a crashed process runs terminate with the exception
-                return
-            result.set(False)
-            return
-        finally:
-            self.greenlet = None
-        # The join is answered: run what the join queued (after_join) in this greenlet.
-        if self.mailbox:
-            self.greenlet = gevent.getcurrent()
-            self._run()
-
-    def _join_recovering(self, payload: dict[str, Any], ref: Any, outcome: Reply) -> bool:
-        # A join with ``since`` (or a ``last`` backlog) on a history topic: channels/recovery.py.
-        return join_recovering(self, payload, ref, outcome)
+        return join(self, payload, ref, timeout)
 
     def history_lost(self) -> None:
         """This node missed history messages it cannot fetch: end the channel with ``phx_error``.
@@ -456,119 +297,6 @@ class ChannelProcess:
         conn, join_ref, topic = self.conn, self.join_ref, self.topic
         self.kill(("shutdown", "history_gap"))
         conn.send_control(join_ref, topic, "phx_error")
-
-    # -- callbacks --------------------------------------------------------------------------
-
-    def _handle(self, item: tuple[Any, ...]) -> None:
-        tag = item[0]
-        if self._idle is not None:
-            # Any message cancels a pending noreply timeout; its own expiry is delivered.
-            expired = tag == _TIMEOUT and item[1] is self._idle
-            self._cancel_idle()
-            if expired:
-                item = (_INFO, TIMEOUT)
-                tag = _INFO
-        instance = self.instance
-        socket = self.socket
-        try:
-            if tag == _IN:
-                msg = item[1]
-                socket.ref = msg.ref
-                # Timed only when observed: a telemetry receiver, or debug logs of this mount.
-                timed = channel_handled_in.receivers or (self.conn.log_level is not None and _debug())
-                if timed:
-                    started = perf_counter()
-                try:
-                    result = instance.handle_in(msg.event, msg.payload, socket)
-                finally:
-                    socket.ref = None
-                if timed:
-                    self._handled_in(msg, perf_counter() - started)
-                if result is None:
-                    return
-                if isinstance(result, Reply):
-                    self.conn.send_reply(self.join_ref, msg.ref, self.topic, result.status, result.response)
-                    return
-                if isinstance(result, Stop):
-                    if result.reply is not None:
-                        rep = result.reply
-                        self.conn.send_reply(self.join_ref, msg.ref, self.topic, rep.status, rep.response)
-                    self._stop(result.reason)
-                    return
-                if isinstance(result, NoReply):
-                    if result.timeout is not None:
-                        self._arm_idle(result.timeout)
-                    return
-                self._bad_return("handle_in", result)
-            elif tag == _OUT:
-                self._noreply("handle_out", instance.handle_out(item[1], item[2], socket))
-            elif tag == _INFO:
-                self._noreply("handle_info", instance.handle_info(item[1], socket))
-            elif tag == _CALL:
-                from_ = item[2]
-                result = instance.handle_call(item[1], from_, socket)
-                if isinstance(result, Stop):
-                    self._stop(result.reason)
-                elif isinstance(result, NoReply):
-                    if result.timeout is not None:
-                        self._arm_idle(result.timeout)
-                else:
-                    from_.reply(result)
-            elif tag == _CAST:
-                self._noreply("handle_cast", instance.handle_cast(item[1], socket))
-            elif tag == _LEAVE:
-                # Unsubscribe before the reply is queued: once the client has
-                # the reply, no broadcast on this topic may follow it.
-                if self._detach(LEFT):
-                    self.conn.send_reply(self.join_ref, item[1], self.topic, "ok", {})
-                    self.conn.send_control(self.join_ref, self.topic, "phx_close")
-                    self._terminate(LEFT)
-            elif tag == _DOWN:
-                self._exit(item[1], None)
-            elif tag == _OVERFLOW:
-                raise ConnectionOverloaded(f"mailbox of {self.topic!r} overflowed")
-            # _TIMEOUT left here was cancelled by a message that overtook it: nothing to do.
-        except GreenletExit:
-            raise
-        except Exception as exc:
-            self.conn.log_error("phx_gevent: %s crashed on %r", type(instance).__name__, self.topic)
-            self._exit(exc, "phx_error")
-
-    def _handled_in(self, msg: Any, duration: float) -> None:
-        name = type(self.instance).__name__
-        if channel_handled_in.receivers:
-            emit(
-                channel_handled_in,
-                self.conn.endpoint,
-                {"duration": duration},
-                {"event": msg.event, "topic": self.topic, "channel": name, "ref": msg.ref, "socket": self.socket},
-            )
-        if self.conn.log_level is not None and _debug():
-            log.debug("HANDLED %s INCOMING ON %s (%s) in %s", msg.event, self.topic, name, format_duration(duration))
-
-    def _noreply(self, callback: str, result: Any) -> None:
-        if result is None:
-            return
-        if isinstance(result, Stop):
-            self._stop(result.reason)
-            return
-        if isinstance(result, NoReply):
-            if result.timeout is not None:
-                self._arm_idle(result.timeout)
-            return
-        self._bad_return(callback, result)
-
-    def _bad_return(self, callback: str, result: Any) -> None:
-        raise CallbackReturnError(
-            f"{type(self.instance).__name__}.{callback} must return {_expected(callback)}, got {result!r}"
-        )
-
-    def _stop(self, reason: Any) -> None:
-        if is_graceful(reason):
-            self._exit(reason, "phx_close")
-        else:
-            log.error("phx_gevent: %s on %r stopped with reason %r", type(self.instance).__name__, self.topic, reason)
-            self._exit(reason, "phx_error")
 
     # -- ending -----------------------------------------------------------------------------
 
@@ -651,13 +379,15 @@ class ChannelProcess:
 
         A callback still running is interrupted (``GreenletExit``), waiting up
         to 5 s, as Phoenix kills a replaced channel. ``terminate`` then runs
-        in a fresh greenlet of the channel's partition.
+        in a fresh greenlet of the channel's partition. A join still running
+        is not interrupted (it runs in the caller's greenlet, which is not the
+        channel's to kill): it finds the channel stopped when it returns.
         """
         was_joined = self.state == JOINED
         if not self._detach(reason):
             return
         greenlet, self.greenlet = self.greenlet, None
-        if greenlet is not None and greenlet is not gevent.getcurrent():
+        if was_joined and greenlet is not None and greenlet is not gevent.getcurrent():
             greenlet.kill(block=True, timeout=KILL_TIMEOUT)
         if was_joined:
             self.partition.run(self._terminate, reason)
@@ -672,7 +402,7 @@ class ChannelProcess:
             self.extra = []
         elif any(sub.topic == topic for sub in self.extra):
             return
-        sub = _InfoSubscription(self, topic)
+        sub = InfoSubscription(self, topic)
         self.extra.append(sub)
         self.conn.pubsub.subscribe(topic, sub)
 

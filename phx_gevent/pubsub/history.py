@@ -50,6 +50,7 @@ __all__ = [
     "format_offset",
     "new_epoch",
     "parse_offset",
+    "recovery_from",
 ]
 
 log = logging.getLogger(__name__)
@@ -211,9 +212,15 @@ def _copy_payload(payload: Any) -> Any:
     return bytes(payload)
 
 
-def _tail(entries: list[HistoryEntry], seqs: list[int], since: tuple[str, int] | None, epoch: str, cur: int,
-          config: HistoryConfig, last: int | None) -> Recovery:  # fmt: skip
-    """The recovery answer from the retained entries of one topic (shared by both stores)."""
+def recovery_from(entries: list[HistoryEntry], seqs: list[int], since: tuple[str, int] | None, epoch: str, cur: int,
+                  config: HistoryConfig, last: int | None) -> Recovery:  # fmt: skip
+    """The recovery answer from the retained entries of one topic (shared by both stores).
+
+    ``entries`` and their ``seqs`` oldest first, ``cur`` the topic's last seq in ``epoch``;
+    ``since`` the parsed offset asked for (``None``: a backlog of the ``last`` messages).
+    Never raises: an offset of another epoch, in the future, or older than what is kept
+    answers ``recovered`` False.
+    """
     if since is None:
         n = 0 if last is None else max(0, min(int(last), MAX_LAST, config.size))
         kept = [e for e in entries if e.event is not None]
@@ -283,7 +290,7 @@ class MemoryHistory:
         limit = _monotonic() - config.ttl
         live = [it for it in items if it[1] >= limit]
         entries = [HistoryEntry(format_offset(epoch, it[0]), it[2], it[3]) for it in live]
-        return _tail(entries, [it[0] for it in live], parsed, epoch, cur, config, last)
+        return recovery_from(entries, [it[0] for it in live], parsed, epoch, cur, config, last)
 
 
 # The Redis store and its helpers live in history_redis.py; their documented

@@ -28,10 +28,10 @@ from .history import (
     HistoryEntry,
     HistoryRules,
     Recovery,
-    _tail,
     format_offset,
     new_epoch,
     parse_offset,
+    recovery_from,
 )
 from .routing import MARK, broadcast_channel, channel_for, mark
 
@@ -224,7 +224,7 @@ def _answer(raw: Any, since: tuple[str, int] | None, last: int | None, config: H
     if not epoch:
         # Redis holds no history for the topic (never written, expired, flushed): epoch "".
         return Recovery(since is None, [], "", 0)
-    return _tail(entries, seqs, since, epoch, cur, config, last)
+    return recovery_from(entries, seqs, since, epoch, cur, config, last)
 
 
 def decode_raw(reply: Any, config: HistoryConfig) -> tuple[str, int, list[HistoryEntry], list[int]]:

@@ -80,7 +80,9 @@ class IdleSweeper:
             stalled = []
             slow = []
             for t in self.transports:
-                if t.writer.stalled(now):
+                writer = t.writer
+                # Nothing queued is never stalled (FlowControl.stalled): skip two calls per connection.
+                if writer.qbytes and writer.stalled(now):
                     stalled.append(t)
                 elif t.input_deadline and now > t.input_deadline:
                     slow.append(t)

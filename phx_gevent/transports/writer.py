@@ -191,6 +191,27 @@ class Writer:
             flusher.armed = True
             flusher.loop.run_callback(flusher._run)
 
+    def write_now(self, data: bytes) -> None:
+        """As :meth:`write`, but a frame with nothing queued before it goes out now, flusher busy or not.
+
+        For heartbeat replies: tiny, one per client every 30 s, and late ones
+        make phoenix.js reconnect; in a storm of handshakes and joins the
+        flusher and the send budget are busy for seconds.
+        """
+        if self.state or self.queue or self.scheduled:
+            self.write(data)
+            return
+        self.last_drain = _monotonic()
+        sent = self._send(data)
+        if sent is None:
+            return
+        self.sent_bytes += sent
+        if sent == len(data):
+            return
+        self._append(memoryview(data)[sent:])
+        if not self.state:
+            self._wait_writable()
+
     def _append(self, data: Any) -> None:
         n = len(data)
         self.queue.append(data)
@@ -397,6 +418,9 @@ class GreenletWriter(Writer):
     def __init__(self, sock: Any, encoder: Any) -> None:
         super().__init__(sock, encoder)
         self._greenlet: Any = None
+
+    def write_now(self, data: bytes) -> None:
+        self.write(data)  # its greenlet sends as soon as it runs
 
     def write(self, data: bytes | memoryview) -> None:
         if self.state:

@@ -13,7 +13,7 @@ from ..serializers import FastlaneEncoder, Serializer
 from . import frames
 from .frames import OP_BINARY, OP_TEXT, frame, text_frame
 
-__all__ = ["DeflateWebSocketEncoder", "WebSocketEncoder", "encoder_for"]
+__all__ = ["DeflateWebSocketEncoder", "WebSocketEncoder", "deflate_message", "encoder_for"]
 
 
 class WebSocketEncoder(FastlaneEncoder):
@@ -40,13 +40,14 @@ class DeflateWebSocketEncoder(FastlaneEncoder):
 
     def broadcast(self, topic: str, event: str, payload: Any) -> bytes:
         data = self.serializer.encode_broadcast(topic, event, payload)
-        return _deflate_message(data)
+        return deflate_message(data)
 
     def wrap(self, data: str | bytes) -> bytes:
-        return _deflate_message(data)
+        return deflate_message(data)
 
 
-def _deflate_message(data: str | bytes) -> bytes:
+def deflate_message(data: str | bytes) -> bytes:
+    """One message as a WebSocket frame, compressed (RSV1) when it is big enough to gain from it."""
     if isinstance(data, str):
         raw = data.encode("utf-8")
         op = OP_TEXT
