@@ -62,22 +62,13 @@ def dispatch(proc: ChannelProcess, item: tuple[Any, ...]) -> None:
                 socket.ref = None
             if timed:
                 _handled_in(proc, msg, perf_counter() - started)
-            if result is None:
-                return
             if isinstance(result, Reply):
                 proc.conn.send_reply(proc.join_ref, msg.ref, proc.topic, result.status, result.response)
                 return
-            if isinstance(result, Stop):
-                if result.reply is not None:
-                    rep = result.reply
-                    proc.conn.send_reply(proc.join_ref, msg.ref, proc.topic, rep.status, rep.response)
-                _stop(proc, result.reason)
-                return
-            if isinstance(result, NoReply):
-                if result.timeout is not None:
-                    proc._arm_idle(result.timeout)
-                return
-            _bad_return(proc, "handle_in", result)
+            if isinstance(result, Stop) and result.reply is not None:
+                rep = result.reply  # the reply goes out before the channel stops
+                proc.conn.send_reply(proc.join_ref, msg.ref, proc.topic, rep.status, rep.response)
+            _noreply(proc, "handle_in", result)
         elif tag == _OUT:
             _noreply(proc, "handle_out", instance.handle_out(item[1], item[2], socket))
         elif tag == _INFO:
