@@ -315,6 +315,8 @@ class RedisAdapter(Lifecycle, HistoryAppends, PublishLoop, ReceiveLoop, Adapter)
         self._in_outage = False
         self._outage_began = 0.0
         self._subscribers_seen = 0
+        self._nodes_high = 0
+        self._nodes_high_at = 0.0
         self._probed = 0.0
         self._counters: dict[str, int] = dict.fromkeys(
             (

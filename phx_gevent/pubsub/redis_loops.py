@@ -40,6 +40,12 @@ _monotonic = time.monotonic
 CONN_ERRORS = (RedisError, OSError, ValueError, IndexError, TypeError)
 
 
+#: Seconds a node count is remembered for the replay after an outage (see ``_saw_nodes``).
+NODES_MEMORY = 30.0
+#: Seconds the node count must stay unchanged before a replay when no earlier count is known.
+REPLAY_SETTLE = 0.3
+
+
 class Backoff:
     """Exponential backoff with jitter between ``low`` and ``high`` seconds."""
 
@@ -114,6 +120,8 @@ class AdapterState:
         _in_outage: bool
         _outage_began: float
         _subscribers_seen: int
+        _nodes_high: int
+        _nodes_high_at: float
         _probed: float
         _gaps: dict[str, Any]
         _append_sha: bytes | None
@@ -289,7 +297,18 @@ class PublishLoop(AdapterState):
 
     def _probe(self, conn: Any) -> None:
         conn.send_command(b"PUBSUB", self._numsub, self._bchan, check_health=False)
-        self._subscribers_seen = int(conn.read_response()[1])
+        self._saw_nodes(int(conn.read_response()[1]))
+
+    def _saw_nodes(self, count: int) -> None:
+        # The replay after an outage waits for as many nodes as were subscribed before it. One
+        # count can be low for a moment (a node's listener reconnecting, or counted just as the
+        # outage began), which would replay to nobody: remember the highest count of the last
+        # NODES_MEMORY seconds, and wait for that (a node that really left costs one replay_wait).
+        self._subscribers_seen = count
+        now = _monotonic()
+        if count >= self._nodes_high or now - self._nodes_high_at > NODES_MEMORY:
+            self._nodes_high = count
+            self._nodes_high_at = now
 
     def _recovered(self, conn: Any, gen: int) -> None:
         # Back after an outage: drop what is too old, wait (bounded) for the
@@ -298,14 +317,25 @@ class PublishLoop(AdapterState):
         self._reset_gaps(conn)
         pending = len(self._out)
         waited = 0.0
-        if pending and self._subscribers_seen > 1:
-            start = _monotonic()
+        expected = max(self._subscribers_seen, self._nodes_high)
+        if pending and self._count_nodes:
+            # With a count from before the outage (more than this node), wait until that many are
+            # back. Without one (the outage came before any count saw the other nodes, as right
+            # after a start), wait until this node is counted and the count has not grown for REPLAY_SETTLE seconds.
+            start = steady_since = _monotonic()
             deadline = start + self.replay_wait
+            last = -1
             while self._alive(gen):
                 conn.send_command(b"PUBSUB", self._numsub, self._bchan, check_health=False)
                 count = int(conn.read_response()[1])
-                if count >= self._subscribers_seen or _monotonic() >= deadline:
-                    self._subscribers_seen = count
+                now = _monotonic()
+                if count != last:
+                    last, steady_since = count, now
+                known = expected > 1 and count >= expected
+                settled = expected <= 1 and count >= 1 and now - steady_since >= REPLAY_SETTLE
+                if known or settled or now >= deadline:
+                    self._subscribers_seen = self._nodes_high = count
+                    self._nodes_high_at = now
                     break
                 self._stop.wait(0.05)
             waited = _monotonic() - start
@@ -384,10 +414,10 @@ class PublishLoop(AdapterState):
             counters["published"] += 1
             if receivers is not None:
                 if channel == bchan:
-                    self._subscribers_seen = int(receivers)
+                    self._saw_nodes(int(receivers))
                 elif not receivers and isinstance(channel, bytes) and channel.startswith(dprefix):
                     counters["direct_unrouted"] += 1
         if probe:
-            self._subscribers_seen = int(conn.read_response()[1])
+            self._saw_nodes(int(conn.read_response()[1]))
             self._probed = _monotonic()
         self._space.set()
