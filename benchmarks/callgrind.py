@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -154,24 +155,19 @@ def workload(kind: str, port: int, args: argparse.Namespace, ops: int) -> None:
             c.until("new_msg")
 
 
-def run_once(kind: str, root: str, env: dict[str, str], args: argparse.Namespace, ops: int) -> int:
-    """Serve ``root`` under callgrind, run ``ops`` operations, stop it; the server's total instructions."""
+def serve_counted(server: Path, root: str, env: dict[str, str], drive: Callable[[int], object]) -> int:
+    """Serve ``root`` with ``server`` under callgrind, call ``drive(port)``, stop it; the server's instructions.
+
+    ``env`` is laid over the defaults that keep per-second work out of the count (no idle timeout,
+    no sweeper). Raises ``RuntimeError`` when the server does not start or callgrind writes no totals.
+    """
     out = Path(tempfile.mkdtemp(prefix="phx-callgrind-")) / "callgrind.out"
-    cmd = [
-        "valgrind",
-        "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        "--dump-instr=no",
-        sys.executable,
-        str(SERVER),
-        "--port",
-        "0",
-    ]
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
+    cmd += [sys.executable, str(server), "--port", "0"]
     full_env = {
         **os.environ,
         "PHX_ROOT": str(Path(root).resolve()),
         "PYTHONHASHSEED": "0",
-        "PHX_OBSERVE_INTERVAL": str(args.interval),
         "PHX_IDLE_TIMEOUT": "0",  # under valgrind, joining 1,000 clients takes longer than the 60 s idle timeout
         "PHX_NO_SWEEP": "1",  # the once-a-second pass over every connection: per second, not per operation
         **env,
@@ -190,9 +186,9 @@ def run_once(kind: str, root: str, env: dict[str, str], args: argparse.Namespace
                 break
         if port is None:
             raise RuntimeError(f"the server under valgrind did not start (exit code {proc.poll()})")
-        workload(kind, port, args, ops)
+        drive(port)
     finally:
-        proc.terminate()  # the benchmark server exits at once on SIGTERM; callgrind writes its file
+        proc.terminate()  # the benchmark servers exit at once on SIGTERM; callgrind writes its file
         try:
             proc.wait(300)
         except subprocess.TimeoutExpired:
@@ -202,7 +198,15 @@ def run_once(kind: str, root: str, env: dict[str, str], args: argparse.Namespace
     m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
     if m is None:
         raise RuntimeError(f"no totals in {out}")
+    out.unlink()
+    out.parent.rmdir()
     return int(m.group(1))
+
+
+def run_once(kind: str, root: str, env: dict[str, str], args: argparse.Namespace, ops: int) -> int:
+    """Serve ``root`` under callgrind, run ``ops`` operations, stop it; the server's total instructions."""
+    env = {"PHX_OBSERVE_INTERVAL": str(args.interval), **env}
+    return serve_counted(SERVER, root, env, lambda port: workload(kind, port, args, ops))
 
 
 def main() -> None:

@@ -34,13 +34,11 @@ import argparse
 import base64
 import json
 import os
-import re
 import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
+
+from callgrind import serve_counted
 
 HERE = Path(__file__).resolve().parent
 SERVERS = {"phx": HERE / "servers" / "phx_server.py", "raw": HERE / "servers" / "raw_server.py"}
@@ -123,51 +121,17 @@ def workload(kind: str, port: int, count: int, batch: int) -> list[Conn]:
 
 def run_once(kind: str, root: str, env: dict[str, str], count: int, batch: int) -> int:
     """Serve under callgrind, connect+join ``count`` clients, stop; the server's total instructions."""
-    out = Path(tempfile.mkdtemp(prefix="phx-cgstorm-")) / "callgrind.out"
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"]
-    cmd += [sys.executable, str(SERVERS[kind]), "--port", "0"]
-    full_env = {
-        **os.environ,
-        "PHX_ROOT": str(Path(root).resolve()),
-        "PYTHONHASHSEED": "0",
-        "PHX_HISTORY": "0",
-        "PHX_OBSERVE_INTERVAL": "3600",
-        "PHX_IDLE_TIMEOUT": "0",
-        "PHX_NO_SWEEP": "1",
-        **env,
-    }
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=full_env, text=True)
     conns: list[Conn] = []
+
+    def drive(port: int) -> None:
+        conns.extend(workload(kind, port, count, batch))
+
     try:
-        assert proc.stdout is not None
-        port = None
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("LISTENING "):
-                port = int(line.split()[1])
-                break
-        if port is None:
-            raise RuntimeError(f"the server under valgrind did not start (exit code {proc.poll()})")
-        conns = workload(kind, port, count, batch)
+        env = {"PHX_HISTORY": "0", "PHX_OBSERVE_INTERVAL": "3600", **env}
+        return serve_counted(SERVERS[kind], root, env, drive)
     finally:
-        proc.terminate()  # the benchmark servers exit at once on SIGTERM; callgrind writes its file
-        try:
-            proc.wait(300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-        for c in conns:
+        for c in conns:  # open until the server has stopped, so its instructions include no close
             c.sock.close()
-    text = out.read_text(errors="replace")
-    m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-    if m is None:
-        raise RuntimeError(f"no totals in {out}")
-    out.unlink()
-    out.parent.rmdir()
-    return int(m.group(1))
 
 
 def main() -> None:
