@@ -36,7 +36,6 @@ variables) moves the count by ~1%, so compare trees within one invocation only.
 from __future__ import annotations
 
 import argparse
-import base64
 import http.client
 import json
 import os
@@ -50,6 +49,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from wsupgrade import upgrade
+
 HERE = Path(__file__).resolve().parent
 SERVER = HERE / "servers" / "phx_server.py"
 PAYLOAD = {"t": 1, "s": 2, "p": "x" * 40}
@@ -59,23 +60,7 @@ def ws_connect(port: int, user: str) -> socket.socket:
     """A WebSocket to the example app's ``/socket`` (Phoenix V2 JSON), after the 101."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=600)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /socket/websocket?vsn=2.0.0&user={user} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        if not chunk:
-            raise RuntimeError("handshake refused")
-        head += chunk
-    if b" 101 " not in head.split(b"\r\n", 1)[0]:
-        raise RuntimeError(head.decode(errors="replace"))
-    return sock
+    return upgrade(sock, port, user)
 
 
 class Client:

@@ -31,30 +31,17 @@ measurement (they are per second, not per connection) and
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import os
 import socket
 import sys
 from pathlib import Path
 
 from callgrind import serve_counted
+from wsupgrade import read_101, upgrade_request
 
 HERE = Path(__file__).resolve().parent
 SERVERS = {"phx": HERE / "servers" / "phx_server.py", "raw": HERE / "servers" / "raw_server.py"}
 TOPIC = "room:storm"
-
-
-def read_head(sock: socket.socket) -> None:
-    """Read an HTTP response head up to the blank line; raise unless it is a 101."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        if not chunk:
-            raise RuntimeError("handshake refused")
-        head += chunk
-    if b" 101 " not in head.split(b"\r\n", 1)[0]:
-        raise RuntimeError(head.decode(errors="replace"))
 
 
 class Conn:
@@ -64,14 +51,7 @@ class Conn:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=600)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall(
-            (
-                f"GET /socket/websocket?user=s{i}&vsn=2.0.0 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
+        self.sock.sendall(upgrade_request(port, f"s{i}"))
 
     def send_join(self) -> None:
         data = json.dumps(["1", "1", TOPIC, "phx_join", {}]).encode()
@@ -106,7 +86,7 @@ def workload(kind: str, port: int, count: int, batch: int) -> list[Conn]:
     for first in range(0, count, batch):
         group = [Conn(port, i) for i in range(first, min(count, first + batch))]
         for c in group:
-            read_head(c.sock)
+            read_101(c.sock)
         for c in group:
             c.send_join()
         for c in group:

@@ -24,7 +24,6 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
-import base64  # noqa: E402
 import http.client  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
@@ -36,6 +35,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gevent  # noqa: E402
+from wsupgrade import upgrade  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,23 +45,7 @@ def ws_connect(port: int, user: str, rcvbuf: int | None = None) -> socket.socket
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /socket/websocket?vsn=2.0.0&user={user} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        if not chunk:
-            raise RuntimeError("handshake refused")
-        head += chunk
-    if b" 101 " not in head.split(b"\r\n", 1)[0]:
-        raise RuntimeError(head.decode(errors="replace"))
-    return sock
+    return upgrade(sock, port, user)
 
 
 def send_frame(sock: socket.socket, opcode: int, payload: bytes) -> None:
