@@ -20,7 +20,13 @@ _FD_ENV = "PHX_GEVENT_SERVER_FD"
 
 
 def serve_with_reloader(
-    app: Any, host: str, port: int, interval: float, extra_files: list[str] | None, kwargs: dict[str, Any]
+    app: Any,
+    host: str,
+    port: int,
+    interval: float,
+    extra_files: list[str] | None,
+    kwargs: dict[str, Any],
+    gc_threshold: int | None = None,
 ) -> None:
     """Serve ``app`` (``serve(..., reload=True)``), restarted by Werkzeug's stat reloader on file changes."""
     # Werkzeug's reloader re-runs the program in a child with
@@ -37,7 +43,10 @@ def serve_with_reloader(
         listener = _pysocket.socket(fileno=int(fd))
         server = make_server_on(app, listener, host, **kwargs)
         run_with_reloader(
-            lambda: serve_forever(server), extra_files=extra_files, interval=interval, reloader_type="stat"
+            lambda: serve_forever(server, gc_threshold),
+            extra_files=extra_files,
+            interval=interval,
+            reloader_type="stat",
         )
         return
     # The parent binds once and hands the socket down, so the port (even a

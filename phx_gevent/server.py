@@ -1,11 +1,11 @@
-"""The WSGI handler that lets a Flask view accept a WebSocket, and a development server.
+"""phx_gevent's development server: :func:`make_server`, :func:`serve` and the :class:`Server` they run.
 
-gevent-websocket's handler upgrades *before* the application runs, so a
-refused connect could only be a close frame after a 101, and it bypasses
-subprotocols, close codes and access logs (STACK_NOTES.md). Our handler,
-a subclass of it, runs the application first: the view answers 403/400 like
-any Flask view, or 101 with an upgrade callable that the handler runs after
-the request context is gone.
+The server uses phx_gevent's WSGI handler
+(:class:`~phx_gevent.transports.wsgi_handler.WebSocketHandler`, importable
+from here too), which lets a Flask view accept a WebSocket. It starts
+accepted connections in paced batches, drains channel-holding connections
+on SIGTERM and Ctrl-C, and :func:`serve` sets up the garbage collector for a
+server process (:mod:`phx_gevent.collector`).
 """
 
 from __future__ import annotations
@@ -14,25 +14,22 @@ import ipaddress
 import logging
 import os
 import signal
-import socket as _pysocket
 import sys
 import threading
 import time
 from typing import Any
 
 import gevent
-from gevent import Timeout, pywsgi
-from geventwebsocket.handler import WebSocketHandler as _GeventWebSocketHandler
+from gevent import pywsgi
 
 from .accepting import PacedAccept
+from .collector import DEFAULT_THRESHOLD, check_threshold, tune_collector
 from .drain import drain_all
 from .errors import NotMonkeyPatchedError
 from .options import ConfigurationError, check_seconds
 from .shutdown import StopClosesWebSockets
 from .transports import http as phx_http
-from .transports.head import PlainHeaders, environ_headers, read_headers
-from .transports.http import ENVIRON_CLOSE
-from .transports.websocket import ENVIRON_HANDLER, ENVIRON_UPGRADE
+from .transports.wsgi_handler import DEFAULT_HEADER_TIMEOUT, WebSocketHandler
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT",
@@ -50,16 +47,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The access log of a server made with log=None (gevent's private no-op; nothing if it is renamed).
-_NOOP_LOG: Any = getattr(pywsgi, "_NoopLog", ())
-
-# Headers a 101 response must not carry.
-_DROP_ON_UPGRADE = {b"content-type", b"content-length", b"transfer-encoding"}
-
-#: Seconds a request head (request line and headers) may take to arrive, also the longest an idle
-#: keep-alive connection waits for its next request. Servers made by :func:`make_server` take a
-#: ``header_timeout`` argument, the gunicorn worker reads :data:`HEADER_TIMEOUT_ENV`; this is the default.
-DEFAULT_HEADER_TIMEOUT = 20.0
 #: The environment variable that sets ``header_timeout`` for the gunicorn worker (seconds, or ``off``).
 HEADER_TIMEOUT_ENV = "PHX_HEADER_TIMEOUT"
 
@@ -94,186 +81,6 @@ def header_timeout_from_env(environ: Any = None) -> float | None:
             f"{HEADER_TIMEOUT_ENV}={raw!r} must be a number of seconds (e.g. 20) or 'off'"
         ) from None
     return check_header_timeout(value, HEADER_TIMEOUT_ENV)
-
-
-def _bad_host(environ: Any, start_response: Any) -> list[bytes]:
-    start_response("400 Bad Request", [("Content-Type", "text/plain"), ("Connection", "close")])
-    return [b"Host not allowed"]
-
-
-class _HeaderItems(tuple[tuple[str, str], ...]):
-    """The request headers of an upgraded connection as (name, value) pairs, with ``items()``."""
-
-    __slots__ = ()
-
-    def items(self) -> tuple[tuple[str, str], ...]:
-        return self
-
-
-class WebSocketHandler(_GeventWebSocketHandler):
-    """A gevent-websocket handler that lets the WSGI application decide the handshake.
-
-    It also bounds the time a request head may take (``header_timeout``,
-    against slowloris) and refuses (400) a ``Host`` its server does not
-    allow (``allowed_hosts`` of :func:`make_server`).
-    """
-
-    _head_timer: Any = None
-    _phx_timer: Any = None
-    # pywsgi's per-request attributes (untyped there): the status line (bytes, or an error text) and code.
-    status: Any = None
-    code: Any = None
-
-    def MessageClass(self, *args: Any) -> Any:
-        # The request's headers without the email parser in the usual case (transports/head.py).
-        return read_headers(*args)
-
-    def _headers(self) -> Any:
-        headers = self.headers
-        if headers.__class__ is PlainHeaders:
-            return environ_headers(headers)  # no folded lines to join: straight from the pairs
-        return super()._headers()
-
-    def _sendall(self, data: Any) -> None:
-        # Most responses fit the socket's send buffer: one send() does it (gevent's
-        # sendall() asks the kernel for SO_SNDBUF first, a second syscall each time).
-        if not data:
-            return
-        sock = self.socket
-        try:
-            sent = sock.send(data)
-            if sent < len(data):
-                sock.sendall(memoryview(data)[sent:])
-        except OSError as ex:
-            # What pywsgi records for a failed write (the access log shows it).
-            self.status = f"socket error: {ex}"
-            if self.code > 0:
-                self.code = -self.code
-            raise
-        self.response_length += len(data)
-
-    def handle_one_request(self) -> Any:
-        timeout = getattr(self.server, "phx_header_timeout", DEFAULT_HEADER_TIMEOUT)
-        if not timeout:
-            return super().handle_one_request()
-        # One timer per connection, restarted for each request of a keep-alive
-        # connection (a long-poll client sends hundreds a second); closed in handle().
-        timer = self._phx_timer
-        if timer is None:
-            timer = self._phx_timer = Timeout(timeout)
-        self._head_timer = timer
-        timer.start()
-        try:
-            return super().handle_one_request()
-        except Timeout as exc:
-            if exc is not timer:
-                raise
-            # The head did not arrive in time (or an idle keep-alive connection
-            # sent nothing): close without an answer, as nginx does.
-            self.close_connection = True
-            return None
-        finally:
-            timer.cancel()
-            self._head_timer = None
-
-    def handle_one_response(self) -> None:
-        # The head is in: the timeout covers reading it, never the application.
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        super().handle_one_response()
-
-    def handle(self) -> None:
-        # TCP_NODELAY for every connection: a long-poll answer is written as
-        # headers then body, and Nagle would hold the body ~40 ms.
-        try:
-            self.socket.setsockopt(_pysocket.IPPROTO_TCP, _pysocket.TCP_NODELAY, 1)
-            self.phx_nodelay = True  # an upgrade's transport need not set it again (a syscall per connection)
-        except (OSError, AttributeError):
-            pass
-        try:
-            super().handle()
-        finally:
-            timer = self._phx_timer
-            if timer is not None:
-                self._phx_timer = None
-                timer.close()
-
-    def run_application(self) -> None:
-        environ = self.environ
-        environ[ENVIRON_HANDLER] = self
-        rules = getattr(self.server, "phx_allowed_hosts", None)
-        if rules is not None and not phx_http.host_allowed(environ, rules):
-            environ[ENVIRON_CLOSE] = True
-            self._close_unread()
-            self.result: Any = _bad_host(environ, self.start_response)
-            try:
-                self.process_result()
-            finally:
-                self._close_result()
-            return
-        self.result = self.application(environ, self.start_response)
-        upgrade = environ.pop(ENVIRON_UPGRADE, None)
-        if upgrade is None or self.code != 101:
-            if environ.get(ENVIRON_CLOSE):
-                self._close_unread()
-            try:
-                self.process_result()
-            finally:
-                self._close_result()
-            return
-        self._close_result()
-        environ.pop(ENVIRON_HANDLER, None)
-        # Werkzeug leaves the whole request object in the environ, and the
-        # connection may live for days: keep only what the access log reads.
-        for key in [k for k in environ if k.startswith(("werkzeug.", "flask."))]:
-            del environ[key]
-        # The parsed request headers (an email.message.Message, ~1 KB) are only read again by
-        # gunicorn's access log, through ``.items()`` (of plain lines, head.py: the pairs as they are).
-        headers = getattr(self, "headers", None)
-        if headers is not None and not isinstance(headers, _HeaderItems):
-            self.headers = _HeaderItems(headers._headers if type(headers) is PlainHeaders else headers.items())
-        self.close_connection = True
-        self._write_upgrade()
-        upgrade(self)
-
-    def _close_unread(self) -> None:
-        # The answer went out on the headers (413, a bad token, a slow body):
-        # close after it, and never read or discard what is left of the body.
-        self.close_connection = True
-        wsgi_input = getattr(self, "wsgi_input", None)
-        if wsgi_input is not None:
-            # gevent's Input skips its discard-the-rest step in this state.
-            wsgi_input._chunked_input_error = True
-
-    def _close_result(self) -> None:
-        close = getattr(self.result, "close", None)
-        try:
-            if close is not None:
-                close()
-        finally:
-            self.result = None
-
-    def _write_upgrade(self) -> None:
-        self.headers_sent = True
-        out = bytearray(b"HTTP/1.1 ")
-        out += self.status
-        out += b"\r\n"
-        for name, value in self.response_headers:
-            if name.lower() in _DROP_ON_UPGRADE:
-                continue
-            out += name + b": " + value + b"\r\n"
-        out += b"\r\n"
-        self._sendall(bytes(out))
-
-    def log_request(self) -> None:
-        # gevent-websocket skips 101s; we log every request, WebSockets included
-        # (their line is written when the connection ends: a watched
-        # connection outlives this handler's greenlet and logs from its end).
-        if self.__dict__.get("phx_log_deferred"):
-            return
-        if isinstance(self.server.log, _NOOP_LOG):
-            return  # access log off (log=None): do not format a line nobody writes
-        super(_GeventWebSocketHandler, self).log_request()
 
 
 class Server(PacedAccept, StopClosesWebSockets, pywsgi.WSGIServer):
@@ -462,6 +269,7 @@ def serve(
     reload: bool = False,
     reload_interval: float = 1.0,
     extra_files: list[str] | None = None,
+    gc_threshold: int | None = DEFAULT_THRESHOLD,
     **kwargs: Any,
 ) -> None:
     """Serve ``app`` until SIGTERM or Ctrl-C (development; use gunicorn in production).
@@ -481,19 +289,27 @@ def serve(
     is raised if an endpoint uses the Redis adapter. Other keyword arguments
     as for :func:`make_server` (on loopback, only loopback host names are
     answered by default).
+
+    Before it serves, the garbage collector is set up for a server process
+    (:func:`~phx_gevent.collector.tune_collector`: start-up's objects frozen,
+    first-generation threshold ``gc_threshold``); ``gc_threshold=None``
+    leaves it as Python has it. Raises
+    :class:`~phx_gevent.options.ConfigurationError` for a bad ``gc_threshold``.
     """
+    gc_threshold = check_threshold(gc_threshold)
     if reload:
         from .reloader import serve_with_reloader
 
-        serve_with_reloader(app, host, port, reload_interval, extra_files, kwargs)
+        serve_with_reloader(app, host, port, reload_interval, extra_files, kwargs, gc_threshold)
         return
     server = make_server(app, host, port, **kwargs)
     say(f"phx_gevent: serving on {url_of(host, server.server_port)} (Ctrl+C to quit)")
-    serve_forever(server)
+    serve_forever(server, gc_threshold)
 
 
-def serve_forever(server: Server) -> None:
-    """Run ``server`` until SIGTERM or Ctrl-C (both drain first)."""
+def serve_forever(server: Server, gc_threshold: int | None = None) -> None:
+    """Run ``server`` until SIGTERM or Ctrl-C (both drain first), the collector tuned first unless ``None``."""
+    tune_collector(gc_threshold)
     try:
         server.serve_forever(stop_timeout=1)
     except KeyboardInterrupt:

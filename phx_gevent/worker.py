@@ -8,7 +8,7 @@ On top of gunicorn's gevent worker (which monkey-patches first thing):
 * once the app is loaded, every endpoint's PubSub starts in the worker (so a
   Redis adapter subscribes before the first request, with a node name of
   its own even under ``--preload``), and the worker logs
-  ``phx_gevent: worker <pid> ready (node <name>)``;
+  ``phx_gevent: worker <pid> ready (node <name>, gc ...)``;
 * a worker started among several siblings with no cross-process PubSub
   adapter logs a warning: broadcasts would stay inside each worker;
 * on SIGTERM the worker stops accepting, then drains its connections that
@@ -20,6 +20,8 @@ On top of gunicorn's gevent worker (which monkey-patches first thing):
 
 A request head (and an idle keep-alive connection) gets ``PHX_HEADER_TIMEOUT``
 seconds (default 20; ``off`` for no limit), as ``make_server(header_timeout=...)``.
+Once the app is loaded, the garbage collector is set up for a server process
+(:mod:`phx_gevent.collector`; ``PHX_GC_THRESHOLD``, default 10000, ``off`` to leave it).
 
 Each open WebSocket (and each waiting long-poll request) holds one of
 gunicorn's ``--worker-connections`` slots (default 1000); past it, new
@@ -39,6 +41,7 @@ import gevent
 from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler, PyWSGIServer
 
 from . import metrics
+from .collector import describe, threshold_from_env, tune_collector
 from .pubsub.base import make_node_name
 from .server import PacedAccept, WebSocketHandler, drain_all, header_timeout_from_env
 
@@ -83,6 +86,7 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
         self._draining = False
         # PHX_HEADER_TIMEOUT: gunicorn has no setting of ours; a bad value stops the boot with its reason.
         timeout = header_timeout_from_env()
+        self._gc_threshold = threshold_from_env()  # PHX_GC_THRESHOLD, checked before the app loads
 
         class _ThisWorkersServer(_Server):
             phx_header_timeout = timeout
@@ -94,7 +98,10 @@ class GeventWebSocketWorker(GeventPyWSGIWorker):
         super().load_wsgi()
         nodes = self._start_pubsub()
         self._check_pubsub()
-        self.log.info("phx_gevent: worker %d ready (node %s)", os.getpid(), ", ".join(nodes) or "-")
+        # The app is loaded: freeze start-up's objects, fewer collections (phx_gevent.collector).
+        frozen = tune_collector(self._gc_threshold)
+        gc_note = describe(self._gc_threshold, frozen)
+        self.log.info("phx_gevent: worker %d ready (node %s, %s)", os.getpid(), ", ".join(nodes) or "-", gc_note)
 
     def _start_pubsub(self) -> list[str]:
         # Start each PubSub here, after the fork: the Redis adapter subscribes

@@ -17,7 +17,8 @@ commit to compare with: ``git archive <commit> | tar -x -C DIR``), and
 connections as gevent does (``phx_gevent.accepting.PacedAccept`` off), ``=pause`` pauses
 the accepts after each batch instead (the variant evaluated); ``PHX_GCLOG=1`` logs
 generation-2 collections and event-loop stalls to stderr; ``PHX_GC=off`` disables the
-cyclic garbage collector (a diagnostic, never a setting).
+cyclic garbage collector (a diagnostic, never a setting); ``PHX_GC_THRESHOLD`` is read as
+the gunicorn worker reads it (``phx_gevent.collector``: default 10000, ``off`` for Python's own).
 ``PHX_MEMPROBE=<file>`` traces allocations (tracemalloc) and, on each SIGUSR1,
 appends a snapshot of them plus object counts by type to ``<file>``
 (``benchmarks/memprobe.py`` reads them).
@@ -147,15 +148,18 @@ def install_gclog() -> None:
     import time
 
     started = [0.0]
+    spent = [0.0, 0.0, 0.0]  # seconds in collections of each generation, so far
 
     def callback(phase: str, info: dict) -> None:
         if phase == "start":
             started[0] = time.perf_counter()
             return
         took = time.perf_counter() - started[0]
+        spent[info["generation"]] += took
         if info["generation"] == 2 or took > 0.02:
             line = f"GC gen{info['generation']} {took * 1000:.1f} ms, {info['collected']} collected"
-            print(line, file=sys.stderr, flush=True)
+            total = " / ".join(f"{s * 1000:.0f}" for s in spent)
+            print(f"{line} (ms in gen0 / gen1 / gen2 so far: {total})", file=sys.stderr, flush=True)
 
     gc.callbacks.append(callback)
 
@@ -277,6 +281,12 @@ def main() -> None:
             server._do_read = paused_read
     if os.environ.get("PHX_DASHBOARD_OPEN") == "1":
         open_dashboard(server.server_port)
+    try:  # as phx_gevent.serve() and the gunicorn worker do (PHX_GC_THRESHOLD=off: Python's settings)
+        from phx_gevent.collector import threshold_from_env, tune_collector
+    except ImportError:  # an older tree (PHX_ROOT)
+        pass
+    else:
+        tune_collector(threshold_from_env())
     serve(server)
 
 
