@@ -36,6 +36,28 @@ class PacedAccept:
     _phx_pending: deque[tuple[Any, ...]] | None = None
     _phx_armed = False
     _phx_timer: Any = None
+    #: Sockets whose handler has ended but whose connection lives on (see :meth:`phx_keep`).
+    _phx_kept: set[Any] | None = None
+
+    def phx_keep(self, sock: Any) -> None:
+        """Leave ``sock`` open when its handler returns: an upgraded connection now served elsewhere.
+
+        gevent closes a connection's socket once its handler greenlet is
+        done; a WebSocket served by a read watcher (``transports.websocket``)
+        outlives that greenlet and closes the socket itself. Without this, the
+        socket had to be detached and wrapped anew (five system calls and a
+        gevent socket per connection).
+        """
+        if self._phx_kept is None:
+            self._phx_kept = set()
+        self._phx_kept.add(sock)
+
+    def do_close(self, sock: Any, *args: Any) -> None:
+        kept = self._phx_kept
+        if kept and sock in kept:
+            kept.discard(sock)  # the handler is done; the connection's end closes the socket
+            return
+        super().do_close(sock, *args)  # type: ignore[misc]
 
     def do_handle(self, *args: Any) -> None:
         pending = self._phx_pending
@@ -77,6 +99,6 @@ class PacedAccept:
         while pending:
             args = pending.popleft()
             try:
-                self.do_close(*args)  # type: ignore[attr-defined]
+                self.do_close(*args)
             except OSError:
                 pass

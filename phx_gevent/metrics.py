@@ -3,7 +3,9 @@
 Needs ``prometheus_client`` (``pip install phx_gevent[metrics]``).
 
 Counters and the histogram are updated by telemetry receivers as events
-happen; gauges (connections, channels, queued bytes, PubSub state) are set
+happen (connects and joins are counted in the process and added to their
+counters with each sample: at most a second later, and always before a
+scrape is answered); gauges (connections, channels, queued bytes, PubSub state) are set
 from the endpoint's sampler (:mod:`phx_gevent.observe`) every second and
 again when a scrape arrives.
 
@@ -124,6 +126,9 @@ class _Metrics:
         self.outages = prom.Counter("phx_pubsub_outages", "PubSub adapter outages", registry=r)
         self.drained = prom.Counter("phx_socket_drained", "Connections drained at shutdown", registry=r)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        #: Connects (by transport and result) and joins (by route and result) not yet flushed.
+        self._connects: dict[tuple[str, str], int] = {}
+        self._joins: dict[tuple[str, str], int] = {}
         self.seen_routes: set[str] = set()
         self.seen_mounts: set[tuple[str, str]] = set()
         self._connect()
@@ -153,10 +158,26 @@ class _Metrics:
         return child
 
     def _on_connected(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        self._child(self.connects, metadata["transport"], metadata["result"]).inc()
+        # Counted here, added to the Prometheus counter at the next sample (a second at most, and
+        # before every scrape): prometheus_client takes a lock per increment, and a reconnect
+        # storm makes tens of thousands of connects and joins a second.
+        key = (metadata["transport"], metadata["result"])
+        counts = self._connects
+        counts[key] = counts.get(key, 0) + 1
 
     def _on_joined(self, sender: Any, measurements: Any, metadata: Any) -> None:
-        self._child(self.joins, metadata["route"], metadata["result"]).inc()
+        key = (metadata["route"], metadata["result"])
+        counts = self._joins
+        counts[key] = counts.get(key, 0) + 1
+
+    def flush(self) -> None:
+        """Add the connects and joins counted since the last flush to their Prometheus counters."""
+        for metric, counts in ((self.connects, self._connects), (self.joins, self._joins)):
+            if counts:
+                pending = list(counts.items())
+                counts.clear()
+                for labels, n in pending:
+                    self._child(metric, *labels).inc(n)
 
     def _on_handled_in(self, sender: Any, measurements: Any, metadata: Any) -> None:
         self._child(self.handle_in, metadata["channel"]).observe(measurements["duration"])
@@ -176,6 +197,7 @@ class _Metrics:
     def sample(self, snapshot: dict[str, Any]) -> None:
         """Set the gauges from a sampler snapshot (:meth:`phx_gevent.observe.Observer.snapshot`)."""
         # Once a second and on every scrape: the labelled children are kept (_child), not looked up.
+        self.flush()
         mounts = set()
         for mount in snapshot["mounts"]:
             for transport in ("websocket", "longpoll"):

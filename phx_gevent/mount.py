@@ -193,7 +193,7 @@ class SocketMount:
                     "serializer": "{}.{}".format(*socket.serializer.version) if socket is not None else None,
                     "result": "ok" if what == "connected" else "error",
                     "socket_id": socket.id if socket is not None else None,
-                    "params": sorted(str(k) for k in params),
+                    "params": sorted(map(str, params)),
                 },
             )
         if self.log_level is not None and log.isEnabledFor(self.log_level):

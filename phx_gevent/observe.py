@@ -40,6 +40,7 @@ from flask import Response, request
 from . import telemetry
 from .flow import flow
 from .pubsub.local import ALL_EVENTS
+from .runtime import process_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from .endpoint import Endpoint
@@ -214,7 +215,7 @@ class Observer:
 
     def ensure_started(self) -> None:
         """Start the sampler in this process (again after a fork; idempotent)."""
-        pid = os.getpid()
+        pid = process_id()  # called for every new connection: no getpid() system call each time
         if self._pid == pid and self._greenlet is not None:
             return
         if self._pid != pid and self._pid:

@@ -22,6 +22,7 @@ last owner of a setting goes, the setting returns to its default.
 from __future__ import annotations
 
 import gc
+import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .transports.flusher import Flusher
     from .transports.sweeper import IdleSweeper
 
-__all__ = ["Runtime", "runtime", "DIRECT_BUDGET", "DIRECT_PERIOD"]
+__all__ = ["Runtime", "runtime", "DIRECT_BUDGET", "DIRECT_PERIOD", "process_id"]
 
 # With ``flow.direct_send``, at most DIRECT_BUDGET frames per DIRECT_PERIOD
 # seconds are sent at once from the fan-out, and only while the flusher is idle;
@@ -206,3 +207,20 @@ def _unset(name: str, value: Any) -> bool:
 
 #: The process's runtime; its :attr:`~Runtime.flow` is :data:`phx_gevent.flow.flow`.
 runtime = Runtime(flow)
+
+
+#: This process's id, kept up to date across forks: ``os.getpid()`` is a system call each time.
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def process_id() -> int:
+    """This process's id, without a system call (updated in a child after ``os.fork()``)."""
+    return _pid

@@ -43,8 +43,16 @@ def read_both(block: bytes) -> tuple[tuple[object, ...], tuple[object, ...]]:
         environ_pairs = list(pywsgi.WSGIHandler._headers(type("H", (), {"headers": msg})()))
         if isinstance(msg, PlainHeaders):  # what phx_gevent's handler yields for the environ
             environ_pairs = list(environ_headers(msg))
-        out.append((msg.status, list(msg.items()), list(msg.headers), environ_pairs, msg.get("host"), fp.read()))
+        lookups = [(msg.get(n), msg.get(n, "-"), msg[n], n in msg) for n in NAMES]
+        del msg["x-dup"]  # as pywsgi deletes content-length of a chunked request
+        msg["X-Added"] = "new"
+        lookups += [(msg.get(n), n in msg) for n in ("X-Dup", "x-added", "host")]
+        out.append((msg.status, list(msg.items()), list(msg.headers), environ_pairs, lookups, fp.read()))
     return tuple(out[0]), tuple(out[1])
+
+
+# Header lookups (PlainHeaders answers them from an index): any case, missing names, duplicates.
+NAMES = ["host", "HOST", "Content-Length", "x-dup", "X-Latin", "x-empty", "X-Blanks", "missing", "x_under"]
 
 
 @pytest.mark.parametrize("block", BLOCKS)

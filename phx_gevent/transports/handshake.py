@@ -210,10 +210,14 @@ def _run(mount: SocketMount, socket: SocketState, serializer: Serializer, deflat
 
 
 def _detach(wsgi_handler: Any, sock: Any) -> Any:
-    """A new gevent socket for ``sock``'s descriptor; the handler and its server no longer close it."""
-    family, type_, proto = sock.family, sock.type, sock.proto
-    fd = sock.detach()  # the server's own close() of the old object is now a no-op
+    """``sock``, or a new gevent socket for its descriptor: neither the handler nor its server closes it now."""
     wsgi_handler.socket = None  # pywsgi's keep-alive loop ends without touching the descriptor
     # The access log line is written when the connection ends (WebSocketTransport._end).
     wsgi_handler.phx_log_deferred = True
+    keep = getattr(getattr(wsgi_handler, "server", None), "phx_keep", None)
+    if keep is not None:
+        keep(sock)  # our servers (accepting.PacedAccept) skip their close of this socket
+        return sock
+    family, type_, proto = sock.family, sock.type, sock.proto
+    fd = sock.detach()  # another server's own close() of the old object is now a no-op
     return _gsocket.socket(family, type_, proto, fileno=fd)

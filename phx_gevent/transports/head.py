@@ -32,7 +32,50 @@ _NOT_HTTP = ("CONTENT_TYPE", "CONTENT_LENGTH")
 
 
 class PlainHeaders(OldMessage):
-    """A header block of plain ``Name: value`` lines only (what :func:`read_headers` builds itself)."""
+    """A header block of plain ``Name: value`` lines only (what :func:`read_headers` builds itself).
+
+    Lookups by name use an index made on the first one: pywsgi asks for a
+    handful of headers per request, and the email message's own ``get``
+    lowercases every name each time and re-checks each value for surrogates
+    (which a Latin-1 decoded line cannot hold). Results are the message's own:
+    the first header of a name wins; a change to the block drops the index.
+    """
+
+    _index: dict[str, str] | None = None
+
+    def _lookup(self) -> dict[str, str]:
+        index = self._index
+        if index is None:
+            index = {}
+            for name, value in self._headers:
+                index.setdefault(name.lower(), value)
+            self._index = index
+        return index
+
+    def get(self, name: str, failobj: Any = None) -> Any:
+        return self._lookup().get(name.lower(), failobj)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._lookup().get(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._lookup()
+
+    def __setitem__(self, name: str, val: Any) -> None:
+        self._index = None
+        super().__setitem__(name, val)
+
+    def __delitem__(self, name: str) -> None:
+        self._index = None
+        super().__delitem__(name)
+
+    def set_raw(self, name: str, value: Any) -> None:
+        self._index = None
+        super().set_raw(name, value)
+
+    def replace_header(self, _name: str, _value: Any) -> None:
+        self._index = None
+        super().replace_header(_name, _value)
 
 
 def environ_headers(headers: PlainHeaders) -> Any:
