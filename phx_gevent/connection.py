@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +131,15 @@ class Connection:
     def send_encoded(self, data: str | bytes) -> None:
         """Queue one message the serializer already encoded."""
         self.transport.send(data)
+
+    def hold_output(self) -> Callable[[], None] | None:
+        """Hold what is sent from now on until the returned callable runs (one ``send()`` for a burst).
+
+        ``None`` when the transport cannot (long-poll, TLS, output already
+        pending); see :meth:`~phx_gevent.transports.writer.Writer.hold`.
+        """
+        hold = getattr(self.transport, "hold", None)
+        return hold() if hold is not None else None
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ overtake the reply, and no broadcast published after it is missed. A join with
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -44,22 +45,31 @@ def join(proc: ChannelProcess, payload: Any, ref: Any, timeout: float | None) ->
         timer = gevent.Timeout(timeout)
         timer.start()
     proc.greenlet = gevent.getcurrent()  # for call()'s "cannot call itself" check
+    release: list[Callable[[], None]] = []  # the held output of a join that queued messages
     try:
-        joined = _run_join(proc, payload, ref)
-        if timer is not None and not timer.pending and proc.state == JOINING:
-            raise timer  # it expired in the join, which caught and ignored it
-    except gevent.Timeout as exc:
-        if exc is not timer:
-            raise
-        joined = _timed_out(proc, ref, timeout)
+        try:
+            joined = _run_join(proc, payload, ref, release)
+            if timer is not None and not timer.pending and proc.state == JOINING:
+                raise timer  # it expired in the join, which caught and ignored it
+        except gevent.Timeout as exc:
+            if exc is not timer:
+                raise
+            joined = _timed_out(proc, ref, timeout)
+        finally:
+            proc.greenlet = None
+            if timer is not None:
+                timer.close()
+        if joined and proc.mailbox:
+            # What the join queued (after_join) runs in the channel's greenlet, from the hub's next turn;
+            # the reader goes on meanwhile (later messages of this channel queue behind it, in order).
+            proc._activate()
+            if release and proc.greenlet is not None:
+                # Released by the hub right after that run (callbacks run in order): the pushes of a
+                # run that does not block leave in the reply's send(); one that blocks lets it go then.
+                gevent.get_hub().loop.run_callback(release.pop())
     finally:
-        proc.greenlet = None
-        if timer is not None:
-            timer.close()
-    if joined and proc.mailbox:
-        # What the join queued (after_join) runs in the channel's greenlet, from the hub's next turn;
-        # the reader goes on meanwhile (later messages of this channel queue behind it, in order).
-        proc._activate()
+        if release:
+            release.pop()()  # not handed to the hub: out now
     return joined
 
 
@@ -74,7 +84,7 @@ def _timed_out(proc: ChannelProcess, ref: Any, timeout: float | None) -> bool:
     return False
 
 
-def _run_join(proc: ChannelProcess, payload: Any, ref: Any) -> bool:
+def _run_join(proc: ChannelProcess, payload: Any, ref: Any, release: list[Callable[[], None]]) -> bool:
     conn = proc.conn
     try:
         outcome = proc.instance.join(proc.topic, payload, proc.socket)
@@ -110,6 +120,12 @@ def _run_join(proc: ChannelProcess, payload: Any, ref: Any) -> bool:
             conn.pubsub.subscribe(proc.topic, proc)
             proc.state = JOINED
             proc.socket.joined = True
+            if proc.mailbox:
+                # The join queued messages (after_join, whose pushes follow at once): hold the
+                # connection's output so that the reply and those pushes leave in one send().
+                held = conn.hold_output()
+                if held is not None:
+                    release.append(held)
             conn.send_encoded(data)
         proc.partition.joined += 1
         return True

@@ -42,9 +42,9 @@ from .frames import (
     text_frame,
     unmask,
 )
+from .greenlet_writer import make_writer
 from .writer import CLOSED as WRITER_CLOSED
 from .writer import OPEN as WRITER_OPEN
-from .writer import make_writer
 from .ws_encoders import DeflateWebSocketEncoder, deflate_message, encoder_for
 
 __all__ = ["WebSocketOptions", "WebSocketTransport", "encoder_for", "DeflateWebSocketEncoder"]
@@ -181,6 +181,10 @@ class WebSocketTransport:
             self.writer.write_now(text_frame(data))
         else:
             self.writer.write_now(frame(OP_BINARY, data))
+
+    def hold(self) -> Any:
+        """Hold the output until the returned release runs (``Writer.hold``); ``None`` if it cannot."""
+        return self.writer.hold()
 
     def close(self, code: int | None = None, reason: str = "") -> None:
         """Send a close frame after what is queued; reset the TCP connection if the peer does not answer."""

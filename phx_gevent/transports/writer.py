@@ -20,10 +20,10 @@ import logging
 import socket as _pysocket
 import struct
 import time
+from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
-import gevent
 from gevent.event import Event
 
 from .. import telemetry
@@ -35,11 +35,9 @@ from .flusher import Flusher
 __all__ = [
     "WriterState",
     "Writer",
-    "GreenletWriter",
     "Flusher",
     "configure_socket",
     "emit_slow_client_drop",
-    "make_writer",
 ]
 
 log = logging.getLogger(__name__)
@@ -105,6 +103,7 @@ class Writer:
         "sent_bytes",
         "close_code",
         "_closed_event",
+        "held",
         "__weakref__",
     )
 
@@ -128,6 +127,8 @@ class Writer:
         self.sent_bytes = 0
         self.close_code: int | None = None
         self._closed_event: Any = None
+        #: Output is held back by :meth:`hold` until :meth:`release`.
+        self.held = False
 
     # -- queueing -------------------------------------------------------------------------
 
@@ -212,6 +213,37 @@ class Writer:
         self._append(memoryview(data)[sent:])
         if not self.state:
             self._wait_writable()
+
+    def hold(self) -> Callable[[], None] | None:
+        """Keep what is written from now on until the returned ``release`` runs; ``None``: cannot hold now.
+
+        For a burst known to come from other greenlets within a hub turn (a
+        join reply and the ``after_join`` pushes of its channel): it then
+        leaves in one ``send()`` instead of one each. Writes are queued in
+        order as usual, nothing is flushed meanwhile; ``release`` sends them
+        (or hands them to the flusher under load). Only an idle, open writer
+        holds: with output already pending, the flusher or the I/O watcher
+        is about to send anyway.
+        """
+        if self.state or self.queue or self.scheduled:
+            return None
+        self.scheduled = True  # write() then queues and schedules nothing (see write)
+        self.held = True
+        return self.release
+
+    def release(self) -> None:
+        """End a :meth:`hold`: send what was queued meanwhile. Idempotent; never blocks."""
+        if not self.held:
+            return
+        self.held = False
+        self.scheduled = False
+        if self.state == CLOSED or not self.queue:
+            return
+        if flow.direct_send and not self.flusher.armed and runtime.direct_budget(_monotonic()):
+            self.flush()  # as write()'s first frame of a burst: one send now, the rest on the watcher
+        else:
+            self.scheduled = True
+            self.flusher.schedule(self)
 
     def _append(self, data: Any) -> None:
         n = len(data)
@@ -409,71 +441,3 @@ class Writer:
             self.watcher = None
             watcher.stop()
             watcher.close()
-
-
-class GreenletWriter(Writer):
-    """Writer for sockets whose bytes cannot be written raw (TLS): a greenlet does ``sendall``."""
-
-    __slots__ = ("_greenlet",)
-
-    def __init__(self, sock: Any, encoder: Any) -> None:
-        super().__init__(sock, encoder)
-        self._greenlet: Any = None
-
-    def write_now(self, data: bytes) -> None:
-        self.write(data)  # its greenlet sends as soon as it runs
-
-    def write(self, data: bytes | memoryview) -> None:
-        if self.state:
-            return
-        if not self.queue:
-            self.last_drain = _monotonic()
-        self._append(data)
-        self._kick()
-
-    def close(self, code: int | None = None, reason: str = "") -> None:
-        if self.state:
-            return
-        self.close_code = code
-        self.state = CLOSING
-        data = frames.close_frame(code, reason)
-        self.queue.append(data)
-        self.qbytes += len(data)
-        flow.queued += len(data)
-        self._kick()
-
-    def _kick(self) -> None:
-        if self._greenlet is None:
-            self._greenlet = gevent.spawn(self._drain)
-
-    def _drain(self) -> None:
-        try:
-            while self.queue and self.state != CLOSED:
-                data = _join(self.queue)
-                self.queue.clear()
-                try:
-                    self.sock.sendall(data)
-                except OSError:
-                    self.abort()
-                    return
-                n = len(data)
-                self.sent_bytes += n
-                self._account_sent(n)
-                self.last_drain = _monotonic()
-            if self.state == CLOSING and not self.queue:
-                self._closed(self.sock, _pysocket.SHUT_WR)
-        finally:
-            self._greenlet = None
-
-    def abort(self, code: int | None = None, reason: str = "") -> None:
-        if self.state == CLOSED:
-            return
-        self._release()
-        self._closed(self.sock, _pysocket.SHUT_RDWR)
-
-
-def make_writer(sock: Any, encoder: Any) -> Writer:
-    """The right writer for ``sock``: raw non-blocking for TCP and unix sockets, greenlet for TLS."""
-    if hasattr(sock, "_sslobj") or not hasattr(sock, "_sock"):
-        return GreenletWriter(sock, encoder)
-    return Writer(sock, encoder)
