@@ -138,7 +138,9 @@ class Member:
 
 def members_on_both(js: Any, server: Gunicorn, topic: str, reconnect_ms: int, longpoll: bool = False) -> list[Member]:
     members: list[Member] = []
-    for i in range(12):
+    # Which worker accepts a connection is up to the kernel's wake-up order, and it can favour
+    # one worker for a long run of connections: keep connecting until both have some.
+    for i in range(40):
         members.append(Member(js, server, topic, longpoll and i % 2 == 1, reconnect_ms))
         if len(members) >= 4 and len({m.pid for m in members}) == 2:
             return members
