@@ -32,6 +32,7 @@ from .transports import http as phx_http
 from .transports.wsgi_handler import DEFAULT_HEADER_TIMEOUT, WebSocketHandler
 
 __all__ = [
+    "DEFAULT_BACKLOG",
     "DEFAULT_HEADER_TIMEOUT",
     "HEADER_TIMEOUT_ENV",
     "PacedAccept",
@@ -213,7 +214,8 @@ def make_server(
     ``header_timeout``: seconds a request head may take, also the idle
     keep-alive limit (``None``/0: no limit; under gunicorn set
     ``PHX_HEADER_TIMEOUT``, see :func:`header_timeout_from_env`). Extra
-    keyword arguments go to :class:`gevent.pywsgi.WSGIServer`.
+    keyword arguments go to :class:`gevent.pywsgi.WSGIServer`; ``backlog``
+    defaults to :data:`DEFAULT_BACKLOG` (gevent's own is 128).
     The :class:`Server` drains channel-holding connections on SIGTERM and
     Ctrl-C in ``serve_forever()``. Raises ``ValueError``
     (:class:`~phx_gevent.options.ConfigurationError` for ``header_timeout``) for bad settings.
@@ -224,6 +226,10 @@ def make_server(
     """
     check_patched()
     return make_server_on(app, (host, port), host, allowed_hosts=allowed_hosts, header_timeout=header_timeout, **kwargs)
+
+
+#: The listen queue of a server :func:`make_server` binds (``backlog=`` changes it), as gunicorn's default.
+DEFAULT_BACKLOG = 2048
 
 
 def make_server_on(
@@ -241,6 +247,10 @@ def make_server_on(
     rules = phx_http.compile_hosts(allowed_hosts)
     header_timeout = check_header_timeout(header_timeout)
     kwargs.setdefault("handler_class", WebSocketHandler)
+    if isinstance(listener, tuple):
+        # gevent listens with a queue of 128: a reconnect storm overflows it, and a dropped SYN
+        # costs its client a retry a second later. gunicorn's default instead (the kernel caps it).
+        kwargs.setdefault("backlog", DEFAULT_BACKLOG)
     server = Server(listener, app, **kwargs)
     server.phx_allowed_hosts = rules
     server.phx_header_timeout = header_timeout

@@ -1,4 +1,4 @@
-"""The garbage collector of a server process (phx_gevent.collector): serve() and the gunicorn worker.
+"""How the servers set up their process: the garbage collector (phx_gevent.collector) and the listen backlog.
 
 ``tune_collector`` changes process-wide state (``gc.freeze``, thresholds), so
 it is exercised in child processes, never in the test process.
@@ -100,3 +100,21 @@ def test_serve_tunes_the_collector_before_serving(monkeypatch):
     assert calls == [("tune", DEFAULT_THRESHOLD), "serve", ("tune", None), "serve"]
     with pytest.raises(ConfigurationError):
         server_module.serve(Flask("gc_serve_bad"), "127.0.0.1", 0, gc_threshold=5)
+
+
+def test_make_server_listens_with_gunicorns_backlog_not_gevents():
+    from flask import Flask
+
+    from phx_gevent import make_server
+    from phx_gevent.server import DEFAULT_BACKLOG
+
+    server = make_server(Flask("backlog"), "127.0.0.1", 0)
+    try:
+        assert server.backlog == DEFAULT_BACKLOG == 2048
+    finally:
+        server.close()
+    small = make_server(Flask("backlog_small"), "127.0.0.1", 0, backlog=64)
+    try:
+        assert small.backlog == 64
+    finally:
+        small.close()
