@@ -674,6 +674,7 @@ def cmd_storm(args: argparse.Namespace) -> None:
             ("join p99 ms", "joinMs.p99", 0),
             ("heartbeat p99 ms (base)", "hbRttMs.p99", 0),
             ("heartbeats missed", "hbMissed", 0),
+            ("client loop delay p99 ms", "clientLoopDelayMs.p99", 0),
             ("server us/join", "serverUsPerJoin", 0),
             ("server CPU", "serverCpu", 2),
             ("client CPU", "clientCpu", 2),

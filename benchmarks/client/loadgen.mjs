@@ -17,7 +17,7 @@
 
 import http from "node:http";
 import fs from "node:fs";
-import { performance } from "node:perf_hooks";
+import { monitorEventLoopDelay, performance } from "node:perf_hooks";
 import WebSocket from "ws";
 
 const cfg = JSON.parse(process.argv[2] || "{}");
@@ -876,6 +876,10 @@ async function stormWorkload() {
   let failed = 0;
   const meter = new Meter();
   meter.start();
+  // This process's own event-loop delay during the storm: a heartbeat reply that arrives while the
+  // loop is busy with storm clients is read late, and its round trip includes that wait.
+  const loopDelay = monitorEventLoopDelay({ resolution: 5 });
+  loopDelay.enable();
   const t0 = now();
   // scale.py: `topicPerClient` gives every storm client a topic of its own (each join subscribes a
   // new topic on its worker); `stormConcurrency` > 0 lets only that many clients connect at a time.
@@ -911,6 +915,8 @@ async function stormWorkload() {
   );
   const seconds = (now() - t0) / 1000;
   const m = meter.stop();
+  loopDelay.disable();
+  result.clientLoopDelayMs = { p50: loopDelay.percentile(50) / 1e6, p99: loopDelay.percentile(99) / 1e6, max: loopDelay.max / 1e6 };
   const hbN = stats.hbRttN;
   await sleep(hbMs);
   for (const t of timers) clearInterval(t.id);
