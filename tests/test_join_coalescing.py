@@ -110,3 +110,40 @@ def test_a_join_without_after_join_is_answered_at_once(mounted, sends):
     assert ws.recv_json()[3:5] == ["news", {"x": 1}]
     gevent.sleep(0)
     ws.close()
+
+
+def test_reads_of_joined_connections_are_served_from_the_poll_others_behind_the_callbacks(monkeypatch):
+    # A reconnect storm makes thousands of new connections readable in one poll; their joins are
+    # served from the hub's callback queue (a few ms per turn), so that the reads of connections
+    # already joined (heartbeats) are not held behind all of them.
+    from types import SimpleNamespace
+
+    from gevent import socket as gsocket
+
+    from phx_gevent.options import WebSocketOptions
+    from phx_gevent.serializers import V2
+    from phx_gevent.transports import websocket
+
+    served: list[Any] = []
+    monkeypatch.setattr(websocket, "reader_pool", lambda: SimpleNamespace(run_from_hub=served.append))
+    a, b = gsocket.socketpair()
+    try:
+        transport = websocket.WebSocketTransport(a, WebSocketOptions(), V2)
+        transport._watcher = gevent.get_hub().loop.io(a.fileno(), 1)
+        transport.conn = SimpleNamespace(channels={"room:1": object()})
+        transport._readable()
+        assert served == [transport._wakeup]  # at once, from the watcher's callback
+        served.clear()
+        transport.conn = SimpleNamespace(channels={})
+        transport._readable()
+        assert served == []  # not yet: queued behind the callbacks
+        gevent.sleep(0)
+        assert served == [transport._wakeup]
+        served.clear()
+        transport._readable()
+        transport._watcher = None  # the connection ended before its turn: nothing is served
+        gevent.sleep(0)
+        assert served == []
+    finally:
+        a.close()
+        b.close()

@@ -15,7 +15,7 @@ from typing import Any
 import gevent
 from gevent.pool import Pool
 
-__all__ = ["Partition", "Partitions", "TRIM_PERIOD", "default_partitions"]
+__all__ = ["Partition", "Partitions", "TRIM_PERIOD", "default_partitions", "reader_pool"]
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +157,20 @@ class Partitions:
     def stats(self) -> list[dict[str, int]]:
         """Per partition: running and parked worker greenlets, and joined channels."""
         return [p.stats() for p in self.partitions]
+
+
+_readers: Partition | None = None
+_readers_loop: Any = None
+
+
+def reader_pool() -> Partition:
+    """The worker greenlets that serve watched WebSocket connections' reads (one pool per hub, unbounded).
+
+    Separate from the channel partitions, whose pools an application may
+    bound: a wake-up is started from a hub callback and must never wait.
+    """
+    global _readers, _readers_loop
+    loop = gevent.get_hub().loop
+    if _readers is None or _readers_loop is not loop:
+        _readers, _readers_loop = Partition(), loop
+    return _readers

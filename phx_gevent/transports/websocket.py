@@ -22,7 +22,7 @@ from typing import Any
 import gevent
 
 from .. import memory
-from ..channels.pool import Partition
+from ..channels.pool import reader_pool
 from ..connection import Connection
 from ..errors import ConnectionOverloaded
 from ..flow import flow
@@ -75,23 +75,6 @@ class _EOF(Exception):
 
 class _WouldBlock(Exception):
     """No more data for now (watched connections): re-arm the watcher and let the worker go."""
-
-
-_readers: Partition | None = None
-_readers_loop: Any = None
-
-
-def _reader_pool() -> Partition:
-    """The worker greenlets that serve watched connections' reads (one pool per hub, unbounded).
-
-    Separate from the channel partitions, whose pools an application may
-    bound: a wake-up is started from a hub callback and must never wait.
-    """
-    global _readers, _readers_loop
-    loop = gevent.get_hub().loop
-    if _readers is None or _readers_loop is not loop:
-        _readers, _readers_loop = Partition(), loop
-    return _readers
 
 
 class WebSocketTransport:
@@ -250,14 +233,27 @@ class WebSocketTransport:
         runtime.sweeper().add(self)
         self._watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
         if self.buf:
-            _reader_pool().run(self._wakeup)  # the client's first frames came with its request
+            reader_pool().run(self._wakeup)  # the client's first frames came with its request
         else:
             self._watcher.start(self._readable)
 
     def _readable(self) -> None:
         # Hub callback of the read watcher (never blocks): a worker serves the data.
-        self._watcher.stop()
-        _reader_pool().run_from_hub(self._wakeup)
+        watcher = self._watcher
+        watcher.stop()
+        conn = self.conn
+        if conn is not None and conn.channels:
+            reader_pool().run_from_hub(self._wakeup)  # a joined client (heartbeats, pushes): now
+        else:
+            # Not joined yet. In a reconnect storm thousands of these become readable in one poll,
+            # and serving their joins there held everything else (joined clients' heartbeats,
+            # timers) for hundreds of ms. Behind the hub's callbacks instead, which it runs a few
+            # ms at a time between polls; a worker is taken only then, so none is held meanwhile.
+            watcher.loop.run_callback(self._serve_deferred)
+
+    def _serve_deferred(self) -> None:
+        if self._watcher is not None:
+            reader_pool().run_from_hub(self._wakeup)
 
     def _wakeup(self) -> None:
         # In a reader worker greenlet: handle what arrived, then wait on the watcher again.
