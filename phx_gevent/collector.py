@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 from collections.abc import Mapping
 
-from .options import ConfigurationError
+from .options import ConfigurationError, from_env
 
 __all__ = ["DEFAULT_THRESHOLD", "THRESHOLD_ENV", "check_threshold", "describe", "threshold_from_env", "tune_collector"]
 
@@ -70,15 +69,7 @@ def threshold_from_env(environ: Mapping[str, str] | None = None) -> int | None:
     for a value that is not such a number (the worker then fails to boot,
     saying why).
     """
-    raw = (os.environ if environ is None else environ).get(THRESHOLD_ENV, "").strip()
-    if not raw:
-        return DEFAULT_THRESHOLD
-    if raw.lower() in ("off", "none"):
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigurationError(f"{THRESHOLD_ENV}={raw!r} must be a whole number (e.g. 10000) or 'off'") from None
+    value = from_env(environ, THRESHOLD_ENV, DEFAULT_THRESHOLD, int, "a whole number (e.g. 10000)")
     return check_threshold(value, THRESHOLD_ENV)
 
 

@@ -18,7 +18,8 @@ either).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ __all__ = [
     "check_connect_info",
     "check_seconds",
     "defaults",
+    "from_env",
     "parse",
 ]
 
@@ -257,6 +259,7 @@ def _check_path(group: str, path: Any) -> None:
 
 
 _T = TypeVar("_T", WebSocketOptions, LongPollOptions, DrainerOptions)
+_V = TypeVar("_V")
 
 
 def parse(cls: type[_T], value: Any, group: str) -> _T | None:
@@ -284,3 +287,25 @@ def parse(cls: type[_T], value: Any, group: str) -> _T | None:
 def defaults(cls: type[Any]) -> dict[str, Any]:
     """The default of each option of ``cls`` (a dict, for documentation and tests)."""
     return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def from_env(
+    environ: Mapping[str, str] | None, name: str, default: _V, convert: Callable[[str], _V], expected: str
+) -> _V | None:
+    """A setting of the gunicorn worker read from environment variable ``name`` (``environ``: os.environ).
+
+    Unset or blank: ``default``; ``off`` or ``none`` (any case): ``None``;
+    otherwise ``convert(value)``. Raises :class:`ConfigurationError` naming
+    the variable, its value and ``expected`` (e.g. ``"a number of seconds
+    (e.g. 20)"``) when ``convert`` raises ``ValueError``; checking the
+    plausibility of the result is the caller's.
+    """
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() in ("off", "none"):
+        return None
+    try:
+        return convert(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} must be {expected} or 'off'") from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import signal
 import sys
 import threading
@@ -26,7 +25,7 @@ from .accepting import PacedAccept
 from .collector import DEFAULT_THRESHOLD, check_threshold, tune_collector
 from .drain import drain_all
 from .errors import NotMonkeyPatchedError
-from .options import ConfigurationError, check_seconds
+from .options import check_seconds, from_env
 from .shutdown import StopClosesWebSockets
 from .transports import http as phx_http
 from .transports.wsgi_handler import DEFAULT_HEADER_TIMEOUT, WebSocketHandler
@@ -70,17 +69,7 @@ def header_timeout_from_env(environ: Any = None) -> float | None:
     :class:`~phx_gevent.options.ConfigurationError` for a value that is not a
     plausible number of seconds (the worker then fails to boot, saying why).
     """
-    raw = (os.environ if environ is None else environ).get(HEADER_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_HEADER_TIMEOUT
-    if raw.lower() in ("off", "none"):
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(
-            f"{HEADER_TIMEOUT_ENV}={raw!r} must be a number of seconds (e.g. 20) or 'off'"
-        ) from None
+    value = from_env(environ, HEADER_TIMEOUT_ENV, DEFAULT_HEADER_TIMEOUT, float, "a number of seconds (e.g. 20)")
     return check_header_timeout(value, HEADER_TIMEOUT_ENV)
 
 
