@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Any
 
 import pytest
 
@@ -162,3 +163,55 @@ def test_slot_map_owner_lookup_and_redirect_errors():
     assert slots == SlotMap.from_reply(list(reversed(reply)), "seed")
     assert is_redirect(MovedError("3999 127.0.0.1:6381")) and is_redirect(AskError("3999 127.0.0.1:6381"))
     assert not is_redirect(ResponseError("NOPERM this user has no permissions"))
+
+
+class _FakeNode:
+    """A cluster node's connection answering CLUSTER SLOTS, then INFO server (or refusing INFO)."""
+
+    def __init__(self, version: str | None) -> None:
+        self.version = version
+        self.sent: list[tuple[Any, ...]] = []
+
+    def connect(self) -> None:
+        pass
+
+    def disconnect(self) -> None:
+        pass
+
+    def send_command(self, *args: Any, **kwargs: Any) -> None:
+        self.sent.append(args)
+
+    def read_response(self) -> Any:
+        from redis.exceptions import ResponseError
+
+        if self.sent[-1][0] == "CLUSTER":
+            return [[0, 16383, [b"10.0.0.1", 7000, b"id0"]]]
+        if self.version is None:
+            raise ResponseError("unknown command 'INFO'")  # a managed service that refuses it
+        return f"# Server\r\nredis_version:{self.version}\r\nredis_mode:cluster\r\n".encode()
+
+
+@pytest.mark.parametrize("version", ["6.2.14", "5.0.7"])
+def test_a_cluster_older_than_redis_7_is_refused_with_the_fix(version, monkeypatch):
+    from phx_gevent.pubsub.redis_slots import ClusterVersionError, discover
+
+    t = target("redis+cluster://10.0.0.1:7000")
+    monkeypatch.setattr(type(t), "node_connection", lambda self, host, port, **kw: _FakeNode(version))
+    with pytest.raises(ClusterVersionError, match=f"runs Redis {version}: .*needs Redis 7 or newer.*redis://"):
+        discover(t, [("10.0.0.1", 7000)])
+    adapter = RedisClusterAdapter("redis+cluster://10.0.0.1:7000")
+    monkeypatch.setattr(type(adapter.target), "node_connection", lambda self, host, port, **kw: _FakeNode(version))
+    with pytest.raises(ClusterVersionError):
+        adapter.start(lambda envelope: None)
+    assert not adapter._running  # left stopped: the next start() tries again
+
+
+@pytest.mark.parametrize("version", ["7.0.0", "7.2.4", "8.0.1", None])
+def test_redis_7_or_an_unknown_version_is_accepted(version, monkeypatch):
+    from phx_gevent.pubsub.redis_slots import discover, redis_version
+
+    t = target("redis+cluster://10.0.0.1:7000")
+    monkeypatch.setattr(type(t), "node_connection", lambda self, host, port, **kw: _FakeNode(version))
+    assert discover(t, [("10.0.0.1", 7000)]).owner(42) == ("10.0.0.1", 7000)
+    assert redis_version(b"redis_version:7.2.4\r\n") == (7, 2, 4)
+    assert redis_version("# Server\nredis_mode:cluster\n") is None

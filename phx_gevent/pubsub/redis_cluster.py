@@ -42,7 +42,7 @@ from . import redis_connect
 from .base import Adapter, make_node_name
 from .redis import RedisAdapter
 from .redis_shard import ShardAdapter
-from .redis_slots import Address, SlotMap, cluster_client, discover
+from .redis_slots import Address, ClusterVersionError, SlotMap, cluster_client, discover
 from .redis_topology import Topology
 from .routing import direct_channel, topic_channel
 
@@ -212,7 +212,9 @@ class RedisClusterAdapter(Topology, Adapter):
         """Read the slot map (or keep trying in the background) and start one shard per primary; idempotent.
 
         Never raises because Redis is down. Raises
-        :class:`~phx_gevent.errors.NotMonkeyPatchedError` in an unpatched process.
+        :class:`~phx_gevent.errors.NotMonkeyPatchedError` in an unpatched process, and
+        :class:`~phx_gevent.pubsub.redis_slots.ClusterVersionError` when the cluster runs a
+        Redis older than 7 (no sharded pub/sub); either leaves the adapter stopped.
         """
         self._receive = receive
         if self._running:
@@ -232,6 +234,9 @@ class RedisClusterAdapter(Topology, Adapter):
             shard.start(receive)
         try:
             self._apply(discover(self.target, self._seeds(), self.connect_timeout))
+        except ClusterVersionError:
+            self._running = False
+            raise
         except redis.ConnectionError as exc:
             log.warning("phx_gevent: Redis Cluster %s not reachable yet (%s); retrying", self.target.describe(), exc)
         self._greenlet = supervise.spawn("Redis Cluster topology", self._run_topology)

@@ -12,6 +12,7 @@ import bisect
 from collections.abc import Sequence
 from typing import Any
 
+from ..errors import PhxError
 from . import redis_connect
 
 try:
@@ -19,7 +20,15 @@ try:
 except ImportError:  # pragma: no cover
     redis = None  # type: ignore[assignment]
 
-__all__ = ["Address", "SlotMap", "cluster_client", "discover"]
+__all__ = ["Address", "ClusterVersionError", "MIN_VERSION", "SlotMap", "cluster_client", "discover", "redis_version"]
+
+#: The oldest Redis whose cluster has sharded pub/sub (``SPUBLISH``/``SSUBSCRIBE``), which the adapter uses.
+MIN_VERSION = (7, 0)
+
+
+class ClusterVersionError(PhxError, RuntimeError):
+    """The Redis Cluster runs a Redis older than :data:`MIN_VERSION`: its pub/sub cannot be sharded."""
+
 
 #: A node: ``(host, port)``.
 Address = tuple[str, int]
@@ -73,6 +82,13 @@ def discover(target: redis_connect.RedisTarget, seeds: Sequence[Address], timeou
             if isinstance(reply, Exception):
                 raise reply
             if reply:
+                version = _server_version(conn)
+                if version is not None and version < MIN_VERSION:
+                    raise ClusterVersionError(
+                        f"the Redis Cluster node {host}:{port} runs Redis {'.'.join(map(str, version))}: "
+                        "phx_gevent's cluster mode needs Redis 7 or newer (sharded pub/sub: SPUBLISH, "
+                        "SSUBSCRIBE). Upgrade the cluster, or use one Redis (redis://) or Sentinel (redis+sentinel://)."
+                    )
                 return SlotMap.from_reply(reply, host)
             errors.append(f"{host}:{port}: no slots assigned")
         except (redis.RedisError, OSError) as exc:
@@ -80,6 +96,28 @@ def discover(target: redis_connect.RedisTarget, seeds: Sequence[Address], timeou
         finally:
             conn.disconnect()
     raise redis.ConnectionError("no Redis Cluster node answered CLUSTER SLOTS (" + "; ".join(errors) + ")")
+
+
+def redis_version(info: Any) -> tuple[int, ...] | None:
+    """``(major, minor, ...)`` from the text of ``INFO server``; ``None`` when it has no ``redis_version``."""
+    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+    for line in text.splitlines():
+        if line.startswith("redis_version:"):
+            try:
+                return tuple(int(part) for part in line.split(":", 1)[1].strip().split("."))
+            except ValueError:
+                return None
+    return None
+
+
+def _server_version(conn: Any) -> tuple[int, ...] | None:
+    # Managed services may refuse INFO: then nothing is known and nothing is refused.
+    try:
+        conn.send_command("INFO", "server", check_health=False)
+        reply = conn.read_response()
+    except redis.ResponseError:
+        return None
+    return None if isinstance(reply, Exception) else redis_version(reply)
 
 
 def cluster_client(target: redis_connect.RedisTarget, **options: Any) -> Any:

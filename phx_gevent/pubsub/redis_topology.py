@@ -23,7 +23,7 @@ from .. import supervise
 from . import redis_connect
 from .outbox import Item
 from .redis_shard import ShardAdapter, item_slot
-from .redis_slots import Address, SlotMap, discover
+from .redis_slots import Address, ClusterVersionError, SlotMap, discover
 from .routing import direct_channel, topic_channel
 
 try:
@@ -98,6 +98,11 @@ class Topology:
             # Shards that cannot reach their primary: maybe a replica took over.
             try:
                 slot_map = discover(self.target, self._seeds(), self.connect_timeout)
+            except ClusterVersionError as exc:  # the cluster was replaced by an older one: say so, retry
+                delay = 2.0
+                if self._log_refresh.ready() is not None:
+                    log.error("phx_gevent: %s", exc)
+                continue
             except redis.ConnectionError as exc:
                 delay = min(delay * 2, 2.0)
                 if self._log_refresh.ready() is not None:
