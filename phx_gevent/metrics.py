@@ -259,10 +259,11 @@ def install(endpoint: Endpoint, path: str, auth: Callable[[Any], Any] | None) ->
 
 
 def mark_process_dead() -> None:
-    """In multiprocess mode, drop this process's live gauges (the gunicorn worker calls it at exit)."""
+    """In multiprocess mode, write out the counts not yet flushed and drop this process's live gauges (at exit)."""
     if _metrics is None or "prometheus_client" not in sys.modules or not multiprocess_mode():
         return
     try:
+        _metrics.flush()  # the connects and joins of the last second: counters outlive their process
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(os.getpid())

@@ -312,3 +312,24 @@ def test_the_dashboard_shows_both_workers_live_and_disconnects(gunicorn, redis_s
     server.log.wait(r"dashboard: .+ asked to disconnect connection", since=mark, timeout=10)
     server.log.wait(r"dashboard: disconnecting <Connection id='user_socket:late-user'", since=mark, timeout=10)
     browser.wait_text("#audit", lambda t: "requested" in t)
+
+
+def test_unflushed_connects_and_joins_are_written_before_the_worker_marks_itself_dead(monkeypatch):
+    # Connects and joins reach their Prometheus counters with each sample; a worker that exits in
+    # between must not lose them (in multiprocess mode its counter files outlive it).
+    from prometheus_client import multiprocess
+
+    from phx_gevent import metrics as metrics_module
+
+    m = metrics_module.metrics()
+    monkeypatch.setattr(metrics_module, "multiprocess_mode", lambda: True)
+    marked: list[int] = []
+    monkeypatch.setattr(multiprocess, "mark_process_dead", marked.append)
+    counter = m._child(m.connects, "websocket", "ok")
+    before = counter._value.get()
+    for _ in range(3):
+        m._on_connected(None, {}, {"transport": "websocket", "result": "ok"})
+    assert counter._value.get() == before  # counted, not yet flushed
+    metrics_module.mark_process_dead()
+    assert counter._value.get() == before + 3
+    assert marked == [os.getpid()]
